@@ -1,0 +1,242 @@
+//! The one error type at the boundary between meter-sync and its databases: which
+//! database, which operation, and whether trying again later can help.
+
+use std::fmt;
+
+use crate::config::{ConfigError, Side};
+
+/// What went wrong, broadly: decides the exit code and whether a retry can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A bad variable or unreadable file: exit 78.
+    Config,
+    /// A database (local or central) failed or was unreachable.
+    Db,
+    /// TLS could not be set up or the server's certificate was refused.
+    Tls,
+    /// A migration could not be applied or was edited after being applied.
+    Migration,
+    /// A round trip that did not answer within `DB_QUERY_TIMEOUT_MS`.
+    Timeout,
+    /// A command was given bad arguments.
+    Usage,
+    /// Anything else (I/O on local files, the metrics file, ...).
+    Other,
+}
+
+pub struct Error {
+    kind: Kind,
+    side: Option<Side>,
+    context: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// SQLSTATE of the database error, if it was one.
+    code: Option<String>,
+    /// The database reported the failure for a statement (as opposed to losing the
+    /// connection): decides transient versus permanent together with `code`.
+    closed: bool,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn new(kind: Kind, context: impl Into<String>) -> Error {
+        Error {
+            kind,
+            side: None,
+            context: context.into(),
+            source: None,
+            code: None,
+            closed: false,
+        }
+    }
+
+    /// A database error on `side` while doing `what` ("insert batch of 100").
+    pub fn db(side: Side, what: impl Into<String>, e: tokio_postgres::Error) -> Error {
+        let code = e.code().map(|c| c.code().to_string());
+        let closed = e.is_closed() || code.is_none();
+        Error {
+            kind: Kind::Db,
+            side: Some(side),
+            context: what.into(),
+            source: Some(Box::new(e)),
+            code,
+            closed,
+        }
+    }
+
+    /// A round trip to `side` that did not answer in time.
+    pub fn timeout(side: Side, what: impl Into<String>, after: std::time::Duration) -> Error {
+        Error {
+            kind: Kind::Timeout,
+            side: Some(side),
+            context: format!("{}: no answer within {} ms", what.into(), after.as_millis()),
+            source: None,
+            code: None,
+            closed: true,
+        }
+    }
+
+    pub fn with_side(mut self, side: Side) -> Error {
+        self.side = Some(side);
+        self
+    }
+
+    pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+        self.source = Some(Box::new(e));
+        self
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn side(&self) -> Option<Side> {
+        self.side
+    }
+
+    /// The SQLSTATE, if the database answered with an error.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+
+    /// The connection this error came through can no longer be used.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self.kind, Kind::Timeout) || (self.kind == Kind::Db && self.closed)
+    }
+
+    /// Whether trying the same thing later can succeed: a lost connection, a timeout,
+    /// or a SQLSTATE of class 08 (connection), 40 (serialization, deadlock), 53
+    /// (resources), 57P (shutdown, recovery), 58 (system) or 55P03 (lock not
+    /// available). Everything else the server said (classes 22 data and 23
+    /// constraint above all) is a property of the data and repeats forever.
+    pub fn is_transient(&self) -> bool {
+        match self.kind {
+            Kind::Timeout => true,
+            Kind::Db => match self.code.as_deref() {
+                None => true,
+                Some(c) => is_transient_sqlstate(c),
+            },
+            _ => false,
+        }
+    }
+
+    /// A rejection of the data itself: retrying the same rows fails the same way.
+    pub fn is_data_rejection(&self) -> bool {
+        self.kind == Kind::Db && !self.is_transient()
+    }
+}
+
+/// See [`Error::is_transient`].
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("40")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || code.starts_with("58")
+        || code == "55P03"
+        || code == "57014" // query_canceled: statement_timeout or pg_cancel_backend
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(side) = self.side {
+            write!(f, "{side}: ")?;
+        }
+        f.write_str(&self.context)?;
+        if let Some(src) = &self.source {
+            write!(f, ": {}", describe_source(src.as_ref()))?;
+        }
+        Ok(())
+    }
+}
+
+/// tokio-postgres' Display of a server error is only "db error"; the useful part
+/// (message, SQLSTATE, detail) is in its `as_db_error()`, and the cause of a lost
+/// connection is one level down.
+fn describe_source(e: &(dyn std::error::Error + 'static)) -> String {
+    if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+        if let Some(db) = pg.as_db_error() {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(": ");
+                s.push_str(d);
+            }
+            return s;
+        }
+        let mut s = pg.to_string();
+        let mut cur = std::error::Error::source(pg);
+        while let Some(inner) = cur {
+            let t = inner.to_string();
+            if !s.contains(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
+            cur = inner.source();
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<Vec<ConfigError>> for Error {
+    fn from(errs: Vec<ConfigError>) -> Error {
+        let text = errs
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        Error::new(Kind::Config, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstate_classes() {
+        for c in [
+            "08006", "08001", "40001", "40P01", "53300", "57P01", "57P03", "55P03", "57014",
+        ] {
+            assert!(is_transient_sqlstate(c), "{c}");
+        }
+        for c in [
+            "23505", "23503", "23514", "22003", "22P02", "42P01", "42501",
+        ] {
+            assert!(!is_transient_sqlstate(c), "{c}");
+        }
+    }
+
+    #[test]
+    fn display_names_the_side() {
+        let e = Error::timeout(
+            Side::Central,
+            "insert batch of 100",
+            std::time::Duration::from_millis(1500),
+        );
+        assert_eq!(
+            e.to_string(),
+            "central: insert batch of 100: no answer within 1500 ms"
+        );
+        assert!(e.is_transient());
+        assert!(e.is_connection_lost());
+    }
+}

@@ -1,0 +1,95 @@
+//! A shutdown request that every task can observe: set once by the signal handler
+//! (or a test), checked before each new batch and raced against every wait.
+
+use tokio::sync::watch;
+
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending half: `trigger` requests shutdown.
+pub struct Trigger {
+    tx: watch::Sender<bool>,
+}
+
+pub fn channel() -> (Trigger, Shutdown) {
+    let (tx, rx) = watch::channel(false);
+    (Trigger { tx }, Shutdown { rx })
+}
+
+impl Trigger {
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+impl Shutdown {
+    /// A handle that is never triggered, for one-shot commands.
+    pub fn never() -> Shutdown {
+        let (tx, rx) = watch::channel(false);
+        // Keep the sender alive so that `requested` never resolves.
+        std::mem::forget(tx);
+        Shutdown { rx }
+    }
+
+    pub fn is_requested(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Resolves once shutdown has been requested.
+    pub async fn requested(&self) {
+        let mut rx = self.rx.clone();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                // The trigger is gone: nobody can ask for shutdown any more.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Sleeps for `d`, waking early on shutdown, and keeps the watchdog fed
+    /// meanwhile. Returns false if shutdown was requested.
+    pub async fn sleep(&self, d: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            crate::notify::alive();
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return !self.is_requested();
+            }
+            let step = (deadline - now).min(crate::notify::ping_period());
+            tokio::select! {
+                _ = self.requested() => return false,
+                _ = tokio::time::sleep(step) => {}
+            }
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, logs which, and requests shutdown. A second signal
+/// exits at once: every batch is a single transaction, so the databases roll back
+/// whatever was in flight and nothing is half-applied.
+pub async fn on_signals(trigger: Trigger) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        log::error!("cannot install signal handlers");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    log::info!("{name} received; finishing the batch in flight, then stopping");
+    trigger.trigger();
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    log::warn!("second signal ({name}); exiting now");
+    crate::notify::stopping();
+    std::process::exit(0);
+}
