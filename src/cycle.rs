@@ -14,6 +14,10 @@ use crate::shutdown::Shutdown;
 pub struct Connections {
     pub local: Option<Db>,
     pub central: Option<Db>,
+    /// Set by `run` and `once`: every local connection they open must take the
+    /// cycle lock (P11, see [`crate::daemon::try_cycle_lock`]) before it is used,
+    /// so a reconnect in the middle of a cycle cannot slip past another process.
+    pub cycle_lock: bool,
 }
 
 impl Connections {
@@ -25,6 +29,7 @@ impl Connections {
         cfg: &Config,
         shutdown: &Shutdown,
     ) -> Result<&mut Db> {
+        let needs_lock = side == Side::Local && self.cycle_lock;
         let (slot, dbcfg) = match side {
             Side::Local => (&mut self.local, &cfg.local),
             Side::Central => (&mut self.central, &cfg.central),
@@ -34,7 +39,15 @@ impl Connections {
             *slot = None;
         }
         if slot.is_none() {
-            *slot = Some(Db::connect_with_retry(dbcfg, cfg, shutdown).await?);
+            let db = Db::connect_with_retry(dbcfg, cfg, shutdown).await?;
+            if needs_lock && !crate::daemon::try_cycle_lock(&db).await? {
+                return Err(crate::error::Error::new(
+                    crate::error::Kind::Other,
+                    "local: another meter-sync took the cycle lock while this one reconnected; \
+                     this cycle stops here",
+                ));
+            }
+            *slot = Some(db);
         }
         Ok(slot.as_mut().expect("connection was just opened"))
     }
