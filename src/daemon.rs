@@ -123,21 +123,45 @@ enum Turn {
 async fn grace_expired(shutdown: &Shutdown, grace: Duration) {
     shutdown.requested().await;
     tokio::time::sleep(grace).await;
+    log::warn!(
+        "shutdown grace of {} ms passed; abandoning the cycle (open transactions roll back)",
+        grace.as_millis()
+    );
 }
 
 /// Takes the lock (unless this process already holds it), logs the queue, and runs
-/// one cycle bounded by the shutdown grace.
+/// one cycle bounded by the shutdown grace. Shutdown during the steps before the
+/// cycle ends the turn at once: no batch is in flight there.
 async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Turn {
     conns.cycle_lock = true;
+    tokio::select! {
+        ready = prepare(cfg, conns, shutdown) => {
+            if let Err(t) = ready {
+                return t;
+            }
+        }
+        _ = shutdown.requested() => return Turn::Abandoned,
+    }
+    tokio::select! {
+        report = cycle::run(cfg, conns, shutdown) => Turn::Ran(report),
+        _ = grace_expired(shutdown, shutdown_grace(cfg)) => Turn::Abandoned,
+    }
+}
+
+/// Opens the local connection with the cycle lock and logs the queue size.
+async fn prepare(
+    cfg: &Config,
+    conns: &mut Connections,
+    shutdown: &Shutdown,
+) -> std::result::Result<(), Turn> {
     if conns.local.as_ref().is_some_and(|db| db.is_closed()) {
         log::warn!("local: connection lost; reconnecting");
         conns.local = None;
     }
     if conns.local.is_none() {
-        let db = match Db::connect_with_retry(&cfg.local, cfg, shutdown).await {
-            Ok(db) => db,
-            Err(e) => return Turn::LocalDown(e),
-        };
+        let db = Db::connect_with_retry(&cfg.local, cfg, shutdown)
+            .await
+            .map_err(Turn::LocalDown)?;
         match try_cycle_lock(&db).await {
             Ok(true) => {
                 log::info!(
@@ -145,8 +169,8 @@ async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Tur
                 );
                 conns.local = Some(db);
             }
-            Ok(false) => return Turn::Busy(cycle_lock_holder(&db).await.ok().flatten()),
-            Err(e) => return Turn::LocalDown(e),
+            Ok(false) => return Err(Turn::Busy(cycle_lock_holder(&db).await.ok().flatten())),
+            Err(e) => return Err(Turn::LocalDown(e)),
         }
     }
     let local = conns
@@ -162,10 +186,7 @@ async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Tur
             conns.drop_if_lost(&e);
         }
     }
-    tokio::select! {
-        report = cycle::run(cfg, conns, shutdown) => Turn::Ran(report),
-        _ = grace_expired(shutdown, shutdown_grace(cfg)) => Turn::Abandoned,
-    }
+    Ok(())
 }
 
 /// After a cycle: count the queue again for the metrics file and write it. Skipped
@@ -234,12 +255,7 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
                     metrics.record_failed_start();
                 }
             }
-            Turn::Abandoned => {
-                log::warn!(
-                    "shutdown grace of {} ms passed; abandoning the cycle (open transactions roll back)",
-                    shutdown_grace(cfg).as_millis()
-                );
-            }
+            Turn::Abandoned => log::info!("cycle abandoned for shutdown"),
         }
         report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
         if !shutdown.sleep(cfg.sync_interval).await {
@@ -272,10 +288,7 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
             return Ok(1);
         }
         Turn::LocalDown(e) => return Err(e),
-        Turn::Abandoned => {
-            log::warn!("shutdown grace passed; cycle abandoned");
-            1
-        }
+        Turn::Abandoned => 1,
     };
     report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
     conns.close();

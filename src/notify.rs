@@ -98,11 +98,14 @@ pub fn watchdog_enabled() -> bool {
     n.target.is_some() && n.period.is_some()
 }
 
-/// How often the loop should call [`alive`] while it waits.
+/// How often the loop should call [`alive`] while it waits: half the ping
+/// period, so that a call landing just before a ping is due is followed by one
+/// soon after it is due, and pings stay at most 1.5 periods (3/8 of
+/// `WATCHDOG_USEC`) apart.
 pub fn ping_period() -> Duration {
     notifier()
         .period
-        .unwrap_or(Duration::from_secs(1))
+        .map_or(Duration::from_secs(1), |p| p / 2)
         .min(Duration::from_secs(1))
 }
 
