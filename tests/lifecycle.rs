@@ -503,7 +503,6 @@ fn p12_second_signal_exits_at_once() {
 /// then holds whole batches only (the oldest readings, a multiple of
 /// BATCH_SIZE), local holds exactly the rest, and the exit is quick.
 #[test]
-#[ignore = "needs the upload engine (upload::drain is a stub on this branch); run with --ignored once it lands"]
 fn p12_sigterm_during_drain_leaves_no_partial_batch() {
     let _g = support::heavy_lock();
     let (mut s, proxy) = central_via_proxy();
