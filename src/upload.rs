@@ -73,11 +73,16 @@ struct Statements {
 impl Statements {
     async fn prepare(local: &Db, central: &Db) -> Result<Statements> {
         let select = format!("SELECT {COLUMNS} FROM meter_readings WHERE {PENDING}");
+        // Qualified: a bare "timestamp" in ORDER BY names the output column, which is
+        // the `::text` cast, and sorting by that cannot use the index: every batch
+        // would scan and sort the whole queue (measured: 0.17 s per batch with 100,000
+        // queued instead of 0.2 ms, growing with the queue).
+        let order = "ORDER BY meter_readings.\"timestamp\", meter_readings.id";
         Ok(Statements {
             first: prep(
                 local,
                 "prepare batch selection",
-                format!("{select} ORDER BY \"timestamp\", id LIMIT $1"),
+                format!("{select} {order} LIMIT $1"),
             )
             .await?,
             // Keyset pagination: the next batch starts after the last one read, so
@@ -87,7 +92,7 @@ impl Statements {
                 "prepare batch selection",
                 format!(
                     "{select} AND (\"timestamp\", id) > (($2::text)::timestamptz, $3) \
-                     ORDER BY \"timestamp\", id LIMIT $1"
+                     {order} LIMIT $1"
                 ),
             )
             .await?,
