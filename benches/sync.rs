@@ -552,15 +552,21 @@ fn size() -> String {
         }
     };
     line(&mut o, &format!("{} (host)", host_triple()), bin);
-    for triple in [
-        "aarch64-unknown-linux-musl",
-        "armv7-unknown-linux-musleabihf",
-        "x86_64-unknown-linux-musl",
-    ] {
+    // Whatever cross builds exist (deploy/build-release, cross): <target>/<triple>/release.
+    let mut triples: Vec<String> = std::fs::read_dir(target)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.matches('-').count() >= 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    triples.sort();
+    for triple in triples {
         line(
             &mut o,
-            triple,
-            &target.join(triple).join("release").join("meter-sync"),
+            &triple,
+            &target.join(&triple).join("release").join("meter-sync"),
         );
     }
     let _ = writeln!(o);
