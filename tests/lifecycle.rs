@@ -231,6 +231,26 @@ fn p13_central_down_at_start_recovers_without_restart() {
     let p1000 = log.find("backoff cap 1000 ms").expect("second cap");
     let p2000 = log.find("backoff cap 2000 ms").expect("third cap");
     assert!(p500 < p1000 && p1000 < p2000, "caps do not grow:\n{log}");
+    // Central stays away past the end of that cycle: the whole cycle fails, and
+    // the next one starts over at the first cap (the retries are per cycle).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            d.log_text().matches("backoff cap 500 ms").count() >= 2
+        }),
+        "no second cycle after a failed one:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let failed = log
+        .find("upload phase failed")
+        .expect("the first cycle's upload failed");
+    let finished = log
+        .find("cycle finished")
+        .expect("the first cycle finished");
+    assert!(
+        failed < finished && finished < log.rfind("backoff cap 500 ms").unwrap(),
+        "{log}"
+    );
     assert_eq!(
         s.local_count("meter_readings"),
         N as i64,
