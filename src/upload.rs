@@ -183,6 +183,7 @@ pub async fn drain(
     // the oldest reading, which is how each pass begins.
     let mut key: Option<(String, i64)> = None;
     let mut exhausted = false;
+    let mut rescanned = false;
     let mut reader: Option<BoxFuture<'_, Result<Vec<Reading>>>> = None;
     let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>)>> =
         FuturesUnordered::new();
@@ -196,13 +197,15 @@ pub async fn drain(
             }
         }
         let may_start = stopped.is_none() && failure.is_none();
-        if may_start && exhausted && inflight.is_empty() && reader.is_none() && key.is_some() {
+        if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
             // The pass reached the newest reading. One more pass from the oldest
             // picks up readings the collector wrote meanwhile with a timestamp
-            // behind the pass (a meter catching up on its buffer); the drain ends
-            // when such a pass finds nothing.
+            // behind the pass (a meter catching up on its buffer). Only one: should
+            // delivered readings somehow stay queued (a local trigger that cancels
+            // the delete), passes would repeat until the time budget ran out.
             key = None;
             exhausted = false;
+            rescanned = true;
         }
         if may_start && !exhausted && reader.is_none() && inflight.len() < depth {
             reader = Some(Box::pin(select_batch(

@@ -692,3 +692,39 @@ fn requeue_of_nothing_releases_nothing() {
     rq.assert_ok();
     assert!(rq.stdout.contains("requeued 0"), "{}", rq.all());
 }
+
+/// Pipelining: over a link with a 200 ms round trip, 20 batches one after another
+/// cannot take less than 4 s; with 8 in flight they take a fraction of that.
+#[test]
+fn pipelined_batches_share_round_trips() {
+    let _heavy = support::heavy_lock();
+    let mut took = Vec::new();
+    for depth in [1, 8] {
+        let mut s = Sandbox::new();
+        let central = std::net::SocketAddr::from(([127, 0, 0, 1], s.central_cluster().port));
+        let proxy = support::proxy::Proxy::start(central);
+        proxy.delay(std::time::Duration::from_millis(100));
+        s.set("POSTGRES_CLIENT_PORT", proxy.port())
+            .set("BATCH_SIZE", 100)
+            .set("UPLOAD_PIPELINE_DEPTH", depth);
+        s.insert_readings(2000);
+        s.run(&["once"]);
+        assert_eq!(s.local_count("meter_readings"), 0);
+        assert_eq!(s.central_count("meter_readings"), 2000);
+        let ms: i64 = s
+            .local()
+            .query_one(
+                "SELECT duration_ms FROM sync_logs WHERE sync_type = 'upload'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        took.push(ms);
+    }
+    eprintln!(
+        "20 batches over a 200 ms round trip: depth 1 {} ms, depth 8 {} ms",
+        took[0], took[1]
+    );
+    assert!(took[0] >= 4000, "the delay did not apply: {took:?}");
+    assert!(took[1] * 2 < took[0], "pipelining saved nothing: {took:?}");
+}
