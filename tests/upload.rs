@@ -138,6 +138,13 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
         s.set("BATCH_SIZE", 3).set("UPLOAD_PIPELINE_DEPTH", depth);
         let mut l = s.local();
         insert_shuffled(&mut l, 20);
+        // Text order is not time order before Christ: 44 BC sorts before 100 BC.
+        l.batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit) VALUES
+                 ('bc-44', '0044-03-15 00:00:00+00 BC', 1, 'kWh'),
+                 ('bc-100', '0100-07-12 00:00:00+00 BC', 1, 'kWh')",
+        )
+        .unwrap();
         // Older than everything, but not in the queue: never uploaded, never deleted.
         l.batch_execute(
             "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, sync_error)
@@ -147,11 +154,11 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
         )
         .unwrap();
         let expected = queue_order(&mut l);
-        assert_eq!(expected.len(), 20);
+        assert_eq!(expected.len(), 22);
 
         let run = s.run(&["once"]);
         assert!(
-            run.stderr.contains("upload: 20 reading(s) queued"),
+            run.stderr.contains("upload: 22 reading(s) queued"),
             "{}",
             run.stderr
         );
@@ -167,7 +174,11 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
                 sizes.push(1);
             }
         }
-        assert_eq!(sizes, [3, 3, 3, 3, 3, 3, 2], "depth {depth}: batch sizes");
+        assert_eq!(
+            sizes,
+            [3, 3, 3, 3, 3, 3, 3, 1],
+            "depth {depth}: batch sizes"
+        );
         let left: Vec<String> = l
             .query("SELECT meter_id::text FROM meter_readings ORDER BY id", &[])
             .unwrap()
@@ -175,7 +186,7 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
             .map(|r| r.get(0))
             .collect();
         assert_eq!(left, ["quarantined", "synchronized"]);
-        assert_eq!(upload_logs(&s), [(true, 20, None)], "one sync_logs row");
+        assert_eq!(upload_logs(&s), [(true, 22, None)], "one sync_logs row");
     }
 }
 
