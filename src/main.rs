@@ -42,12 +42,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if cmd == Command::CheckConfig {
-        // Files named by the configuration must also parse, not just exist.
-        if let Err(e) = meter_sync::tls::connector(&cfg.central) {
+    // Certificate and key files must also parse, not just exist: checked before any
+    // command so that a malformed one exits 78 everywhere, not at the first cycle.
+    if let Err(e) = meter_sync::tls::validate(&cfg) {
+        if e.kind() == Kind::Config {
             eprintln!("meter-sync: configuration error: {e}");
             return ExitCode::from(EX_CONFIG);
         }
+        eprintln!("meter-sync: {e}");
+        return ExitCode::FAILURE;
+    }
+    if cmd == Command::CheckConfig {
         print!("{}", cfg.render());
         println!("configuration is valid");
         return ExitCode::SUCCESS;
