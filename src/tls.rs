@@ -147,6 +147,10 @@ pub enum Cause {
     HostMismatch,
     Expired,
     NotYetValid,
+    /// rustls only: the server presented a CA certificate (as `openssl req -x509`
+    /// makes by default for a self-signed one), which webpki never accepts as a
+    /// server's, not even when it is itself the trusted root.
+    CaAsServerCertificate,
     /// Anything else the TLS library reported (protocol, alert, I/O).
     Other,
 }
@@ -182,6 +186,11 @@ impl fmt::Display for Refusal {
             Cause::Expired => f.write_str("server certificate refused: it has expired")?,
             Cause::NotYetValid => f.write_str(
                 "server certificate refused: it is not valid yet (is the gateway's clock right?)",
+            )?,
+            Cause::CaAsServerCertificate => f.write_str(
+                "server certificate refused: it is a CA certificate (basicConstraints CA:TRUE), \
+                 which this rustls build accepts only with sslmode=require; give the server a \
+                 certificate issued by a CA",
             )?,
             Cause::Other => return write!(f, "TLS handshake with {host} failed: {}", self.detail),
         }

@@ -152,6 +152,12 @@ fn classify(e: &std::io::Error) -> (Cause, String) {
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 Cause::NotYetValid
             }
+            CertificateError::Other(o)
+                if o.0.downcast_ref::<webpki::Error>()
+                    == Some(&webpki::Error::CaUsedAsEndEntity) =>
+            {
+                Cause::CaAsServerCertificate
+            }
             _ => Cause::Other,
         },
         _ => Cause::Other,
