@@ -28,7 +28,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Version => {
-            println!("meter-sync {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "meter-sync {} (TLS: {})",
+                env!("CARGO_PKG_VERSION"),
+                meter_sync::tls::BACKEND
+            );
             return ExitCode::SUCCESS;
         }
         _ => {}

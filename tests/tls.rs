@@ -403,7 +403,9 @@ fn malformed_or_mismatched_tls_files_exit_78_naming_the_variable_from_every_comm
     let key_text = std::fs::read_to_string(&key).unwrap();
     let p = |p: &Path| p.display().to_string();
 
-    let cases: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    /// (the variable named, the environment, words of the message)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "POSTGRES_CLIENT_SSLROOTCERT",
             vec![("POSTGRES_CLIENT_SSLROOTCERT", p(&garbage))],

@@ -9,7 +9,7 @@ use super::{Cause, Files};
 use crate::config::SslMode;
 use crate::error::{Error, Kind, Result};
 
-pub const NAME: &str = "OpenSSL (native-tls)";
+pub const NAME: &str = "OpenSSL via native-tls";
 
 pub type Stream = tokio_native_tls::TlsStream<Socket>;
 

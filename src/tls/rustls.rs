@@ -21,7 +21,7 @@ use super::{Cause, Files};
 use crate::config::SslMode;
 use crate::error::{Error, Kind, Result};
 
-pub const NAME: &str = "rustls (ring)";
+pub const NAME: &str = "rustls with ring";
 
 pub type Stream = tokio_rustls::client::TlsStream<Socket>;
 
