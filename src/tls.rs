@@ -271,8 +271,38 @@ impl AsyncRead for TlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        match Pin::new(&mut self.0).poll_read(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(explain_alert(e))),
+            other => other,
+        }
     }
+}
+
+/// With TLS 1.3 the server judges the gateway's certificate after the handshake
+/// has completed on our side, so its refusal arrives as an alert on the first read.
+/// Says so instead of the TLS library's "alert number 48".
+fn explain_alert(e: io::Error) -> io::Error {
+    let what = match backend::received_alert(&e) {
+        Some(42) => "bad certificate",
+        Some(43) => "unsupported certificate",
+        Some(44) => "certificate revoked",
+        Some(45) => "certificate expired",
+        Some(46) => "certificate unknown",
+        Some(48) => "unknown CA",
+        Some(116) => {
+            return io::Error::new(
+                e.kind(),
+                format!(
+                    "the server requires a client certificate: set {ENV_CLIENT_SSLCERT} and {ENV_CLIENT_SSLKEY}"
+                ),
+            )
+        }
+        _ => return e,
+    };
+    io::Error::new(
+        e.kind(),
+        format!("the server refused the gateway's client certificate in {ENV_CLIENT_SSLCERT} (TLS alert: {what})"),
+    )
 }
 
 impl AsyncWrite for TlsStream {

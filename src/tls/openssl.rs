@@ -138,3 +138,15 @@ fn classify(e: &native_tls::Error) -> (Cause, String) {
     }
     (Cause::Other, text)
 }
+
+/// The TLS alert the server sent, if `e` is one: OpenSSL reports a received alert
+/// as an SSL-library error (ERR_LIB_SSL = 20) with reason 1000 + its number
+/// (SSL_AD_REASON_OFFSET).
+pub fn received_alert(e: &std::io::Error) -> Option<u8> {
+    let ssl = e.get_ref()?.downcast_ref::<openssl::ssl::Error>()?;
+    ssl.ssl_error()?
+        .errors()
+        .iter()
+        .filter(|err| err.library_code() == 20)
+        .find_map(|err| u8::try_from(err.reason_code() - 1000).ok())
+}

@@ -138,6 +138,14 @@ pub fn channel_binding(_: &Stream) -> ChannelBinding {
     ChannelBinding::none()
 }
 
+/// The TLS alert the server sent, if `e` is one.
+pub fn received_alert(e: &std::io::Error) -> Option<u8> {
+    match e.get_ref()?.downcast_ref::<rustls::Error>()? {
+        rustls::Error::AlertReceived(a) => Some(u8::from(*a)),
+        _ => None,
+    }
+}
+
 fn classify(e: &std::io::Error) -> (Cause, String) {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
         return (Cause::Other, e.to_string());
