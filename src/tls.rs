@@ -28,8 +28,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
-use crate::config::{Config, DbConfig, SslMode, ENV_CLIENT_SSLCERT, ENV_CLIENT_SSLKEY};
-use crate::config::{Side, ENV_CLIENT_SSLROOTCERT};
+use crate::config::{Config, DbConfig, SslMode};
+use crate::config::{ENV_CLIENT_SSLCERT, ENV_CLIENT_SSLKEY, ENV_CLIENT_SSLROOTCERT};
 use crate::error::{Error, Kind, Result};
 
 #[cfg(feature = "rustls")]
@@ -70,10 +70,16 @@ pub fn connector(db: &DbConfig) -> Result<MakeConnector> {
         _ => None,
     };
     let files = Files { roots, identity };
-    let inner = backend::Connector::build(db.sslmode, &files).map_err(|e| e.with_side(db.side))?;
+    let inner = backend::Connector::build(db.sslmode, &files).map_err(|e| {
+        // A configuration error already names its variable.
+        if e.kind() == Kind::Config {
+            e
+        } else {
+            e.with_side(db.side)
+        }
+    })?;
     Ok(MakeConnector {
         inner: Arc::new(inner),
-        side: db.side,
         trusted: match &db.sslrootcert {
             Some(p) => format!("{ENV_CLIENT_SSLROOTCERT} ({})", p.display()),
             None => "the system's trusted roots".into(),
@@ -204,15 +210,8 @@ impl std::error::Error for Refusal {}
 #[derive(Clone)]
 pub struct MakeConnector {
     inner: Arc<backend::Connector>,
-    side: Side,
     /// Where trust comes from, for messages.
     trusted: Arc<str>,
-}
-
-impl MakeConnector {
-    pub fn side(&self) -> Side {
-        self.side
-    }
 }
 
 impl MakeTlsConnect<Socket> for MakeConnector {
@@ -320,5 +319,73 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(cause: Cause, host: &str) -> String {
+        Refusal {
+            cause,
+            host: host.into(),
+            trusted: "POSTGRES_CLIENT_SSLROOTCERT (/etc/ca.pem)".into(),
+            detail: "library words".into(),
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn refusals_name_the_cause_in_one_line() {
+        for (cause, host, words) in [
+            (
+                Cause::UnknownCa,
+                "c.example",
+                "not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT (/etc/ca.pem)",
+            ),
+            (
+                Cause::HostMismatch,
+                "c.example",
+                "not issued for the host name c.example",
+            ),
+            (
+                Cause::HostMismatch,
+                "10.0.0.5",
+                "not issued for the address 10.0.0.5",
+            ),
+            (
+                Cause::HostMismatch,
+                "fd00::5",
+                "not issued for the address fd00::5",
+            ),
+            (Cause::Expired, "c.example", "it has expired"),
+            (Cause::NotYetValid, "c.example", "not valid yet"),
+            (
+                Cause::CaAsServerCertificate,
+                "c.example",
+                "a CA certificate",
+            ),
+            (
+                Cause::Other,
+                "c.example",
+                "TLS handshake with c.example failed",
+            ),
+        ] {
+            let text = refusal(cause, host);
+            assert!(text.contains(words), "{cause:?}: {text}");
+            assert!(text.contains("library words"), "{cause:?}: {text}");
+            assert!(!text.contains('\n'), "{cause:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn only_disable_and_prefer_let_tokio_postgres_go_without_tls() {
+        use tokio_postgres::config::SslMode as M;
+        assert_eq!(pg_ssl_mode(SslMode::Disable), M::Disable);
+        assert_eq!(pg_ssl_mode(SslMode::Prefer), M::Prefer);
+        for m in [SslMode::Require, SslMode::VerifyCa, SslMode::VerifyFull] {
+            assert_eq!(pg_ssl_mode(m), M::Require, "{m:?}");
+        }
     }
 }
