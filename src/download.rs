@@ -275,7 +275,7 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
     let stream = timed(
         c,
         clim,
-        &format!("read central {}", t.table),
+        &format!("read {}", t.table),
         central.client().copy_out(copy_out_sql.as_str()),
     )
     .await?;
@@ -312,7 +312,7 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
     // read, and both directions are bounded channels in tokio-postgres, so a slow
     // side throttles the other. `feed` (not `send`) lets the sink coalesce rows
     // into 4 KiB messages instead of flushing the socket per row.
-    let what_in = format!("read central {}", t.table);
+    let what_in = format!("read {}", t.table);
     let what_out = format!("stage {}", t.table);
     loop {
         let next = match tokio::time::timeout(clim, stream.next()).await {
