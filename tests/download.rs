@@ -389,10 +389,16 @@ fn p8_a_failing_table_is_left_as_it_was() {
     once(&s);
     let before = dump(&mut s.local(), "meters");
 
-    // A local constraint central does not have: the second new meter breaks the
-    // apply after the first insert and the update were already done in the statement.
+    // A local rule central does not have, checked only at COMMIT: by then the
+    // insert of m-4 and the update of m-1 are done, and must still roll back.
     s.local()
-        .batch_execute("ALTER TABLE meters ADD CONSTRAINT no_bad_unit CHECK (unit <> 'bad')")
+        .batch_execute(
+            "CREATE FUNCTION no_bad_unit() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN IF NEW.unit = 'bad' THEN RAISE EXCEPTION 'no_bad_unit: %', NEW.meter_id; END IF;
+                    RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER no_bad_unit AFTER INSERT OR UPDATE ON meters
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION no_bad_unit();",
+        )
         .unwrap();
     let mut c = s.central();
     add_meters(
@@ -424,7 +430,7 @@ fn p8_a_failing_table_is_left_as_it_was() {
 
     // Once the cause is gone, the next cycle catches up.
     s.local()
-        .batch_execute("ALTER TABLE meters DROP CONSTRAINT no_bad_unit")
+        .batch_execute("DROP TRIGGER no_bad_unit ON meters")
         .unwrap();
     once(&s);
     assert_eq!(
