@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::{Client, Run, Sandbox};
 
 /// Inserts meters on central: (meter_id, name, location_id, meter_type, unit,
@@ -595,4 +597,103 @@ fn p8_twenty_thousand_meters_sync_in_one_cycle_in_bounded_memory() {
         "20,000 meters, 1,500 changed: {} ms, peak RSS {rss2} KiB",
         t.elapsed().as_millis()
     );
+}
+
+/// Synced three meters, then central gained 5,000 big meters (~7.5 MB to stream)
+/// and renamed m-1; returns the sandbox routed through a fault proxy, the proxy,
+/// and the local meters as they were before the faulty cycle.
+fn big_pending_change_behind_proxy() -> (Sandbox, support::proxy::Proxy, Vec<Vec<Option<String>>>) {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    let before = dump(&mut s.local(), "meters");
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'b-' || g, 'Big ' || g, 'electricity', 'kWh', {BIG_CONF}, now()
+             FROM generate_series(1, 5000) g;
+             UPDATE meters SET name = 'Renamed' WHERE meter_id = 'm-1';"
+        ))
+        .unwrap();
+    let target = format!("127.0.0.1:{}", s.central_cluster().port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    (s, proxy, before)
+}
+
+/// Waits until the meters stream is flowing: more central->gateway bytes than the
+/// connection set-up and the upload phase could account for.
+fn wait_mid_stream(proxy: &support::proxy::Proxy, d: &support::Daemon) {
+    assert!(
+        support::wait_until(Duration::from_secs(60), || proxy.bytes_forwarded().1
+            > 1_000_000),
+        "the meters stream never started:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn p8_a_link_cut_mid_stream_leaves_the_local_table_as_it_was() {
+    let _heavy = support::heavy_lock();
+    let (s, proxy, before) = big_pending_change_behind_proxy();
+    let mut d = s.spawn(&["once"]);
+    wait_mid_stream(&proxy, &d);
+    proxy.cut();
+    let code = d.wait_exit(Duration::from_secs(60)).expect("once exits");
+    let log = d.log_text();
+
+    assert_eq!(code, Some(1), "{log}");
+    let (ok, _, err) = last_log(&s, "meters");
+    let err = err.unwrap_or_default();
+    assert!(
+        !ok && err.starts_with("central: read meters"),
+        "the cut came too late? {err}\n{log}"
+    );
+    assert_eq!(dump(&mut s.local(), "meters"), before, "all or nothing");
+    assert!(
+        !log.contains("new meter") && !log.contains(" updated: "),
+        "{log}"
+    );
+    // The tenant phase reconnected through the proxy, which still accepts.
+    assert_eq!(last_log(&s, "tenant").0, true, "{log}");
+    assert!(proxy.connections_total() >= 2);
+
+    // The next cycle catches up.
+    once(&s);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p18_a_link_blackholed_mid_stream_fails_the_phase_within_the_query_timeout() {
+    let _heavy = support::heavy_lock();
+    let (mut s, proxy, before) = big_pending_change_behind_proxy();
+    s.set("DB_QUERY_TIMEOUT_MS", 1500);
+    let mut d = s.spawn(&["once"]);
+    wait_mid_stream(&proxy, &d);
+    proxy.blackhole();
+    let t = std::time::Instant::now();
+    d.wait_log("meters phase failed", Duration::from_secs(30));
+    let waited = t.elapsed();
+    proxy.pass();
+    let code = d.wait_exit(Duration::from_secs(60)).expect("once exits");
+    let log = d.log_text();
+
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        waited < Duration::from_millis(1500 + 2500),
+        "gave up after {waited:?}, not within the query timeout:\n{log}"
+    );
+    let (ok, _, err) = last_log(&s, "meters");
+    assert!(
+        !ok && err
+            .as_deref()
+            .unwrap_or("")
+            .contains("no answer within 1500 ms"),
+        "{err:?}\n{log}"
+    );
+    assert_eq!(dump(&mut s.local(), "meters"), before, "all or nothing");
+    eprintln!("blackholed mid-stream: meters phase failed after {waited:?}");
 }
