@@ -647,7 +647,7 @@ fn p8_a_link_cut_mid_stream_leaves_the_local_table_as_it_was() {
     let err = err.unwrap_or_default();
     assert!(
         !ok && err.starts_with("central: read meters"),
-        "the cut came too late? {err}\n{log}"
+        "the phase must fail (or the cut came after the stream): {err}\n{log}"
     );
     assert_eq!(dump(&mut s.local(), "meters"), before, "all or nothing");
     assert!(
@@ -655,7 +655,7 @@ fn p8_a_link_cut_mid_stream_leaves_the_local_table_as_it_was() {
         "{log}"
     );
     // The tenant phase reconnected through the proxy, which still accepts.
-    assert_eq!(last_log(&s, "tenant").0, true, "{log}");
+    assert!(last_log(&s, "tenant").0, "{log}");
     assert!(proxy.connections_total() >= 2);
 
     // The next cycle catches up.
