@@ -568,8 +568,9 @@ fn p8_twenty_thousand_meters_sync_in_one_cycle_in_bounded_memory() {
     );
     assert!(log.contains("... and 19000 more new meters"), "{log}");
     eprintln!(
-        "20,000 meters: first sync {} ms (whole `once`), peak RSS {} KiB; 10 meters: {} KiB",
+        "20,000 meters: first sync {} ms (whole `once`; {}), peak RSS {} KiB; 10 meters: {} KiB",
         elapsed.as_millis(),
+        lines_with(&log, "meters: 20000 new").join(""),
         rss,
         rss_small
     );
