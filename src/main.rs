@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use meter_sync::cli::{self, Command, Requeue};
 use meter_sync::config::{Config, Side};
-use meter_sync::cycle::{self, Connections};
 use meter_sync::db::Db;
 use meter_sync::error::{Error, Kind};
 use meter_sync::shutdown::{self, Shutdown};
@@ -89,14 +88,7 @@ async fn dispatch(cmd: Command, cfg: &Config) -> Result<u8, Error> {
         Command::Once => {
             let (trigger, shutdown) = shutdown::channel();
             tokio::spawn(meter_sync::shutdown::on_signals(trigger));
-            let mut conns = Connections::default();
-            let report = cycle::run(cfg, &mut conns, &shutdown).await;
-            conns.close();
-            Ok(if report.ok() && report.phases.len() == 3 {
-                0
-            } else {
-                1
-            })
+            daemon::once(cfg, shutdown).await
         }
         Command::Migrate(sides) => {
             for side in sides {

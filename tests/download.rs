@@ -120,14 +120,14 @@ fn last_log(s: &Sandbox, sync_type: &str) -> (bool, i32, Option<String>) {
     (r.get(0), r.get(1), r.get(2))
 }
 
-/// Runs one cycle and checks that both download phases succeeded. The exit status
-/// is not checked: it also depends on the upload phase.
+/// Runs one cycle that must succeed in every phase.
 fn once(s: &Sandbox) -> Run {
     let run = s.run(&["once"]);
-    for phase in ["meters", "tenant"] {
+    for phase in ["upload", "meters", "tenant"] {
         let (ok, _, err) = last_log(s, phase);
         assert!(ok, "{phase} phase failed: {err:?}\n{}", run.stderr);
     }
+    run.assert_ok();
     run
 }
 
@@ -475,18 +475,11 @@ fn p10_a_missing_central_tenant_table_fails_only_the_tenant_phase() {
     );
     assert_eq!(dump(&mut s.local(), "tenant"), tenant_before);
 
-    // UPLOAD-PENDING: while src/upload.rs is still the stub that fails loudly, the
-    // upload phase cannot succeed; once upload is merged this asserts it did.
-    let (ok, _, err) = last_log(&s, "upload");
-    if err
-        .as_deref()
-        .is_some_and(|e| e.contains("not implemented"))
-    {
-        eprintln!("NOTE: upload is still a stub; upload-success assertion skipped");
-    } else {
-        assert!(ok, "upload failed: {err:?}");
-        assert_eq!(s.central_count("meter_readings"), 5);
-    }
+    // The upload phase ran before and was not disturbed.
+    let (ok, records, err) = last_log(&s, "upload");
+    assert!(ok && records == 5, "upload: {err:?}\n{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 5);
+    assert_eq!(s.local_count("meter_readings"), 0);
 }
 
 /// Runs `once` and returns (stderr, peak RSS in KiB) of exactly that process: the
