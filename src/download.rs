@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{CopyOutStream, Transaction};
 
 use crate::config::Side;
 use crate::cycle::PhaseResult;
@@ -265,94 +266,34 @@ impl Report {
 
 async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
     let start = Instant::now();
-    let (limit, clim) = (local.timeout(), central.timeout());
-    let l = Side::Local;
-    let c = Side::Central;
+    let limit = local.timeout();
 
     // Central first: a missing or unreadable central table fails here, before any
     // local transaction is opened.
     let copy_out_sql = t.copy_out_sql();
-    let stream = timed(
-        c,
-        clim,
-        &format!("read {}", t.table),
-        central.client().copy_out(copy_out_sql.as_str()),
-    )
-    .await?;
-    let mut stream = pin!(stream);
+    let what = format!("read {}", t.table);
+    let stream = central
+        .timed(&what, central.client().copy_out(copy_out_sql.as_str()))
+        .await?;
 
-    let tx = timed(l, limit, "begin", local.client_mut().transaction()).await?;
-    // A row lock held by someone else (the collector) should fail this table
-    // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
-    // would declare the connection dead. The notice that the staging table already
-    // exists is noise.
-    let setup = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
-        (limit / 2).max(Duration::from_millis(100)).as_millis(),
-        t.create_staging_sql()
-    );
-    timed(
-        l,
+    let tx = timed(
+        Side::Local,
         limit,
-        &format!("stage {}", t.table),
-        tx.batch_execute(&setup),
+        "begin",
+        local.client_mut().transaction(),
     )
     .await?;
-    let copy_in_sql = t.copy_in_sql();
-    let sink = timed(
-        l,
-        limit,
-        &format!("stage {}", t.table),
-        tx.copy_in(copy_in_sql.as_str()),
-    )
-    .await?;
-    let mut sink = pin!(sink);
-
-    // Pipe without buffering the table: each chunk is handed on before the next is
-    // read, and both directions are bounded channels in tokio-postgres, so a slow
-    // side throttles the other. `feed` (not `send`) lets the sink coalesce rows
-    // into 4 KiB messages instead of flushing the socket per row.
-    let what_in = format!("read {}", t.table);
-    let what_out = format!("stage {}", t.table);
-    loop {
-        let next = match tokio::time::timeout(clim, stream.next()).await {
-            Err(_) => return Err(Error::timeout(c, what_in, clim)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::db(c, what_in, e)),
-            Ok(Some(Ok(chunk))) => chunk,
-        };
-        timed(l, limit, &what_out, sink.feed(next)).await?;
-    }
-    let staged = timed(l, limit, &what_out, sink.as_mut().finish()).await?;
+    let staged = stage(t, &tx, limit, stream, central.timeout()).await?;
     let staging = start.elapsed();
     crate::notify::alive();
-
-    let apply_sql = t.apply_sql();
-    let what = format!("apply {}", t.table);
-    let rows = timed(
-        l,
+    let report = apply(t, &tx, limit).await?;
+    timed(
+        Side::Local,
         limit,
-        &what,
-        tx.query_raw(
-            apply_sql.as_str(),
-            std::iter::empty::<&(dyn ToSql + Sync)>(),
-        ),
+        &format!("commit {}", t.table),
+        tx.commit(),
     )
     .await?;
-    let mut rows = pin!(rows);
-    let mut report = Report::default();
-    loop {
-        let row = match tokio::time::timeout(limit, rows.next()).await {
-            Err(_) => return Err(Error::timeout(l, what, limit)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::db(l, what, e)),
-            Ok(Some(Ok(row))) => row,
-        };
-        let kind: &str = row.get(0);
-        let changed: Option<Vec<String>> = row.get(3);
-        report.add(t, kind, row.get(1), row.get(2), changed.unwrap_or_default());
-    }
-    timed(l, limit, &format!("commit {}", t.table), tx.commit()).await?;
 
     // Logged only after the commit: a line must never claim a write that rolled back.
     let unchanged = staged - report.new - report.updated;
@@ -370,4 +311,73 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
             report.new, report.updated
         ),
     })
+}
+
+/// Pipes central's COPY stream into the staging table; returns the rows staged.
+///
+/// Nothing is buffered beyond one chunk: each is handed on before the next is
+/// read, and both directions are bounded channels in tokio-postgres, so a slow side
+/// throttles the other. Each wait on either side is bounded by that side's
+/// `DB_QUERY_TIMEOUT_MS`, so a link that goes silent mid-stream fails the table
+/// instead of hanging the cycle.
+async fn stage(
+    t: &Table,
+    tx: &Transaction<'_>,
+    limit: Duration,
+    stream: CopyOutStream,
+    central_limit: Duration,
+) -> Result<u64> {
+    let (l, c) = (Side::Local, Side::Central);
+    let what_in = format!("read {}", t.table);
+    let what_out = format!("stage {}", t.table);
+    // A row lock held by someone else (the collector) should fail this table
+    // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
+    // would declare the connection dead. The notice that the staging table already
+    // exists is noise.
+    let setup = format!(
+        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
+        (limit / 2).max(Duration::from_millis(100)).as_millis(),
+        t.create_staging_sql()
+    );
+    timed(l, limit, &what_out, tx.batch_execute(&setup)).await?;
+    let copy_in_sql = t.copy_in_sql();
+    let sink = timed(l, limit, &what_out, tx.copy_in(copy_in_sql.as_str())).await?;
+    let mut sink = pin!(sink);
+    let mut stream = pin!(stream);
+    loop {
+        let chunk = match tokio::time::timeout(central_limit, stream.next()).await {
+            Err(_) => return Err(Error::timeout(c, what_in, central_limit)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Error::db(c, what_in, e)),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        // `feed`, not `send`: the sink coalesces rows into 4 KiB messages instead
+        // of flushing the socket once per row.
+        timed(l, limit, &what_out, sink.feed(chunk)).await?;
+    }
+    timed(l, limit, &what_out, sink.as_mut().finish()).await
+}
+
+/// Runs the compare-and-write statement and collects its report, streaming the
+/// returned rows so that a first sync of a large table is not held in memory.
+async fn apply(t: &Table, tx: &Transaction<'_>, limit: Duration) -> Result<Report> {
+    let l = Side::Local;
+    let what = format!("apply {}", t.table);
+    let sql = t.apply_sql();
+    let no_params = std::iter::empty::<&(dyn ToSql + Sync)>();
+    let rows = timed(l, limit, &what, tx.query_raw(sql.as_str(), no_params)).await?;
+    let mut rows = pin!(rows);
+    let mut report = Report::default();
+    loop {
+        let row = match tokio::time::timeout(limit, rows.next()).await {
+            Err(_) => return Err(Error::timeout(l, what, limit)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(Error::db(l, what, e)),
+            Ok(Some(Ok(row))) => row,
+        };
+        let kind: &str = row.get(0);
+        let changed: Option<Vec<String>> = row.get(3);
+        report.add(t, kind, row.get(1), row.get(2), changed.unwrap_or_default());
+    }
+    Ok(report)
 }
