@@ -123,11 +123,11 @@ fn last_log(s: &Sandbox, sync_type: &str) -> (bool, i32, Option<String>) {
 /// Runs one cycle that must succeed in every phase.
 fn once(s: &Sandbox) -> Run {
     let run = s.run(&["once"]);
+    run.assert_ok();
     for phase in ["upload", "meters", "tenant"] {
         let (ok, _, err) = last_log(s, phase);
         assert!(ok, "{phase} phase failed: {err:?}\n{}", run.stderr);
     }
-    run.assert_ok();
     run
 }
 
