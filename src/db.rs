@@ -130,8 +130,9 @@ impl Db {
                 Err(e) => e,
             };
             attempt += 1;
-            // A configuration problem (a malformed certificate) does not heal by waiting.
-            if attempt >= cfg.max_connection_retries || err.kind() == crate::error::Kind::Config {
+            // What does not heal by waiting (a malformed file, a refused certificate,
+            // a server that rejects our credentials) is not retried within the cycle.
+            if attempt >= cfg.max_connection_retries || !err.is_transient() {
                 return Err(err);
             }
             let cap = backoff_cap(attempt - 1);

@@ -27,7 +27,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Version => {
-            println!("meter-sync {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "meter-sync {} (TLS: {})",
+                env!("CARGO_PKG_VERSION"),
+                meter_sync::tls::BACKEND
+            );
             return ExitCode::SUCCESS;
         }
         _ => {}
@@ -41,12 +45,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if cmd == Command::CheckConfig {
-        // Files named by the configuration must also parse, not just exist.
-        if let Err(e) = meter_sync::tls::connector(&cfg.central) {
+    // Certificate and key files must also parse, not just exist: checked before any
+    // command so that a malformed one exits 78 everywhere, not at the first cycle.
+    if let Err(e) = meter_sync::tls::validate(&cfg) {
+        if e.kind() == Kind::Config {
             eprintln!("meter-sync: configuration error: {e}");
             return ExitCode::from(EX_CONFIG);
         }
+        eprintln!("meter-sync: {e}");
+        return ExitCode::FAILURE;
+    }
+    if cmd == Command::CheckConfig {
         print!("{}", cfg.render());
         println!("configuration is valid");
         return ExitCode::SUCCESS;
