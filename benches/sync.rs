@@ -191,11 +191,12 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     let mut rates = vec![Vec::new(); variants.len()];
     let mut ratios = vec![Vec::new(); variants.len()];
     let mut rss = vec![0u64; variants.len()];
+    let mut cpus = vec![Vec::new(); variants.len()];
     for rep in 0..k.reps {
         let mut base = 0.0;
         for (i, (label, batch)) in variants.iter().enumerate() {
             restore(&s, &pristine, &work);
-            let secs = match batch {
+            let (secs, cpu) = match batch {
                 None => copy_pipe(&s, &work),
                 Some(b) => {
                     let mut env = s.env.clone();
@@ -203,9 +204,10 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
                     let r = run_once(&s, &env, &format!("drain-{label}-{rep}"));
                     r.check_drained(&s, &work);
                     rss[i] = rss[i].max(r.maxrss_kib);
-                    r.elapsed.as_secs_f64()
+                    (r.elapsed.as_secs_f64(), r.cpu.as_secs_f64())
                 }
             };
+            cpus[i].push(cpu);
             assert_eq!(
                 s.central_count("meter_readings"),
                 n as i64,
@@ -218,7 +220,7 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             rates[i].push(rate);
             ratios[i].push(rate / base);
             progress(&format!(
-                "drain rep {}/{}: {label}: {secs:.1} s, {rate:.0} readings/s, {:.2}x COPY",
+                "drain rep {}/{}: {label}: {secs:.1} s (client CPU {cpu:.1} s), {rate:.0} readings/s, {:.2}x COPY",
                 rep + 1,
                 k.reps,
                 rate / base
@@ -243,9 +245,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     );
     let _ = writeln!(
         o,
-        "| method | readings/s | ratio to COPY | daemon peak RSS | target |"
+        "| method | readings/s | ratio to COPY | client CPU | daemon peak RSS | target |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---|");
     for (i, (_, batch)) in variants.iter().enumerate() {
         let ratio = median(&ratios[i]);
         let (name, rss_text, target) = match batch {
@@ -270,8 +272,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         };
         let _ = writeln!(
             o,
-            "| {name} | {} | {ratio:.2} | {rss_text} | {target} |",
-            group(median(&rates[i]) as usize)
+            "| {name} | {} | {ratio:.2} | {:.1} s | {rss_text} | {target} |",
+            group(median(&rates[i]) as usize),
+            median(&cpus[i])
         );
     }
     let _ = writeln!(o);
@@ -297,8 +300,8 @@ fn restore(s: &Sandbox, pristine: &str, work: &str) {
 
 /// The physical limit: the same rows between the same two servers over the same kind of
 /// connections (TCP to local, TLS with a password to central), by two psql processes.
-/// Returns the elapsed seconds.
-fn copy_pipe(s: &Sandbox, work: &str) -> f64 {
+/// Returns the elapsed seconds and the CPU seconds of the two psql processes.
+fn copy_pipe(s: &Sandbox, work: &str) -> (f64, f64) {
     let env = &s.env;
     let src = format!(
         "host=127.0.0.1 port={} dbname={work} user=postgres",
@@ -316,6 +319,7 @@ fn copy_pipe(s: &Sandbox, work: &str) -> f64 {
          | psql -X -q -v ON_ERROR_STOP=1 '{dst}' -c 'COPY meter_readings ({cols}) FROM STDIN (FORMAT binary)'",
         cols = COLUMNS
     );
+    let cpu0 = children_cpu();
     let t = Instant::now();
     let out = Command::new("bash")
         .args(["-o", "pipefail", "-c", &script])
@@ -328,7 +332,7 @@ fn copy_pipe(s: &Sandbox, work: &str) -> f64 {
         "COPY pipe failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    secs
+    (secs, (children_cpu() - cpu0).as_secs_f64())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -757,6 +761,8 @@ struct Finished {
     /// Peak resident set (VmHWM) in KiB, from the kernel's accounting at exit (wait4):
     /// exact, unlike polling /proc, and needs no /usr/bin/time.
     maxrss_kib: u64,
+    /// User plus system CPU time the process used.
+    cpu: Duration,
     log: PathBuf,
 }
 
@@ -859,6 +865,7 @@ fn wait_all(mut running: Vec<Running>) -> Vec<Finished> {
                     elapsed: r.started.elapsed(),
                     code,
                     maxrss_kib: ru.ru_maxrss as u64,
+                    cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
                     log: std::mem::take(&mut r.log),
                 });
                 return false;
@@ -872,6 +879,18 @@ fn wait_all(mut running: Vec<Running>) -> Vec<Finished> {
         std::thread::sleep(Duration::from_millis(5));
     }
     done.into_iter().map(Option::unwrap).collect()
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// CPU time of every child reaped so far (the psql pipe is reaped by bash, and bash by us).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 // ---------------------------------------------------------------------------------------
