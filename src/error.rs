@@ -154,24 +154,14 @@ impl fmt::Display for Error {
 /// (message, SQLSTATE, detail) is in its `as_db_error()`, and the cause of a lost
 /// connection is one level down.
 fn describe_source(e: &(dyn std::error::Error + 'static)) -> String {
-    if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
-        if let Some(db) = pg.as_db_error() {
-            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-            if let Some(d) = db.detail() {
-                s.push_str(": ");
-                s.push_str(d);
-            }
-            return s;
-        }
-        let mut s = pg.to_string();
-        let mut cur = std::error::Error::source(pg);
-        while let Some(inner) = cur {
-            let t = inner.to_string();
-            if !s.contains(&t) {
-                s.push_str(": ");
-                s.push_str(&t);
-            }
-            cur = inner.source();
+    if let Some(db) = e
+        .downcast_ref::<tokio_postgres::Error>()
+        .and_then(|pg| pg.as_db_error())
+    {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(": ");
+            s.push_str(d);
         }
         return s;
     }

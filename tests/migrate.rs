@@ -54,6 +54,71 @@ fn check(
     }
 }
 
+type Col = (&'static str, &'static str, &'static str, &'static str);
+
+const TS: &str = "timestamp with time zone";
+
+/// The spec's meter_readings; local adds `is_synchronized` and a default for `reading_uid`.
+fn readings_cols(local: bool) -> Vec<Col> {
+    let mut v: Vec<Col> = vec![
+        ("id", "bigint", "NO", "nextval"),
+        (
+            "reading_uid",
+            "uuid",
+            "NO",
+            if local { "gen_random_uuid()" } else { "" },
+        ),
+        ("meter_id", "character varying(255)", "NO", ""),
+        ("timestamp", TS, "NO", ""),
+        ("value", "numeric", "NO", ""),
+        ("unit", "character varying(50)", "NO", ""),
+        ("metadata", "jsonb", "YES", ""),
+        ("created_at", TS, "YES", "now()"),
+        ("sync_attempts", "integer", "NO", "0"),
+        ("sync_error", "text", "YES", ""),
+    ];
+    if local {
+        v.insert(7, ("is_synchronized", "boolean", "NO", "false"));
+    }
+    v
+}
+
+/// `meters` and `tenant`: local adds `synced_at`.
+fn with_synced_at(mut v: Vec<Col>, local: bool) -> Vec<Col> {
+    if local {
+        v.push(("synced_at", TS, "YES", ""));
+    }
+    v
+}
+
+fn meters_cols(local: bool) -> Vec<Col> {
+    with_synced_at(
+        vec![
+            ("meter_id", "character varying(255)", "NO", ""),
+            ("name", "character varying(255)", "NO", ""),
+            ("location_id", "character varying(255)", "YES", ""),
+            ("meter_type", "character varying(50)", "NO", ""),
+            ("unit", "character varying(50)", "NO", ""),
+            ("configuration", "jsonb", "YES", ""),
+            ("updated_at", TS, "YES", ""),
+        ],
+        local,
+    )
+}
+
+fn tenant_cols(local: bool) -> Vec<Col> {
+    with_synced_at(
+        vec![
+            ("tenant_id", "character varying(255)", "NO", ""),
+            ("name", "character varying(255)", "NO", ""),
+            ("configuration", "jsonb", "YES", ""),
+            ("metadata", "jsonb", "YES", ""),
+            ("updated_at", TS, "YES", ""),
+        ],
+        local,
+    )
+}
+
 #[test]
 fn migrate_creates_exactly_the_specified_local_schema() {
     let s = Sandbox::new();
@@ -69,49 +134,9 @@ fn migrate_creates_exactly_the_specified_local_schema() {
         ]
     );
     let cols = columns(&mut c);
-    check(
-        &cols,
-        "meter_readings",
-        &[
-            ("id", "bigint", "NO", "nextval"),
-            ("reading_uid", "uuid", "NO", "gen_random_uuid()"),
-            ("meter_id", "character varying(255)", "NO", ""),
-            ("timestamp", "timestamp with time zone", "NO", ""),
-            ("value", "numeric", "NO", ""),
-            ("unit", "character varying(50)", "NO", ""),
-            ("metadata", "jsonb", "YES", ""),
-            ("is_synchronized", "boolean", "NO", "false"),
-            ("created_at", "timestamp with time zone", "YES", "now()"),
-            ("sync_attempts", "integer", "NO", "0"),
-            ("sync_error", "text", "YES", ""),
-        ],
-    );
-    check(
-        &cols,
-        "meters",
-        &[
-            ("meter_id", "character varying(255)", "NO", ""),
-            ("name", "character varying(255)", "NO", ""),
-            ("location_id", "character varying(255)", "YES", ""),
-            ("meter_type", "character varying(50)", "NO", ""),
-            ("unit", "character varying(50)", "NO", ""),
-            ("configuration", "jsonb", "YES", ""),
-            ("updated_at", "timestamp with time zone", "YES", ""),
-            ("synced_at", "timestamp with time zone", "YES", ""),
-        ],
-    );
-    check(
-        &cols,
-        "tenant",
-        &[
-            ("tenant_id", "character varying(255)", "NO", ""),
-            ("name", "character varying(255)", "NO", ""),
-            ("configuration", "jsonb", "YES", ""),
-            ("metadata", "jsonb", "YES", ""),
-            ("updated_at", "timestamp with time zone", "YES", ""),
-            ("synced_at", "timestamp with time zone", "YES", ""),
-        ],
-    );
+    check(&cols, "meter_readings", &readings_cols(true));
+    check(&cols, "meters", &meters_cols(true));
+    check(&cols, "tenant", &tenant_cols(true));
     check(
         &cols,
         "sync_logs",
@@ -201,22 +226,7 @@ fn migrate_creates_exactly_the_specified_central_schema() {
         ]
     );
     let cols = columns(&mut c);
-    check(
-        &cols,
-        "meter_readings",
-        &[
-            ("id", "bigint", "NO", "nextval"),
-            ("reading_uid", "uuid", "NO", ""),
-            ("meter_id", "character varying(255)", "NO", ""),
-            ("timestamp", "timestamp with time zone", "NO", ""),
-            ("value", "numeric", "NO", ""),
-            ("unit", "character varying(50)", "NO", ""),
-            ("metadata", "jsonb", "YES", ""),
-            ("created_at", "timestamp with time zone", "YES", "now()"),
-            ("sync_attempts", "integer", "NO", "0"),
-            ("sync_error", "text", "YES", ""),
-        ],
-    );
+    check(&cols, "meter_readings", &readings_cols(false));
     let uid_default: String = c
         .query_one(
             "SELECT coalesce(column_default, '') FROM information_schema.columns WHERE table_name = 'meter_readings' AND column_name = 'reading_uid'",
@@ -225,30 +235,8 @@ fn migrate_creates_exactly_the_specified_central_schema() {
         .unwrap()
         .get(0);
     assert_eq!(uid_default, "", "central reading_uid has no default");
-    check(
-        &cols,
-        "meters",
-        &[
-            ("meter_id", "character varying(255)", "NO", ""),
-            ("name", "character varying(255)", "NO", ""),
-            ("location_id", "character varying(255)", "YES", ""),
-            ("meter_type", "character varying(50)", "NO", ""),
-            ("unit", "character varying(50)", "NO", ""),
-            ("configuration", "jsonb", "YES", ""),
-            ("updated_at", "timestamp with time zone", "YES", ""),
-        ],
-    );
-    check(
-        &cols,
-        "tenant",
-        &[
-            ("tenant_id", "character varying(255)", "NO", ""),
-            ("name", "character varying(255)", "NO", ""),
-            ("configuration", "jsonb", "YES", ""),
-            ("metadata", "jsonb", "YES", ""),
-            ("updated_at", "timestamp with time zone", "YES", ""),
-        ],
-    );
+    check(&cols, "meters", &meters_cols(false));
+    check(&cols, "tenant", &tenant_cols(false));
     let unique: String = c
         .query_one(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'meter_readings'::regclass AND contype = 'u'",

@@ -455,17 +455,22 @@ impl Cluster {
         cl
     }
 
+    /// `pg_ctl start` on this cluster's port.
+    fn start_cmd(&self) -> Command {
+        let mut c = pg_cmd("pg_ctl");
+        c.arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(self.root.join("server.log"))
+            .arg("-o")
+            .arg(format!("-p {}", self.port))
+            .args(["-w", "-t", "60", "start"]);
+        c
+    }
+
     fn pg_ctl_start(&mut self) {
         for attempt in 0..5 {
-            let mut c = pg_cmd("pg_ctl");
-            c.arg("-D")
-                .arg(&self.data)
-                .arg("-l")
-                .arg(self.root.join("server.log"))
-                .arg("-o")
-                .arg(format!("-p {}", self.port))
-                .args(["-w", "-t", "60", "start"]);
-            let out = c.output().unwrap();
+            let out = self.start_cmd().output().unwrap();
             if out.status.success() {
                 return;
             }
@@ -492,15 +497,7 @@ impl Cluster {
 
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
-        let mut c = pg_cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .arg("-l")
-            .arg(self.root.join("server.log"))
-            .arg("-o")
-            .arg(format!("-p {}", self.port))
-            .args(["-w", "-t", "60", "start"]);
-        run_ok(c, "pg_ctl start (restart)");
+        run_ok(self.start_cmd(), "pg_ctl start (restart)");
     }
 
     /// A superuser connection to database `db` over the Unix socket.

@@ -1,9 +1,9 @@
 //! TCP fault-injection proxy for integration tests.
 //!
-//! The properties that matter most for meter-sync (P13, P17, P18) are about surviving a bad
-//! uplink: resets, refused connects, links that go silent, high latency. Stopping PostgreSQL
-//! cannot produce most of those, and not at a chosen moment, so tests point the daemon at this
-//! proxy and switch its mode while the daemon runs.
+//! Several meter-sync properties (P13 retry with backoff, P18 silent links) are about surviving
+//! a bad uplink: resets, refused connects, links that go silent, high latency. Stopping
+//! PostgreSQL cannot produce most of those, nor at a chosen moment, so tests point the daemon at
+//! this proxy and switch its mode while the daemon runs.
 //!
 //! It is std-only and thread-based so that any test binary can use it (sync `postgres` tests as
 //! well as a daemon running in a child process) without pulling in a runtime.
@@ -45,8 +45,8 @@ pub struct Proxy {
 
 /// Mode flags are atomics rather than one locked state because every reader and sender checks
 /// them on each chunk; only the connection and thread lists need a lock.
+#[derive(Default)]
 struct Shared {
-    target: SocketAddr,
     stop: AtomicBool,
     refuse: AtomicBool,
     blackhole: AtomicBool,
@@ -96,6 +96,14 @@ enum Dir {
     Down,
 }
 
+/// The read timeout expiring (or a signal) just means "check the mode flags and read again".
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
 /// Tests must be able to tear down after a panic elsewhere, so a poisoned lock is still used.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -106,20 +114,9 @@ impl Proxy {
     pub fn start(target: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("proxy: local_addr");
-        let shared = Arc::new(Shared {
-            target,
-            stop: AtomicBool::new(false),
-            refuse: AtomicBool::new(false),
-            blackhole: AtomicBool::new(false),
-            delay_ns: AtomicU64::new(0),
-            total: AtomicUsize::new(0),
-            up: AtomicU64::new(0),
-            down: AtomicU64::new(0),
-            conns: Mutex::new(Vec::new()),
-            threads: Mutex::new(Vec::new()),
-        });
+        let shared = Arc::new(Shared::default());
         let sh = Arc::clone(&shared);
-        let listener = thread::spawn(move || accept_loop(sh, listener));
+        let listener = thread::spawn(move || accept_loop(sh, listener, target));
         Proxy {
             addr,
             shared,
@@ -262,7 +259,7 @@ impl Conn {
     }
 }
 
-fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
+fn accept_loop(sh: Arc<Shared>, listener: TcpListener, target: SocketAddr) {
     for stream in listener.incoming() {
         if sh.stop.load(SeqCst) {
             break;
@@ -278,13 +275,13 @@ fn accept_loop(sh: Arc<Shared>, listener: TcpListener) {
             continue;
         }
         let sh2 = Arc::clone(&sh);
-        sh.spawn(move || serve(sh2, client));
+        sh.spawn(move || serve(sh2, client, target));
     }
 }
 
 /// Runs in its own thread so a slow upstream connect never holds up the accept loop.
-fn serve(sh: Arc<Shared>, client: TcpStream) {
-    let server = match TcpStream::connect_timeout(&sh.target, CONNECT_TIMEOUT) {
+fn serve(sh: Arc<Shared>, client: TcpStream, target: SocketAddr) {
+    let server = match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
         Ok(s) => s,
         Err(_) => {
             // Upstream down: the client should see that, not a connection that hangs.
@@ -345,14 +342,7 @@ fn pump(sh: &Shared, conn: &Conn, dir: Dir) {
         }
         let n = match src.read(&mut buf) {
             Ok(n) => n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                ) =>
-            {
-                continue
-            }
+            Err(e) if is_transient(&e) => continue,
             Err(_) => {
                 // A reset from either peer kills the whole connection, as it would end to end.
                 conn.kill();

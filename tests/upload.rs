@@ -1,0 +1,694 @@
+//! SPEC §5 P1–P7 and P19: readings reach central in order, in atomic batches,
+//! exactly once and exactly as written; poison readings are quarantined and the rest
+//! go through. Real servers, the real binary, faults injected by central triggers.
+
+mod support;
+
+use std::collections::BTreeMap;
+
+use support::{Client, Sandbox};
+
+/// Every column both sides share, as the text PostgreSQL prints for it: two rows
+/// are equal when every value is (numeric scale, microseconds, jsonb null vs NULL).
+const FULL_ROW: &str = "reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, \
+     unit::text, metadata::text, created_at::text, sync_attempts::text";
+
+type Rows = BTreeMap<String, Vec<Option<String>>>;
+
+/// Full rows keyed by reading_uid.
+fn rows(c: &mut Client, filter: &str) -> Rows {
+    c.query(
+        &format!("SELECT {FULL_ROW} FROM meter_readings {filter}"),
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| {
+        let uid: String = r.get(0);
+        (uid, (1..8).map(|i| r.get::<_, Option<String>>(i)).collect())
+    })
+    .collect()
+}
+
+/// The local queue in the order the spec prescribes: oldest timestamp, then id.
+fn queue_order(c: &mut Client) -> Vec<String> {
+    c.query(
+        "SELECT reading_uid::text FROM meter_readings
+         WHERE NOT is_synchronized AND sync_error IS NULL ORDER BY \"timestamp\", id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Central readings in arrival order with the transaction that wrote each.
+fn central_arrivals(c: &mut Client) -> Vec<(String, String)> {
+    c.query(
+        "SELECT reading_uid::text, xmin::text FROM meter_readings ORDER BY id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Readings that central holds more than once.
+fn central_duplicates(c: &mut Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM (SELECT reading_uid FROM meter_readings
+         GROUP BY reading_uid HAVING count(*) > 1) d",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The `sync_logs` rows of the upload phase: (success, records, error).
+fn upload_logs(s: &Sandbox) -> Vec<(bool, i32, Option<String>)> {
+    s.local()
+        .query(
+            "SELECT success, records_processed, error_message FROM sync_logs
+             WHERE sync_type = 'upload' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn last_upload_log(s: &Sandbox) -> (bool, i32, Option<String>) {
+    upload_logs(s).pop().expect("an upload row in sync_logs")
+}
+
+/// A central trigger that fails the insert of any reading listed in `poison`
+/// with that row's SQLSTATE. `deferred` fires it at commit instead of at the row.
+fn install_poison(c: &mut Client, deferred: bool) {
+    c.batch_execute(
+        "CREATE TABLE poison (uid uuid PRIMARY KEY, code text NOT NULL);
+         CREATE FUNCTION poison_check() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE c text;
+         BEGIN
+             SELECT code INTO c FROM poison WHERE uid = NEW.reading_uid;
+             IF c IS NOT NULL THEN
+                 RAISE EXCEPTION 'injected failure for %', NEW.reading_uid USING ERRCODE = c;
+             END IF;
+             RETURN NEW;
+         END $$;",
+    )
+    .unwrap();
+    c.batch_execute(if deferred {
+        "CREATE CONSTRAINT TRIGGER poison_check AFTER INSERT ON meter_readings
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION poison_check()"
+    } else {
+        "CREATE TRIGGER poison_check BEFORE INSERT ON meter_readings
+         FOR EACH ROW EXECUTE FUNCTION poison_check()"
+    })
+    .unwrap();
+}
+
+fn poison(c: &mut Client, uid: &str, code: &str) {
+    c.execute(
+        "INSERT INTO poison VALUES ($1::text::uuid, $2)",
+        &[&uid, &code],
+    )
+    .unwrap();
+}
+
+/// Readings whose timestamps run against their ids and repeat, so that ordering by
+/// id alone or by timestamp alone both give a different order than the spec's.
+fn insert_shuffled(c: &mut Client, n: i64) {
+    c.execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'meter-' || g, timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => ((g * 7) % 11)::float8),
+                g, 'kWh'
+         FROM generate_series(1, $1::bigint) g",
+        &[&n],
+    )
+    .unwrap();
+}
+
+#[test]
+fn p1_batches_hold_at_most_batch_size_oldest_first() {
+    for depth in [1, 4] {
+        let mut s = Sandbox::new();
+        s.set("BATCH_SIZE", 3).set("UPLOAD_PIPELINE_DEPTH", depth);
+        let mut l = s.local();
+        insert_shuffled(&mut l, 20);
+        // Older than everything, but not in the queue: never uploaded, never deleted.
+        l.batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, sync_error)
+                 VALUES ('quarantined', '2020-01-01Z', 1, 'kWh', 'rejected earlier');
+             INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized)
+                 VALUES ('synchronized', '2020-01-01Z', 1, 'kWh', true);",
+        )
+        .unwrap();
+        let expected = queue_order(&mut l);
+        assert_eq!(expected.len(), 20);
+
+        let run = s.run(&["once"]);
+        assert!(
+            run.stderr.contains("upload: 20 reading(s) queued"),
+            "{}",
+            run.stderr
+        );
+        let arrivals = central_arrivals(&mut s.central());
+        let order: Vec<String> = arrivals.iter().map(|a| a.0.clone()).collect();
+        assert_eq!(order, expected, "depth {depth}: central arrival order");
+        // One transaction per batch: consecutive runs of the same xmin.
+        let mut sizes: Vec<usize> = Vec::new();
+        for (i, a) in arrivals.iter().enumerate() {
+            if i > 0 && arrivals[i - 1].1 == a.1 {
+                *sizes.last_mut().unwrap() += 1;
+            } else {
+                sizes.push(1);
+            }
+        }
+        assert_eq!(sizes, [3, 3, 3, 3, 3, 3, 2], "depth {depth}: batch sizes");
+        let left: Vec<String> = l
+            .query("SELECT meter_id::text FROM meter_readings ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(left, ["quarantined", "synchronized"]);
+        assert_eq!(upload_logs(&s), [(true, 20, None)], "one sync_logs row");
+    }
+}
+
+#[test]
+fn p2_a_batch_reaches_central_whole_or_not_at_all() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10)
+        .set("UPLOAD_PIPELINE_DEPTH", 1)
+        .set("MAX_QUERY_RETRIES", 1);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 30, 0);
+    let order = queue_order(&mut l);
+    install_poison(&mut c, false);
+    // The 15th reading fails half way through the second batch, after the trigger let
+    // its first four rows in. A transient code, so that nothing is bisected away:
+    // what central shows is exactly what that one statement left behind.
+    poison(&mut c, &order[14], "40001");
+
+    s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok, "the upload phase must report the failure");
+    assert!(err.unwrap().contains("40001"));
+    let central: Vec<String> = central_arrivals(&mut c).into_iter().map(|a| a.0).collect();
+    assert_eq!(central, order[..10], "only the first batch, and all of it");
+    assert_eq!(
+        queue_order(&mut l),
+        order[10..],
+        "the failed batch stays queued"
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0,
+        "a transient failure never quarantines"
+    );
+
+    c.batch_execute("DELETE FROM poison").unwrap();
+    s.run(&["once"]);
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+#[test]
+fn p3_readings_are_deleted_locally_only_after_the_central_commit() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10)
+        .set("UPLOAD_PIPELINE_DEPTH", 1)
+        .set("MAX_QUERY_RETRIES", 0);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 30, 0);
+    let before = rows(&mut l, "");
+    let order = queue_order(&mut l);
+    // Fails at COMMIT, after the insert statement itself went through: deleting on
+    // anything short of the commit acknowledgement would lose the second batch.
+    install_poison(&mut c, true);
+    poison(&mut c, &order[14], "40001");
+
+    s.run(&["once"]);
+    assert!(!last_upload_log(&s).0);
+    assert_eq!(s.central_count("meter_readings"), 10);
+    let after = rows(&mut l, "");
+    let expected: Rows = before
+        .iter()
+        .filter(|(uid, _)| order[10..].contains(uid))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(after, expected, "exactly the committed batch was deleted");
+
+    c.batch_execute("DELETE FROM poison").unwrap();
+    s.run(&["once"]);
+    assert_eq!(
+        rows(&mut c, ""),
+        before,
+        "central holds every reading as written"
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+#[test]
+fn p4_readings_already_in_central_are_not_duplicated_and_are_removed_locally() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 4);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 25, 0);
+    let before = rows(&mut l, "");
+    // As if a previous run had committed these centrally and died before deleting
+    // them locally: scattered so that they share batches with new readings.
+    for (uid, r) in before.iter().step_by(3) {
+        c.execute(
+            "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
+             VALUES ($1::text::uuid, $2, $3::text::timestamptz, $4::text::numeric, $5, $6::text::jsonb, $7::text::timestamptz, $8::text::int)",
+            &[uid, &r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]],
+        )
+        .unwrap();
+    }
+    let run = s.run(&["once"]);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), before);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(last_upload_log(&s), (true, 25, None));
+    assert!(
+        run.stderr.contains("9 were already in central"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// (uid suffix, meter_id, timestamp, value, unit, metadata, created_at, sync_attempts)
+type Written<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    i32,
+);
+
+#[test]
+fn p5_every_column_arrives_exactly_as_written() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let long_meter = "Ж".repeat(254) + "x";
+    let long_unit = "€".repeat(50);
+    let nested =
+        r#"{"nested": {"a": [1, 2.50, {"b": null}]}, "big": 12345678901234567890.123456789}"#;
+    let unicode = r#"{"unicode": "Zähler ☃ 電気 😀", "escapes": "q\"uote back\\slash\n\ttab", "empty": "", "list": []}"#;
+    let readings: [Written; 8] = [
+        (
+            "1",
+            "big",
+            "2026-02-03 04:05:06.123456+00",
+            "12345678901234567890.123456789",
+            "kWh",
+            Some(nested),
+            Some("2026-02-03 04:05:07.000001+00"),
+            0,
+        ),
+        (
+            "2",
+            "nan",
+            "2026-02-03 04:05:06.123457+00",
+            "NaN",
+            "kWh",
+            Some("null"),
+            None,
+            2,
+        ),
+        (
+            "3",
+            "tiny",
+            "1999-12-31 23:59:59.999999+00",
+            "-0.000001",
+            "m³",
+            None,
+            Some("2000-01-01 00:00:00+00"),
+            0,
+        ),
+        (
+            "4",
+            &long_meter,
+            "2026-06-30 22:00:00.5+02",
+            "0.10",
+            &long_unit,
+            Some(unicode),
+            Some("2026-06-30 20:00:00.000001+00"),
+            7,
+        ),
+        (
+            "5",
+            "huge",
+            "0044-03-15 12:00:00+00 BC",
+            "1000000000000000000000000000000000000000.000000000000000000000000000001",
+            "x",
+            Some("{}"),
+            None,
+            0,
+        ),
+        ("6", "inf", "infinity", "Infinity", "x", Some("[]"), None, 0),
+        (
+            "7",
+            "ninf",
+            "-infinity",
+            "-Infinity",
+            "x",
+            Some(r#""a string""#),
+            None,
+            0,
+        ),
+        (
+            "8",
+            "zero",
+            "2026-02-03 04:05:06.123456+00",
+            "-0",
+            "x",
+            Some("true"),
+            None,
+            0,
+        ),
+    ];
+    for (n, meter, ts, value, unit, md, created, attempts) in readings {
+        l.execute(
+            "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
+             VALUES (('00000000-0000-4000-8000-00000000000' || $1)::uuid, $2, $3::text::timestamptz, $4::text::numeric,
+                     $5, $6::text::jsonb, $7::text::timestamptz, $8)",
+            &[&n, &meter, &ts, &value, &unit, &md, &created, &attempts],
+        )
+        .unwrap();
+    }
+    let before = rows(&mut l, "");
+    assert_eq!(before.len(), 8);
+    assert_eq!(
+        before["00000000-0000-4000-8000-000000000004"][0]
+            .as_ref()
+            .unwrap()
+            .chars()
+            .count(),
+        255
+    );
+    s.run(&["once"]);
+    let mut c = s.central();
+    assert_eq!(rows(&mut c, ""), before);
+    // Text equality above already covers it; these make the intent explicit.
+    let exact: bool = c
+        .query_one(
+            "SELECT value = 12345678901234567890.123456789 AND metadata->'big' = '12345678901234567890.123456789'::jsonb
+             FROM meter_readings WHERE meter_id = 'big'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(exact);
+    let nulls: (bool, bool) = c
+        .query_one(
+            "SELECT (SELECT metadata = 'null'::jsonb FROM meter_readings WHERE meter_id = 'nan'),
+                    (SELECT metadata IS NULL FROM meter_readings WHERE meter_id = 'tiny')",
+            &[],
+        )
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(
+        nulls,
+        (true, true),
+        "jsonb null stays jsonb null, SQL NULL stays NULL"
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+#[test]
+fn p6_a_large_backlog_drains_in_one_cycle_within_the_time_budget() {
+    let mut s = Sandbox::new();
+    s.insert_readings(50_000);
+    // A budget too short for the backlog: the phase stops between batches, succeeds,
+    // and says what is left.
+    s.set("UPLOAD_TIME_BUDGET_SECONDS", 1)
+        .set("BATCH_SIZE", 5)
+        .set("UPLOAD_PIPELINE_DEPTH", 1);
+    let run = s.run(&["once"]);
+    let (ok, first, _) = last_upload_log(&s);
+    assert!(ok, "{}", run.stderr);
+    assert!(first > 0 && first < 50_000, "delivered {first}");
+    assert!(run.stderr.contains("time budget spent"), "{}", run.stderr);
+    assert_eq!(
+        s.central_count("meter_readings") + s.local_count("meter_readings"),
+        50_000
+    );
+
+    s.unset("UPLOAD_TIME_BUDGET_SECONDS")
+        .unset("BATCH_SIZE")
+        .unset("UPLOAD_PIPELINE_DEPTH");
+    let t = std::time::Instant::now();
+    let run = s.run(&["once"]);
+    let took = t.elapsed();
+    let rest = 50_000 - first as i64;
+    assert!(
+        run.stderr
+            .contains(&format!("upload: {rest} reading(s) queued")),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(s.central_count("meter_readings"), 50_000);
+    assert_eq!(central_duplicates(&mut s.central()), 0);
+    assert_eq!(last_upload_log(&s), (true, rest as i32, None));
+    assert_eq!(upload_logs(&s).len(), 2, "one sync_logs row per cycle");
+    eprintln!("drained {rest} readings (BATCH_SIZE 100, depth 8) in one cycle: {took:?}");
+}
+
+#[test]
+fn p7_check_constraint_rejects_are_quarantined_and_the_rest_arrive() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 40, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -value WHERE id IN (3, 17, 18, 40)")
+        .unwrap();
+    let before = rows(&mut l, "");
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    assert_eq!(last_upload_log(&s), (true, 36, None), "{}", run.stderr);
+    assert!(run.stderr.contains("4 quarantined"), "{}", run.stderr);
+    let held: Vec<(i64, String, String, i32)> = l
+        .query(
+            "SELECT id, reading_uid::text, sync_error, sync_attempts FROM meter_readings ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        held.iter().map(|h| h.0).collect::<Vec<_>>(),
+        [3, 17, 18, 40]
+    );
+    for (id, uid, err, attempts) in &held {
+        assert!(
+            err.contains("non_negative") && err.contains("23514"),
+            "{err}"
+        );
+        assert_eq!(*attempts, 1);
+        assert!(
+            run.stderr
+                .contains(&format!("quarantined reading id {id} (reading_uid {uid})")),
+            "{}",
+            run.stderr
+        );
+    }
+    assert_eq!(s.central_count("meter_readings"), 36);
+
+    // Quarantined readings wait for the operator.
+    s.run(&["once"]);
+    assert_eq!(s.local_count("meter_readings WHERE sync_attempts = 1"), 4);
+    assert_eq!(s.central_count("meter_readings"), 36);
+
+    c.batch_execute("ALTER TABLE meter_readings DROP CONSTRAINT non_negative")
+        .unwrap();
+    let rq = s.run(&["requeue", "--all"]);
+    rq.assert_ok();
+    assert!(rq.stdout.contains("requeued 4"), "{}", rq.all());
+    s.run(&["once"]);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    // They arrive as they were when sent: with the one failed attempt on record.
+    let mut expected = before;
+    for (_, r) in expected.iter_mut() {
+        if r[2].as_deref().unwrap().starts_with('-') {
+            r[6] = Some("1".into());
+        }
+    }
+    assert_eq!(rows(&mut c, ""), expected);
+}
+
+#[test]
+fn p7_foreign_key_rejects_and_requeue_by_id() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 7).set("UPLOAD_PIPELINE_DEPTH", 3);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 50, 0);
+    // Known meters are meter-0 .. meter-49; two readings name unknown meters.
+    l.batch_execute(
+        "UPDATE meter_readings SET meter_id = 'ghost-a' WHERE id = 5;
+         UPDATE meter_readings SET meter_id = 'ghost-b' WHERE id = 44;",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, meter_type, unit)
+             SELECT 'meter-' || g, 'M' || g, 'electricity', 'kWh' FROM generate_series(0, 199) g;
+         ALTER TABLE meter_readings ADD CONSTRAINT known_meter
+             FOREIGN KEY (meter_id) REFERENCES meters (meter_id);",
+    )
+    .unwrap();
+
+    s.run(&["once"]);
+    assert_eq!(last_upload_log(&s), (true, 48, None));
+    let held: Vec<(i64, String)> = l
+        .query("SELECT id, sync_error FROM meter_readings ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(held.len(), 2);
+    assert_eq!((held[0].0, held[1].0), (5, 44));
+    assert!(held.iter().all(|h| h.1.contains("23503")), "{held:?}");
+
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, meter_type, unit) VALUES ('ghost-a', 'A', 'water', 'm3')",
+    )
+    .unwrap();
+    let rq = s.run(&["requeue", "5", "999999"]);
+    rq.assert_ok();
+    assert!(rq.stdout.contains("requeued 1"), "{}", rq.all());
+    s.run(&["once"]);
+    let left: Vec<i64> = l
+        .query("SELECT id FROM meter_readings", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, [44], "only the released reading was retried");
+    assert_eq!(s.central_count("meter_readings"), 49);
+}
+
+#[test]
+fn p7_errors_that_are_not_about_the_rows_never_quarantine() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 5)
+        .set("UPLOAD_PIPELINE_DEPTH", 1)
+        .set("MAX_QUERY_RETRIES", 0);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 12, 0);
+    let order = queue_order(&mut l);
+    install_poison(&mut c, false);
+    // A missing privilege, a server shutting down, a deadlock: all refuse any row, so
+    // bisecting them would quarantine readings that are perfectly fine.
+    for code in ["42501", "57P01", "40P01"] {
+        c.batch_execute("DELETE FROM poison").unwrap();
+        poison(&mut c, &order[0], code);
+        s.run(&["once"]);
+        let (ok, _, err) = last_upload_log(&s);
+        assert!(!ok && err.unwrap().contains(code));
+        assert_eq!(
+            s.local_count("meter_readings WHERE sync_error IS NULL"),
+            12,
+            "{code}: nothing quarantined, nothing lost"
+        );
+        assert_eq!(s.central_count("meter_readings"), 0);
+    }
+}
+
+#[test]
+fn p19_upload_works_unchanged_against_a_partitioned_central_table() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE TABLE meter_readings (
+             id            bigserial,
+             reading_uid   uuid NOT NULL,
+             meter_id      varchar(255) NOT NULL,
+             \"timestamp\"   timestamptz NOT NULL,
+             value         numeric NOT NULL,
+             unit          varchar(50) NOT NULL,
+             metadata      jsonb,
+             created_at    timestamptz DEFAULT now(),
+             sync_attempts integer NOT NULL DEFAULT 0,
+             sync_error    text,
+             PRIMARY KEY (id, \"timestamp\"),
+             UNIQUE (reading_uid, \"timestamp\")
+         ) PARTITION BY RANGE (\"timestamp\");
+         CREATE TABLE meter_readings_2026_01 PARTITION OF meter_readings
+             FOR VALUES FROM ('2026-01-01Z') TO ('2026-01-02Z');
+         CREATE TABLE meter_readings_2026_01_02 PARTITION OF meter_readings
+             FOR VALUES FROM ('2026-01-02Z') TO ('2026-02-01Z');
+         CREATE TABLE meter_readings_rest PARTITION OF meter_readings DEFAULT;",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    // A day and a half of readings, one a minute, across two partitions.
+    l.execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'meter-' || (g % 5), timestamptz '2026-01-01Z' + make_interval(mins => g), g, 'kWh'
+         FROM generate_series(0, 2159) g",
+        &[],
+    )
+    .unwrap();
+    let before = rows(&mut l, "");
+    s.run(&["once"]);
+    assert_eq!(rows(&mut c, ""), before);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    let per_partition: Vec<(String, i64)> = c
+        .query(
+            "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        per_partition,
+        [
+            ("meter_readings_2026_01".to_string(), 1440),
+            ("meter_readings_2026_01_02".to_string(), 720)
+        ]
+    );
+    // Re-sent readings are recognised through the partitioned unique key as well.
+    let mut again = s.local();
+    for (uid, r) in before.iter().take(50) {
+        again
+            .execute(
+                "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit, created_at)
+                 VALUES ($1::text::uuid, $2, $3::text::timestamptz, $4::text::numeric, $5, $6::text::timestamptz)",
+                &[uid, &r[0], &r[1], &r[2], &r[3], &r[5]],
+            )
+            .unwrap();
+    }
+    s.run(&["once"]);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 2160);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+#[test]
+fn requeue_of_nothing_releases_nothing() {
+    let s = Sandbox::new();
+    let rq = s.run(&["requeue", "--all"]);
+    rq.assert_ok();
+    assert!(rq.stdout.contains("requeued 0"), "{}", rq.all());
+}
