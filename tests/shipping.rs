@@ -98,10 +98,7 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     assert_eq!(one(&d, "Restart"), "on-failure");
     // A configuration error (78) must not restart-loop.
     assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
-    assert_eq!(
-        one(&d, "EnvironmentFile"),
-        "/etc/meter-sync/meter-sync.env"
-    );
+    assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
     assert_eq!(
         one(&d, "LoadCredential"),
         "client-password:/etc/meter-sync/client-password"
@@ -300,7 +297,12 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     // First install: nothing to roll back to yet.
     let out = r(deploy(
         "install",
-        &["--binary", v1.to_str().unwrap(), "--root", root.to_str().unwrap()],
+        &[
+            "--binary",
+            v1.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ],
     ));
     assert!(out.contains("meter-sync.env"), "{out}");
     assert_installed(&root);
@@ -309,7 +311,10 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     let o = deploy("rollback", &["--root", root.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(text(&o).contains("no "), "{}", text(&o));
-    assert!(same(&installed, &v1), "a failed rollback changed the binary");
+    assert!(
+        same(&installed, &v1),
+        "a failed rollback changed the binary"
+    );
 
     // The operator configures the gateway; an upgrade must keep that.
     let env = root.join("etc/meter-sync/meter-sync.env");
@@ -317,11 +322,19 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     fs::write(root.join("etc/meter-sync/client-password"), "s3cret\n").unwrap();
     r(deploy(
         "install",
-        &["--binary", v2.to_str().unwrap(), "--root", root.to_str().unwrap()],
+        &[
+            "--binary",
+            v2.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ],
     ));
     assert_installed(&root);
     assert!(same(&installed, &v2));
-    assert!(same(&prev, &v1), "the upgrade did not keep the previous binary");
+    assert!(
+        same(&prev, &v1),
+        "the upgrade did not keep the previous binary"
+    );
     assert_eq!(
         fs::read_to_string(&env).unwrap(),
         "POSTGRES_SYNC_HOST=/run/postgresql\n"
@@ -334,7 +347,12 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     // Installing the same release again must not lose the one to roll back to.
     r(deploy(
         "install",
-        &["--binary", v2.to_str().unwrap(), "--root", root.to_str().unwrap()],
+        &[
+            "--binary",
+            v2.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ],
     ));
     assert!(same(&installed, &v2) && same(&prev, &v1));
 
@@ -356,14 +374,25 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
         ("install", vec![]),
         ("install", vec!["--root"]),
         ("install", vec!["--bogus"]),
-        ("install", vec!["--root", "/nonexistent-dir-ms", "--binary", "/nonexistent-bin-ms"]),
+        (
+            "install",
+            vec![
+                "--root",
+                "/nonexistent-dir-ms",
+                "--binary",
+                "/nonexistent-bin-ms",
+            ],
+        ),
         ("rollback", vec!["--root", "/nonexistent-dir-ms"]),
         ("build-deb", vec!["sparc"]),
         ("build-release", vec!["mips"]),
     ] {
         let o = deploy(script, &args);
         assert_eq!(o.status.code(), Some(2), "{script} {args:?}: {}", text(&o));
-        assert!(!text(&o).trim().is_empty(), "{script} {args:?} said nothing");
+        assert!(
+            !text(&o).trim().is_empty(),
+            "{script} {args:?} said nothing"
+        );
     }
     assert!(!Path::new("/nonexistent-dir-ms").exists());
 }
@@ -417,7 +446,10 @@ fn debian_package_contents_and_maintainer_scripts() {
     for (p, m) in [
         ("./usr/bin/meter-sync", "-rwxr-xr-x"),
         ("./lib/systemd/system/meter-sync.service", "-rw-r--r--"),
-        ("./usr/share/meter-sync/meter-sync.env.example", "-rw-r--r--"),
+        (
+            "./usr/share/meter-sync/meter-sync.env.example",
+            "-rw-r--r--",
+        ),
         ("./usr/lib/sysusers.d/meter-sync.conf", "-rw-r--r--"),
     ] {
         let (mode, owner) = files
@@ -427,7 +459,10 @@ fn debian_package_contents_and_maintainer_scripts() {
     }
     for (p, (mode, owner)) in &files {
         assert_eq!(owner, "root/root", "{p}");
-        assert!(!p.starts_with("./etc/"), "{p}: operator files are not conffiles");
+        assert!(
+            !p.starts_with("./etc/"),
+            "{p}: operator files are not conffiles"
+        );
         if mode.starts_with('d') {
             assert_eq!(mode, "drwxr-xr-x", "{p}");
         }
@@ -522,14 +557,24 @@ fn aarch64_binary_runs_a_full_cycle_under_qemu() {
         return;
     }
     let bin = repo("target/aarch64-unknown-linux-musl/release/meter-sync");
-    assert!(bin.exists(), "{} missing: run deploy/build-release aarch64", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run deploy/build-release aarch64",
+        bin.display()
+    );
     let file = ok(Command::new("file").arg("-b").arg(&bin));
     assert!(file.contains("ARM aarch64"), "{file}");
-    assert!(file.contains("statically linked") || file.contains("static-pie"), "{file}");
+    assert!(
+        file.contains("statically linked") || file.contains("static-pie"),
+        "{file}"
+    );
 
     let s = Sandbox::empty();
     assert_eq!(s.env["POSTGRES_CLIENT_HOST"], "localhost");
-    assert!(!s.env.contains_key("POSTGRES_CLIENT_SSLMODE"), "verify-full is the default");
+    assert!(
+        !s.env.contains_key("POSTGRES_CLIENT_SSLMODE"),
+        "verify-full is the default"
+    );
     let v = qemu(&s, &bin, &["--version"]);
     v.assert_ok();
     assert!(v.stdout.contains(env!("CARGO_PKG_VERSION")), "{v:?}");
@@ -546,7 +591,11 @@ fn aarch64_binary_runs_a_full_cycle_under_qemu() {
         )
         .unwrap();
     let once = qemu(&s, &bin, &["once"]);
-    assert_eq!(readings(&mut s.central(), "meter_readings"), before, "{once:?}");
+    assert_eq!(
+        readings(&mut s.central(), "meter_readings"),
+        before,
+        "{once:?}"
+    );
     assert_eq!(s.local_count("meter_readings"), 0, "{once:?}");
     let phases: Vec<(String, bool)> = s
         .local()
@@ -555,7 +604,10 @@ fn aarch64_binary_runs_a_full_cycle_under_qemu() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(phases.contains(&("upload".into(), true)), "{phases:?} {once:?}");
+    assert!(
+        phases.contains(&("upload".into(), true)),
+        "{phases:?} {once:?}"
+    );
     // Until the downloads land on this branch their stubs fail the cycle; from
     // then on the whole cycle must succeed on the gateway binary.
     if !once.stderr.contains("not implemented") {
