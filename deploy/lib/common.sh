@@ -1,12 +1,11 @@
 # Shared by deploy/install and deploy/rollback on the operator's machine: argument
 # parsing and running lib/gateway.sh locally (--root) or on a gateway over ssh.
-# ssh and scp come from $SSH and $SCP (e.g. SSH="ssh -p 2222 -i key"), so that
-# jump hosts and keys stay in the operator's hands (or ~/.ssh/config).
+# The ssh command comes from $SSH (e.g. SSH="ssh -p 2222 -i key"), so that jump
+# hosts and keys stay in the operator's hands (or ~/.ssh/config).
 
 DEPLOY_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO_DIR=$(cd "$DEPLOY_DIR/.." && pwd)
 SSH=${SSH:-ssh}
-SCP=${SCP:-scp}
 
 die() {
     echo "$(basename "$0"): $*" >&2

@@ -86,6 +86,13 @@ do_install() {
         mv "$ETC/client-password.new" "$ETC/client-password"
         say "created empty $ETC/client-password (0600): put the central password in it"
     fi
+    if [ "$SYSTEMCTL" = 1 ] && ! id meter-sync >/dev/null 2>&1; then
+        # A static user gives pg_hba peer authentication and the metrics directory
+        # a stable name and uid (the unit would otherwise allocate a dynamic one).
+        useradd --system --user-group --no-create-home --home-dir /nonexistent \
+            --shell /usr/sbin/nologin meter-sync
+        say "created system user meter-sync"
+    fi
     restart_if_configured
 }
 
