@@ -622,3 +622,111 @@ fn aarch64_binary_runs_a_full_cycle_under_qemu() {
     let r = qemu(&wrong, &bin, &["migrate", "remote"]);
     assert_ne!(r.code, Some(0), "{r:?}");
 }
+
+/// sshd on loopback, as root, accepting one generated key; killed on drop.
+struct Sshd {
+    child: std::process::Child,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Sshd {
+    fn start() -> Sshd {
+        let dir = temp_dir("sshd");
+        for k in ["host", "user"] {
+            ok(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(dir.join(k)));
+        }
+        fs::copy(dir.join("user.pub"), dir.join("authorized_keys")).unwrap();
+        fs::create_dir_all("/run/sshd").unwrap();
+        let port = support::free_port();
+        let conf = dir.join("sshd_config");
+        fs::write(
+            &conf,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n\
+                 PidFile {d}/sshd.pid\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&conf)
+            .stderr(fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Sshd { child, dir, port };
+        assert!(
+            support::wait_until(std::time::Duration::from_secs(10), || {
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }),
+            "sshd did not listen"
+        );
+        s
+    }
+
+    fn ssh_command(&self) -> String {
+        format!(
+            "ssh -p {} -i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes",
+            self.port,
+            self.dir.join("user").display()
+        )
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The ssh path of deploy/install and deploy/rollback, through a real sshd on
+/// loopback, into a directory on the "gateway" (HOST --root DIR: no systemctl).
+#[test]
+fn install_and_rollback_over_ssh() {
+    if std::env::var("METER_SYNC_SSH_E2E").as_deref() != Ok("1") {
+        eprintln!("skipped: set METER_SYNC_SSH_E2E=1 (needs root and openssh-server)");
+        return;
+    }
+    let sshd = Sshd::start();
+    let dir = temp_dir("sshdeploy");
+    // A space in the path proves the quoting across ssh.
+    let root = dir.join("gate way");
+    let v2 = dir.join("v2");
+    let mut b = fs::read(support::bin()).unwrap();
+    b.push(0);
+    fs::write(&v2, &b).unwrap();
+    let via_ssh = |script: &str, args: &[&str]| {
+        let o = run(Command::new(repo(&format!("deploy/{script}")))
+            .args(args)
+            .env("SSH", sshd.ssh_command()));
+        assert!(o.status.success(), "{script} {args:?}: {}", text(&o));
+    };
+    let r = root.to_str().unwrap();
+    via_ssh(
+        "install",
+        &["--binary", support::bin(), "127.0.0.1", "--root", r],
+    );
+    assert_installed(&root);
+    via_ssh(
+        "install",
+        &["--binary", v2.to_str().unwrap(), "127.0.0.1", "--root", r],
+    );
+    let installed = root.join("usr/local/bin/meter-sync");
+    let prev = root.join("usr/local/bin/meter-sync.prev");
+    assert_eq!(fs::read(&installed).unwrap(), b);
+    assert_eq!(fs::read(&prev).unwrap(), fs::read(support::bin()).unwrap());
+    via_ssh("rollback", &["127.0.0.1", "--root", r]);
+    assert_eq!(
+        fs::read(&installed).unwrap(),
+        fs::read(support::bin()).unwrap()
+    );
+    assert_eq!(fs::read(&prev).unwrap(), b);
+    assert_installed(&root);
+    let _ = fs::remove_dir_all(dir);
+}
