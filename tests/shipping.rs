@@ -616,11 +616,24 @@ fn aarch64_binary_runs_a_full_cycle_under_qemu() {
         assert_eq!(s.local_count("tenant"), 1, "{once:?}");
     }
 
-    // verify-full really checks the name: the same server as 127.0.0.1 is refused.
+    // verify-full really verifies: a CA that did not sign central's certificate is refused.
     let mut wrong = Sandbox::empty();
-    wrong.set("POSTGRES_CLIENT_HOST", "127.0.0.1");
+    let (other_ca, _) = support::make_ca(&wrong.dir, "other", "another CA");
+    wrong.set("POSTGRES_CLIENT_SSLROOTCERT", other_ca.display());
     let r = qemu(&wrong, &bin, &["migrate", "remote"]);
     assert_ne!(r.code, Some(0), "{r:?}");
+    assert_eq!(
+        wrong
+            .central()
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'meter_readings'",
+                &[]
+            )
+            .unwrap()
+            .get::<_, i64>(0),
+        0,
+        "{r:?}"
+    );
 }
 
 /// sshd on loopback, as root, accepting one generated key; killed on drop.
