@@ -14,6 +14,14 @@ use crate::shutdown::Shutdown;
 pub struct Connections {
     pub local: Option<Db>,
     pub central: Option<Db>,
+    /// Set by `run` and `once`: every local connection they open must take the
+    /// cycle lock (P11, see [`crate::daemon::try_cycle_lock`]) before it is used,
+    /// so a reconnect in the middle of a cycle cannot slip past another process.
+    pub cycle_lock: bool,
+    /// Sides whose connection attempts already failed in this cycle: the
+    /// `MAX_CONNECTION_RETRIES` attempts are per cycle (P13), so later phases fail
+    /// at once instead of spending another round of backoff each.
+    unreachable: Vec<Side>,
 }
 
 impl Connections {
@@ -25,6 +33,7 @@ impl Connections {
         cfg: &Config,
         shutdown: &Shutdown,
     ) -> Result<&mut Db> {
+        let needs_lock = side == Side::Local && self.cycle_lock;
         let (slot, dbcfg) = match side {
             Side::Local => (&mut self.local, &cfg.local),
             Side::Central => (&mut self.central, &cfg.central),
@@ -34,7 +43,28 @@ impl Connections {
             *slot = None;
         }
         if slot.is_none() {
-            *slot = Some(Db::connect_with_retry(dbcfg, cfg, shutdown).await?);
+            if self.unreachable.contains(&side) {
+                return Err(crate::error::Error::new(
+                    crate::error::Kind::Db,
+                    format!("{side}: unreachable in this cycle (see above); next attempt in the next cycle"),
+                )
+                .with_side(side));
+            }
+            let db = match Db::connect_with_retry(dbcfg, cfg, shutdown).await {
+                Ok(db) => db,
+                Err(e) => {
+                    self.unreachable.push(side);
+                    return Err(e);
+                }
+            };
+            if needs_lock && !crate::daemon::try_cycle_lock(&db).await? {
+                return Err(crate::error::Error::new(
+                    crate::error::Kind::Other,
+                    "local: another meter-sync took the cycle lock while this one reconnected; \
+                     this cycle stops here",
+                ));
+            }
+            *slot = Some(db);
         }
         Ok(slot.as_mut().expect("connection was just opened"))
     }
@@ -128,6 +158,7 @@ pub struct PhaseResult {
 /// in its outcome.
 pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> CycleReport {
     let start = Instant::now();
+    conns.unreachable.clear();
     let mut phases = Vec::with_capacity(3);
     for phase in [Phase::Upload, Phase::Meters, Phase::Tenant] {
         if shutdown.is_requested() {

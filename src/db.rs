@@ -77,12 +77,16 @@ impl Db {
         let tls = crate::tls::connector(db)?;
         let pc = pg_config(db, cfg);
         let what = format!("connect to {}", db.describe());
-        let (client, connection) =
-            match tokio::time::timeout(cfg.connect_timeout, pc.connect(tls)).await {
-                Ok(Ok(pair)) => pair,
-                Ok(Err(e)) => return Err(Error::db(db.side, what, e)),
-                Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
-            };
+        let (client, connection) = match crate::notify::while_bounded(tokio::time::timeout(
+            cfg.connect_timeout,
+            pc.connect(tls),
+        ))
+        .await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(Error::db(db.side, what, e)),
+            Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
+        };
         let side = db.side;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -126,8 +130,9 @@ impl Db {
                 Err(e) => e,
             };
             attempt += 1;
-            // A configuration problem (a malformed certificate) does not heal by waiting.
-            if attempt >= cfg.max_connection_retries || err.kind() == crate::error::Kind::Config {
+            // What does not heal by waiting (a malformed file, a refused certificate,
+            // a server that rejects our credentials) is not retried within the cycle.
+            if attempt >= cfg.max_connection_retries || !err.is_transient() {
                 return Err(err);
             }
             let cap = backoff_cap(attempt - 1);
@@ -239,7 +244,9 @@ pub async fn timed<T, F>(side: Side, limit: Duration, what: &str, fut: F) -> Res
 where
     F: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
 {
-    match tokio::time::timeout(limit, fut).await {
+    // The wait is bounded by `limit`, so feeding the watchdog meanwhile cannot keep
+    // a hung loop alive (see notify.rs).
+    match crate::notify::while_bounded(tokio::time::timeout(limit, fut)).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Error::db(side, what, e)),
         Err(_) => Err(Error::timeout(side, what, limit)),

@@ -54,8 +54,13 @@ impl Error {
     pub fn db(side: Side, what: impl Into<String>, e: tokio_postgres::Error) -> Error {
         let code = e.code().map(|c| c.code().to_string());
         let closed = e.is_closed() || code.is_none();
+        // A certificate the gateway refused stays refused until someone changes
+        // it: not transient, unlike other failed handshakes.
+        let refused = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<crate::tls::Refusal>())
+            .is_some_and(|r| r.cause != crate::tls::Cause::Other);
         Error {
-            kind: Kind::Db,
+            kind: if refused { Kind::Tls } else { Kind::Db },
             side: Some(side),
             context: what.into(),
             source: Some(Box::new(e)),

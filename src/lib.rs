@@ -15,6 +15,7 @@
 //! - [`shutdown`]: the shutdown signal every wait races against.
 //! - [`notify`]: systemd READY / WATCHDOG / STATUS / STOPPING.
 //! - [`logging`]: syslog or stderr.
+//! - [`metrics`]: the Prometheus textfile written after every cycle.
 //! - [`status`]: the `status` command.
 
 #![forbid(unsafe_code)]
@@ -27,6 +28,7 @@ pub mod db;
 pub mod download;
 pub mod error;
 pub mod logging;
+pub mod metrics;
 pub mod migrate;
 pub mod notify;
 pub mod shutdown;

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use meter_sync::cli::{self, Command, Requeue};
 use meter_sync::config::{Config, Side};
-use meter_sync::cycle::{self, Connections};
 use meter_sync::db::Db;
 use meter_sync::error::{Error, Kind};
 use meter_sync::shutdown::{self, Shutdown};
@@ -28,7 +27,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Version => {
-            println!("meter-sync {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "meter-sync {} (TLS: {})",
+                env!("CARGO_PKG_VERSION"),
+                meter_sync::tls::BACKEND
+            );
             return ExitCode::SUCCESS;
         }
         _ => {}
@@ -42,12 +45,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    if cmd == Command::CheckConfig {
-        // Files named by the configuration must also parse, not just exist.
-        if let Err(e) = meter_sync::tls::connector(&cfg.central) {
+    // Certificate and key files must also parse, not just exist: checked before any
+    // command so that a malformed one exits 78 everywhere, not at the first cycle.
+    if let Err(e) = meter_sync::tls::validate(&cfg) {
+        if e.kind() == Kind::Config {
             eprintln!("meter-sync: configuration error: {e}");
             return ExitCode::from(EX_CONFIG);
         }
+        eprintln!("meter-sync: {e}");
+        return ExitCode::FAILURE;
+    }
+    if cmd == Command::CheckConfig {
         print!("{}", cfg.render());
         println!("configuration is valid");
         return ExitCode::SUCCESS;
@@ -89,14 +97,7 @@ async fn dispatch(cmd: Command, cfg: &Config) -> Result<u8, Error> {
         Command::Once => {
             let (trigger, shutdown) = shutdown::channel();
             tokio::spawn(meter_sync::shutdown::on_signals(trigger));
-            let mut conns = Connections::default();
-            let report = cycle::run(cfg, &mut conns, &shutdown).await;
-            conns.close();
-            Ok(if report.ok() && report.phases.len() == 3 {
-                0
-            } else {
-                1
-            })
+            daemon::once(cfg, shutdown).await
         }
         Command::Migrate(sides) => {
             for side in sides {

@@ -84,6 +84,9 @@ pub async fn on_signals(trigger: Trigger) {
         _ = int.recv() => "SIGINT",
     };
     log::info!("{name} received; finishing the batch in flight, then stopping");
+    // systemd learns at once that the stop has begun, not when it is done.
+    crate::notify::stopping();
+    crate::notify::status("stopping: finishing the batch in flight");
     trigger.trigger();
     let name = tokio::select! {
         _ = term.recv() => "SIGTERM",

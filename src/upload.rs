@@ -27,8 +27,13 @@ use crate::shutdown::Shutdown;
 /// the count and the ordered, paginated selection.
 const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 
-const COLUMNS: &str = "id, reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, \
-     unit::text, metadata::text, created_at::text, sync_attempts";
+/// Output names differ from the column names on purpose: `ORDER BY "timestamp"`
+/// would otherwise sort by the text column of the select list (SQL resolves ORDER
+/// BY names against the output first), which is not time order for BC dates and
+/// cannot use the index.
+const COLUMNS: &str = "r.id, r.reading_uid::text AS uid_text, r.meter_id::text AS meter_text, \
+     r.\"timestamp\"::text AS ts_text, r.value::text AS value_text, r.unit::text AS unit_text, \
+     r.metadata::text AS metadata_text, r.created_at::text AS created_text, r.sync_attempts";
 
 /// One statement per batch, so the batch is one implicit transaction: all rows or
 /// none. `ON CONFLICT DO NOTHING` on the unique key makes a re-sent reading (we died
@@ -72,12 +77,12 @@ struct Statements {
 
 impl Statements {
     async fn prepare(local: &Db, central: &Db) -> Result<Statements> {
-        let select = format!("SELECT {COLUMNS} FROM meter_readings WHERE {PENDING}");
+        let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
             first: prep(
                 local,
                 "prepare batch selection",
-                format!("{select} ORDER BY \"timestamp\", id LIMIT $1"),
+                format!("{select} ORDER BY r.\"timestamp\", r.id LIMIT $1"),
             )
             .await?,
             // Keyset pagination: the next batch starts after the last one read, so
@@ -86,8 +91,8 @@ impl Statements {
                 local,
                 "prepare batch selection",
                 format!(
-                    "{select} AND (\"timestamp\", id) > (($2::text)::timestamptz, $3) \
-                     ORDER BY \"timestamp\", id LIMIT $1"
+                    "{select} AND (r.\"timestamp\", r.id) > (($2::text)::timestamptz, $3) \
+                     ORDER BY r.\"timestamp\", r.id LIMIT $1"
                 ),
             )
             .await?,
@@ -183,6 +188,7 @@ pub async fn drain(
     // the oldest reading, which is how each pass begins.
     let mut key: Option<(String, i64)> = None;
     let mut exhausted = false;
+    let mut rescanned = false;
     let mut reader: Option<BoxFuture<'_, Result<Vec<Reading>>>> = None;
     let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>)>> =
         FuturesUnordered::new();
@@ -196,13 +202,15 @@ pub async fn drain(
             }
         }
         let may_start = stopped.is_none() && failure.is_none();
-        if may_start && exhausted && inflight.is_empty() && reader.is_none() && key.is_some() {
+        if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
             // The pass reached the newest reading. One more pass from the oldest
             // picks up readings the collector wrote meanwhile with a timestamp
-            // behind the pass (a meter catching up on its buffer); the drain ends
-            // when such a pass finds nothing.
+            // behind the pass (a meter catching up on its buffer). Only one: should
+            // delivered readings somehow stay queued (a local trigger that cancels
+            // the delete), passes would repeat until the time budget ran out.
             key = None;
             exhausted = false;
+            rescanned = true;
         }
         if may_start && !exhausted && reader.is_none() && inflight.len() < depth {
             reader = Some(Box::pin(select_batch(

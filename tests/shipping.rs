@@ -107,11 +107,11 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
         one(&d, "Environment"),
         "POSTGRES_CLIENT_PASSWORD_FILE=%d/client-password"
     );
-    // One round trip in flight may take DB_QUERY_TIMEOUT_MS (30 s by default)
-    // before it is given up: the stop timeout and the watchdog must outlast it.
-    let query_timeout = 30;
-    assert!(seconds(one(&d, "TimeoutStopSec")) > query_timeout + 5);
-    assert!(seconds(one(&d, "WatchdogSec")) >= 2 * query_timeout);
+    // The daemon's shutdown bound is DB_QUERY_TIMEOUT_MS + DB_CONNECTION_TIMEOUT_MS
+    // + about 1 s (30 + 5 + 1 s by default): systemd must not kill it before.
+    assert!(seconds(one(&d, "TimeoutStopSec")) > 30 + 5 + 1);
+    let watchdog = seconds(one(&d, "WatchdogSec"));
+    assert!((10..=300).contains(&watchdog), "WatchdogSec={watchdog}");
     assert_eq!(
         one(&d, "RestrictAddressFamilies"),
         "AF_UNIX AF_INET AF_INET6"

@@ -138,6 +138,13 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
         s.set("BATCH_SIZE", 3).set("UPLOAD_PIPELINE_DEPTH", depth);
         let mut l = s.local();
         insert_shuffled(&mut l, 20);
+        // Text order is not time order before Christ: 44 BC sorts before 100 BC.
+        l.batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit) VALUES
+                 ('bc-44', '0044-03-15 00:00:00+00 BC', 1, 'kWh'),
+                 ('bc-100', '0100-07-12 00:00:00+00 BC', 1, 'kWh')",
+        )
+        .unwrap();
         // Older than everything, but not in the queue: never uploaded, never deleted.
         l.batch_execute(
             "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, sync_error)
@@ -147,11 +154,11 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
         )
         .unwrap();
         let expected = queue_order(&mut l);
-        assert_eq!(expected.len(), 20);
+        assert_eq!(expected.len(), 22);
 
         let run = s.run(&["once"]);
         assert!(
-            run.stderr.contains("upload: 20 reading(s) queued"),
+            run.stderr.contains("upload: 22 reading(s) queued"),
             "{}",
             run.stderr
         );
@@ -167,7 +174,11 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
                 sizes.push(1);
             }
         }
-        assert_eq!(sizes, [3, 3, 3, 3, 3, 3, 2], "depth {depth}: batch sizes");
+        assert_eq!(
+            sizes,
+            [3, 3, 3, 3, 3, 3, 3, 1],
+            "depth {depth}: batch sizes"
+        );
         let left: Vec<String> = l
             .query("SELECT meter_id::text FROM meter_readings ORDER BY id", &[])
             .unwrap()
@@ -175,7 +186,7 @@ fn p1_batches_hold_at_most_batch_size_oldest_first() {
             .map(|r| r.get(0))
             .collect();
         assert_eq!(left, ["quarantined", "synchronized"]);
-        assert_eq!(upload_logs(&s), [(true, 20, None)], "one sync_logs row");
+        assert_eq!(upload_logs(&s), [(true, 22, None)], "one sync_logs row");
     }
 }
 
@@ -691,4 +702,40 @@ fn requeue_of_nothing_releases_nothing() {
     let rq = s.run(&["requeue", "--all"]);
     rq.assert_ok();
     assert!(rq.stdout.contains("requeued 0"), "{}", rq.all());
+}
+
+/// Pipelining: over a link with a 200 ms round trip, 20 batches one after another
+/// cannot take less than 4 s; with 8 in flight they take a fraction of that.
+#[test]
+fn pipelined_batches_share_round_trips() {
+    let _heavy = support::heavy_lock();
+    let mut took = Vec::new();
+    for depth in [1, 8] {
+        let mut s = Sandbox::new();
+        let central = std::net::SocketAddr::from(([127, 0, 0, 1], s.central_cluster().port));
+        let proxy = support::proxy::Proxy::start(central);
+        proxy.delay(std::time::Duration::from_millis(100));
+        s.set("POSTGRES_CLIENT_PORT", proxy.port())
+            .set("BATCH_SIZE", 100)
+            .set("UPLOAD_PIPELINE_DEPTH", depth);
+        s.insert_readings(2000);
+        s.run(&["once"]);
+        assert_eq!(s.local_count("meter_readings"), 0);
+        assert_eq!(s.central_count("meter_readings"), 2000);
+        let ms: i64 = s
+            .local()
+            .query_one(
+                "SELECT duration_ms FROM sync_logs WHERE sync_type = 'upload'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        took.push(ms);
+    }
+    eprintln!(
+        "20 batches over a 200 ms round trip: depth 1 {} ms, depth 8 {} ms",
+        took[0], took[1]
+    );
+    assert!(took[0] >= 4000, "the delay did not apply: {took:?}");
+    assert!(took[1] * 2 < took[0], "pipelining saved nothing: {took:?}");
 }

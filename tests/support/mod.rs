@@ -88,7 +88,7 @@ fn pg_cmd(tool: &str) -> Command {
     }
 }
 
-fn chown_to_server(path: &Path) {
+pub fn chown_to_server(path: &Path) {
     if let Some(u) = server_user() {
         let st = Command::new("chown")
             .arg("-R")

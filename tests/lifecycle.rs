@@ -1,0 +1,753 @@
+//! Daemon lifecycle through the real protocols: systemd notifications on a Unix
+//! datagram socket (P15), signals (P12), the cross-process cycle lock (P11), dead
+//! and silent links (P13, P18).
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::proxy::Proxy;
+use support::{wait_until, Cluster, Role, Sandbox};
+
+const SIGTERM: i32 = 15;
+const SIGINT: i32 = 2;
+
+/// What systemd would receive on NOTIFY_SOCKET, with arrival times.
+struct Notifications {
+    msgs: Arc<Mutex<Vec<(Instant, String)>>>,
+    path: PathBuf,
+}
+
+impl Notifications {
+    fn bind(dir: &Path) -> Notifications {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        Notifications::listen(sock, path)
+    }
+
+    fn listen(sock: UnixDatagram, path: PathBuf) -> Notifications {
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let m = Arc::downgrade(&msgs);
+        thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            // Ends when the test drops its Notifications.
+            while let Some(m) = m.upgrade() {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    for line in text.lines() {
+                        m.lock().unwrap().push((Instant::now(), line.to_string()));
+                    }
+                }
+            }
+        });
+        Notifications { msgs, path }
+    }
+
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    fn has(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.all().iter().any(|(_, l)| pred(l))
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
+        assert!(
+            wait_until(limit, || self.has(&pred)),
+            "no {what} within {limit:?}; got {:?}",
+            self.lines()
+        );
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.all().into_iter().map(|(_, l)| l).collect()
+    }
+
+    /// The longest silence between WATCHDOG=1 pings in [from, to], counting the
+    /// edges of the window.
+    fn max_watchdog_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut last = from;
+        let mut max = Duration::ZERO;
+        for (t, l) in self.all() {
+            if l == "WATCHDOG=1" && t >= from && t <= to {
+                max = max.max(t - last);
+                last = t;
+            }
+        }
+        max.max(to.saturating_duration_since(last))
+    }
+}
+
+fn with_notify(s: &mut Sandbox, n: &Notifications, watchdog_usec: u64) {
+    s.set("NOTIFY_SOCKET", n.path.display());
+    s.set("WATCHDOG_USEC", watchdog_usec);
+}
+
+/// P15: READY=1 first, WATCHDOG=1 at least every half WATCHDOG_USEC while the
+/// loop runs, STATUS= with the last cycle's summary, STOPPING=1 on SIGTERM, exit 0.
+#[test]
+fn p15_notifies_ready_watchdog_status_and_stopping() {
+    let mut s = Sandbox::new();
+    let n = Notifications::bind(&s.dir);
+    with_notify(&mut s, &n, 2_000_000);
+    let mut d = s.spawn(&["run"]);
+    n.wait_for("READY=1", Duration::from_secs(10), |l| l == "READY=1");
+    let ready_at = n.all().iter().find(|(_, l)| l == "READY=1").unwrap().0;
+    n.wait_for("STATUS= after a cycle", Duration::from_secs(15), |l| {
+        l.starts_with("STATUS=last cycle") && l.contains("upload") && l.contains("tenant")
+    });
+    thread::sleep(Duration::from_secs(3));
+    let before_stop = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(Some(0)), "log:\n{}", d.log_text());
+    let lines = n.lines();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("READY=1"),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "STOPPING=1"), "{lines:?}");
+    let gap = n.max_watchdog_gap(ready_at, before_stop);
+    assert!(
+        gap <= Duration::from_millis(1000),
+        "watchdog silent for {gap:?} (WATCHDOG_USEC 2 s: half is 1 s); {lines:?}"
+    );
+}
+
+/// sd_notify(3): a NOTIFY_SOCKET starting with '@' is in the abstract namespace;
+/// WATCHDOG_PID naming another process means the watchdog is not ours to feed.
+#[test]
+fn p15_abstract_notify_socket_and_foreign_watchdog_pid() {
+    use std::os::linux::net::SocketAddrExt;
+    let mut s = Sandbox::new();
+    let name = format!("meter-sync-test-{}-{}", std::process::id(), s.local_db);
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    let n = Notifications::listen(sock, PathBuf::new());
+    s.set("NOTIFY_SOCKET", format!("@{name}"));
+    s.set("WATCHDOG_USEC", 400_000);
+    s.set("WATCHDOG_PID", 1);
+    let mut d = s.spawn(&["run"]);
+    n.wait_for(
+        "READY=1 on the abstract socket",
+        Duration::from_secs(10),
+        |l| l == "READY=1",
+    );
+    n.wait_for("STATUS=", Duration::from_secs(15), |l| {
+        l.starts_with("STATUS=last cycle")
+    });
+    thread::sleep(Duration::from_secs(1));
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+    assert!(
+        !n.has(|l| l == "WATCHDOG=1"),
+        "fed a watchdog that belongs to pid 1: {:?}",
+        n.lines()
+    );
+}
+
+/// P15: the pings come from the loop's progress. When the loop blocks (here its
+/// syslog socket is full: nobody reads it and its queue holds a few datagrams),
+/// the pings stop, so systemd would restart the daemon; a free-running timer
+/// would hide the hang.
+#[test]
+fn p15_a_hung_loop_stops_the_watchdog() {
+    let mut s = Sandbox::new();
+    let n = Notifications::bind(&s.dir);
+    with_notify(&mut s, &n, 1_000_000);
+    let syslog_path = s.dir.join("syslog.sock");
+    let syslog = UnixDatagram::bind(&syslog_path).unwrap();
+    s.set("LOG_TARGET", "syslog");
+    s.set("LOG_SYSLOG_SOCKET", syslog_path.display());
+    s.set("LOG_LEVEL", "debug");
+    let _d = s.spawn(&["run"]);
+    n.wait_for("READY=1", Duration::from_secs(10), |l| l == "READY=1");
+    // The syslog queue fills within a cycle or two; then the loop blocks.
+    let silent = wait_until(Duration::from_secs(20), || {
+        let last = n
+            .all()
+            .iter()
+            .rev()
+            .find(|(_, l)| l == "WATCHDOG=1")
+            .map(|(t, _)| *t);
+        last.is_some_and(|t| t.elapsed() > Duration::from_secs(2))
+    });
+    assert!(
+        silent,
+        "the watchdog kept being fed while the loop was blocked: {:?}",
+        n.lines().len()
+    );
+    // Drain the syslog socket: the loop goes on and the pings come back.
+    syslog
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let resumed_after = n.all().len();
+    let back = wait_until(Duration::from_secs(10), || {
+        let mut buf = [0u8; 16384];
+        while syslog.recv(&mut buf).is_ok() {}
+        n.all()[resumed_after..]
+            .iter()
+            .any(|(_, l)| l == "WATCHDOG=1")
+    });
+    assert!(back, "pings did not resume once the loop could go on");
+}
+
+/// P13 + P15 + P5: central down at start with readings queued; the daemon keeps
+/// running, backs off with growing caps while feeding the watchdog, and once
+/// central is back the same process (never restarted) drains the whole queue:
+/// central ends with every reading exactly once.
+#[test]
+fn p13_central_down_at_start_recovers_without_restart() {
+    let _g = support::heavy_lock();
+    let central: &'static Cluster = Box::leak(Box::new(Cluster::start(Role::Central)));
+    let (local, _) = support::shared();
+    let name = format!("p13_{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    const N: usize = 500;
+    s.insert_readings(N);
+    let queued = readings_fingerprint(&mut s.local());
+    central.stop();
+    let n = Notifications::bind(&s.dir);
+    with_notify(&mut s, &n, 2_000_000);
+    s.set("MAX_CONNECTION_RETRIES", 4);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
+    let mut d = s.spawn(&["run"]);
+    n.wait_for("READY=1", Duration::from_secs(10), |l| l == "READY=1");
+    let start = Instant::now();
+    // Caps 500, 1000, 2000 ms within one cycle's attempts.
+    d.wait_log("backoff cap 2000 ms", Duration::from_secs(30));
+    let log = d.log_text();
+    let p500 = log.find("backoff cap 500 ms").expect("first cap");
+    let p1000 = log.find("backoff cap 1000 ms").expect("second cap");
+    let p2000 = log.find("backoff cap 2000 ms").expect("third cap");
+    assert!(p500 < p1000 && p1000 < p2000, "caps do not grow:\n{log}");
+    // Central stays away past the end of that cycle: the whole cycle fails, and
+    // the next one starts over at the first cap (the retries are per cycle).
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            d.log_text().matches("backoff cap 500 ms").count() >= 2
+        }),
+        "no second cycle after a failed one:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let failed = log
+        .find("upload phase failed")
+        .expect("the first cycle's upload failed");
+    let finished = log
+        .find("cycle finished")
+        .expect("the first cycle finished");
+    assert!(
+        failed < finished && finished < log.rfind("backoff cap 500 ms").unwrap(),
+        "{log}"
+    );
+    assert_eq!(
+        s.local_count("meter_readings"),
+        N as i64,
+        "readings left the queue while central was down"
+    );
+    // Bring central back; the same process reconnects and drains the queue.
+    let pid = d.pid();
+    restart(central);
+    let drained = wait_until(Duration::from_secs(30), || {
+        s.local_count("meter_readings") == 0
+    });
+    assert!(
+        drained,
+        "the queue did not drain once central was back:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        readings_fingerprint(&mut s.central()),
+        queued,
+        "central differs from what was queued (lost, duplicated or altered readings)"
+    );
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none() && d.pid() == pid,
+        "the daemon did not survive the outage:\n{}",
+        d.log_text()
+    );
+    let gap = n.max_watchdog_gap(start, Instant::now());
+    assert!(
+        gap <= Duration::from_millis(1000),
+        "watchdog silent for {gap:?} across the outage"
+    );
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+}
+
+/// `Cluster::restart` takes `&mut self` but only reads; the cluster is leaked
+/// for the test's lifetime, so start it again with pg_ctl's own command line.
+fn restart(c: &Cluster) {
+    let mut copy = Cluster {
+        role: c.role,
+        root: c.root.clone(),
+        data: c.data.clone(),
+        socket_dir: c.socket_dir.clone(),
+        port: c.port,
+        certs: None,
+    };
+    copy.restart();
+    // Dropping the copy would stop the server again.
+    std::mem::forget(copy);
+}
+
+/// P11: two daemons on one local database never run cycles at once. A trigger
+/// records which backend wrote each sync_logs row; rows come in whole cycles
+/// from the lock holder only, and the other daemon says why it waits. When the
+/// holder dies, the other takes over.
+#[test]
+fn p11_two_daemons_never_cycle_at_once() {
+    let s = Sandbox::new();
+    s.local()
+        .batch_execute("ALTER TABLE sync_logs ADD COLUMN backend int DEFAULT pg_backend_pid();")
+        .unwrap();
+    let mut a = s.spawn(&["run"]);
+    a.wait_log("holding the cycle lock", Duration::from_secs(15));
+    let mut b = s.spawn(&["run"]);
+    b.wait_log("holds the cycle lock", Duration::from_secs(15));
+    assert!(
+        b.log_text()
+            .contains(&format!("meter-sync pid {}", a.pid())),
+        "{}",
+        b.log_text()
+    );
+    // `once` refuses as well.
+    let once = s.run(&["once"]);
+    once.assert_code(1);
+    assert!(
+        once.stderr.contains("another meter-sync"),
+        "{}",
+        once.stderr
+    );
+    thread::sleep(Duration::from_secs(3));
+    a.kill9();
+    b.wait_log("holding the cycle lock", Duration::from_secs(15));
+    thread::sleep(Duration::from_secs(3));
+    b.signal(SIGTERM);
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+    let rows: Vec<(String, i32)> = s
+        .local()
+        .query("SELECT sync_type, backend FROM sync_logs ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // Whole cycles, each from one session, and one session's cycles end before the next's begin.
+    let mut seen_backends = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let (ty, be) = &rows[i];
+        assert_eq!(
+            ty, "upload",
+            "cycle {i} does not start with upload: {rows:?}"
+        );
+        for (k, want) in ["meters", "tenant"].iter().enumerate() {
+            if let Some((t, b2)) = rows.get(i + 1 + k) {
+                // A SIGKILL may cut the holder's last cycle short.
+                if t == "upload" {
+                    break;
+                }
+                assert_eq!(
+                    (t.as_str(), b2),
+                    (*want, be),
+                    "interleaved cycles: {rows:?}"
+                );
+            }
+        }
+        if seen_backends.last() != Some(be) {
+            assert!(!seen_backends.contains(be), "sessions alternate: {rows:?}");
+            seen_backends.push(*be);
+        }
+        i += 1;
+        while i < rows.len() && rows[i].0 != "upload" {
+            i += 1;
+        }
+    }
+    assert_eq!(
+        seen_backends.len(),
+        2,
+        "expected A's cycles then B's: {rows:?}"
+    );
+}
+
+/// P11: after the local connection is lost the daemon reconnects and takes the
+/// lock again, so `status` still sees it running.
+#[test]
+fn p11_lock_is_retaken_after_a_local_reconnect() {
+    let s = Sandbox::new();
+    let d = s.spawn(&["run"]);
+    d.wait_log("holding the cycle lock", Duration::from_secs(15));
+    let running = || {
+        s.run(&["status", "--json"])
+            .stdout
+            .contains("\"running\": true")
+    };
+    assert!(running());
+    s.local()
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'meter-sync[%'",
+            &[],
+        )
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            d.log_text().matches("holding the cycle lock").count() >= 2
+        }),
+        "{}",
+        d.log_text()
+    );
+    assert!(running(), "{}", d.log_text());
+}
+
+/// P18 + P15: a local link that goes silent (the proxy holds every packet, no
+/// RST). The round trip in flight is given up after DB_QUERY_TIMEOUT_MS, the
+/// cycle ends, and the watchdog is fed all the while.
+#[test]
+fn p18_blackholed_link_bounded_and_watchdog_fed() {
+    let _g = support::heavy_lock();
+    let mut s = Sandbox::new();
+    let proxy = Proxy::start(
+        format!("127.0.0.1:{}", s.local_cluster().port)
+            .parse()
+            .unwrap(),
+    );
+    s.set("POSTGRES_SYNC_PORT", proxy.port());
+    s.set("DB_QUERY_TIMEOUT_MS", 1500);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
+    s.set("MAX_CONNECTION_RETRIES", 1);
+    let n = Notifications::bind(&s.dir);
+    with_notify(&mut s, &n, 2_000_000);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle finished", Duration::from_secs(15));
+    let cycles_before = d.log_text().matches("cycle finished").count()
+        + d.log_text().matches("cycle skipped").count();
+    proxy.blackhole();
+    let t0 = Instant::now();
+    // The next thing the daemon does on local hangs; it must give up and go on.
+    let gave_up = wait_until(Duration::from_secs(10), || {
+        d.log_text().contains("no answer within 1500 ms")
+    });
+    assert!(gave_up, "a silent link hung the daemon:\n{}", d.log_text());
+    // The turn that met the silent link ends (a cycle skipped or finished).
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let l = d.log_text();
+            l.matches("cycle finished").count() + l.matches("cycle skipped").count() > cycles_before
+        }),
+        "{}",
+        d.log_text()
+    );
+    let hung_for = t0.elapsed();
+    // interval (1 s) + query timeout (1.5 s) + reconnect timeout (1 s) + margin.
+    assert!(
+        hung_for < Duration::from_millis(1000 + 1500 + 1000 + 1500),
+        "took {hung_for:?}"
+    );
+    let gap = n.max_watchdog_gap(t0, Instant::now());
+    assert!(
+        gap <= Duration::from_millis(1000),
+        "watchdog silent for {gap:?} while a round trip hung"
+    );
+    proxy.pass();
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+}
+
+/// A sandbox whose central connection goes through a proxy.
+fn central_via_proxy() -> (Sandbox, Proxy) {
+    let mut s = Sandbox::new();
+    let proxy = Proxy::start(
+        format!("127.0.0.1:{}", s.central_cluster().port)
+            .parse()
+            .unwrap(),
+    );
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    (s, proxy)
+}
+
+/// P12: SIGTERM while the cycle waits on a silent central: exit 0 within the
+/// stated bound, DB_QUERY_TIMEOUT_MS + DB_CONNECTION_TIMEOUT_MS.
+#[test]
+fn p12_sigterm_exits_within_the_bound() {
+    let _g = support::heavy_lock();
+    let (mut s, proxy) = central_via_proxy();
+    s.set("DB_QUERY_TIMEOUT_MS", 2000);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 3000);
+    proxy.blackhole();
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle started", Duration::from_secs(15));
+    thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait_exit(Duration::from_secs(15));
+    let took = t0.elapsed();
+    assert_eq!(code, Some(Some(0)), "{}", d.log_text());
+    assert!(
+        took < Duration::from_millis(2000 + 3000 + 500),
+        "took {took:?}:\n{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("meter-sync stopped"));
+}
+
+/// P12: the first signal lets the bounded wait in flight finish (here a
+/// connection attempt with a long timeout into a silent link); a second signal
+/// ends the process at once, still with exit 0.
+#[test]
+fn p12_second_signal_exits_at_once() {
+    let _g = support::heavy_lock();
+    let (mut s, proxy) = central_via_proxy();
+    s.set("DB_CONNECTION_TIMEOUT_MS", 60000);
+    proxy.blackhole();
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle started", Duration::from_secs(15));
+    thread::sleep(Duration::from_millis(500));
+    d.signal(SIGINT);
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the first signal should let the wait in flight finish"
+    );
+    let t1 = Instant::now();
+    d.signal(SIGTERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(5)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        t1.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t1.elapsed()
+    );
+    assert!(d.log_text().contains("second signal"));
+}
+
+/// P12 during a long drain: SIGTERM stops the drain between batches. Central
+/// then holds whole batches only (the oldest readings, a multiple of
+/// BATCH_SIZE), local holds exactly the rest, and the exit is quick.
+#[test]
+fn p12_sigterm_during_drain_leaves_no_partial_batch() {
+    let _g = support::heavy_lock();
+    let (mut s, proxy) = central_via_proxy();
+    const N: i64 = 20_000;
+    const BATCH: i64 = 50;
+    s.set("BATCH_SIZE", BATCH);
+    s.set("UPLOAD_PIPELINE_DEPTH", 2);
+    s.insert_readings(N as usize);
+    // Slow the link so the drain takes many seconds.
+    proxy.delay(Duration::from_millis(15));
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            > 0),
+        "drain never started:\n{}",
+        d.log_text()
+    );
+    thread::sleep(Duration::from_millis(700));
+    let t0 = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait_exit(Duration::from_secs(15));
+    let took = t0.elapsed();
+    assert_eq!(code, Some(Some(0)), "{}", d.log_text());
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let central = s.central_count("meter_readings");
+    let local = s.local_count("meter_readings");
+    assert!(
+        central < N,
+        "the drain finished before the signal; make it longer"
+    );
+    assert_eq!(
+        central % BATCH,
+        0,
+        "a partial batch reached central ({central})"
+    );
+    assert_eq!(
+        central + local,
+        N,
+        "central {central} + local {local} != {N}"
+    );
+    // The uploaded ones are exactly the oldest, and none is in both places.
+    let newest_central: String = s
+        .central()
+        .query_one("SELECT max(\"timestamp\")::text FROM meter_readings", &[])
+        .unwrap()
+        .get(0);
+    let oldest_local: String = s
+        .local()
+        .query_one("SELECT min(\"timestamp\")::text FROM meter_readings", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        newest_central < oldest_local,
+        "{newest_central} >= {oldest_local}"
+    );
+}
+
+/// Every reading's columns as text, in `reading_uid` order, hashed by the server:
+/// equal fingerprints of the local queue before and of central after mean every
+/// reading arrived exactly once, with every column as written.
+fn readings_fingerprint(c: &mut postgres::Client) -> (i64, String) {
+    let row = c
+        .query_one(
+            "SELECT count(*), md5(coalesce(string_agg(concat_ws('|', reading_uid, meter_id, \
+             \"timestamp\"::text, value::text, unit, metadata::text), E'\\n' \
+             ORDER BY reading_uid), '')) FROM meter_readings",
+            &[],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Milliseconds since the epoch of the first log line containing `needle` after
+/// byte `from`, read from the line's own timestamp (the daemon's clock, not our
+/// polling), converted by PostgreSQL so the test needs no date arithmetic.
+fn logged_at(s: &Sandbox, log: &str, from: usize, needle: &str) -> Option<i64> {
+    let line = log[from..].lines().find(|l| l.contains(needle))?;
+    let stamp = line.split(' ').next()?;
+    let ms: f64 = s
+        .local()
+        .query_one(
+            "SELECT extract(epoch FROM $1::text::timestamptz)::float8 * 1000",
+            &[&stamp],
+        )
+        .unwrap()
+        .get(0);
+    Some(ms.round() as i64)
+}
+
+fn epoch_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// P18 on the central side, in the middle of a pipelined drain: the central link
+/// goes silent (no RST). The upload phase gives up within DB_QUERY_TIMEOUT_MS plus
+/// a small margin, meters and tenant still run (P10), the watchdog is fed all the
+/// while (P15), and once the link is back the same process drains the rest: central
+/// ends with every reading exactly once (P5), including the batches whose inserts
+/// the blackhole held and delivered late.
+#[test]
+fn p18_central_link_silent_mid_drain_bounded_then_recovers() {
+    let _g = support::heavy_lock();
+    let (mut s, proxy) = central_via_proxy();
+    // At 20 readings a batch the backlog takes a few seconds to drain here.
+    const N: usize = 3_000;
+    const QUERY_TIMEOUT_MS: i64 = 1500;
+    s.set("BATCH_SIZE", 20);
+    s.set("UPLOAD_PIPELINE_DEPTH", 4);
+    s.set("DB_QUERY_TIMEOUT_MS", QUERY_TIMEOUT_MS);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
+    s.set("MAX_CONNECTION_RETRIES", 2);
+    s.insert_readings(N);
+    let queued = readings_fingerprint(&mut s.local());
+    let n = Notifications::bind(&s.dir);
+    with_notify(&mut s, &n, 2_000_000);
+    let mut d = s.spawn(&["run"]);
+    n.wait_for("READY=1", Duration::from_secs(10), |l| l == "READY=1");
+    let ready_at = n.all().iter().find(|(_, l)| l == "READY=1").unwrap().0;
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .central_count("meter_readings")
+            >= 200),
+        "drain never started:\n{}",
+        d.log_text()
+    );
+    let log_mark = d.log_text().len();
+    proxy.blackhole();
+    let blackholed_at = epoch_ms_now();
+    let t0 = Instant::now();
+    d.wait_log("upload phase failed", Duration::from_secs(10));
+    let log = d.log_text();
+    let failed_at = logged_at(&s, &log, log_mark, "upload phase failed")
+        .unwrap_or_else(|| panic!("no upload failure after the blackhole:\n{log}"));
+    let took = failed_at - blackholed_at;
+    eprintln!("p18 central: upload phase failed {took} ms after the blackhole");
+    assert!(
+        took <= QUERY_TIMEOUT_MS + 750,
+        "the upload phase took {took} ms to give up on a silent central \
+         (DB_QUERY_TIMEOUT_MS {QUERY_TIMEOUT_MS}):\n{}",
+        &log[log_mark..]
+    );
+    let failure = log[log_mark..]
+        .lines()
+        .find(|l| l.contains("upload phase failed"))
+        .unwrap();
+    assert!(
+        failure.contains("central") && failure.contains("no answer within 1500 ms"),
+        "{failure}"
+    );
+    let (central_then, local_then) = (
+        s.central_count("meter_readings"),
+        s.local_count("meter_readings"),
+    );
+    assert!(
+        local_then > 0 && (central_then as usize) < N,
+        "the drain was over before the link died (central {central_then}, local {local_then})"
+    );
+    // The rest of the cycle still runs and is recorded: meters and tenant rows
+    // follow the failed upload's.
+    d.wait_log("cycle finished", Duration::from_secs(10));
+    let phases: Vec<(String, bool)> = s
+        .local()
+        .query(
+            "SELECT sync_type, success FROM sync_logs \
+             WHERE id >= (SELECT max(id) FROM sync_logs WHERE sync_type = 'upload' AND NOT success) \
+             ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let types: Vec<&str> = phases.iter().take(3).map(|(t, _)| t.as_str()).collect();
+    assert_eq!(types, ["upload", "meters", "tenant"], "{phases:?}");
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the daemon exited on a failed cycle:\n{}",
+        d.log_text()
+    );
+    let silent_for = t0.elapsed();
+    proxy.pass();
+    let drained = wait_until(Duration::from_secs(30), || {
+        s.local_count("meter_readings") == 0 && s.central_count("meter_readings") >= N as i64
+    });
+    assert!(
+        drained,
+        "the queue did not drain after the link came back:\n{}",
+        d.log_text()
+    );
+    assert_eq!(
+        readings_fingerprint(&mut s.central()),
+        queued,
+        "central differs from what was queued (lost, duplicated or altered readings)"
+    );
+    let gap = n.max_watchdog_gap(ready_at, Instant::now());
+    assert!(
+        gap <= Duration::from_millis(1000),
+        "watchdog silent for {gap:?} (half of WATCHDOG_USEC is 1 s); link silent for {silent_for:?}"
+    );
+    d.signal(SIGTERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+}

@@ -1,0 +1,480 @@
+//! SPEC §3 (the SSL variables) and P17: libpq's sslmodes against real TLS-enabled
+//! central servers whose certificates the tests make; refusals are one line naming
+//! the cause and leave the readings local; malformed files exit 78.
+//!
+//! Runs against whichever TLS backend the binary was built with:
+//! `cargo test --test tls` (OpenSSL) and
+//! `cargo test --no-default-features --features rustls --test tls`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use support::{
+    bin, chown_to_server, issue, make_ca, shared, temp_dir, Cluster, Role, Run, Sandbox,
+    CENTRAL_PASSWORD,
+};
+
+/// Certificates made by this test process that belong to no server.
+fn pki() -> &'static Path {
+    static D: OnceLock<PathBuf> = OnceLock::new();
+    D.get_or_init(|| temp_dir("pki"))
+}
+
+/// A CA that signed nothing any server here presents.
+fn unrelated_ca() -> &'static (PathBuf, PathBuf) {
+    static CA: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    CA.get_or_init(|| make_ca(pki(), "unrelated", "some other CA"))
+}
+
+/// The key of a cluster's own test CA (Certs keeps only the certificate's path).
+fn ca_of(c: &Cluster) -> (PathBuf, PathBuf) {
+    let certs = c
+        .certs
+        .as_ref()
+        .expect("a central cluster has certificates");
+    (certs.ca.clone(), certs.dir.join("ca.key"))
+}
+
+/// Makes a running central cluster present `cert`/`key` from now on: the files
+/// are given to the server user, named in postgresql.auto.conf, and the
+/// configuration reloaded; returns once a new session sees the new file.
+fn serve(c: &Cluster, cert: &Path, key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    chown_to_server(cert);
+    chown_to_server(key);
+    let mut admin = c.admin();
+    // One statement per call: ALTER SYSTEM refuses the implicit transaction of a batch.
+    for sql in [
+        format!("ALTER SYSTEM SET ssl_cert_file = '{}'", cert.display()),
+        format!("ALTER SYSTEM SET ssl_key_file = '{}'", key.display()),
+        "SELECT pg_reload_conf()".to_string(),
+    ] {
+        admin.batch_execute(&sql).unwrap();
+    }
+    let want = cert.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: String = c
+            .admin()
+            .query_one("SHOW ssl_cert_file", &[])
+            .unwrap()
+            .get(0);
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server never took {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A private central cluster whose certificate `make` chooses (given the cluster,
+/// whose own CA may sign it). Leaked: statics hold one per kind for the process.
+fn central_with(hba: &str, make: impl FnOnce(&Cluster) -> (PathBuf, PathBuf)) -> &'static Cluster {
+    let c: &'static Cluster = Box::leak(Box::new(Cluster::start_with(Role::Central, hba)));
+    let (cert, key) = make(c);
+    serve(c, &cert, &key);
+    c
+}
+
+/// Valid, signed by the cluster's CA, but for central.example only.
+fn wrong_host_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            let dir = &c.certs.as_ref().unwrap().dir;
+            issue(
+                dir,
+                "elsewhere",
+                &ca_of(c),
+                "central.example",
+                "DNS:central.example",
+                30,
+            )
+        })
+    })
+}
+
+/// Self-signed for localhost (no CA at all).
+fn self_signed_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            // As an administrator makes one: OpenSSL 3 marks it CA:TRUE by default.
+            let dir = &c.certs.as_ref().unwrap().dir;
+            let st = Command::new("openssl")
+                .current_dir(dir)
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes"])
+                .args(["-keyout", "selfsigned.key", "-out", "selfsigned.crt"])
+                .args(["-days", "30", "-subj", "/CN=localhost"])
+                .args(["-addext", "subjectAltName=DNS:localhost"])
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "{st:?}");
+            (dir.join("selfsigned.crt"), dir.join("selfsigned.key"))
+        })
+    })
+}
+
+/// Signed by the cluster's CA for localhost, but expired in 2021.
+fn expired_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            let dir = &c.certs.as_ref().unwrap().dir;
+            issue(
+                dir,
+                "expired",
+                &ca_of(c),
+                "localhost",
+                "DNS:localhost,IP:127.0.0.1",
+                -1,
+            )
+        })
+    })
+}
+
+/// Password and a client certificate signed by its CA whose CN is the user.
+fn client_cert_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        let c: &'static Cluster = Box::leak(Box::new(Cluster::start_with(
+            Role::Central,
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n",
+        )));
+        c
+    })
+}
+
+/// A fresh database on `c`, so that tests sharing a cluster do not migrate into
+/// each other.
+fn fresh_db(c: &Cluster) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "tls{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    );
+    c.create_db(&name);
+    name
+}
+
+/// A migrated sandbox whose central connection points at `c` (a fresh database
+/// there, trusting `c`'s own CA).
+fn sandbox_against(c: &'static Cluster) -> Sandbox {
+    let mut s = Sandbox::new();
+    let (ca, _) = ca_of(c);
+    s.set("POSTGRES_CLIENT_PORT", c.port)
+        .set("POSTGRES_CLIENT_DB", fresh_db(c))
+        .set("POSTGRES_CLIENT_SSLROOTCERT", ca.display());
+    s
+}
+
+/// A failed run: exit 1, the expected words in its output, never the password.
+fn assert_refused(r: &Run, words: &[&str]) {
+    if std::env::var_os("TLS_TEST_SHOW").is_some() {
+        eprintln!("=== {words:?}\n{}", r.all());
+    }
+    r.assert_code(1);
+    let all = r.all();
+    for w in words {
+        assert!(all.contains(w), "expected {w:?} in:\n{all}");
+    }
+    assert!(
+        !all.contains(CENTRAL_PASSWORD),
+        "password in output:\n{all}"
+    );
+    assert!(
+        !all.contains("PRIVATE KEY"),
+        "key material in output:\n{all}"
+    );
+}
+
+fn migrate_remote(s: &Sandbox) -> Run {
+    s.run(&["migrate", "remote"])
+}
+
+#[test]
+fn verify_full_with_the_right_ca_connects_and_uploads() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_SSLMODE", "verify-full");
+    migrate_remote(&s).assert_ok();
+    // The shared central only has hostssl lines: the session was encrypted.
+    s.insert_readings(25);
+    // The exit code also reflects the download phases; the upload is what
+    // crosses the TLS connection here.
+    let r = s.run(&["once"]);
+    assert!(r.all().contains("uploaded 25"), "{}", r.all());
+    assert_eq!(s.central_count("meter_readings"), 25);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+#[test]
+fn an_unrelated_ca_is_refused_and_the_readings_stay_local() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_SSLROOTCERT", unrelated_ca().0.display());
+    s.insert_readings(10);
+    let r = s.run(&["once"]);
+    assert_refused(
+        &r,
+        &["server certificate refused: not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT"],
+    );
+    assert_eq!(s.local_count("meter_readings"), 10);
+    assert_eq!(s.central_count("meter_readings"), 0);
+    // Without a bundle the system's roots are the trust store; they do not know
+    // the test CA either.
+    s.unset("POSTGRES_CLIENT_SSLROOTCERT");
+    let r = migrate_remote(&s);
+    // rustls refuses at start when the machine has no CA certificates at all.
+    if r.code != Some(78) {
+        assert_refused(&r, &["not signed by a CA in the system's trusted roots"]);
+    }
+    // verify-ca checks the chain just as well.
+    s.set("POSTGRES_CLIENT_SSLMODE", "verify-ca")
+        .set("POSTGRES_CLIENT_SSLROOTCERT", unrelated_ca().0.display());
+    assert_refused(&migrate_remote(&s), &["not signed by a CA"]);
+    assert_eq!(s.local_count("meter_readings"), 10);
+}
+
+#[test]
+fn a_certificate_for_another_host_is_refused_under_verify_full_and_accepted_under_verify_ca() {
+    let mut s = sandbox_against(wrong_host_central());
+    assert_refused(
+        &migrate_remote(&s),
+        &["server certificate refused: it is not issued for the host name localhost"],
+    );
+    s.set("POSTGRES_CLIENT_HOST", "127.0.0.1");
+    assert_refused(
+        &migrate_remote(&s),
+        &["server certificate refused: it is not issued for the address 127.0.0.1"],
+    );
+    s.set("POSTGRES_CLIENT_SSLMODE", "verify-ca");
+    migrate_remote(&s).assert_ok();
+    s.set("POSTGRES_CLIENT_HOST", "localhost");
+    migrate_remote(&s).assert_ok();
+}
+
+#[test]
+fn an_ip_address_host_matches_the_ip_san_under_verify_full() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_HOST", "127.0.0.1")
+        .set("POSTGRES_CLIENT_SSLMODE", "verify-full");
+    migrate_remote(&s).assert_ok();
+}
+
+#[test]
+fn require_accepts_a_self_signed_certificate_that_verify_ca_refuses() {
+    let c = self_signed_central();
+    let mut s = sandbox_against(c);
+    s.set("POSTGRES_CLIENT_SSLMODE", "require");
+    migrate_remote(&s).assert_ok();
+    // Not even a bundle is needed.
+    s.unset("POSTGRES_CLIENT_SSLROOTCERT");
+    migrate_remote(&s).assert_ok();
+    s.set("POSTGRES_CLIENT_SSLMODE", "verify-ca")
+        .set("POSTGRES_CLIENT_SSLROOTCERT", ca_of(c).0.display());
+    let self_signed = c.certs.as_ref().unwrap().dir.join("selfsigned.crt");
+    if cfg!(feature = "rustls") {
+        // webpki never takes a CA certificate (what `openssl req -x509` makes) as a
+        // server's, even when it is the trusted root itself.
+        assert_refused(&migrate_remote(&s), &["it is a CA certificate"]);
+        s.set("POSTGRES_CLIENT_SSLROOTCERT", self_signed.display());
+        assert_refused(&migrate_remote(&s), &["it is a CA certificate"]);
+    } else {
+        assert_refused(
+            &migrate_remote(&s),
+            &["not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT"],
+        );
+        // As with libpq, trusting the self-signed certificate itself works.
+        s.set("POSTGRES_CLIENT_SSLROOTCERT", self_signed.display());
+        migrate_remote(&s).assert_ok();
+    }
+}
+
+#[test]
+fn disable_against_a_hostssl_only_server_fails_clearly_and_prefer_encrypts() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_SSLMODE", "disable");
+    let r = migrate_remote(&s);
+    assert_refused(&r, &["pg_hba.conf", "no encryption", "28000"]);
+    // A refusal by the server is not worth retrying within the cycle.
+    assert!(!r.all().contains("retrying"), "{}", r.all());
+    s.set("POSTGRES_CLIENT_SSLMODE", "prefer");
+    migrate_remote(&s).assert_ok();
+}
+
+#[test]
+fn a_server_without_tls_is_refused_while_tls_is_required() {
+    // The shared local cluster has ssl = off.
+    let local = &shared().0;
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_PORT", local.port)
+        .set("POSTGRES_CLIENT_DB", fresh_db(local));
+    for mode in ["require", "verify-ca", "verify-full"] {
+        s.set("POSTGRES_CLIENT_SSLMODE", mode);
+        assert_refused(&migrate_remote(&s), &["server does not support TLS"]);
+    }
+    s.set("POSTGRES_CLIENT_SSLMODE", "prefer");
+    migrate_remote(&s).assert_ok();
+}
+
+#[test]
+fn clientcert_verify_full_refuses_a_gateway_without_a_certificate_and_accepts_one_with() {
+    let c = client_cert_central();
+    let mut s = sandbox_against(c);
+    assert_refused(&migrate_remote(&s), &["certificate"]);
+
+    let dir = temp_dir("gateway");
+    let (cert, key) = issue(&dir, "gateway", &ca_of(c), "postgres", "", 30);
+    s.set("POSTGRES_CLIENT_SSLCERT", cert.display())
+        .set("POSTGRES_CLIENT_SSLKEY", key.display());
+    migrate_remote(&s).assert_ok();
+
+    // The traditional "BEGIN RSA PRIVATE KEY" form works as well.
+    let rsa = dir.join("gateway.rsa.key");
+    let st = Command::new("openssl")
+        .args(["rsa", "-traditional", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&rsa)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    assert!(std::fs::read_to_string(&rsa)
+        .unwrap()
+        .contains("BEGIN RSA PRIVATE KEY"));
+    s.set("POSTGRES_CLIENT_SSLKEY", rsa.display());
+    migrate_remote(&s).assert_ok();
+
+    // A certificate from a CA the server does not trust is no better than none.
+    let (cert, key) = issue(&dir, "stranger", unrelated_ca(), "postgres", "", 30);
+    s.set("POSTGRES_CLIENT_SSLCERT", cert.display())
+        .set("POSTGRES_CLIENT_SSLKEY", key.display());
+    assert_refused(
+        &migrate_remote(&s),
+        &["the server refused the gateway's client certificate in POSTGRES_CLIENT_SSLCERT (TLS alert: unknown CA)"],
+    );
+}
+
+#[test]
+fn an_expired_certificate_is_refused() {
+    let mut s = sandbox_against(expired_central());
+    for mode in ["verify-full", "verify-ca"] {
+        s.set("POSTGRES_CLIENT_SSLMODE", mode);
+        assert_refused(
+            &migrate_remote(&s),
+            &["server certificate refused: it has expired"],
+        );
+    }
+}
+
+#[test]
+fn malformed_or_mismatched_tls_files_exit_78_naming_the_variable_from_every_command() {
+    let dir = temp_dir("badfiles");
+    let ca = make_ca(&dir, "ca", "files CA");
+    let (cert, key) = issue(&dir, "gw", &ca, "postgres", "", 30);
+    let (_, other_key) = issue(&dir, "gw2", &ca, "postgres", "", 30);
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "this is not PEM\n").unwrap();
+    let encrypted = dir.join("encrypted.key");
+    let st = Command::new("openssl")
+        .args(["pkey", "-aes256", "-passout", "pass:secret", "-in"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&encrypted)
+        .output()
+        .unwrap();
+    assert!(st.status.success());
+    let key_text = std::fs::read_to_string(&key).unwrap();
+    let p = |p: &Path| p.display().to_string();
+
+    /// (the variable named, the environment, words of the message)
+    type Case<'a> = (&'a str, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "POSTGRES_CLIENT_SSLROOTCERT",
+            vec![("POSTGRES_CLIENT_SSLROOTCERT", p(&garbage))],
+            "certificate",
+        ),
+        (
+            "POSTGRES_CLIENT_SSLROOTCERT",
+            // A key where the CA bundle belongs: its content must not be echoed.
+            vec![("POSTGRES_CLIENT_SSLROOTCERT", p(&key))],
+            "certificate",
+        ),
+        (
+            "POSTGRES_CLIENT_SSLCERT",
+            vec![
+                ("POSTGRES_CLIENT_SSLCERT", p(&garbage)),
+                ("POSTGRES_CLIENT_SSLKEY", p(&key)),
+            ],
+            "not a PEM certificate",
+        ),
+        (
+            "POSTGRES_CLIENT_SSLKEY",
+            vec![
+                ("POSTGRES_CLIENT_SSLCERT", p(&cert)),
+                ("POSTGRES_CLIENT_SSLKEY", p(&garbage)),
+            ],
+            "PKCS#8",
+        ),
+        (
+            "POSTGRES_CLIENT_SSLKEY",
+            vec![
+                ("POSTGRES_CLIENT_SSLCERT", p(&cert)),
+                ("POSTGRES_CLIENT_SSLKEY", p(&encrypted)),
+            ],
+            "encrypted",
+        ),
+        (
+            "POSTGRES_CLIENT_SSLKEY",
+            vec![
+                ("POSTGRES_CLIENT_SSLCERT", p(&cert)),
+                ("POSTGRES_CLIENT_SSLKEY", p(&other_key)),
+            ],
+            "is not the private key of the certificate in POSTGRES_CLIENT_SSLCERT",
+        ),
+    ];
+    for (var, vars, words) in &cases {
+        for cmd in [
+            &["once"][..],
+            &["run"],
+            &["migrate"],
+            &["status"],
+            &["check-config"],
+        ] {
+            // Nothing listens there: the file must be refused before any connection.
+            let out = Command::new(bin())
+                .args(cmd)
+                .env_clear()
+                .env("POSTGRES_SYNC_HOST", "127.0.0.1")
+                .env("POSTGRES_SYNC_PORT", "1")
+                .env("POSTGRES_CLIENT_HOST", "127.0.0.1")
+                .env("POSTGRES_CLIENT_PORT", "1")
+                .env("POSTGRES_CLIENT_PASSWORD", CENTRAL_PASSWORD)
+                .env("LOG_TARGET", "stderr")
+                .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+                .current_dir(&dir)
+                .output()
+                .unwrap();
+            let r = Run::from(out);
+            r.assert_code(78);
+            let all = r.all();
+            let lines: Vec<&str> = all.lines().collect();
+            assert_eq!(lines.len(), 1, "{cmd:?} {var}: not one line:\n{all}");
+            assert!(
+                all.contains(var) && all.contains(words),
+                "{cmd:?}: expected {var} and {words:?} in:\n{all}"
+            );
+            assert!(!all.contains(CENTRAL_PASSWORD), "{all}");
+            for secret_line in key_text.lines().filter(|l| !l.starts_with("-----")) {
+                assert!(!all.contains(secret_line), "key material in:\n{all}");
+            }
+        }
+    }
+}
