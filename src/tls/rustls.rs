@@ -74,11 +74,12 @@ impl Connector {
                     .build()
                     .map_err(|e| Error::new(Kind::Tls, format!("set up TLS: {e}")))?
             }
-            SslMode::VerifyCa => Arc::new(ChainOnly {
-                roots: trust(roots)?,
+            SslMode::VerifyCa => Arc::new(NameBlind {
+                roots: Some(trust(roots)?),
                 provider: provider.clone(),
             }),
-            SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(Unverified {
+            SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(NameBlind {
+                roots: None,
                 provider: provider.clone(),
             }),
         };
@@ -173,15 +174,17 @@ fn classify(e: &std::io::Error) -> (Cause, String) {
     (cause, tls.to_string())
 }
 
-/// verify-ca: the chain must lead to a trusted CA and be valid now; the name is not
-/// looked at.
+/// The verifiers that never look at the name. With `roots` (verify-ca) the chain
+/// must lead to a trusted CA and be valid now; without (prefer, require) any
+/// certificate is accepted: encryption without authentication. The handshake
+/// signatures are checked either way.
 #[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct NameBlind {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameBlind {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -190,67 +193,17 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// prefer and require: any certificate (encryption without authentication).
-#[derive(Debug)]
-struct Unverified {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
 
