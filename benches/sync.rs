@@ -245,9 +245,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     );
     let _ = writeln!(
         o,
-        "| method | readings/s | ratio to COPY | client CPU | daemon peak RSS | target |"
+        "| method | readings/s | ratio to COPY | ratio range | client CPU | daemon peak RSS | target |"
     );
-    let _ = writeln!(o, "|---|---:|---:|---:|---:|---|");
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---|");
     for (i, (_, batch)) in variants.iter().enumerate() {
         let ratio = median(&ratios[i]);
         let (name, rss_text, target) = match batch {
@@ -272,8 +272,10 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         };
         let _ = writeln!(
             o,
-            "| {name} | {} | {ratio:.2} | {:.1} s | {rss_text} | {target} |",
+            "| {name} | {} | {ratio:.2} | {:.2}–{:.2} | {:.1} s | {rss_text} | {target} |",
             group(median(&rates[i]) as usize),
+            ratios[i].iter().cloned().fold(f64::INFINITY, f64::min),
+            ratios[i].iter().cloned().fold(0.0, f64::max),
             median(&cpus[i])
         );
     }
