@@ -1,0 +1,1030 @@
+//! Benchmarks for SPEC §7: drain throughput against a COPY pipe, pipelining over a slow
+//! uplink, peak memory, binary size and a fleet of gateways on one central server.
+//!
+//! Figures, not pass/fail tests: the run prints markdown tables (and saves them under
+//! `target/bench/`). The machines this runs on are small and shared, so every comparison is
+//! a ratio to a baseline measured in the same run, runs are interleaved (baseline, then each
+//! variant, repeated) so that a burst of load from a neighbour hits all of them alike, and
+//! every figure that is cheap to repeat is a median.
+//!
+//! Usage (see README "Benchmarks"): `bench/run [drain] [slow] [memory] [size] [fleet]`
+//! (no section names: all of them). Knobs are environment variables, see [`Knobs`].
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::proxy::Proxy;
+use support::{Client, Sandbox};
+
+/// Columns the upload carries to central (central assigns its own `id`).
+const COLUMNS: &str = "reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at";
+/// The round trip the slow-uplink section injects: 100 ms each way.
+const ONE_WAY: Duration = Duration::from_millis(100);
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Sizes and repetitions, from the environment so that `bench/run` stays argument-free
+/// for the common case. `BENCH_QUICK=1` shrinks everything for a smoke run (about a
+/// minute); any explicit variable still wins over the quick default.
+struct Knobs {
+    /// BENCH_ROWS: backlog for the drain and memory sections.
+    rows: usize,
+    /// BENCH_REPS: repetitions of the drain comparison (medians are reported).
+    reps: usize,
+    /// BENCH_BATCHES: batch sizes to drain with, comma-separated.
+    batches: Vec<usize>,
+    /// BENCH_SLOW_ROWS: readings drained over the slow link at depth ≥ 2.
+    slow_rows: usize,
+    /// BENCH_SLOW_ROWS_SERIAL: readings drained over the slow link at depth 1, where each
+    /// batch costs at least a full round trip (100,000 would take over 200 s alone).
+    slow_rows_serial: usize,
+    /// BENCH_DEPTHS: UPLOAD_PIPELINE_DEPTH values for the slow link.
+    depths: Vec<usize>,
+    /// BENCH_METERS: meters central holds for the download memory figure.
+    meters: usize,
+    /// BENCH_FLEET: gateways uploading at once.
+    fleet: usize,
+    /// BENCH_FLEET_BACKLOG: readings each gateway has queued.
+    fleet_backlog: usize,
+    /// BENCH_PROFILE=1: pg_stat_statements on both servers, top statements printed.
+    profile: bool,
+}
+
+impl Knobs {
+    fn from_env() -> Knobs {
+        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| v == "1");
+        let num = |name: &str, full: usize, small: usize| -> usize {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .replace(['_', ','], "")
+                    .parse()
+                    .unwrap_or_else(|_| fail(&format!("{name}: {v:?} is not a number"))),
+                Err(_) if quick => small,
+                Err(_) => full,
+            }
+        };
+        let list = |name: &str, default: &[usize]| -> Vec<usize> {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .split(',')
+                    .map(|x| {
+                        x.trim()
+                            .parse()
+                            .unwrap_or_else(|_| fail(&format!("{name}: {x:?} is not a number")))
+                    })
+                    .collect(),
+                Err(_) => default.to_vec(),
+            }
+        };
+        Knobs {
+            rows: num("BENCH_ROWS", 1_000_000, 20_000),
+            reps: num("BENCH_REPS", 3, 1).max(1),
+            batches: list("BENCH_BATCHES", &[100, 1000, 5000]),
+            slow_rows: num("BENCH_SLOW_ROWS", 100_000, 3_000),
+            slow_rows_serial: num("BENCH_SLOW_ROWS_SERIAL", 20_000, 1_000),
+            depths: list("BENCH_DEPTHS", &[1, 8, 32]),
+            meters: num("BENCH_METERS", 20_000, 2_000),
+            fleet: num("BENCH_FLEET", 50, 5),
+            fleet_backlog: num("BENCH_FLEET_BACKLOG", 10_000, 1_000),
+            profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
+        }
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    std::process::exit(64);
+}
+
+fn main() {
+    const SECTIONS: [&str; 5] = ["drain", "slow", "memory", "size", "fleet"];
+    // `cargo bench` passes `--bench` to harness-less targets; other flags are not ours.
+    let mut chosen: Vec<String> = Vec::new();
+    for a in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+        if !SECTIONS.contains(&a.as_str()) {
+            fail(&format!(
+                "unknown section {a:?}; choose from {}",
+                SECTIONS.join(", ")
+            ));
+        }
+        chosen.push(a);
+    }
+    if chosen.is_empty() {
+        chosen = SECTIONS.iter().map(|s| s.to_string()).collect();
+    }
+    let k = Knobs::from_env();
+    let started = Instant::now();
+    elapsed_s();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "meter-sync benchmarks, {} UTC, nproc {}, load average at start {}",
+        sh("date -u '+%Y-%m-%d %H:%M'"),
+        sh("nproc"),
+        loadavg()
+    );
+    let _ = writeln!(out);
+    print!("{out}");
+    if k.profile {
+        enable_pg_stat_statements();
+    }
+    let mut drained = Vec::new();
+    for s in &chosen {
+        let section = match s.as_str() {
+            "drain" => drain(&k, &mut drained),
+            "slow" => slow_uplink(&k),
+            "memory" => memory(&k, &drained),
+            "size" => size(),
+            "fleet" => fleet(&k),
+            _ => unreachable!(),
+        };
+        print!("{section}");
+        out.push_str(&section);
+    }
+    let tail = format!(
+        "Total {:.0} s; load average at end {}.\n",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    print!("{tail}");
+    out.push_str(&tail);
+    save(&out);
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Drain against the COPY pipe (and the daemon's peak RSS while draining)
+// ---------------------------------------------------------------------------------------
+
+fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
+    let n = k.rows;
+    progress(&format!("drain: generating {n} readings"));
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_TIME_BUDGET_SECONDS", 86_400)
+        .set("LOG_LEVEL", "warn")
+        .set("DB_QUERY_TIMEOUT_MS", 600_000);
+    let pristine = s.local_db.clone();
+    {
+        let mut c = s.local();
+        support::insert_readings(&mut c, n, 0);
+        // A backlog that has sat for a while: all-visible, hinted, analysed. Every copy
+        // starts from exactly this state, so no run pays for hint bits the others skip.
+        c.batch_execute("VACUUM (FREEZE, ANALYZE) meter_readings")
+            .unwrap();
+    }
+    // No connection may touch the template while it is copied (autovacuum included).
+    s.local_cluster()
+        .admin()
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{pristine}\" WITH ALLOW_CONNECTIONS false"
+        ))
+        .unwrap();
+    let work = format!("{pristine}_run");
+    s.set("POSTGRES_SYNC_DB", &work);
+
+    let mut variants: Vec<(String, Option<usize>)> = vec![("COPY".into(), None)];
+    variants.extend(k.batches.iter().map(|b| (format!("b{b}"), Some(*b))));
+    // rates[variant][rep], rss[variant] (max over reps)
+    let mut rates = vec![Vec::new(); variants.len()];
+    let mut ratios = vec![Vec::new(); variants.len()];
+    let mut rss = vec![0u64; variants.len()];
+    let mut cpus = vec![Vec::new(); variants.len()];
+    for rep in 0..k.reps {
+        let mut base = 0.0;
+        for (i, (label, batch)) in variants.iter().enumerate() {
+            restore(&s, &pristine, &work);
+            let (secs, cpu) = match batch {
+                None => copy_pipe(&s, &work),
+                Some(b) => {
+                    let mut env = s.env.clone();
+                    env.insert("BATCH_SIZE".into(), b.to_string());
+                    let r = run_once(&s, &env, &format!("drain-{label}-{rep}"));
+                    r.check_drained(&s, &work);
+                    rss[i] = rss[i].max(r.maxrss_kib);
+                    (r.elapsed.as_secs_f64(), r.cpu.as_secs_f64())
+                }
+            };
+            cpus[i].push(cpu);
+            assert_eq!(
+                s.central_count("meter_readings"),
+                n as i64,
+                "{label}: central must hold every reading exactly once"
+            );
+            let rate = n as f64 / secs;
+            if batch.is_none() {
+                base = rate;
+            }
+            rates[i].push(rate);
+            ratios[i].push(rate / base);
+            progress(&format!(
+                "drain rep {}/{}: {label}: {secs:.1} s (client CPU {cpu:.1} s), {rate:.0} readings/s, {:.2}x COPY",
+                rep + 1,
+                k.reps,
+                rate / base
+            ));
+        }
+    }
+    if k.profile {
+        eprintln!("{}", top_statements(&s));
+    }
+    for (i, (_, batch)) in variants.iter().enumerate() {
+        if let Some(b) = batch {
+            rss_out.push((*b, rss[i]));
+        }
+    }
+
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Drain {} readings, local → central (TLS), median of {}\n",
+        group(n),
+        k.reps
+    );
+    let _ = writeln!(
+        o,
+        "| method | readings/s | ratio to COPY | client CPU | daemon peak RSS | target |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---|");
+    for (i, (_, batch)) in variants.iter().enumerate() {
+        let ratio = median(&ratios[i]);
+        let (name, rss_text, target) = match batch {
+            None => (
+                "COPY … TO STDOUT (binary) \\| COPY … FROM STDIN (psql pipe)".to_string(),
+                "–".to_string(),
+                String::new(),
+            ),
+            Some(b) => {
+                let want = match b {
+                    100 => Some(0.25),
+                    5000 => Some(0.5),
+                    _ => None,
+                };
+                (
+                    format!("`meter-sync once`, BATCH_SIZE={b}"),
+                    mib(rss[i]),
+                    want.map(|w| format!("≥ {w}× {}", verdict(ratio >= w)))
+                        .unwrap_or_default(),
+                )
+            }
+        };
+        let _ = writeln!(
+            o,
+            "| {name} | {} | {ratio:.2} | {:.1} s | {rss_text} | {target} |",
+            group(median(&rates[i]) as usize),
+            median(&cpus[i])
+        );
+    }
+    let _ = writeln!(o);
+    o
+}
+
+/// A fresh copy of the pristine backlog as the daemon's local database, an empty central
+/// table, and a checkpoint on both servers so that no run flushes the previous one's pages.
+fn restore(s: &Sandbox, pristine: &str, work: &str) {
+    let mut a = s.local_cluster().admin();
+    a.batch_execute(&format!("DROP DATABASE IF EXISTS \"{work}\" WITH (FORCE)"))
+        .unwrap();
+    // FILE_COPY copies the files instead of WAL-logging every block: seconds, not minutes.
+    a.batch_execute(&format!(
+        "CREATE DATABASE \"{work}\" TEMPLATE \"{pristine}\" STRATEGY FILE_COPY"
+    ))
+    .unwrap();
+    a.batch_execute("CHECKPOINT").unwrap();
+    let mut c = s.central();
+    c.batch_execute("TRUNCATE meter_readings; CHECKPOINT")
+        .unwrap();
+}
+
+/// The physical limit: the same rows between the same two servers over the same kind of
+/// connections (TCP to local, TLS with a password to central), by two psql processes.
+/// Returns the elapsed seconds and the CPU seconds of the two psql processes.
+fn copy_pipe(s: &Sandbox, work: &str) -> (f64, f64) {
+    let env = &s.env;
+    let src = format!(
+        "host=127.0.0.1 port={} dbname={work} user=postgres",
+        env["POSTGRES_SYNC_PORT"]
+    );
+    let dst = format!(
+        "host={} port={} dbname={} user=postgres sslmode=verify-full sslrootcert={}",
+        env["POSTGRES_CLIENT_HOST"],
+        env["POSTGRES_CLIENT_PORT"],
+        env["POSTGRES_CLIENT_DB"],
+        env["POSTGRES_CLIENT_SSLROOTCERT"]
+    );
+    let script = format!(
+        "psql -X -q -v ON_ERROR_STOP=1 '{src}' -c 'COPY (SELECT {cols} FROM meter_readings) TO STDOUT (FORMAT binary)' \
+         | psql -X -q -v ON_ERROR_STOP=1 '{dst}' -c 'COPY meter_readings ({cols}) FROM STDIN (FORMAT binary)'",
+        cols = COLUMNS
+    );
+    let cpu0 = children_cpu();
+    let t = Instant::now();
+    let out = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &script])
+        .env("PGPASSWORD", &env["POSTGRES_CLIENT_PASSWORD"])
+        .output()
+        .expect("run psql");
+    let secs = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "COPY pipe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (secs, (children_cpu() - cpu0).as_secs_f64())
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Slow uplink
+// ---------------------------------------------------------------------------------------
+
+fn slow_uplink(k: &Knobs) -> String {
+    let mut s = Sandbox::new();
+    let central = s.central_cluster();
+    let proxy = Proxy::start(([127, 0, 0, 1], central.port).into());
+    proxy.delay(ONE_WAY);
+    let rtt = (ONE_WAY * 2).as_secs_f64();
+    // Connecting through 200 ms takes several round trips (TCP, TLS, SCRAM); the
+    // sandbox's 3 s timeout is meant for tests on loopback.
+    s.set("POSTGRES_CLIENT_PORT", proxy.port())
+        .set("DB_CONNECTION_TIMEOUT_MS", 30_000)
+        .set("UPLOAD_TIME_BUDGET_SECONDS", 86_400)
+        .set("LOG_LEVEL", "warn")
+        .set("BATCH_SIZE", 100);
+
+    // What a cycle costs over this link with nothing to upload (connects, downloads,
+    // sync_logs): subtracted so that the figure is about batches alone.
+    let mut overhead = Vec::new();
+    for i in 0..3 {
+        let r = run_once(&s, &s.env, &format!("slow-empty-{i}"));
+        overhead.push(r.elapsed.as_secs_f64());
+    }
+    let overhead = median(&overhead);
+    progress(&format!(
+        "slow: a cycle with nothing to upload takes {overhead:.2} s"
+    ));
+
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Slow uplink: {} ms round trip, BATCH_SIZE=100\n",
+        (ONE_WAY * 2).as_millis()
+    );
+    let _ = writeln!(
+        o,
+        "A cycle with nothing to upload takes {overhead:.2} s over this link (connect, TLS, downloads); \
+         it is subtracted below.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| UPLOAD_PIPELINE_DEPTH | readings | batches | cycle | batches per round trip | round trips per batch | target |"
+    );
+    let _ = writeln!(o, "|---:|---:|---:|---:|---:|---:|---|");
+    let mut offset = 0i64;
+    for &depth in &k.depths {
+        let n = if depth == 1 {
+            k.slow_rows_serial
+        } else {
+            k.slow_rows
+        };
+        {
+            let mut c = s.local();
+            c.batch_execute("TRUNCATE meter_readings").unwrap();
+            support::insert_readings(&mut c, n, offset);
+            offset += n as i64;
+            s.central()
+                .batch_execute("TRUNCATE meter_readings")
+                .unwrap();
+        }
+        let mut env = s.env.clone();
+        env.insert("UPLOAD_PIPELINE_DEPTH".into(), depth.to_string());
+        let r = run_once(&s, &env, &format!("slow-d{depth}"));
+        r.check_drained(&s, &s.local_db);
+        assert_eq!(s.central_count("meter_readings"), n as i64);
+        let batches = n.div_ceil(100);
+        let net = (r.elapsed.as_secs_f64() - overhead).max(0.001);
+        let per_rtt = batches as f64 / (net / rtt);
+        progress(&format!(
+            "slow: depth {depth}: {n} readings in {:.1} s, {per_rtt:.2} batches per round trip",
+            r.elapsed.as_secs_f64()
+        ));
+        let target = if depth == 8 {
+            format!("≥ 6 {}", verdict(per_rtt >= 6.0))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            o,
+            "| {depth} | {} | {} | {:.1} s | {per_rtt:.2} | {:.3} | {target} |",
+            group(n),
+            group(batches),
+            r.elapsed.as_secs_f64(),
+            1.0 / per_rtt
+        );
+    }
+    let _ = writeln!(o);
+    o
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Memory
+// ---------------------------------------------------------------------------------------
+
+/// Peak RSS while draining is taken from the drain section when it ran (`drained`:
+/// batch size and KiB); otherwise this section drains the backlog itself at the default
+/// batch size.
+fn memory(k: &Knobs, drained: &[(usize, u64)]) -> String {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_TIME_BUDGET_SECONDS", 86_400)
+        .set("LOG_LEVEL", "warn")
+        .set("DB_QUERY_TIMEOUT_MS", 600_000);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Peak RSS of the daemon (VmHWM, from wait4's ru_maxrss), `meter-sync once`\n"
+    );
+    let _ = writeln!(o, "| cycle | peak RSS | target |");
+    let _ = writeln!(o, "|---|---:|---|");
+    // The target is for the shipped defaults; other batch sizes are shown for sizing
+    // (in-flight memory grows with BATCH_SIZE × UPLOAD_PIPELINE_DEPTH).
+    let row = |o: &mut String, what: String, kib: u64, targeted: bool| {
+        let target = if targeted {
+            format!("≤ 12 MiB {}", verdict(kib as f64 * 1024.0 <= 12.0 * MIB))
+        } else {
+            "– (not the default)".into()
+        };
+        let _ = writeln!(o, "| {what} | {} | {target} |", mib(kib));
+    };
+
+    let r = run_once(&s, &s.env, "mem-idle");
+    row(
+        &mut o,
+        "nothing to do (connects, empty downloads)".into(),
+        r.maxrss_kib,
+        true,
+    );
+
+    if drained.is_empty() {
+        progress(&format!("memory: draining {} readings", k.rows));
+        support::insert_readings(&mut s.local(), k.rows, 0);
+        let r = run_once(&s, &s.env, "mem-drain");
+        r.check_drained(&s, &s.local_db);
+        row(
+            &mut o,
+            format!("drain {} readings, BATCH_SIZE=100", group(k.rows)),
+            r.maxrss_kib,
+            true,
+        );
+    }
+    for &(b, kib) in drained {
+        row(
+            &mut o,
+            format!("drain {} readings, BATCH_SIZE={b}", group(k.rows)),
+            kib,
+            b == 100,
+        );
+    }
+
+    progress(&format!("memory: syncing {} meters", k.meters));
+    s.central()
+        .execute(
+            "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, configuration, updated_at)
+             SELECT 'meter-' || lpad(g::text, 6, '0'), 'Meter ' || g, 'site-' || (g % 97), 'electricity', 'kWh',
+                    jsonb_build_object('interval_s', 60, 'scale', 1.0, 'register', g % 8, 'tariff', 'T' || (g % 5)),
+                    now()
+             FROM generate_series(1, $1::int) g",
+            &[&(k.meters as i32)],
+        )
+        .unwrap();
+    let r = run_once(&s, &s.env, "mem-meters-new");
+    let got = s.local_count("meters");
+    let note = if got == k.meters as i64 {
+        String::new()
+    } else {
+        format!(" (**only {got} arrived**: {})", r.first_error())
+    };
+    row(
+        &mut o,
+        format!("download {} new meters{note}", group(k.meters)),
+        r.maxrss_kib,
+        true,
+    );
+    s.central()
+        .batch_execute("UPDATE meters SET name = name || ' (renamed)', updated_at = now()")
+        .unwrap();
+    let r = run_once(&s, &s.env, "mem-meters-changed");
+    row(
+        &mut o,
+        format!("download {} changed meters", group(k.meters)),
+        r.maxrss_kib,
+        true,
+    );
+    let _ = writeln!(o);
+    o
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Size
+// ---------------------------------------------------------------------------------------
+
+fn size() -> String {
+    let bin = Path::new(support::bin());
+    // <target>/<profile>/meter-sync: cross builds sit under <target>/<triple>/release.
+    let target = bin.parent().and_then(Path::parent).unwrap();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Release binary size (profile: opt-level z, LTO, stripped)\n"
+    );
+    let _ = writeln!(o, "| target | bytes | MiB | file(1) says |");
+    let _ = writeln!(o, "|---|---:|---:|---|");
+    let line = |o: &mut String, name: &str, p: &Path| {
+        if let Ok(m) = std::fs::metadata(p) {
+            let kind = sh(&format!("file -b '{}'", p.display()));
+            let short: Vec<&str> = kind
+                .split(", ")
+                .filter(|f| f.contains("linked") || f.contains("stripped") || f.starts_with("ELF"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {:.2} | {} |",
+                group(m.len() as usize),
+                m.len() as f64 / MIB,
+                short.join(", ")
+            );
+        }
+    };
+    line(&mut o, &format!("{} (host)", host_triple()), bin);
+    // Whatever cross builds exist (deploy/build-release, cross): <target>/<triple>/release.
+    let mut triples: Vec<String> = std::fs::read_dir(target)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.matches('-').count() >= 2)
+                .collect()
+        })
+        .unwrap_or_default();
+    triples.sort();
+    for triple in triples {
+        line(
+            &mut o,
+            &triple,
+            &target.join(&triple).join("release").join("meter-sync"),
+        );
+    }
+    let _ = writeln!(o);
+    o
+}
+
+fn host_triple() -> String {
+    sh("rustc -vV | sed -n 's/^host: //p'")
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Fleet
+// ---------------------------------------------------------------------------------------
+
+fn fleet(k: &Knobs) -> String {
+    let (n, backlog) = (k.fleet, k.fleet_backlog);
+    progress(&format!(
+        "fleet: preparing {n} gateway databases with {backlog} readings each"
+    ));
+    let mut s = Sandbox::new();
+    // Production defaults for connecting, so that a central that cannot keep up with N
+    // handshakes at once shows as retries rather than being hidden by generous limits.
+    s.unset("MAX_CONNECTION_RETRIES")
+        .unset("DB_CONNECTION_TIMEOUT_MS")
+        .set("UPLOAD_TIME_BUDGET_SECONDS", 86_400)
+        .set("LOG_LEVEL", "info");
+    let template = s.local_db.clone();
+    let local = s.local_cluster();
+    let gateways: Vec<String> = (0..n).map(|i| format!("{template}_gw{i}")).collect();
+    for (i, g) in gateways.iter().enumerate() {
+        create_from_template(local, &template, g);
+        let mut c = local.connect(g);
+        insert_gateway_readings(&mut c, i, backlog);
+    }
+    local.admin().batch_execute("CHECKPOINT").unwrap();
+    s.central().batch_execute("CHECKPOINT").unwrap();
+
+    let t0 = Instant::now();
+    let mut children = Vec::with_capacity(n);
+    for (i, g) in gateways.iter().enumerate() {
+        let mut env = s.env.clone();
+        env.insert("POSTGRES_SYNC_DB".into(), g.clone());
+        children.push(spawn_once(&s, &env, &format!("fleet-{i}")));
+    }
+    let done = wait_all(children);
+    let wall = t0.elapsed().as_secs_f64();
+
+    let total = (n * backlog) as i64;
+    let central_rows = s.central_count("meter_readings");
+    let distinct: i64 = s
+        .central()
+        .query_one(
+            "SELECT count(DISTINCT reading_uid) FROM meter_readings",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    let mut errors = 0;
+    let mut first_error = String::new();
+    let mut retries = 0;
+    let mut drain_ms = Vec::new();
+    let mut cycle_s = Vec::new();
+    let mut rss = 0;
+    for (r, g) in done.iter().zip(&gateways) {
+        let log = r.log_text();
+        retries += log.matches("retrying in").count();
+        let left = local
+            .connect(g)
+            .query_one("SELECT count(*) FROM meter_readings", &[])
+            .unwrap()
+            .get::<_, i64>(0);
+        if r.code != Some(0) || left != 0 || log.contains(" ERROR ") {
+            errors += 1;
+            if first_error.is_empty() {
+                first_error = format!("{g}: exit {:?}, {left} left: {}", r.code, r.first_error());
+            }
+        }
+        let ms: Option<i64> = local
+            .connect(g)
+            .query_opt(
+                "SELECT duration_ms FROM sync_logs WHERE sync_type = 'upload' AND success",
+                &[],
+            )
+            .unwrap()
+            .map(|row| row.get(0));
+        drain_ms.push(ms.unwrap_or(i64::MAX) as f64);
+        cycle_s.push(r.elapsed.as_secs_f64());
+        rss = rss.max(r.maxrss_kib);
+    }
+    let max_cycle = cycle_s.iter().cloned().fold(0.0, f64::max);
+    let max_drain = drain_ms.iter().cloned().fold(0.0, f64::max);
+    let exact = central_rows == total && distinct == total;
+    progress(&format!(
+        "fleet: {n} gateways, {total} readings in {wall:.1} s, {errors} with errors, central holds {central_rows}"
+    ));
+    if !first_error.is_empty() {
+        progress(&format!("fleet: first error: {first_error}"));
+    }
+
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "### Fleet: {n} gateways × {} readings, all at once, one central server\n",
+        group(backlog)
+    );
+    let _ = writeln!(o, "| figure | value |");
+    let _ = writeln!(o, "|---|---:|");
+    let _ = writeln!(
+        o,
+        "| central ingest rate (all readings / first start to last exit) | {} readings/s |",
+        group((total as f64 / wall) as usize)
+    );
+    let _ = writeln!(o, "| wall time, all gateways | {wall:.1} s |");
+    let _ = writeln!(
+        o,
+        "| slowest gateway: upload phase (sync_logs) | {} |",
+        if max_drain.is_finite() && max_drain < i64::MAX as f64 {
+            format!("{:.1} s", max_drain / 1000.0)
+        } else {
+            "failed".into()
+        }
+    );
+    let _ = writeln!(
+        o,
+        "| slowest gateway: whole `once` (start to exit) | {max_cycle:.1} s |"
+    );
+    let _ = writeln!(
+        o,
+        "| median gateway: whole `once` | {:.1} s |",
+        median(&cycle_s)
+    );
+    let _ = writeln!(o, "| gateways with errors (must be 0) | {errors} |");
+    let _ = writeln!(o, "| connection retries (logged) | {retries} |");
+    let _ = writeln!(
+        o,
+        "| central rows / distinct reading_uid / expected | {} / {} / {} {} |",
+        group(central_rows as usize),
+        group(distinct as usize),
+        group(total as usize),
+        verdict(exact)
+    );
+    let _ = writeln!(o, "| largest daemon peak RSS | {} |", mib(rss));
+    if !first_error.is_empty() {
+        let _ = writeln!(o, "\nFirst error: `{first_error}`");
+    }
+    let _ = writeln!(o);
+    o
+}
+
+/// A gateway of its own: 200 meters named after it, jsonb metadata on a tenth, one
+/// reading per meter every 10 minutes or so going back from 2026-01-01.
+fn insert_gateway_readings(c: &mut Client, gateway: usize, n: usize) {
+    c.execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata)
+         SELECT 'gw' || $2::int || '-meter-' || (g % 200),
+                timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => (g * 3)::float8),
+                (g * 1.5)::numeric, 'kWh',
+                CASE WHEN g % 10 = 0 THEN jsonb_build_object('seq', g, 'src', 'collector') END
+         FROM generate_series(1, $1::bigint) g",
+        &[&(n as i64), &(gateway as i32)],
+    )
+    .unwrap();
+}
+
+fn create_from_template(cluster: &support::Cluster, template: &str, name: &str) {
+    // Autovacuum may be visiting the template for a moment; CREATE DATABASE then refuses.
+    for attempt in 0.. {
+        match cluster.admin().batch_execute(&format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""
+        )) {
+            Ok(()) => return,
+            Err(e) if attempt < 50 => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("create database {name}: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running the daemon and measuring it
+// ---------------------------------------------------------------------------------------
+
+struct Finished {
+    elapsed: Duration,
+    code: Option<i32>,
+    /// Peak resident set (VmHWM) in KiB, from the kernel's accounting at exit (wait4):
+    /// exact, unlike polling /proc, and needs no /usr/bin/time.
+    maxrss_kib: u64,
+    /// User plus system CPU time the process used.
+    cpu: Duration,
+    log: PathBuf,
+}
+
+impl Finished {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn first_error(&self) -> String {
+        self.log_text()
+            .lines()
+            .find(|l| l.contains(" ERROR ") || l.contains("error"))
+            .unwrap_or("(no error logged)")
+            .to_string()
+    }
+
+    /// The run must have emptied the local queue with a successful upload phase; other
+    /// phases failing (downloads not there yet) do not spoil an upload figure.
+    fn check_drained(&self, s: &Sandbox, db: &str) {
+        let mut c = s.local_cluster().connect(db);
+        let left: i64 = c
+            .query_one("SELECT count(*) FROM meter_readings", &[])
+            .unwrap()
+            .get(0);
+        let ok: Option<bool> = c
+            .query_opt(
+                "SELECT success FROM sync_logs WHERE sync_type = 'upload' ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap()
+            .map(|r| r.get(0));
+        assert!(
+            left == 0 && ok == Some(true),
+            "the upload did not drain the queue ({left} left, upload phase ok: {ok:?}); exit {:?}\n{}",
+            self.code,
+            self.log_text()
+        );
+        if self.code != Some(0) {
+            progress(&format!(
+                "note: exit {:?} although the upload drained: {}",
+                self.code,
+                self.first_error()
+            ));
+        }
+    }
+}
+
+struct Running {
+    pid: i32,
+    started: Instant,
+    log: PathBuf,
+}
+
+fn spawn_once(s: &Sandbox, env: &std::collections::BTreeMap<String, String>, tag: &str) -> Running {
+    let log = s.dir.join(format!("{tag}.log"));
+    let f = std::fs::File::create(&log).unwrap();
+    let started = Instant::now();
+    #[allow(clippy::zombie_processes)]
+    let child = Command::new(support::bin())
+        .arg("once")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env)
+        .current_dir(&s.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn meter-sync");
+    // Reaped with wait4 in wait_all, which std's Child knows nothing about; its Drop
+    // neither waits nor kills, so letting it go leaves no zombie.
+    Running {
+        pid: child.id() as i32,
+        started,
+        log,
+    }
+}
+
+fn run_once(s: &Sandbox, env: &std::collections::BTreeMap<String, String>, tag: &str) -> Finished {
+    wait_all(vec![spawn_once(s, env, tag)]).pop().unwrap()
+}
+
+/// Reaps every child as soon as it exits (so each one's elapsed time is its own), with
+/// its rusage. A child still running after an hour is killed: a hung daemon must not hang
+/// the benchmark.
+fn wait_all(mut running: Vec<Running>) -> Vec<Finished> {
+    let mut done: Vec<Option<Finished>> = (0..running.len()).map(|_| None).collect();
+    let mut left: Vec<usize> = (0..running.len()).collect();
+    let limit = Duration::from_secs(3600);
+    while !left.is_empty() {
+        left.retain(|&i| {
+            let r = &mut running[i];
+            let mut status = 0;
+            // SAFETY: plain syscall on our own child; both out-pointers are valid locals.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            let got = unsafe { libc::wait4(r.pid, &mut status, libc::WNOHANG, &mut ru) };
+            if got == r.pid {
+                let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+                done[i] = Some(Finished {
+                    elapsed: r.started.elapsed(),
+                    code,
+                    maxrss_kib: ru.ru_maxrss as u64,
+                    cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
+                    log: std::mem::take(&mut r.log),
+                });
+                return false;
+            }
+            if r.started.elapsed() > limit {
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(r.pid, libc::SIGKILL) };
+            }
+            true
+        });
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done.into_iter().map(Option::unwrap).collect()
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// CPU time of every child reaped so far (the psql pipe is reaped by bash, and bash by us).
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct we hand it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+// ---------------------------------------------------------------------------------------
+// Profiling
+// ---------------------------------------------------------------------------------------
+
+/// Restarts both shared servers with pg_stat_statements loaded (before any sandbox uses them).
+fn enable_pg_stat_statements() {
+    let (local, central) = support::shared();
+    for c in [local, central] {
+        let conf = c.data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str(
+            "\nshared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all\n",
+        );
+        std::fs::write(&conf, text).unwrap();
+        c.stop();
+        let mut c2 = clone_cluster(c);
+        c2.restart();
+        std::mem::forget(c2);
+    }
+}
+
+/// A second handle on a shared cluster (restart needs `&mut`); forgotten after use so that
+/// its Drop does not stop the server.
+fn clone_cluster(c: &support::Cluster) -> support::Cluster {
+    support::Cluster {
+        role: c.role,
+        root: c.root.clone(),
+        data: c.data.clone(),
+        socket_dir: c.socket_dir.clone(),
+        port: c.port,
+        certs: None,
+    }
+}
+
+fn top_statements(s: &Sandbox) -> String {
+    let mut o = String::from("\n--- pg_stat_statements (top 8 by total time) ---\n");
+    for (name, mut c) in [
+        ("local", s.local_cluster().admin()),
+        ("central", s.central()),
+    ] {
+        let _ = c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        let rows = c
+            .query(
+                "SELECT calls, round(total_exec_time)::bigint, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 140)
+                 FROM pg_stat_statements ORDER BY total_exec_time DESC LIMIT 8",
+                &[],
+            )
+            .unwrap_or_default();
+        let _ = writeln!(o, "[{name}] calls | total ms | rows | query");
+        for r in rows {
+            let _ = writeln!(
+                o,
+                "  {} | {} | {} | {}",
+                r.get::<_, i64>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2),
+                r.get::<_, String>(3)
+            );
+        }
+    }
+    o
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+/// 1234567 -> "1,234,567".
+fn group(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn sh(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn progress(msg: &str) {
+    eprintln!("[{:>5} s, load {}] {msg}", elapsed_s(), loadavg());
+}
+
+fn elapsed_s() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+/// Keeps the tables of every run under target/bench/ for the README.
+fn save(report: &str) {
+    let bin = Path::new(support::bin());
+    let dir = bin.parent().and_then(Path::parent).unwrap().join("bench");
+    let _ = std::fs::create_dir_all(&dir);
+    let name = format!("sync-{}.md", sh("date -u +%Y%m%dT%H%M%SZ"));
+    if std::fs::write(dir.join(&name), report).is_ok() {
+        eprintln!("saved to {}", dir.join(name).display());
+    }
+}
