@@ -258,7 +258,7 @@ fn p13_central_down_at_start_recovers_without_restart() {
     );
     // Bring central back; the same process reconnects and drains the queue.
     let pid = d.pid();
-    restart(central);
+    central.restart();
     let drained = wait_until(Duration::from_secs(30), || {
         s.local_count("meter_readings") == 0
     });
@@ -284,22 +284,6 @@ fn p13_central_down_at_start_recovers_without_restart() {
     );
     d.signal(SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
-}
-
-/// `Cluster::restart` takes `&mut self` but only reads; the cluster is leaked
-/// for the test's lifetime, so start it again with pg_ctl's own command line.
-fn restart(c: &Cluster) {
-    let mut copy = Cluster {
-        role: c.role,
-        root: c.root.clone(),
-        data: c.data.clone(),
-        socket_dir: c.socket_dir.clone(),
-        port: c.port,
-        certs: None,
-    };
-    copy.restart();
-    // Dropping the copy would stop the server again.
-    std::mem::forget(copy);
 }
 
 /// P11: two daemons on one local database never run cycles at once. A trigger

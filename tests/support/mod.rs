@@ -496,7 +496,7 @@ impl Cluster {
     }
 
     /// Starts it again on the same port.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         run_ok(self.start_cmd(), "pg_ctl start (restart)");
     }
 
