@@ -196,7 +196,7 @@ pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> 
                 }
             }
         };
-        record(cfg, conns, shutdown, &outcome).await;
+        record(conns, &outcome).await;
         phases.push(outcome);
     }
     let report = CycleReport {
@@ -227,11 +227,10 @@ async fn run_phase(
 
 /// Writes the phase's `sync_logs` row. When local itself is what failed there is
 /// nowhere to write it; the log line above is then the only record.
-async fn record(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown, o: &PhaseOutcome) {
+async fn record(conns: &mut Connections, o: &PhaseOutcome) {
     let Some(local) = conns.local.as_ref().filter(|db| !db.is_closed()) else {
         return;
     };
-    let _ = (cfg, shutdown);
     let records = i32::try_from(o.records).unwrap_or(i32::MAX);
     let ms = i64::try_from(o.duration.as_millis()).unwrap_or(i64::MAX);
     if let Err(e) = local

@@ -63,10 +63,15 @@ pub fn connector(db: &DbConfig) -> Result<MakeConnector> {
         None => None,
     };
     let identity = match (&db.sslcert, &db.sslkey) {
-        (Some(c), Some(k)) => Some((
-            PemFile::read(c, ENV_CLIENT_SSLCERT)?,
-            PemFile::read(k, ENV_CLIENT_SSLKEY)?,
-        )),
+        (Some(c), Some(k)) => {
+            let key = PemFile::read(k, ENV_CLIENT_SSLKEY)?;
+            if key.is_encrypted_key() {
+                return Err(key.invalid(
+                    "is an encrypted private key; meter-sync needs it unencrypted (openssl pkey -in KEY -out KEY.plain)",
+                ));
+            }
+            Some((PemFile::read(c, ENV_CLIENT_SSLCERT)?, key))
+        }
         _ => None,
     };
     let files = Files { roots, identity };
@@ -140,7 +145,7 @@ impl PemFile {
 /// The parsed-later contents of the certificate files.
 struct Files {
     roots: Option<PemFile>,
-    /// Client certificate and its key.
+    /// Client certificate and its key (known not to be encrypted).
     identity: Option<(PemFile, PemFile)>,
 }
 

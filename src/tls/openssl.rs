@@ -54,11 +54,6 @@ impl Connector {
                 .ok()
                 .filter(|c| !c.is_empty())
                 .ok_or_else(|| cert.invalid("is not a PEM certificate"))?;
-            if key.is_encrypted_key() {
-                return Err(key.invalid(
-                    "is an encrypted private key; meter-sync needs it unencrypted (openssl pkey -in KEY -out KEY.plain)",
-                ));
-            }
             // An empty passphrase: an encrypted key fails instead of prompting.
             // Accepts PKCS#8 and the traditional "BEGIN RSA/EC PRIVATE KEY" forms.
             let pkey = PKey::private_key_from_pem_passphrase(&key.bytes, b"").map_err(|_| {

@@ -95,11 +95,6 @@ impl Connector {
                     .ok()
                     .filter(|c| !c.is_empty())
                     .ok_or_else(|| cert.invalid("is not a PEM certificate"))?;
-                if key.is_encrypted_key() {
-                    return Err(key.invalid(
-                        "is an encrypted private key; meter-sync needs it unencrypted (openssl pkey -in KEY -out KEY.plain)",
-                    ));
-                }
                 // PKCS#8, or the traditional "BEGIN RSA/EC PRIVATE KEY" forms.
                 let pk = PrivateKeyDer::from_pem_slice(&key.bytes).map_err(|_| {
                     key.invalid("is not a PEM private key (PKCS#8, or traditional RSA or EC)")
