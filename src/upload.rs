@@ -3,49 +3,60 @@
 //! statement has committed. Readings central rejects are bisected out and
 //! quarantined locally so that they do not hold up the rest.
 //!
-//! Every value travels as text (`numeric`, `timestamptz` and `jsonb` are cast to
-//! `text` when read and back when written), so nothing passes through a float or a
-//! time type of ours: what arrives is exactly what the collector wrote.
+//! Every value travels in PostgreSQL's binary format exactly as the local server
+//! sent it (see [`batch`]), so nothing passes through a float, a time type or a text
+//! rendering of ours: what arrives is exactly what the collector wrote. A batch goes
+//! to central as one binary `COPY … FROM STDIN`, the same path and the same bytes as
+//! a `COPY` pipe between the two servers; only a batch that meets a reading central
+//! already has (a re-send after a crash between the central commit and the local
+//! delete) goes again as `INSERT … ON CONFLICT DO NOTHING` (see [`insert`]).
+
+mod batch;
+mod pace;
 
 use std::future::Future;
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio_postgres::types::ToSql;
+use futures_util::stream::{FuturesUnordered, StreamExt, TryStreamExt};
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
-use crate::config::Config;
+use crate::config::{Config, Side};
 use crate::cycle::PhaseResult;
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
 use crate::shutdown::Shutdown;
+use batch::{Batch, Builder, Encoded, CENTRAL_COLUMNS};
+use pace::{is_size_failure, AfterSizeFailure, Pace, Pipeline};
 
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
 const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 
-/// Output names differ from the column names on purpose: `ORDER BY "timestamp"`
-/// would otherwise sort by the text column of the select list (SQL resolves ORDER
-/// BY names against the output first), which is not time order for BC dates and
-/// cannot use the index.
-const COLUMNS: &str = "r.id, r.reading_uid::text AS uid_text, r.meter_id::text AS meter_text, \
-     r.\"timestamp\"::text AS ts_text, r.value::text AS value_text, r.unit::text AS unit_text, \
-     r.metadata::text AS metadata_text, r.created_at::text AS created_text, r.sync_attempts";
+/// The local `id`, then the columns central gets ([`CENTRAL_COLUMNS`]), each in the
+/// server's binary format (tokio-postgres asks for binary results).
+const COLUMNS: &str = "r.id, r.reading_uid, r.meter_id, r.\"timestamp\", r.value, r.unit, \
+     r.metadata, r.created_at, r.sync_attempts";
 
-/// One statement per batch, so the batch is one implicit transaction: all rows or
-/// none. `ON CONFLICT DO NOTHING` on the unique key makes a re-sent reading (we died
-/// between the central commit and the local delete) a no-op that still counts as
-/// delivered. `unnest` keeps the statement text fixed whatever the batch size, so it
-/// is prepared once per drain; it works unchanged on a table partitioned by
-/// `timestamp` because the key includes it.
+/// The fast path: one statement per batch, so one implicit transaction, all rows or
+/// none. It works unchanged on a table partitioned by `timestamp` (COPY routes each
+/// row to its partition).
+fn copy_sql() -> String {
+    format!("COPY meter_readings ({CENTRAL_COLUMNS}) FROM STDIN (FORMAT binary)")
+}
+
+/// The fallback for a batch that meets a reading central already has: `ON CONFLICT
+/// DO NOTHING` on the unique key makes each re-sent reading a no-op that still
+/// counts as delivered. The values are the batch's binary bytes again, as one
+/// binary array per column; one statement, so one implicit transaction as well.
 const INSERT: &str = "INSERT INTO meter_readings \
      (reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts) \
-     SELECT u::uuid, m, t::timestamptz, v::numeric, un, md::jsonb, c::timestamptz, a \
-     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::text[], $8::int4[]) AS r(u, m, t, v, un, md, c, a) \
+     SELECT * FROM unnest($1::uuid[], $2::varchar[], $3::timestamptz[], $4::numeric[], \
+                          $5::varchar[], $6::jsonb[], $7::timestamptz[], $8::int4[]) \
      ON CONFLICT (reading_uid, \"timestamp\") DO NOTHING";
 
 const DELETE: &str = "DELETE FROM meter_readings WHERE id = ANY($1)";
@@ -53,30 +64,19 @@ const DELETE: &str = "DELETE FROM meter_readings WHERE id = ANY($1)";
 const QUARANTINE: &str =
     "UPDATE meter_readings SET sync_error = $2, sync_attempts = sync_attempts + 1 WHERE id = $1";
 
-/// One local reading, every column as the text PostgreSQL prints for it.
-struct Reading {
-    id: i64,
-    uid: String,
-    meter_id: String,
-    timestamp: String,
-    value: String,
-    unit: String,
-    metadata: Option<String>,
-    created_at: Option<String>,
-    sync_attempts: i32,
-}
-
-/// The statements of one drain, prepared once on their connections.
+/// The local statements of one drain, prepared once. Central gets only unnamed
+/// statements (PgBouncer in transaction pooling mode keeps no prepared statement
+/// from one transaction to the next).
 struct Statements {
     first: Statement,
     after: Statement,
     delete: Statement,
     quarantine: Statement,
-    insert: Statement,
+    copy: String,
 }
 
 impl Statements {
-    async fn prepare(local: &Db, central: &Db) -> Result<Statements> {
+    async fn prepare(local: &Db) -> Result<Statements> {
         let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
             first: prep(
@@ -91,14 +91,14 @@ impl Statements {
                 local,
                 "prepare batch selection",
                 format!(
-                    "{select} AND (r.\"timestamp\", r.id) > (($2::text)::timestamptz, $3) \
+                    "{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) \
                      ORDER BY r.\"timestamp\", r.id LIMIT $1"
                 ),
             )
             .await?,
             delete: prep(local, "prepare batch delete", DELETE.into()).await?,
             quarantine: prep(local, "prepare quarantine", QUARANTINE.into()).await?,
-            insert: prep(central, "prepare batch insert", INSERT.into()).await?,
+            copy: copy_sql(),
         })
     }
 }
@@ -131,12 +131,14 @@ impl Tally {
     }
 }
 
-/// What every batch needs: both connections, the statements, the retry budget.
+/// What every batch needs: both connections, the statements, the retry budget, and
+/// the order of the central statements in flight (for their timeouts).
 struct Ctx<'a> {
     local: &'a Db,
     central: &'a Db,
     st: &'a Statements,
     retries: u32,
+    pipe: Pipeline,
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -150,11 +152,15 @@ struct Ctx<'a> {
 /// locally only once its own commit has been acknowledged.
 ///
 /// A transient failure of a statement on a connection that is still open is
-/// retried up to `MAX_QUERY_RETRIES` times (see [`Db::retrying`]); any other
-/// failure, and a rejection that is not about the rows (a missing table, a
-/// permission), ends the drain with that error once the batches in flight are done:
-/// the readings stay queued for the next cycle. Only a rejection of the data itself
-/// is bisected and quarantined (see [`is_row_rejection`]).
+/// retried up to `MAX_QUERY_RETRIES` times (see [`Db::retrying`]); a batch that
+/// failed because of its size (see [`pace::is_size_failure`]) is not retried as it
+/// was: the batch size is halved, the batches in flight finish, and the queue is
+/// read again from its oldest reading in smaller batches (growing back after
+/// successes, see [`Pace`]). Any other failure, and a rejection that is not about
+/// the rows (a missing table, a permission), ends the drain with that error once the
+/// batches in flight are done: the readings stay queued for the next cycle. Only a
+/// rejection of the data itself is bisected and quarantined (see
+/// [`is_row_rejection`]).
 pub async fn drain(
     cfg: &Config,
     local: &mut Db,
@@ -171,26 +177,32 @@ pub async fn drain(
             summary: "uploaded 0 in 0 batches, 0 quarantined, 0 remaining".into(),
         });
     }
-    let st = Statements::prepare(local, central).await?;
+    let st = Statements::prepare(local).await?;
     let ctx = Ctx {
         local,
         central,
         st: &st,
         retries: cfg.max_query_retries,
+        pipe: Pipeline::default(),
     };
     let depth = cfg.upload_pipeline_depth.max(1);
-    let limit = i64::try_from(cfg.batch_size).unwrap_or(i64::MAX);
+    let mut pace = Pace::resume(cfg.batch_size);
+    // A batch failed because of its size: no new batch until those in flight are
+    // done, then the queue is read again from the oldest, in smaller batches.
+    let mut restart = false;
 
     let mut total = Tally::default();
     let mut failure: Option<Error> = None;
     let mut stopped: Option<&str> = None;
     // Where the next selection starts: after the last reading read. None starts from
     // the oldest reading, which is how each pass begins.
-    let mut key: Option<(String, i64)> = None;
+    let mut key: Option<(Option<Bytes>, i64)> = None;
     let mut exhausted = false;
     let mut rescanned = false;
-    let mut reader: Option<BoxFuture<'_, Result<Vec<Reading>>>> = None;
-    let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>)>> =
+    let mut reader: Option<BoxFuture<'_, Result<Batch>>> = None;
+    // Each batch in flight yields what it did, how it ended, and how many readings
+    // it had.
+    let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>, usize)>> =
         FuturesUnordered::new();
 
     loop {
@@ -202,6 +214,12 @@ pub async fn drain(
             }
         }
         let may_start = stopped.is_none() && failure.is_none();
+        if restart && inflight.is_empty() && reader.is_none() {
+            restart = false;
+            key = None;
+            exhausted = false;
+        }
+        let may_start = may_start && !restart;
         if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
             // The pass reached the newest reading. One more pass from the oldest
             // picks up readings the collector wrote meanwhile with a timestamp
@@ -217,7 +235,7 @@ pub async fn drain(
                 ctx.local,
                 ctx.st,
                 key.clone(),
-                limit,
+                pace.size(),
             )));
         }
         if reader.is_none() && inflight.is_empty() {
@@ -227,26 +245,40 @@ pub async fn drain(
             r = async { reader.as_mut().expect("guarded").await }, if reader.is_some() => {
                 reader = None;
                 match r {
+                    // Read at the old size: the restart reads these again.
+                    Ok(_) if restart => {}
                     Ok(rows) if rows.is_empty() => exhausted = true,
                     Ok(rows) => {
-                        let last = rows.last().expect("not empty");
-                        key = Some((last.timestamp.clone(), last.id));
+                        key = rows.last_key();
                         total.batches += 1;
-                        inflight.push(Box::pin(deliver(&ctx, rows)));
+                        let ctx = &ctx;
+                        inflight.push(Box::pin(async move {
+                            let n = rows.len();
+                            let (t, r) = deliver(ctx, rows).await;
+                            (t, r, n)
+                        }));
                     }
                     Err(e) => failure = failure.or(Some(e)),
                 }
             }
-            Some((t, r)) = inflight.next(), if !inflight.is_empty() => {
+            Some((t, r, n)) = inflight.next(), if !inflight.is_empty() => {
                 total.add(&t);
                 crate::notify::alive();
-                if let Err(e) = r {
-                    failure = failure.or(Some(e));
+                match r {
+                    Ok(()) => pace.succeeded(n),
+                    Err(e) => {
+                        if after_failure(&mut pace, &e, n, central) {
+                            restart = true;
+                        } else {
+                            failure = failure.or(Some(e));
+                        }
+                    }
                 }
             }
         }
     }
 
+    pace.remember();
     let elapsed = start.elapsed();
     log::debug!(
         "upload: {} insert statement(s) for {} batch(es) in {} ms",
@@ -281,6 +313,28 @@ pub async fn drain(
     })
 }
 
+/// Whether the drain can go on after a batch of `rows` failed with `e`: only when
+/// it failed because of its size on a central connection that is still open, and a
+/// smaller batch is left to try. The halving is kept even when the drain ends (a
+/// client-side timeout gives the connection up), for the next cycle.
+fn after_failure(pace: &mut Pace, e: &Error, rows: usize, central: &Db) -> bool {
+    if e.side() != Some(Side::Central) || !is_size_failure(e) {
+        return false;
+    }
+    let next = pace.failed_by_size(rows);
+    let retry =
+        next == AfterSizeFailure::RetrySmaller && !e.is_connection_lost() && !central.is_closed();
+    log::warn!(
+        "upload: a batch of {rows} failed because of its size ({e}); {}",
+        match (next, retry) {
+            (AfterSizeFailure::GiveUp, _) => "already at 1 reading per batch".to_string(),
+            (_, true) => format!("retrying in batches of {}", pace.size()),
+            (_, false) => format!("the next cycle starts with batches of {}", pace.size()),
+        }
+    );
+    retry
+}
+
 async fn count_pending(local: &Db) -> Result<i64> {
     let row = local
         .query_one(
@@ -292,42 +346,45 @@ async fn count_pending(local: &Db) -> Result<i64> {
     Ok(row.get(0))
 }
 
-/// The next batch, oldest `timestamp` first and ties by `id`, after `key` if given.
+/// The next batch, oldest `timestamp` first and ties by `id`, after `key` if given,
+/// encoded row by row as it streams in (see [`batch`]).
 async fn select_batch(
     local: &Db,
     st: &Statements,
-    key: Option<(String, i64)>,
-    limit: i64,
-) -> Result<Vec<Reading>> {
-    let rows = match &key {
-        None => {
-            local
-                .timed("select batch", local.client().query(&st.first, &[&limit]))
-                .await?
+    key: Option<(Option<Bytes>, i64)>,
+    size: usize,
+) -> Result<Batch> {
+    let limit = i64::try_from(size).unwrap_or(i64::MAX);
+    let read = async {
+        let rows = match &key {
+            None => {
+                let params: [&(dyn ToSql + Sync); 1] = [&limit];
+                local.client().query_raw(&st.first, params).await?
+            }
+            Some((ts, id)) => {
+                let ts = ts.as_deref().map(Encoded);
+                let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, id];
+                local.client().query_raw(&st.after, params).await?
+            }
+        };
+        let mut rows = std::pin::pin!(rows);
+        let mut b = Builder::with_capacity(size);
+        while let Some(row) = rows.try_next().await? {
+            if let Err(u) = b.push(&row) {
+                return Ok(Err(u));
+            }
         }
-        Some((ts, id)) => {
-            local
-                .timed(
-                    "select batch",
-                    local.client().query(&st.after, &[&limit, ts, id]),
-                )
-                .await?
-        }
+        Ok(Ok(b))
     };
-    Ok(rows
-        .iter()
-        .map(|r| Reading {
-            id: r.get(0),
-            uid: r.get(1),
-            meter_id: r.get(2),
-            timestamp: r.get(3),
-            value: r.get(4),
-            unit: r.get(5),
-            metadata: r.get(6),
-            created_at: r.get(7),
-            sync_attempts: r.get(8),
-        })
-        .collect())
+    match local.timed("select batch", read).await? {
+        Ok(b) => b
+            .finish()
+            .map_err(|u| Error::new(Kind::Other, format!("local: select batch: {}", u.0))),
+        Err(u) => Err(Error::new(
+            Kind::Other,
+            format!("local: select batch: {}", u.0),
+        )),
+    }
 }
 
 /// Delivers one batch: inserts it centrally, then deletes it locally. When central
@@ -337,17 +394,17 @@ async fn select_batch(
 /// 2·k·log2(n) statements, and nothing at all when there are none.
 ///
 /// Returns what it did even when it fails part way, so that the totals stay honest.
-async fn deliver(ctx: &Ctx<'_>, batch: Vec<Reading>) -> (Tally, Result<()>) {
+async fn deliver(ctx: &Ctx<'_>, batch: Batch) -> (Tally, Result<()>) {
     let mut t = Tally::default();
     // Left halves are pushed last so they are tried first: oldest first, still.
     let mut todo: Vec<Range<usize>> = Vec::new();
     todo.push(0..batch.len());
     while let Some(range) = todo.pop() {
-        let rows = &batch[range.clone()];
+        let rows = range.clone();
         t.statements += 1;
-        match insert(ctx, rows).await {
+        match insert(ctx, &batch, rows.clone()).await {
             Ok(inserted) => {
-                if let Err(e) = delete(ctx, rows).await {
+                if let Err(e) = delete(ctx, &batch, rows.clone()).await {
                     return (t, Err(e));
                 }
                 let n = rows.len() as u64;
@@ -356,7 +413,7 @@ async fn deliver(ctx: &Ctx<'_>, batch: Vec<Reading>) -> (Tally, Result<()>) {
             }
             Err(e) if is_row_rejection(&e) => {
                 if rows.len() == 1 {
-                    if let Err(e) = quarantine(ctx, &rows[0], &e).await {
+                    if let Err(e) = quarantine(ctx, &batch, rows.start, &e).await {
                         return (t, Err(e));
                     }
                     t.quarantined += 1;
@@ -376,29 +433,103 @@ async fn deliver(ctx: &Ctx<'_>, batch: Vec<Reading>) -> (Tally, Result<()>) {
     (t, Ok(()))
 }
 
-/// Inserts `rows` centrally in one statement; returns how many were new there.
-async fn insert(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<u64> {
-    let uid: Vec<&str> = rows.iter().map(|r| r.uid.as_str()).collect();
-    let meter: Vec<&str> = rows.iter().map(|r| r.meter_id.as_str()).collect();
-    let ts: Vec<&str> = rows.iter().map(|r| r.timestamp.as_str()).collect();
-    let value: Vec<&str> = rows.iter().map(|r| r.value.as_str()).collect();
-    let unit: Vec<&str> = rows.iter().map(|r| r.unit.as_str()).collect();
-    let metadata: Vec<Option<&str>> = rows.iter().map(|r| r.metadata.as_deref()).collect();
-    let created: Vec<Option<&str>> = rows.iter().map(|r| r.created_at.as_deref()).collect();
-    let attempts: Vec<i32> = rows.iter().map(|r| r.sync_attempts).collect();
-    let params: [&(dyn ToSql + Sync); 8] = [
-        &uid, &meter, &ts, &value, &unit, &metadata, &created, &attempts,
-    ];
-    let what = format!("insert batch of {}", rows.len());
-    run(ctx.central, ctx.retries, &what, || {
-        ctx.central.client().execute(&ctx.st.insert, &params)
+/// Inserts `rows` of `batch` centrally in one statement; returns how many were new
+/// there.
+///
+/// The fast path is one binary COPY. COPY has no ON CONFLICT, so a batch holding a
+/// reading central already has (we died between the central commit and the local
+/// delete, and this is the re-send) fails whole with 23505 and nothing of it is
+/// kept; that batch, and only it, is sent again as `INSERT … ON CONFLICT DO
+/// NOTHING` with the same bytes. 22P03 (binary data central cannot read as its
+/// column type: a central column of another type than SPEC §4's) takes the same
+/// fallback, whose casts convert where a conversion exists. Whatever the fallback
+/// fails with is what the caller sees (a rejected reading is bisected as before).
+async fn insert(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
+    match copy(ctx, batch, rows.clone()).await {
+        Err(e) if needs_fallback(&e) => {
+            log::info!(
+                "upload: {e}; sending these {} reading(s) again with ON CONFLICT DO NOTHING",
+                rows.len()
+            );
+            insert_on_conflict(ctx, batch, rows).await
+        }
+        other => other,
+    }
+}
+
+/// See [`insert`].
+fn needs_fallback(e: &Error) -> bool {
+    e.kind() == Kind::Db && matches!(e.code(), Some("23505" | "22P03"))
+}
+
+/// `rows` of `batch` as one binary `COPY … FROM STDIN`, sent with its data in one
+/// go so that it pipelines behind the batches before it (vendor/README.md).
+async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
+    let what = format!("copy batch of {}", rows.len());
+    central_call(ctx, &what, || {
+        ctx.central
+            .client()
+            .copy_in_all(&ctx.st.copy, batch.copy_data(rows.clone()))
     })
     .await
 }
 
+async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
+    let arrays = batch.arrays(rows.clone());
+    let encoded: Vec<Encoded> = arrays.iter().map(|(a, _)| Encoded(a)).collect();
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = encoded
+        .iter()
+        .zip(&arrays)
+        .map(|(e, (_, t))| (e as &(dyn ToSql + Sync), t.clone()))
+        .collect();
+    let what = format!("insert batch of {} with ON CONFLICT DO NOTHING", rows.len());
+    central_call(ctx, &what, || {
+        ctx.central.client().execute_typed(INSERT, &params)
+    })
+    .await
+}
+
+/// One central round trip, timed from when it reaches the head of the pipeline (see
+/// [`Pipeline`]), retried like [`Db::retrying`] when transient, except after a
+/// failure that may be about the batch's size: that one is retried smaller by the
+/// drain, not unchanged here.
+async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+{
+    let db = ctx.central;
+    let mut n = 0;
+    loop {
+        let fut = op();
+        let r = ctx
+            .pipe
+            .timed(
+                db.timeout(),
+                async { fut.await.map_err(|e| Error::db(db.side(), what, e)) },
+                || Error::timeout(db.side(), what, db.timeout()),
+            )
+            .await;
+        match r {
+            Err(e)
+                if e.is_transient()
+                    && !is_size_failure(&e)
+                    && !e.is_connection_lost()
+                    && !db.is_closed()
+                    && n < ctx.retries =>
+            {
+                n += 1;
+                log::warn!("{e}; retry {n}/{}", ctx.retries);
+                tokio::time::sleep(Duration::from_millis(100 << (n - 1).min(6))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Deletes exactly `rows` locally: one statement, so one local transaction.
-async fn delete(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<()> {
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> {
+    let ids: &[i64] = batch.ids(rows.clone());
     let what = format!("delete uploaded batch of {}", rows.len());
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
     let n = run(ctx.local, ctx.retries, &what, || {
@@ -413,14 +544,14 @@ async fn delete(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<()> {
 }
 
 /// Keeps `r` locally with central's reason, out of the queue until `requeue`.
-async fn quarantine(ctx: &Ctx<'_>, r: &Reading, why: &Error) -> Result<()> {
+async fn quarantine(ctx: &Ctx<'_>, batch: &Batch, i: usize, why: &Error) -> Result<()> {
     let msg = why.to_string();
+    let id = batch.ids(i..i + 1)[0];
     log::warn!(
-        "upload: quarantined reading id {} (reading_uid {}): {msg}",
-        r.id,
-        r.uid
+        "upload: quarantined reading id {id} (reading_uid {}): {msg}",
+        batch.uid(i)
     );
-    let params: [&(dyn ToSql + Sync); 2] = [&r.id, &msg];
+    let params: [&(dyn ToSql + Sync); 2] = [&id, &msg];
     run(
         ctx.local,
         ctx.retries,
