@@ -1,0 +1,191 @@
+//! The upload's fast path (binary COPY per batch) and its batch sizing, against real
+//! servers: a re-sent batch falls back to ON CONFLICT and arrives once; a batch too
+//! large for central's statement_timeout is retried smaller until the queue drains.
+//! (P1–P7 and P19 themselves are in tests/upload.rs, and hold on the fast path.)
+
+mod support;
+
+use support::{Client, Sandbox, CENTRAL_PASSWORD};
+
+/// Every central row and column, as text, keyed by reading_uid (central's own `id` aside).
+fn central_rows(c: &mut Client) -> Vec<String> {
+    c.query(
+        "SELECT concat_ws('|', reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
+         FROM meter_readings ORDER BY reading_uid",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn local_rows(c: &mut Client) -> Vec<String> {
+    c.query(
+        "SELECT concat_ws('|', reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
+         FROM meter_readings ORDER BY reading_uid",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn upload_ok(s: &Sandbox) -> Option<(bool, i32)> {
+    s.local()
+        .query_opt(
+            "SELECT success, records_processed FROM sync_logs WHERE sync_type = 'upload' ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+/// As if an earlier run had committed some batches centrally and died before the
+/// local delete: the COPY of a batch that holds any of them fails whole on the
+/// unique key, and that batch, and only it, goes again by INSERT … ON CONFLICT.
+#[test]
+fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 50).set("UPLOAD_PIPELINE_DEPTH", 8);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 400, 0);
+    let before = local_rows(&mut l);
+    // Readings 101–150 (the third batch) and one reading of the seventh batch are
+    // already central.
+    let copied: Vec<(String, String)> = l
+        .query(
+            "SELECT reading_uid::text, \"timestamp\"::text FROM meter_readings ORDER BY \"timestamp\", id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .enumerate()
+        .filter(|(i, _)| (100..150).contains(i) || *i == 321)
+        .map(|(_, v)| v)
+        .collect();
+    for (uid, ts) in &copied {
+        let r = l
+            .query_one(
+                "SELECT meter_id, value::text, unit, metadata::text, created_at::text, sync_attempts
+                 FROM meter_readings WHERE reading_uid = $1::text::uuid",
+                &[uid],
+            )
+            .unwrap();
+        c.execute(
+            "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
+             VALUES ($1::text::uuid, $2, $3::text::timestamptz, $4::text::numeric, $5, $6::text::jsonb, $7::text::timestamptz, $8)",
+            &[
+                uid,
+                &r.get::<_, String>(0),
+                ts,
+                &r.get::<_, String>(1),
+                &r.get::<_, String>(2),
+                &r.get::<_, Option<String>>(3),
+                &r.get::<_, Option<String>>(4),
+                &r.get::<_, i32>(5),
+            ],
+        )
+        .unwrap();
+    }
+
+    let run = s.run(&["once"]);
+    let log = run.all();
+    assert_eq!(upload_ok(&s), Some((true, 400)), "{log}");
+    assert_eq!(central_rows(&mut c), before, "every reading once, as written");
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert!(log.contains("51 were already in central"), "{log}");
+    assert_eq!(
+        log.matches("again with ON CONFLICT DO NOTHING").count(),
+        2,
+        "exactly the two batches holding re-sent readings fall back: {log}"
+    );
+    assert!(!log.contains("quarantined reading"), "{log}");
+}
+
+/// A gateway role whose central `statement_timeout` a 1,000-reading batch exceeds
+/// (a statement trigger that takes 1 ms per row) and a 250-reading batch does not:
+/// the batches that fail are halved, not retried unchanged, and the queue drains in
+/// the same cycle; central holds every reading once.
+#[test]
+fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_drains() {
+    let mut s = Sandbox::new();
+    let role = format!("gw_{}", s.central_db);
+    let mut admin = s.central();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
+             ALTER ROLE {role} SET statement_timeout = '400ms';
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 PERFORM pg_sleep((SELECT count(*) FROM new_rows) * 0.001);
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
+                 REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_ingest();"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role)
+        .set("BATCH_SIZE", 1000)
+        .set("UPLOAD_PIPELINE_DEPTH", 8)
+        .set("LOG_LEVEL", "info");
+    let mut l = s.local();
+    support::insert_readings(&mut l, 2000, 0);
+    let before = local_rows(&mut l);
+
+    let run = s.run(&["once"]);
+    let log = run.all();
+    assert_eq!(upload_ok(&s), Some((true, 2000)), "{log}");
+    assert_eq!(central_rows(&mut admin), before);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert!(log.contains("statement timeout"), "the timeout was met: {log}");
+    assert!(log.contains("batch size halved to 500"), "{log}");
+    assert!(log.contains("batch size halved to 250"), "{log}");
+    assert!(
+        !log.contains("halved to 125"),
+        "250 passes, so no smaller batch is needed: {log}"
+    );
+}
+
+/// At one reading per batch there is nothing smaller to try: the phase fails and
+/// the readings stay queued (P24: never quarantined for their size).
+#[test]
+fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued() {
+    let mut s = Sandbox::new();
+    let role = format!("gw_{}", s.central_db);
+    let mut admin = s.central();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
+             ALTER ROLE {role} SET statement_timeout = '100ms';
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             CREATE FUNCTION stuck_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+             CREATE TRIGGER stuck_ingest AFTER INSERT ON meter_readings
+                 FOR EACH STATEMENT EXECUTE FUNCTION stuck_ingest();"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role).set("BATCH_SIZE", 4);
+    support::insert_readings(&mut s.local(), 4, 0);
+    let run = s.run(&["once"]);
+    let log = run.all();
+    assert_eq!(upload_ok(&s).map(|r| r.0), Some(false), "{log}");
+    assert!(log.contains("already at 1 reading per batch"), "{log}");
+    assert_eq!(s.central_count("meter_readings"), 0);
+    let queued: i64 = s
+        .local()
+        .query_one(
+            "SELECT count(*) FROM meter_readings WHERE sync_error IS NULL AND NOT is_synchronized",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 4, "nothing quarantined, everything still queued");
+}
