@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 use crate::config::{Config, DbConfig, Side};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::shutdown::Shutdown;
 
 /// First backoff cap; it doubles per failed attempt up to [`BACKOFF_MAX`].
@@ -37,13 +37,16 @@ impl Drop for Db {
 /// session in UTC with ISO dates so that timestamps travel as exact text.
 fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
-    if db.is_unix_socket() {
-        c.host_path(&db.host);
-    } else {
-        c.host(&db.host);
+    // tokio-postgres pairs the n-th host with the n-th port, as libpq does.
+    for e in &db.hosts {
+        if e.host.starts_with('/') {
+            c.host_path(&e.host);
+        } else {
+            c.host(&e.host);
+        }
+        c.port(e.port);
     }
-    c.port(db.port)
-        .dbname(&db.dbname)
+    c.dbname(&db.dbname)
         .user(&db.user)
         .application_name("meter-sync")
         .connect_timeout(cfg.connect_timeout)
@@ -84,7 +87,17 @@ impl Db {
         .await
         {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(Error::db(db.side, what, e)),
+            Ok(Err(e)) => {
+                // A certificate the gateway refused stays refused until someone
+                // changes it: not transient, unlike other failed handshakes.
+                let refused = crate::tls::is_refusal(&e);
+                let err = Error::db(db.side, what, e);
+                return Err(if refused {
+                    err.with_kind(Kind::Tls)
+                } else {
+                    err
+                });
+            }
             Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
         };
         let side = db.side;

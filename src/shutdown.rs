@@ -25,12 +25,10 @@ impl Trigger {
 }
 
 impl Shutdown {
-    /// A handle that is never triggered, for one-shot commands.
+    /// A handle that is never triggered, for one-shot commands: its trigger is
+    /// dropped at once, and [`Shutdown::requested`] never resolves without one.
     pub fn never() -> Shutdown {
-        let (tx, rx) = watch::channel(false);
-        // Keep the sender alive so that `requested` never resolves.
-        std::mem::forget(tx);
-        Shutdown { rx }
+        channel().1
     }
 
     pub fn is_requested(&self) -> bool {

@@ -182,7 +182,7 @@ fn example_vars() -> BTreeMap<String, (bool, String)> {
 #[test]
 fn env_example_names_every_variable_with_its_real_default() {
     let vars = example_vars();
-    for name in meter_sync::config::ALL_VARS {
+    for name in meter_sync::ALL_VARS {
         assert!(
             vars.contains_key(*name),
             "{ENV_EXAMPLE} does not mention {name}"
