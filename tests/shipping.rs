@@ -201,7 +201,12 @@ fn env_example_names_every_variable_with_its_real_default() {
         let Some((k, actual)) = line.split_once('=') else {
             continue;
         };
-        if actual.is_empty() || actual == "(empty)" || k.ends_with("_HOST") {
+        // The host names and the gateway id are the machine's, not defaults.
+        if actual.is_empty()
+            || actual == "(empty)"
+            || k.ends_with("_HOST")
+            || k == "METER_SYNC_GATEWAY_ID"
+        {
             continue;
         }
         let (commented, shown) = &vars[k];
