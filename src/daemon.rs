@@ -193,3 +193,38 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
     conns.close();
     Ok(code)
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::shutdown;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_starts_at_the_shutdown_request_not_before() {
+        let (trigger, shutdown) = shutdown::channel();
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            trigger.trigger();
+        });
+        grace_expired(&shutdown, Duration::from_millis(35_000)).await;
+        assert_eq!(t.elapsed(), Duration::from_millis(135_000));
+    }
+
+    #[test]
+    fn the_grace_covers_a_round_trip_and_a_connect() {
+        let cfg = crate::config::Config::from_vars([
+            (
+                "POSTGRES_SYNC_HOST".to_string(),
+                "/run/postgresql".to_string(),
+            ),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("DB_QUERY_TIMEOUT_MS".to_string(), "1500".to_string()),
+            ("DB_CONNECTION_TIMEOUT_MS".to_string(), "700".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(shutdown_grace(&cfg), Duration::from_millis(2200));
+    }
+}

@@ -298,6 +298,67 @@ mod tests {
         assert_eq!(backoff_cap(100), BACKOFF_MAX);
     }
 
+    /// Against a port nobody listens on, every attempt fails at once, so the time
+    /// spent is the backoff alone: MAX_CONNECTION_RETRIES attempts, each wait at most
+    /// its cap (0.5 s, 1 s, 2 s), and the error is the last attempt's.
+    #[tokio::test(start_paused = true)]
+    async fn connect_backs_off_within_the_caps_and_gives_up_after_the_retries() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = Config::from_vars([
+            ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
+            ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("MAX_CONNECTION_RETRIES".to_string(), "4".to_string()),
+        ])
+        .unwrap();
+        let t = tokio::time::Instant::now();
+        let err = match Db::connect_with_retry(&cfg.local, &cfg, &Shutdown::never()).await {
+            Ok(_) => panic!("connected to a closed port"),
+            Err(e) => e,
+        };
+        assert!(err.is_transient(), "{err}");
+        assert!(
+            err.to_string().starts_with("local: connect to 127.0.0.1:"),
+            "{err}"
+        );
+        let spent = t.elapsed();
+        assert!(
+            spent <= Duration::from_millis(500 + 1000 + 2000),
+            "{spent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_ends_the_backoff_at_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = Config::from_vars([
+            ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
+            ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("MAX_CONNECTION_RETRIES".to_string(), "100".to_string()),
+        ])
+        .unwrap();
+        let (trigger, shutdown) = crate::shutdown::channel();
+        trigger.trigger();
+        let t = tokio::time::Instant::now();
+        assert!(Db::connect_with_retry(&cfg.local, &cfg, &shutdown)
+            .await
+            .is_err());
+        assert_eq!(
+            t.elapsed(),
+            Duration::ZERO,
+            "waited although shutdown was requested"
+        );
+    }
+
     #[test]
     fn jitter_stays_within_the_cap_and_varies() {
         let cap = Duration::from_millis(1000);

@@ -94,3 +94,41 @@ pub async fn on_signals(trigger: Trigger) {
     crate::notify::stopping();
     std::process::exit(0);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interval_sleep_runs_its_full_length_when_nothing_asks_to_stop() {
+        let (_trigger, shutdown) = channel();
+        let t = Instant::now();
+        assert!(shutdown.sleep(Duration::from_secs(60)).await);
+        assert_eq!(t.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_request_cuts_the_interval_sleep_short() {
+        let (trigger, shutdown) = channel();
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            trigger.trigger();
+        });
+        assert!(!shutdown.sleep(Duration::from_secs(60)).await);
+        assert_eq!(t.elapsed(), Duration::from_secs(7));
+        assert!(shutdown.is_requested());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_is_never_requested() {
+        let shutdown = Shutdown::never();
+        assert!(shutdown.sleep(Duration::from_secs(3600)).await);
+        let waited = tokio::time::timeout(Duration::from_secs(3600), shutdown.requested()).await;
+        assert!(waited.is_err(), "a never-shutdown resolved");
+    }
+}
