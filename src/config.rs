@@ -226,6 +226,12 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// The most readings the upload may hold in memory at once,
+/// `BATCH_SIZE × UPLOAD_PIPELINE_DEPTH`: about 11 MiB of batches at the 110 bytes a
+/// typical reading takes (docs/upload.md), so a peak RSS of about 25 MiB. It lets
+/// every valid `BATCH_SIZE` run at depth 1, and the default depth 8 up to 12,500.
+pub const MAX_READINGS_IN_FLIGHT: u64 = 100_000;
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.var, self.problem)
@@ -304,6 +310,28 @@ impl Checker {
         };
         self.show(var, n);
         n
+    }
+
+    /// The upload holds up to `BATCH_SIZE × UPLOAD_PIPELINE_DEPTH` readings in
+    /// memory at once (every batch in flight is kept until central has acknowledged
+    /// it). Refused above [`MAX_READINGS_IN_FLIGHT`]; checked only when both values
+    /// are themselves valid, so that one mistake gives one error.
+    fn readings_in_flight(&mut self, batch_size: u64, depth: u64) {
+        let valid = |c: &Self, var| !c.errors.iter().any(|e| e.var == var);
+        if !valid(self, ENV_BATCH_SIZE) || !valid(self, ENV_UPLOAD_PIPELINE_DEPTH) {
+            return;
+        }
+        let n = batch_size * depth;
+        if n > MAX_READINGS_IN_FLIGHT {
+            self.fail(
+                ENV_BATCH_SIZE,
+                format!(
+                    "{batch_size} × {ENV_UPLOAD_PIPELINE_DEPTH} {depth} = {n} readings in flight at once, \
+                     more than the {MAX_READINGS_IN_FLIGHT} a gateway's memory is sized for \
+                     (docs/upload.md); lower {ENV_BATCH_SIZE} or {ENV_UPLOAD_PIPELINE_DEPTH}"
+                ),
+            );
+        }
     }
 
     /// One of `choices` by its name.
@@ -622,6 +650,7 @@ impl Config {
         let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
         c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
         let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
+        c.readings_in_flight(batch_size, upload_pipeline_depth);
         let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
         let upload_retain_hours = c.int(ENV_UPLOAD_RETAIN_HOURS, 0, 0, 8_760);
         let download_full_every = c.int(ENV_DOWNLOAD_FULL_EVERY_SECONDS, 86_400, 1, 31_536_000);
@@ -857,6 +886,35 @@ mod tests {
     }
 
     #[test]
+    fn batches_in_flight_that_cannot_fit_are_refused_naming_both_variables() {
+        assert!(Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12500")])).is_ok());
+        assert!(Config::from_vars(vars(&[
+            (ENV_BATCH_SIZE, "100000"),
+            (ENV_UPLOAD_PIPELINE_DEPTH, "1")
+        ]))
+        .is_ok());
+        let errs = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12501")])).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        let msg = errs[0].to_string();
+        assert!(
+            msg.starts_with("BATCH_SIZE: 12501 × UPLOAD_PIPELINE_DEPTH 8 = 100008 readings"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("lower BATCH_SIZE or UPLOAD_PIPELINE_DEPTH"),
+            "{msg}"
+        );
+        // One mistake, one error: an invalid depth is not also a product too large.
+        assert_eq!(
+            err_vars(&[
+                (ENV_BATCH_SIZE, "50000"),
+                (ENV_UPLOAD_PIPELINE_DEPTH, "900")
+            ]),
+            vec![ENV_UPLOAD_PIPELINE_DEPTH]
+        );
+    }
+
+    #[test]
     fn ranges_are_enforced() {
         assert_eq!(
             err_vars(&[(ENV_SYNC_INTERVAL_SECONDS, "0")]),
@@ -878,7 +936,12 @@ mod tests {
             err_vars(&[(ENV_DB_QUERY_TIMEOUT_MS, "5")]),
             vec![ENV_DB_QUERY_TIMEOUT_MS]
         );
-        assert!(Config::from_vars(vars(&[(ENV_BATCH_SIZE, "100000")])).is_ok());
+        // The top of the range, at a depth where it fits (MAX_READINGS_IN_FLIGHT).
+        assert!(Config::from_vars(vars(&[
+            (ENV_BATCH_SIZE, "100000"),
+            (ENV_UPLOAD_PIPELINE_DEPTH, "1")
+        ]))
+        .is_ok());
         assert!(Config::from_vars(vars(&[(ENV_SYNC_INTERVAL_SECONDS, "1")])).is_ok());
     }
 
