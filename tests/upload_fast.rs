@@ -95,7 +95,11 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
     let run = s.run(&["once"]);
     let log = run.all();
     assert_eq!(upload_ok(&s), Some((true, 400)), "{log}");
-    assert_eq!(central_rows(&mut c), before, "every reading once, as written");
+    assert_eq!(
+        central_rows(&mut c),
+        before,
+        "every reading once, as written"
+    );
     assert_eq!(s.local_count("meter_readings"), 0);
     assert!(log.contains("51 were already in central"), "{log}");
     assert_eq!(
@@ -107,9 +111,13 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
 }
 
 /// A gateway role whose central `statement_timeout` a 1,000-reading batch exceeds
-/// (a statement trigger that takes 1 ms per row) and a 250-reading batch does not:
+/// (a statement trigger that takes 4 ms per row) and a 250-reading batch does not:
 /// the batches that fail are halved, not retried unchanged, and the queue drains in
 /// the same cycle; central holds every reading once.
+///
+/// The role's timeout (1.8 s) is also what the daemon sets per transaction for a
+/// `DB_QUERY_TIMEOUT_MS` of 2 s (a little under it), so the test means the same
+/// whether central's timeout comes from the role or from the daemon's `SET LOCAL`.
 #[test]
 fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_drains() {
     let mut s = Sandbox::new();
@@ -118,12 +126,12 @@ fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_d
     admin
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
-             ALTER ROLE {role} SET statement_timeout = '400ms';
+             ALTER ROLE {role} SET statement_timeout = '1800ms';
              GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
              GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
              CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
-                 PERFORM pg_sleep((SELECT count(*) FROM new_rows) * 0.001);
+                 PERFORM pg_sleep((SELECT count(*) FROM new_rows) * 0.004);
                  RETURN NULL;
              END $$;
              CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
@@ -134,14 +142,14 @@ fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_d
     s.set("POSTGRES_CLIENT_USER", &role)
         .set("BATCH_SIZE", 1000)
         .set("UPLOAD_PIPELINE_DEPTH", 8)
-        .set("LOG_LEVEL", "info");
+        .set("DB_QUERY_TIMEOUT_MS", 2000);
     let mut l = s.local();
-    support::insert_readings(&mut l, 2000, 0);
+    support::insert_readings(&mut l, 1000, 0);
     let before = local_rows(&mut l);
 
     let run = s.run(&["once"]);
     let log = run.all();
-    assert_eq!(upload_ok(&s), Some((true, 2000)), "{log}");
+    assert_eq!(upload_ok(&s), Some((true, 1000)), "{log}");
     assert_eq!(central_rows(&mut admin), before);
     assert_eq!(s.local_count("meter_readings"), 0);
     assert!(log.contains("statement timeout"), "the timeout was met: {log}");
