@@ -57,9 +57,13 @@ pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
 }
 
 /// The local `id`, then the columns central gets ([`CENTRAL_COLUMNS`]), each in the
-/// server's binary format (tokio-postgres asks for binary results).
-const COLUMNS: &str = "r.id, r.reading_uid, r.meter_id, r.\"timestamp\", r.value, r.unit, \
-     r.metadata, r.created_at, r.sync_attempts";
+/// server's binary format (tokio-postgres asks for binary results). Each is cast to
+/// its SPEC §4 type ([`batch::ELEMENT_TYPES`]; a no-op on a table created by our
+/// migrations), so that a legacy table with an `integer` id or `text` columns still
+/// yields exactly the binary encoding central's columns expect.
+const COLUMNS: &str = "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
+     r.\"timestamp\"::timestamptz, r.value::numeric, r.unit::varchar, r.metadata::jsonb, \
+     r.created_at::timestamptz, r.sync_attempts::int4";
 
 /// The fast path: one statement per batch, so one implicit transaction, all rows or
 /// none. It works unchanged on a table partitioned by `timestamp` (COPY routes each
