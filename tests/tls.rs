@@ -268,12 +268,23 @@ fn an_ip_address_host_matches_the_ip_san_under_verify_full() {
 }
 
 #[test]
-fn require_accepts_a_self_signed_certificate_that_verify_ca_refuses() {
+fn require_accepts_a_self_signed_certificate_only_without_a_root_file() {
     let c = self_signed_central();
     let mut s = sandbox_against(c);
     s.set("POSTGRES_CLIENT_SSLMODE", "require");
-    migrate_remote(&s).assert_ok();
-    // Not even a bundle is needed.
+    // As in libpq, a root file makes require check the chain like verify-ca.
+    if cfg!(feature = "rustls") {
+        assert_refused(&migrate_remote(&s), &["it is a CA certificate"]);
+    } else {
+        assert_refused(
+            &migrate_remote(&s),
+            &[
+                "not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT",
+                "sslmode=prefer and require verify the chain, as libpq does",
+            ],
+        );
+    }
+    // Without one, require is encryption only.
     s.unset("POSTGRES_CLIENT_SSLROOTCERT");
     migrate_remote(&s).assert_ok();
     s.set("POSTGRES_CLIENT_SSLMODE", "verify-ca")
@@ -290,8 +301,11 @@ fn require_accepts_a_self_signed_certificate_that_verify_ca_refuses() {
             &migrate_remote(&s),
             &["not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT"],
         );
-        // As with libpq, trusting the self-signed certificate itself works.
+        // As with libpq, trusting the self-signed certificate itself works, for
+        // require as for verify-ca.
         s.set("POSTGRES_CLIENT_SSLROOTCERT", self_signed.display());
+        migrate_remote(&s).assert_ok();
+        s.set("POSTGRES_CLIENT_SSLMODE", "require");
         migrate_remote(&s).assert_ok();
     }
 }
@@ -477,4 +491,131 @@ fn malformed_or_mismatched_tls_files_exit_78_naming_the_variable_from_every_comm
             }
         }
     }
+}
+
+/// Signed for localhost by a CA the gateway is not given.
+fn unknown_ca_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            let dir = &c.certs.as_ref().unwrap().dir;
+            issue(
+                dir,
+                "stranger",
+                unrelated_ca(),
+                "localhost",
+                "DNS:localhost,IP:127.0.0.1",
+                30,
+            )
+        })
+    })
+}
+
+/// Whether `psql` (libpq) connects to localhost:`port` with `sslmode` and, if
+/// given, `sslrootcert`; with its error text. HOME is an empty directory, so
+/// libpq finds no ~/.postgresql/root.crt (nor a client certificate) of its own.
+fn psql_connects(port: u16, sslmode: &str, root: Option<&Path>, home: &Path) -> (bool, String) {
+    let mut c = Command::new("psql");
+    c.args(["-X", "-w", "-A", "-t", "-c", "SELECT 1"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("PGHOST", "localhost")
+        .env("PGPORT", port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .env("PGPASSWORD", CENTRAL_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", sslmode);
+    if let Some(r) = root {
+        c.env("PGSSLROOTCERT", r);
+    }
+    let out = c
+        .output()
+        .expect("psql (postgresql-client; .ci/setup installs it)");
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1";
+    (ok, String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+/// Whether meter-sync connects to central with the same settings: `status
+/// --json` makes one connection attempt and one round trip.
+fn meter_sync_connects(
+    s: &mut Sandbox,
+    port: u16,
+    sslmode: &str,
+    root: Option<&Path>,
+) -> (bool, String) {
+    s.set("POSTGRES_CLIENT_HOST", "localhost")
+        .set("POSTGRES_CLIENT_PORT", port)
+        .set("POSTGRES_CLIENT_DB", "postgres")
+        .set("POSTGRES_CLIENT_SSLMODE", sslmode);
+    match root {
+        Some(r) => s.set("POSTGRES_CLIENT_SSLROOTCERT", r.display()),
+        None => s.unset("POSTGRES_CLIENT_SSLROOTCERT"),
+    };
+    let r = s.run(&["status", "--json"]);
+    if r.code == Some(78) {
+        // rustls without any system CA certificate refuses verify-* at start.
+        return (false, r.all());
+    }
+    r.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("status --json");
+    let central = &v["central"];
+    (
+        central["reachable"] == serde_json::Value::Bool(true),
+        central["error"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Issue 13 item 5: for five server set-ups and the five sslmodes, with and
+/// without a root file, meter-sync connects exactly when libpq (psql) does.
+#[test]
+fn every_sslmode_against_every_server_connects_exactly_when_libpq_does() {
+    let trusted = shared().1.certs.as_ref().unwrap().ca.clone();
+    let setups: Vec<(&str, u16)> = vec![
+        ("no TLS", shared().0.port),
+        ("trusted CA", shared().1.port),
+        ("unknown CA", unknown_ca_central().port),
+        ("other host name", wrong_host_central().port),
+        ("expired", expired_central().port),
+    ];
+    let home = temp_dir("libpq-home");
+    let mut s = Sandbox::new();
+    let mut table = String::new();
+    let mut disagree = Vec::new();
+    let mut libpq_connects = 0;
+    for root_label in ["sslrootcert set", "no sslrootcert"] {
+        for (name, port) in &setups {
+            // Each central cluster has its own test CA: "trusted" is the one that
+            // signed the set-up's certificate, except for the unknown-CA server.
+            let root = match (root_label, *name) {
+                ("no sslrootcert", _) => None,
+                (_, "other host name") => Some(ca_of(wrong_host_central()).0),
+                (_, "expired") => Some(ca_of(expired_central()).0),
+                (_, "unknown CA") => Some(ca_of(unknown_ca_central()).0),
+                _ => Some(trusted.clone()),
+            };
+            for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+                let (lib, lib_err) = psql_connects(*port, mode, root.as_deref(), &home);
+                let (ours, our_err) = meter_sync_connects(&mut s, *port, mode, root.as_deref());
+                libpq_connects += usize::from(lib);
+                table.push_str(&format!(
+                    "{root_label:16} {name:16} {mode:12} libpq={} meter-sync={}\n",
+                    if lib { "connects" } else { "refuses " },
+                    if ours { "connects" } else { "refuses" }
+                ));
+                if lib != ours {
+                    disagree.push(format!(
+                        "{root_label}, {name}, {mode}: libpq {} ({lib_err}), meter-sync {} ({our_err})",
+                        if lib { "connects" } else { "refuses" },
+                        if ours { "connects" } else { "refuses" },
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("{table}");
+    assert!(disagree.is_empty(), "{}\n{table}", disagree.join("\n"));
+    // Not a vacuous agreement: libpq itself both connects and refuses.
+    assert!(libpq_connects > 5 && libpq_connects < 45, "{table}");
 }
