@@ -79,7 +79,7 @@ impl Db {
         let what = format!("connect to {}", db.describe());
         let (client, connection) = match crate::notify::while_bounded(tokio::time::timeout(
             cfg.connect_timeout,
-            pc.connect(tls),
+            crate::tls::connect(db, pc, tls),
         ))
         .await
         {

@@ -255,6 +255,41 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
+/// Opens the connection `pc` describes. Under `prefer`, a TLS handshake that
+/// fails (a certificate refused, say) is followed by one attempt without TLS, as
+/// libpq does: `prefer` never promised more than "TLS if it works", and a server
+/// that takes plaintext logins is then reached just as psql reaches it.
+pub async fn connect(
+    db: &DbConfig,
+    mut pc: tokio_postgres::Config,
+    tls: MakeConnector,
+) -> std::result::Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<Socket, TlsStream>,
+    ),
+    tokio_postgres::Error,
+> {
+    match pc.connect(tls.clone()).await {
+        Err(e) if db.sslmode == SslMode::Prefer && is_tls_failure(&e) => {
+            log::warn!(
+                "{}: TLS with {} failed ({e}); sslmode=prefer tries once more without TLS, as libpq does",
+                db.side,
+                db.describe()
+            );
+            pc.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            pc.connect(tls).await
+        }
+        other => other,
+    }
+}
+
+/// The TLS handshake itself failed (as opposed to the server refusing TLS or the
+/// login).
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<Refusal>().is_some())
+}
+
 /// What tokio-postgres should do about TLS for this sslmode.
 pub fn pg_ssl_mode(mode: SslMode) -> tokio_postgres::config::SslMode {
     use tokio_postgres::config::SslMode as M;
