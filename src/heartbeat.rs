@@ -24,6 +24,7 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::config::{DbConfig, Side, SslMode};
 use crate::db::Db;
 use crate::error::Result;
+use crate::report::{CycleReport, Phase};
 use crate::tls::Traffic;
 
 /// SQLSTATE undefined_table: central has not been migrated to this release yet.
@@ -67,17 +68,19 @@ pub struct QueueState {
 /// the upload sends next, and it says up to when central's data is complete.
 /// `created_at` has no index and may be null for a collector's own rows.
 pub async fn queue_state(local: &Db) -> Result<QueueState> {
+    use crate::upload::{PENDING, QUARANTINED};
     let row = local
         .query_one(
             "count the queue",
-            "SELECT q.pending, q.quarantined, o.ts, \
-                    greatest(0, floor(extract(epoch FROM now() - o.ts)))::bigint \
-             FROM (SELECT count(*) FILTER (WHERE sync_error IS NULL) AS pending, \
-                          count(*) FILTER (WHERE sync_error IS NOT NULL) AS quarantined \
-                   FROM meter_readings WHERE NOT is_synchronized) q \
-             LEFT JOIN LATERAL (SELECT \"timestamp\" AS ts FROM meter_readings \
-                                WHERE NOT is_synchronized AND sync_error IS NULL \
-                                ORDER BY \"timestamp\", id LIMIT 1) o ON true",
+            &format!(
+                "SELECT q.pending, q.quarantined, o.ts, \
+                        greatest(0, floor(extract(epoch FROM now() - o.ts)))::bigint \
+                 FROM (SELECT count(*) FILTER (WHERE {PENDING}) AS pending, \
+                              count(*) FILTER (WHERE {QUARANTINED}) AS quarantined \
+                       FROM meter_readings WHERE NOT is_synchronized) q \
+                 LEFT JOIN LATERAL (SELECT \"timestamp\" AS ts FROM meter_readings \
+                                    WHERE {PENDING} ORDER BY \"timestamp\", id LIMIT 1) o ON true"
+            ),
             &[],
         )
         .await?;
@@ -121,6 +124,18 @@ impl Beat {
             error: (!failed.is_empty()).then(|| truncate(&failed.join("; "), MAX_ERROR_CHARS)),
             queue,
         }
+    }
+
+    /// A beat for the cycle `report` describes.
+    pub fn of_report(report: &CycleReport, queue: Option<QueueState>) -> Beat {
+        Beat::of_phases(
+            report
+                .phases
+                .iter()
+                .map(|p| (p.phase.as_str(), p.error.as_deref())),
+            report.phases.len() == Phase::ALL.len(),
+            queue,
+        )
     }
 
     /// A beat for a cycle that could not start (`why`: the local database is
@@ -183,7 +198,7 @@ impl CertExpiry {
             self.expires = match crate::tls::client_cert_expiry(&self.db) {
                 Ok(e) => e,
                 Err(e) => {
-                    // tls::validate refused a bad file at start; a file broken
+                    // The configuration refused a bad file at start; a file broken
                     // since then breaks the connection too, which says so.
                     log::debug!("heartbeat: client certificate expiry unknown: {e}");
                     None

@@ -10,10 +10,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::cycle::{CycleReport, Phase};
 use crate::error::{Error, Kind, Result};
-
-const PHASES: [Phase; 3] = [Phase::Upload, Phase::Meters, Phase::Tenant];
+use crate::report::{CycleReport, Phase};
 
 #[derive(Clone, Copy, Default)]
 struct PhaseStats {
@@ -30,19 +28,14 @@ pub struct Metrics {
     cycles: u64,
     cycle_errors: u64,
     readings_uploaded: u64,
-    phases: [PhaseStats; 3],
+    phases: [PhaseStats; Phase::ALL.len()],
     /// (pending, quarantined) as last counted.
     queue: Option<(i64, i64)>,
+    /// The oldest waiting reading's `timestamp` and age, as last counted; the outer
+    /// None when the queue could not be counted, the inner when nothing waits.
+    oldest_pending: Option<(Option<SystemTime>, Option<Duration>)>,
     last_cycle_end: Option<SystemTime>,
     last_cycle_duration: Option<Duration>,
-}
-
-fn index(p: Phase) -> usize {
-    match p {
-        Phase::Upload => 0,
-        Phase::Meters => 1,
-        Phase::Tenant => 2,
-    }
 }
 
 fn epoch_seconds(t: SystemTime) -> f64 {
@@ -61,7 +54,7 @@ impl Metrics {
             self.cycle_errors += 1;
         }
         for o in &report.phases {
-            let s = &mut self.phases[index(o.phase)];
+            let s = &mut self.phases[o.phase.index()];
             s.last_duration = Some(o.duration);
             s.last_ok = Some(o.ok());
             if o.ok() {
@@ -89,6 +82,10 @@ impl Metrics {
         self.queue = queue;
     }
 
+    pub fn set_oldest_pending(&mut self, oldest: Option<(Option<SystemTime>, Option<Duration>)>) {
+        self.oldest_pending = oldest;
+    }
+
     /// The whole file, in the text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let one = |v: Option<f64>| {
@@ -97,10 +94,10 @@ impl Metrics {
                 .collect::<Vec<_>>()
         };
         let per_phase = |f: &dyn Fn(&PhaseStats) -> Option<f64>| {
-            PHASES
+            Phase::ALL
                 .iter()
                 .filter_map(|p| {
-                    f(&self.phases[index(*p)]).map(|v| (format!("{{phase=\"{}\"}}", p.as_str()), v))
+                    f(&self.phases[p.index()]).map(|v| (format!("{{phase=\"{}\"}}", p.as_str()), v))
                 })
                 .collect::<Vec<_>>()
         };
@@ -118,6 +115,24 @@ impl Metrics {
             "gauge",
             "Readings central rejected, kept locally until meter-sync requeue.",
             one(self.queue.map(|q| q.1 as f64)),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_age_seconds",
+            "gauge",
+            "Age of the oldest reading waiting for upload (its timestamp to the local database's now()) \
+             after the last cycle; 0 when none waits.",
+            one(self
+                .oldest_pending
+                .map(|(_, age)| age.map_or(0.0, |a| a.as_secs_f64()))),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_timestamp_seconds",
+            "gauge",
+            "Timestamp of the oldest reading waiting for upload (Unix time), after the last cycle; \
+             absent when none waits.",
+            one(self.oldest_pending.and_then(|(at, _)| at).map(epoch_seconds)),
         );
         family(
             &mut o,
@@ -241,7 +256,7 @@ fn fmt_f64(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cycle::PhaseOutcome;
+    use crate::report::PhaseOutcome;
 
     #[test]
     fn every_sample_follows_its_type_line() {

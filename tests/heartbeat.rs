@@ -305,7 +305,10 @@ fn a_failing_heartbeat_never_fails_a_cycle_and_is_logged_once() {
     );
     let log = d.log_text();
     assert_eq!(
-        count(&log, "heartbeat skipped: central has no gateway_status table"),
+        count(
+            &log,
+            "heartbeat skipped: central has no gateway_status table"
+        ),
         1,
         "{log}"
     );
