@@ -393,6 +393,13 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
         )
         .unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e}");
+    // Nor can it claim an id no gateway has used yet (which would lock that
+    // gateway out of its own row).
+    let c = unique("gw_c");
+    let e = as_a
+        .execute("INSERT INTO gateway_status (gateway_id) VALUES ($1)", &[&c])
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e}");
     // Changing its own row into b's is refused as well.
     let e = as_a
         .execute(
