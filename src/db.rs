@@ -50,7 +50,8 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
         .user(&db.user)
         .application_name("meter-sync")
         .connect_timeout(cfg.connect_timeout)
-        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode));
+        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode))
+        .channel_binding(crate::tls::pg_channel_binding(db.channel_binding));
     if !db.password.is_empty() {
         c.password(db.password.expose());
     }

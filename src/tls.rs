@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
+use crate::config::ChannelBinding as ChannelBindingMode;
 use crate::config::{ConfigError, DbConfig, Side, SslMode};
 use crate::config::{ENV_CLIENT_SSLCERT, ENV_CLIENT_SSLKEY, ENV_CLIENT_SSLROOTCERT};
 use crate::error::{Error, Kind, Result};
@@ -321,6 +322,18 @@ pub fn is_refusal(e: &tokio_postgres::Error) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<Refusal>())
         .is_some_and(|r| r.cause != Cause::Other)
+}
+
+/// tokio-postgres' own channel_binding, which has libpq's meaning; the backends
+/// supply the `tls-server-end-point` hash it needs ([`TlsStream`]'s
+/// `channel_binding`).
+pub fn pg_channel_binding(cb: ChannelBindingMode) -> tokio_postgres::config::ChannelBinding {
+    use tokio_postgres::config::ChannelBinding as B;
+    match cb {
+        ChannelBindingMode::Disable => B::Disable,
+        ChannelBindingMode::Prefer => B::Prefer,
+        ChannelBindingMode::Require => B::Require,
+    }
 }
 
 /// What tokio-postgres should do about TLS for this sslmode.
