@@ -673,3 +673,218 @@ fn every_sslmode_against_every_server_connects_exactly_when_libpq_does() {
     // Not a vacuous agreement: libpq itself both connects and refuses.
     assert!(libpq_connects > 5 && libpq_connects < 55, "{table}");
 }
+
+/// SCRAM over TLS with `POSTGRES_CLIENT_CHANNEL_BINDING=require` logs in only
+/// with SCRAM-SHA-256-PLUS (tokio-postgres refuses anything else), and the server
+/// checks the binding: so this succeeding proves the backend hands over the right
+/// `tls-server-end-point` hash of the server's certificate.
+#[test]
+fn channel_binding_require_logs_in_with_scram_plus() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    migrate_remote(&s).assert_ok();
+    s.insert_readings(5);
+    let r = s.run(&["once"]);
+    assert!(r.all().contains("uploaded 5"), "{}", r.all());
+    // Under require with a root file, as under verify-full.
+    s.set("POSTGRES_CLIENT_SSLMODE", "require");
+    migrate_remote(&s).assert_ok();
+}
+
+/// A central that asks for the password in clear, as a man in the middle with a
+/// certificate of its own would: only channel_binding=require refuses to answer.
+fn cleartext_password_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        Box::leak(Box::new(Cluster::start_with(
+            Role::Central,
+            "local all all trust\nhostssl all all 127.0.0.1/32 password\n",
+        )))
+    })
+}
+
+#[test]
+fn channel_binding_require_never_answers_a_request_for_the_password_in_clear() {
+    let mut s = sandbox_against(cleartext_password_central());
+    s.set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT");
+    // libpq's default: the password goes out (inside TLS, to whoever holds the key).
+    migrate_remote(&s).assert_ok();
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    assert_refused(&migrate_remote(&s), &["channel binding"]);
+}
+
+/// A man in the middle that terminates the gateway's TLS with a certificate of
+/// its own and opens its own TLS session to the real server, relaying everything
+/// and remembering what the gateway sent. Built with the openssl crate, so only in
+/// the OpenSSL build (the rustls build's binding is proven by
+/// `channel_binding_require_logs_in_with_scram_plus`).
+#[cfg(feature = "native-tls")]
+mod mitm {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openssl::ssl::{
+        SslAcceptor, SslConnector, SslFiletype, SslMethod, SslStream, SslVerifyMode,
+    };
+
+    /// PostgreSQL's SSLRequest: length 8, code 80877103.
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
+
+    pub struct Mitm {
+        pub port: u16,
+        /// Everything the gateways sent through it, decrypted.
+        pub from_gateway: Arc<Mutex<Vec<u8>>>,
+    }
+
+    pub fn start(upstream: u16, cert: &Path, key: &Path) -> Mitm {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut acceptor = SslAcceptor::mozilla_intermediate(SslMethod::tls()).unwrap();
+        acceptor.set_certificate_chain_file(cert).unwrap();
+        acceptor
+            .set_private_key_file(key, SslFiletype::PEM)
+            .unwrap();
+        let acceptor = Arc::new(acceptor.build());
+        let from_gateway = Arc::new(Mutex::new(Vec::new()));
+        let log = from_gateway.clone();
+        std::thread::spawn(move || {
+            for gateway in listener.incoming().flatten() {
+                let (acceptor, log) = (acceptor.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(gateway, upstream, &acceptor, &log);
+                });
+            }
+        });
+        Mitm { port, from_gateway }
+    }
+
+    fn relay(
+        mut gateway: TcpStream,
+        upstream: u16,
+        acceptor: &SslAcceptor,
+        log: &Mutex<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        let mut req = [0u8; 8];
+        gateway.read_exact(&mut req)?;
+        if req != SSL_REQUEST {
+            return Ok(());
+        }
+        gateway.write_all(b"S")?;
+        let mut down = acceptor.accept(gateway).map_err(std::io::Error::other)?;
+        let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+        server.write_all(&SSL_REQUEST)?;
+        let mut answer = [0u8; 1];
+        server.read_exact(&mut answer)?;
+        let mut connector = SslConnector::builder(SslMethod::tls()).unwrap();
+        connector.set_verify(SslVerifyMode::NONE);
+        let mut up = connector
+            .build()
+            .configure()
+            .unwrap()
+            .verify_hostname(false)
+            .connect("localhost", server)
+            .map_err(std::io::Error::other)?;
+        down.get_ref().set_nonblocking(true)?;
+        up.get_ref().set_nonblocking(true)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let a = pump(&mut down, &mut up, &mut buf, Some(log))?;
+            let b = pump(&mut up, &mut down, &mut buf, None)?;
+            if !a && !b {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Moves what `from` has to `to`; false when there was nothing.
+    fn pump(
+        from: &mut SslStream<TcpStream>,
+        to: &mut SslStream<TcpStream>,
+        buf: &mut [u8],
+        log: Option<&Mutex<Vec<u8>>>,
+    ) -> std::io::Result<bool> {
+        let n = match from.read(buf) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if let Some(log) = log {
+            log.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+        let mut sent = 0;
+        while sent < n {
+            match to.write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Issue 13 item 5's attacker: an active man in the middle whose certificate the
+/// gateway accepts (sslmode=require without a root file). Without channel binding
+/// it relays the SCRAM login and holds an authenticated session as the gateway;
+/// with it (prefer, libpq's default, when the server offers SCRAM-SHA-256-PLUS)
+/// the server sees that the gateway bound its login to another certificate and
+/// refuses. Against a server (or a middle) asking for the password in clear, only
+/// `require` keeps the password from the middle.
+#[cfg(feature = "native-tls")]
+#[test]
+fn a_man_in_the_middle_is_stopped_by_channel_binding() {
+    let (cert, key) = issue(
+        pki(),
+        "mitm",
+        unrelated_ca(),
+        "localhost",
+        "DNS:localhost,IP:127.0.0.1",
+        30,
+    );
+    let mut s = Sandbox::new();
+    let central_port = s.central_cluster().port;
+    let m = mitm::start(central_port, &cert, &key);
+    s.set("POSTGRES_CLIENT_PORT", m.port)
+        .set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT");
+    // Without binding the relayed login works: the middle is real.
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "disable");
+    migrate_remote(&s).assert_ok();
+    // With it, the server refuses the login bound to the middle's certificate.
+    for cb in ["prefer", "require"] {
+        s.set("POSTGRES_CLIENT_CHANNEL_BINDING", cb);
+        assert_refused(&migrate_remote(&s), &["channel binding"]);
+    }
+    // With a root file, require refuses the middle's certificate outright.
+    s.set(
+        "POSTGRES_CLIENT_SSLROOTCERT",
+        s.central_cluster().certs.as_ref().unwrap().ca.display(),
+    );
+    assert_refused(&migrate_remote(&s), &["not signed by a CA"]);
+    assert!(!String::from_utf8_lossy(&m.from_gateway.lock().unwrap()).contains(CENTRAL_PASSWORD));
+
+    // A middle in front of a server that asks for the password in clear reads it
+    // under prefer, and never sees it under require.
+    let phisher = mitm::start(cleartext_password_central().port, &cert, &key);
+    let mut s = sandbox_against(cleartext_password_central());
+    s.set("POSTGRES_CLIENT_PORT", phisher.port)
+        .set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT")
+        .set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    assert_refused(&migrate_remote(&s), &["channel binding"]);
+    let seen = || String::from_utf8_lossy(&phisher.from_gateway.lock().unwrap()).into_owned();
+    assert!(!seen().contains(CENTRAL_PASSWORD));
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "prefer");
+    migrate_remote(&s).assert_ok();
+    assert!(
+        seen().contains(CENTRAL_PASSWORD),
+        "the middle read no password"
+    );
+}
