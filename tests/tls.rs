@@ -617,7 +617,9 @@ fn every_sslmode_against_every_server_connects_exactly_when_libpq_does() {
     };
     let home = temp_dir("libpq-home");
     // One thread per set-up: the cells wait on handshakes and process starts.
-    let rows: Vec<Vec<(String, bool, String, bool, String)>> = std::thread::scope(|scope| {
+    /// (cell label, libpq connects, its error, meter-sync connects, its error)
+    type Cell = (String, bool, String, bool, String);
+    let rows: Vec<Vec<Cell>> = std::thread::scope(|scope| {
         let handles: Vec<_> = setups
             .iter()
             .map(|(name, cluster)| {
