@@ -34,17 +34,16 @@ const UNDEFINED_TABLE: &str = "42P01";
 /// enough that 10,000 rows stay small.
 const MAX_ERROR_CHARS: usize = 2000;
 
-const UPSERT: &str = "INSERT INTO gateway_status AS g \
-     (gateway_id, version, last_cycle_at, last_cycle_ok, last_error, queue_size, \
-      oldest_pending_at, quarantined, cert_expires_at, bytes_up, bytes_down, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now()) \
-     ON CONFLICT (gateway_id) DO UPDATE SET \
-       version = EXCLUDED.version, last_cycle_at = EXCLUDED.last_cycle_at, \
-       last_cycle_ok = EXCLUDED.last_cycle_ok, last_error = EXCLUDED.last_error, \
-       queue_size = EXCLUDED.queue_size, oldest_pending_at = EXCLUDED.oldest_pending_at, \
-       quarantined = EXCLUDED.quarantined, cert_expires_at = EXCLUDED.cert_expires_at, \
-       bytes_up = EXCLUDED.bytes_up, bytes_down = EXCLUDED.bytes_down, \
-       updated_at = EXCLUDED.updated_at";
+/// Sent every cycle by every gateway, so kept short: the SET list reuses the
+/// parameters instead of naming `EXCLUDED.column` (about 300 bytes less on the
+/// link per cycle); the column list stays, so the statement does not depend on
+/// the table's column order.
+const UPSERT: &str = "INSERT INTO gateway_status(gateway_id,version,last_cycle_at,last_cycle_ok,\
+     last_error,queue_size,oldest_pending_at,quarantined,cert_expires_at,bytes_up,bytes_down,\
+     updated_at)VALUES($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,now())ON CONFLICT(gateway_id)DO UPDATE \
+     SET version=$2,last_cycle_at=$3,last_cycle_ok=$4,last_error=$5,queue_size=$6,\
+     oldest_pending_at=$7,quarantined=$8,cert_expires_at=$9,bytes_up=$10,bytes_down=$11,\
+     updated_at=now()";
 
 /// The local queue as one query sees it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -268,6 +267,7 @@ impl Heartbeat {
             (&up, Type::INT8),
             (&down, Type::INT8),
         ];
+        let before = crate::tls::traffic(Side::Central);
         let result = central
             .timed(
                 "heartbeat: upsert gateway_status",
@@ -282,7 +282,13 @@ impl Heartbeat {
                         self.gateway_id
                     );
                 } else {
-                    log::debug!("heartbeat delivered (gateway {})", self.gateway_id);
+                    let cost = crate::tls::traffic(Side::Central).since(before);
+                    log::debug!(
+                        "heartbeat delivered (gateway {}; {} bytes up, {} down on TLS)",
+                        self.gateway_id,
+                        cost.up,
+                        cost.down
+                    );
                 }
                 self.state = State::Delivering;
                 Ok(())
