@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::lock::LockHolder;
 use crate::metrics::Metrics;
 use crate::report::CycleReport;
+use crate::retention::Schedule;
 use crate::shutdown::Shutdown;
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
@@ -122,10 +123,13 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
     );
     let mut conns = Connections::default();
     let mut metrics = Metrics::default();
+    let mut retention = Schedule::default();
     let mut was_busy = false;
     loop {
+        let mut ran = false;
         match turn(cfg, &mut conns, &shutdown).await {
             Turn::Ran(report) => {
+                ran = true;
                 was_busy = false;
                 let verdict = if report.ok() { "ok" } else { "with errors" };
                 crate::notify::status(&format!("last cycle {verdict}: {}", report.summary()));
@@ -157,6 +161,10 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
             Turn::Abandoned => log::info!("cycle abandoned for shutdown"),
         }
         report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
+        // After STATUS= and the metrics: housekeeping never delays the report.
+        if let Some(local) = conns.local().filter(|_| ran) {
+            retention.maybe_prune(cfg, local, &shutdown).await;
+        }
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
@@ -190,6 +198,9 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
         Turn::Abandoned => 1,
     };
     report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
+    if let Some(local) = conns.local() {
+        Schedule::default().maybe_prune(cfg, local, &shutdown).await;
+    }
     conns.close();
     Ok(code)
 }

@@ -24,6 +24,7 @@
 //! - `notify`: systemd READY / WATCHDOG / STATUS / STOPPING.
 //! - `logging`: syslog or stderr (sd-daemon priorities on the journal), one line per record.
 //! - `metrics`: the Prometheus textfile written after every cycle.
+//! - `retention`: `sync_logs` older than `SYNC_LOGS_RETAIN_DAYS` pruned in small batches.
 //! - `status`: the `status` command.
 
 #![forbid(unsafe_code)]
@@ -42,6 +43,7 @@ mod metrics;
 mod migrate;
 mod notify;
 mod report;
+mod retention;
 mod shutdown;
 mod status;
 mod tls;
