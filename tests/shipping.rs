@@ -99,14 +99,23 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     // A configuration error (78) must not restart-loop.
     assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
     assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
+    // Both passwords as credentials, read from $CREDENTIALS_DIRECTORY; no
+    // POSTGRES_*_PASSWORD_FILE in the unit, so that the operator may still set
+    // either variable in meter-sync.env without a conflict.
     assert_eq!(
-        one(&d, "LoadCredential"),
-        "client-password:/etc/meter-sync/client-password"
+        d["LoadCredential"],
+        [
+            "client-password:/etc/meter-sync/client-password",
+            "sync-password:/etc/meter-sync/sync-password"
+        ]
     );
-    assert_eq!(
-        one(&d, "Environment"),
-        "POSTGRES_CLIENT_PASSWORD_FILE=%d/client-password"
-    );
+    assert!(!d.contains_key("Environment"), "{:?}", d.get("Environment"));
+    // A core of the daemon holds the central password and the client key.
+    assert_eq!(one(&d, "LimitCORE"), "0");
+    // The metrics file: /run/meter-sync, 0755, so node_exporter can read it.
+    assert_eq!(one(&d, "RuntimeDirectory"), "meter-sync");
+    assert_eq!(one(&d, "RuntimeDirectoryMode"), "0755");
+    assert_eq!(one(&d, "UMask"), "0077");
     // The daemon's shutdown bound is DB_QUERY_TIMEOUT_MS + DB_CONNECTION_TIMEOUT_MS
     // + about 1 s (30 + 5 + 1 s by default): systemd must not kill it before.
     assert!(seconds(one(&d, "TimeoutStopSec")) > 30 + 5 + 1);
