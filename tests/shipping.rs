@@ -1103,3 +1103,34 @@ fn rollback_restores_the_previous_unit_too() {
     drop(fake);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// deploy/build-release builds into CARGO_TARGET_DIR and reports the binary it
+/// built there (seen before: a rustls build into another directory reported as
+/// the stale 4.99 MiB OpenSSL binary in target/).
+#[test]
+#[ignore = "a full static build from scratch (10+ min on 2 cores): .ci/cross runs it with --ignored"]
+fn build_release_honours_cargo_target_dir() {
+    let dir = temp_dir("buildrel");
+    // Relative, from another working directory: cargo must not see it relative to
+    // the repository.
+    let o = run(Command::new(repo("deploy/build-release"))
+        .arg("aarch64")
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", "tgt")
+        .env("CARGO_ARGS", "--no-default-features --features rustls"));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let bin = dir.join("tgt/aarch64-unknown-linux-musl/release/meter-sync");
+    let sha = ok(Command::new("sha256sum").arg(&bin));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("aarch64-unknown-linux-musl "))
+        .unwrap_or_else(|| panic!("no result line: {out}"));
+    assert!(
+        line.contains(&sha[..16]),
+        "reported another binary: {line}\n{sha}"
+    );
+    let size = fs::metadata(&bin).unwrap().len();
+    assert!(line.contains(&format!(" {size} bytes")), "{line}");
+    let _ = fs::remove_dir_all(dir);
+}
