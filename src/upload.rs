@@ -194,7 +194,7 @@ pub async fn drain(
     if queued == 0 {
         return Ok(PhaseResult {
             records: 0,
-            summary: "uploaded 0 in 0 batches, 0 quarantined, 0 remaining".into(),
+            summary: "nothing to upload".into(),
         });
     }
     let st = Statements::prepare(local, central).await?;
