@@ -89,7 +89,11 @@ impl CycleReport {
                 )
             })
             .collect();
-        format!("{} ({} ms)", parts.join("; "), self.duration.as_millis())
+        format!(
+            "{}; {} ms in all",
+            parts.join("; "),
+            self.duration.as_millis()
+        )
     }
 }
 

@@ -240,8 +240,9 @@ fn an_idle_cycle_writes_at_most_two_info_lines() {
             "{cycle}"
         );
         eprintln!(
-            "idle cycle: {} bytes of info lines",
-            info.iter().map(|l| l.len() + 1).sum::<usize>()
+            "idle cycle: {} bytes of info lines:\n{}",
+            info.iter().map(|l| l.len() + 1).sum::<usize>(),
+            info.join("\n")
         );
     }
 }
