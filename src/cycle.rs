@@ -91,6 +91,13 @@ impl Connections {
         }
     }
 
+    /// Starts a new cycle's connection attempts: a side that was unreachable in the
+    /// last one gets its `MAX_CONNECTION_RETRIES` attempts again. Called before the
+    /// cycle lock is (re)taken, so a local database that was down is retried.
+    pub fn begin_cycle(&mut self) {
+        self.unreachable.clear();
+    }
+
     /// Forgets a connection that failed so the next use reconnects.
     pub fn drop_if_lost(&mut self, err: &Error) {
         if err.is_connection_lost() {
@@ -118,10 +125,9 @@ fn unreachable_now(side: Side) -> Error {
 }
 
 /// Runs the three phases in order. Never fails as a whole: each phase's error is
-/// in its outcome.
+/// in its outcome. The caller began the cycle ([`Connections::begin_cycle`]).
 pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> CycleReport {
     let start = Instant::now();
-    conns.unreachable.clear();
     let mut phases = Vec::with_capacity(Phase::ALL.len());
     for phase in Phase::ALL {
         if shutdown.is_requested() {

@@ -46,6 +46,7 @@ async fn grace_expired(shutdown: &Shutdown, grace: Duration) {
 /// one cycle bounded by the shutdown grace. Shutdown during the steps before the
 /// cycle ends the turn at once: no batch is in flight there.
 async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Turn {
+    conns.begin_cycle();
     tokio::select! {
         ready = prepare(cfg, conns, shutdown) => {
             if let Err(t) = ready {
