@@ -292,7 +292,7 @@ fn unit_under_a_real_systemd() {
     );
     assert_eq!(uploaded + left, total as i64, "readings lost or doubled");
     assert_eq!(
-        uploaded % batch as i64,
+        uploaded % batch,
         0,
         "a partial batch reached central: {uploaded}"
     );
