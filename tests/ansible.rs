@@ -3,10 +3,9 @@
 //! a booted Debian container (tests/support/nspawn.rs) with its own sshd on its
 //! own loopback port, its own local database and central database, running the
 //! old release installed with deploy/install. The new release for the second
-//! gateway is broken (it exits 78 on the gateway's configuration, as a release
-//! that needs a variable the gateway lacks would): the rollout must stop after
-//! that wave, that gateway must run the old release again, and the gateway after
-//! it must be untouched.
+//! gateway is broken (it starts, but never completes a cycle: it cannot reach
+//! central): the rollout must stop after that wave, that gateway must run the
+//! old release again, and the gateway after it must be untouched.
 //!
 //! `#[ignore]`d: root, debootstrap, systemd-container, ansible-core (PyPI);
 //! `METER_SYNC_SYSTEMD=1 bash .ci/cross` installs them and runs it with --ignored.
@@ -130,8 +129,9 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
     let key_pub = fs::read_to_string(dir.join("key.pub")).unwrap();
 
     // Two releases: v1 is what the fleet runs, v2 the real binary with a byte
-    // more; the broken v2 answers --version (so deploy/install's architecture
-    // check passes) and exits 78 when started.
+    // more; the broken v2 answers --version (so deploy/install's check that it
+    // runs there passes) and starts, but no cycle of it ever succeeds: only a
+    // health gate catches it (`systemctl restart` succeeds).
     let v1 = dir.join("v1");
     fs::copy(support::bin(), &v1).unwrap();
     let v2 = dir.join("v2");
@@ -141,8 +141,10 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
     let broken = dir.join("v2-broken");
     fs::write(
         &broken,
-        "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'meter-sync 0.2.0' ;;\n  \
-         *) echo 'configuration error: NEW_REQUIRED_SETTING is not set' >&2; exit 78 ;;\nesac\n",
+        "#!/bin/sh\n# A release that starts (READY=1) but never completes a cycle: the old\n\
+         # binary (kept as .prev by the install) pointed at a closed central port.\n\
+         case \"$1\" in --version) exec /usr/local/bin/meter-sync.prev --version ;; esac\n\
+         POSTGRES_CLIENT_PORT=1 exec /usr/local/bin/meter-sync.prev \"$@\"\n",
     )
     .unwrap();
     fs::set_permissions(&broken, fs::Permissions::from_mode(0o755)).unwrap();
