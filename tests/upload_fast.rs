@@ -152,7 +152,10 @@ fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_d
     assert_eq!(upload_ok(&s), Some((true, 1000)), "{log}");
     assert_eq!(central_rows(&mut admin), before);
     assert_eq!(s.local_count("meter_readings"), 0);
-    assert!(log.contains("statement timeout"), "the timeout was met: {log}");
+    assert!(
+        log.contains("statement timeout"),
+        "the timeout was met: {log}"
+    );
     assert!(log.contains("batch size halved to 500"), "{log}");
     assert!(log.contains("batch size halved to 250"), "{log}");
     assert!(

@@ -120,6 +120,10 @@ impl Pace {
 /// it are answered: its round-trip timeout runs from when it reached the head of
 /// the pipeline, not from when it was queued behind the others (with a depth of 8
 /// and a slow central, the eighth batch would otherwise time out while it waits).
+///
+/// Once one statement has timed out the connection counts as dead (P18: a silent
+/// link is given up within `DB_QUERY_TIMEOUT_MS`): every statement still queued
+/// behind it fails at once, instead of each waiting out a limit of its own.
 #[derive(Default)]
 pub struct Pipeline {
     state: Mutex<State>,
@@ -130,6 +134,7 @@ pub struct Pipeline {
 struct State {
     next: u64,
     waiting: BTreeSet<u64>,
+    dead: bool,
 }
 
 /// A place in the pipeline; leaving (dropping it) lets the next one be head.
@@ -159,18 +164,26 @@ impl Pipeline {
         Ticket { pipe: self, n }
     }
 
-    fn is_head(&self, n: u64) -> bool {
-        self.lock().waiting.first() == Some(&n)
-    }
-
-    async fn reach_head(&self, n: u64) {
+    /// Waits until statement `n` is the head, or the connection is dead (false).
+    async fn reach_head(&self, n: u64) -> bool {
         loop {
             let moved = self.moved.notified();
-            if self.is_head(n) {
-                return;
+            {
+                let s = self.lock();
+                if s.dead {
+                    return false;
+                }
+                if s.waiting.first() == Some(&n) {
+                    return true;
+                }
             }
             moved.await;
         }
+    }
+
+    fn give_up(&self) {
+        self.lock().dead = true;
+        self.moved.notify_waiters();
     }
 
     /// Runs `fut`, one central round trip that is sent on its first poll, and gives
@@ -187,12 +200,18 @@ impl Pipeline {
     {
         let ticket = self.enter();
         let mut fut = std::pin::pin!(fut);
-        tokio::select! {
+        let alive = tokio::select! {
             biased;
             r = &mut fut => return r,
-            _ = self.reach_head(ticket.n) => {}
+            alive = self.reach_head(ticket.n) => alive,
+        };
+        if !alive {
+            return Err(timeout());
         }
         let r = crate::notify::while_bounded(tokio::time::timeout(limit, fut)).await;
+        if r.is_err() {
+            self.give_up();
+        }
         drop(ticket);
         r.unwrap_or_else(|_| Err(timeout()))
     }
@@ -340,10 +359,44 @@ mod tests {
             .await;
         assert_eq!(r.unwrap_err().kind(), Kind::Timeout);
         assert_eq!(start.elapsed(), limit);
-        // And the queue behind it moves on: the next statement is head at once.
+        // A statement that answers before it would have to wait is not held back.
         let start = Instant::now();
         let r = pipe.timed(limit, async { Ok(1) }, || unreachable!()).await;
         assert_eq!((r.unwrap(), start.elapsed()), (1, Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_timeout_the_statements_queued_behind_fail_at_once() {
+        // A dead link: nothing is ever answered. The head gives up after its limit,
+        // and the seven behind it with it, not one limit after another.
+        let pipe = Pipeline::default();
+        let limit = Duration::from_secs(2);
+        let start = Instant::now();
+        let all: Vec<_> = (0..8)
+            .map(|i| {
+                pipe.timed(
+                    limit,
+                    async {
+                        sleep(Duration::from_secs(3600)).await;
+                        Ok(())
+                    },
+                    move || Error::timeout(Side::Central, format!("batch {i}"), limit),
+                )
+            })
+            .collect();
+        let results = futures_util::future::join_all(all).await;
+        assert!(results
+            .iter()
+            .all(|r| r.as_ref().is_err_and(|e| e.kind() == Kind::Timeout)));
+        assert_eq!(start.elapsed(), limit);
+        // And so does anything sent on the dead connection afterwards.
+        let r = pipe.timed(limit, async { Ok(1) }, || {
+            Error::timeout(Side::Central, "late", limit)
+        });
+        assert!(
+            r.await.is_ok(),
+            "a statement that answers at once still succeeds"
+        );
     }
 
     #[tokio::test(start_paused = true)]
