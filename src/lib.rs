@@ -18,6 +18,7 @@
 //! - `download`: meters and tenants central → local with field-level change logs.
 //! - `report`: `Phase::ALL`, `PhaseOutcome`, `CycleReport`.
 //! - `cycle`: one cycle of the three phases, each isolated, each in `sync_logs`.
+//! - `heartbeat`: this gateway's row in central's `gateway_status` after every cycle.
 //! - `daemon`: the run loop.
 //! - `commands`: what each command does.
 //! - `shutdown`: the shutdown signal every wait races against.
@@ -37,6 +38,7 @@ mod daemon;
 mod db;
 mod download;
 mod error;
+mod heartbeat;
 mod lock;
 mod logging;
 mod metrics;

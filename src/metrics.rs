@@ -33,6 +33,9 @@ pub struct Metrics {
     phases: [PhaseStats; Phase::ALL.len()],
     /// (pending, quarantined) as last counted.
     queue: Option<(i64, i64)>,
+    /// The oldest waiting reading's `timestamp` and age, as last counted; the outer
+    /// None when the queue could not be counted, the inner when nothing waits.
+    oldest_pending: Option<(Option<SystemTime>, Option<Duration>)>,
     last_cycle_end: Option<SystemTime>,
     last_cycle_duration: Option<Duration>,
 }
@@ -81,6 +84,10 @@ impl Metrics {
         self.queue = queue;
     }
 
+    pub fn set_oldest_pending(&mut self, oldest: Option<(Option<SystemTime>, Option<Duration>)>) {
+        self.oldest_pending = oldest;
+    }
+
     /// The whole file, in the text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let one = |v: Option<f64>| {
@@ -110,6 +117,24 @@ impl Metrics {
             "gauge",
             "Readings central rejected, kept locally until meter-sync requeue.",
             one(self.queue.map(|q| q.1 as f64)),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_age_seconds",
+            "gauge",
+            "Age of the oldest reading waiting for upload (its timestamp to the local database's now()) \
+             after the last cycle; 0 when none waits.",
+            one(self
+                .oldest_pending
+                .map(|(_, age)| age.map_or(0.0, |a| a.as_secs_f64()))),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_timestamp_seconds",
+            "gauge",
+            "Timestamp of the oldest reading waiting for upload (Unix time), after the last cycle; \
+             absent when none waits.",
+            one(self.oldest_pending.and_then(|(at, _)| at).map(epoch_seconds)),
         );
         family(
             &mut o,

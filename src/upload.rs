@@ -26,10 +26,10 @@ use crate::shutdown::Shutdown;
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
-const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
+pub(crate) const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 
 /// Quarantined: central rejected it (P7); waits for `requeue`.
-const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
+pub(crate) const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
 
 /// Readings waiting for upload and readings in quarantine (P7).
 pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
