@@ -1,8 +1,9 @@
 //! SPEC §6: what reaches a gateway. The systemd unit (verified and scored by
 //! systemd-analyze), the example environment file, deploy/install and
-//! deploy/rollback against a directory standing in for a gateway's root, the
-//! Debian package, and (ignored unless run with --ignored, as .ci/cross does after
-//! deploy/build-release) the static aarch64 binary running a full cycle under qemu.
+//! deploy/rollback against a directory standing in for a gateway's root, and
+//! (ignored unless run with --ignored, as .ci/cross does after
+//! deploy/build-release) the static aarch64 binary running a full cycle under
+//! qemu. The Debian package: tests/deb.rs.
 
 mod support;
 
@@ -418,130 +419,6 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
         );
     }
     assert!(!Path::new("/nonexistent-dir-ms").exists());
-}
-
-#[test]
-fn debian_package_contents_and_maintainer_scripts() {
-    let dir = temp_dir("deb");
-    // The host binary stands in for an ARM one, so that this needs no cross
-    // toolchain; `none` spares compressing a debug binary.
-    let out = ok(Command::new(repo("deploy/build-deb")).args([
-        "amd64",
-        "--binary",
-        support::bin(),
-        "--out",
-        dir.to_str().unwrap(),
-        "--compress",
-        "none",
-    ]));
-    let deb = PathBuf::from(out.trim().lines().last().unwrap());
-    assert_eq!(
-        deb,
-        dir.join(format!(
-            "meter-sync_{}_amd64.deb",
-            env!("CARGO_PKG_VERSION")
-        ))
-    );
-
-    let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
-    for field in [
-        "Package: meter-sync".to_string(),
-        format!("Version: {}", env!("CARGO_PKG_VERSION")),
-        "Architecture: amd64".into(),
-        "Maintainer: ".into(),
-        "Description: ".into(),
-    ] {
-        assert!(info.contains(&field), "--info lacks {field:?}: {info}");
-    }
-    for script in ["postinst", "prerm", "postrm", "md5sums"] {
-        assert!(info.contains(script), "--info lacks {script}: {info}");
-    }
-
-    // "-rwxr-xr-x root/root 123 date time ./usr/bin/meter-sync"
-    let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
-    let files: BTreeMap<String, (String, String)> = contents
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6).then(|| (f[5].to_string(), (f[0].to_string(), f[1].to_string())))
-        })
-        .collect();
-    for (p, m) in [
-        ("./usr/bin/meter-sync", "-rwxr-xr-x"),
-        ("./lib/systemd/system/meter-sync.service", "-rw-r--r--"),
-        (
-            "./usr/share/meter-sync/meter-sync.env.example",
-            "-rw-r--r--",
-        ),
-        ("./usr/lib/sysusers.d/meter-sync.conf", "-rw-r--r--"),
-    ] {
-        let (mode, owner) = files
-            .get(p)
-            .unwrap_or_else(|| panic!("{p} not in the package: {contents}"));
-        assert_eq!((mode.as_str(), owner.as_str()), (m, "root/root"), "{p}");
-    }
-    for (p, (mode, owner)) in &files {
-        assert_eq!(owner, "root/root", "{p}");
-        assert!(
-            !p.starts_with("./etc/"),
-            "{p}: operator files are not conffiles"
-        );
-        if mode.starts_with('d') {
-            assert_eq!(mode, "drwxr-xr-x", "{p}");
-        }
-    }
-
-    // Unpack and run the maintainer scripts against the tree (dpkg --root sets
-    // DPKG_ROOT the same way).
-    let root = dir.join("root");
-    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
-    ok(Command::new("dpkg-deb")
-        .arg("-e")
-        .arg(&deb)
-        .arg(dir.join("control")));
-    let unit = fs::read_to_string(root.join("lib/systemd/system/meter-sync.service")).unwrap();
-    assert_eq!(
-        one(&directives(&unit), "ExecStart"),
-        "/usr/bin/meter-sync run"
-    );
-    assert_eq!(
-        fs::read(root.join("usr/bin/meter-sync")).unwrap(),
-        fs::read(support::bin()).unwrap()
-    );
-    fs::create_dir_all(root.join("etc")).unwrap();
-    for f in ["passwd", "group", "shadow", "gshadow"] {
-        fs::write(root.join("etc").join(f), "").unwrap();
-    }
-    let script = |name: &str, arg: &str| {
-        ok(Command::new("sh")
-            .arg(dir.join("control").join(name))
-            .arg(arg)
-            .env("DPKG_ROOT", &root))
-    };
-    script("postinst", "configure");
-    let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
-    assert!(
-        passwd.lines().any(|l| l.starts_with("meter-sync:")
-            && l.ends_with(":/nonexistent:/usr/sbin/nologin")),
-        "no system user: {passwd}"
-    );
-    let env = root.join("etc/meter-sync/meter-sync.env");
-    assert_eq!(mode(&env), 0o640);
-    assert_eq!(mode(&root.join("etc/meter-sync/client-password")), 0o600);
-    // An upgrade's configure leaves the operator's files and the user alone.
-    fs::write(&env, "POSTGRES_SYNC_HOST=/run/postgresql\n").unwrap();
-    script("postinst", "configure");
-    assert_eq!(
-        fs::read_to_string(&env).unwrap(),
-        "POSTGRES_SYNC_HOST=/run/postgresql\n"
-    );
-    assert_eq!(fs::read_to_string(root.join("etc/passwd")).unwrap(), passwd);
-    script("prerm", "remove");
-    script("postrm", "remove");
-    assert!(env.exists(), "remove (not purge) deleted the configuration");
-    script("postrm", "purge");
-    assert!(!root.join("etc/meter-sync").exists());
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// The static aarch64 binary, run through qemu-user with only the sandbox's
