@@ -691,3 +691,311 @@ fn p18_a_link_blackholed_mid_stream_fails_the_phase_within_the_query_timeout() {
     assert_eq!(dump(&mut s.local(), "meters"), before, "all or nothing");
     eprintln!("blackholed mid-stream: meters phase failed after {waited:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Changes only (P20, P21): a running daemon, whose first download is a full one and whose
+// later ones ask central only for rows stamped past their watermark.
+// ---------------------------------------------------------------------------------------
+
+/// How many cycles the daemon has finished.
+fn cycles(d: &support::Daemon) -> usize {
+    d.log_text().matches("cycle finished:").count()
+}
+
+fn wait_cycles(d: &support::Daemon, n: usize) {
+    assert!(
+        support::wait_until(Duration::from_secs(60), || cycles(d) >= n),
+        "cycle {n} never finished:\n{}",
+        d.log_text()
+    );
+}
+
+/// The log of cycle `i` (from 0): its lines up to its "cycle finished" line.
+fn cycle_log(d: &support::Daemon, i: usize) -> String {
+    let log = d.log_text();
+    let mut out = vec![String::new()];
+    for l in log.lines() {
+        out.last_mut().unwrap().push_str(l);
+        out.last_mut().unwrap().push('\n');
+        if l.contains("cycle finished:") {
+            out.push(String::new());
+        }
+    }
+    out.get(i).cloned().unwrap_or_default()
+}
+
+/// Waits for the end of the first cycle that starts after this call (everything
+/// committed centrally before the call is visible to it) and returns the log of that
+/// cycle and of the one running at the call, if any (its downloads may have started
+/// after the commit, too).
+fn next_cycle(d: &support::Daemon) -> String {
+    let c = cycles(d);
+    wait_cycles(d, c + 2);
+    cycle_log(d, c) + &cycle_log(d, c + 1)
+}
+
+/// A daemon cycling every second on `s`, after its first (full) cycle.
+fn running(s: &Sandbox) -> support::Daemon {
+    let d = s.spawn(&["run"]);
+    wait_cycles(&d, 1);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains("meters: full reconciliation (")
+            && first.contains("tenant: full reconciliation ("),
+        "the first download of a process is a full one:\n{first}"
+    );
+    d
+}
+
+#[test]
+fn p20_a_central_change_arrives_in_the_next_cycle_with_its_fields_named() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    add_tenant(&mut s.central(), "t-1", "Acme", Some(r#"{"a": 1}"#), None);
+    let d = running(&s);
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters up to date (no changes centrally)")
+            && idle.contains("tenants up to date (no changes centrally)")
+            && !idle.contains("full reconciliation"),
+        "an idle cycle asks for changes only:\n{idle}"
+    );
+
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET name = 'Boiler room', unit = 'kWh' WHERE meter_id = 'm-2';
+             UPDATE tenant SET metadata = '{\"k\": 2}' WHERE tenant_id = 't-1';",
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: name, unit", "tenant t-1 updated: metadata"],
+        "{log}"
+    );
+    assert!(
+        log.contains("meters: changes only: 0 new, 1 updated, 0 unchanged ("),
+        "only the changed row travelled:\n{log}"
+    );
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    assert_eq!(
+        dump(&mut s.local(), "tenant"),
+        dump(&mut s.central(), "tenant")
+    );
+
+    // A new meter is a change too.
+    add_meters(
+        &mut s.central(),
+        &[("m-4", "Annex", None, "water", "m3", None, None)],
+    );
+    let log = next_cycle(&d);
+    assert_eq!(lines_with(&log, "new meter "), vec!["new meter m-4 (Annex)"]);
+    let logged: i64 = s
+        .local()
+        .query_one(
+            "SELECT count(*) FROM sync_logs WHERE sync_type = 'meters' AND success AND records_processed = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 2, "sync_logs counts the rows written");
+}
+
+#[test]
+fn p21_a_change_committed_out_of_order_is_not_missed() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    let d = running(&s);
+
+    // T1 changes m-1 first (so its transaction id is the older one) and stays open.
+    let mut t1 = s.central();
+    t1.batch_execute("BEGIN; UPDATE meters SET name = 'from T1' WHERE meter_id = 'm-1'")
+        .unwrap();
+    // T2 changes m-2 and commits; the gateway takes it.
+    s.central()
+        .batch_execute("UPDATE meters SET name = 'from T2' WHERE meter_id = 'm-2'")
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(lines_with(&log, " updated: "), vec!["meter m-2 updated: name"], "{log}");
+    let name = |id: &str| -> String {
+        s.local()
+            .query_one("SELECT name::text FROM meters WHERE meter_id = $1", &[&id])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(name("m-1"), "Main hall", "T1 is not committed yet");
+
+    // T1 commits after the gateway has moved on: its change must still arrive.
+    t1.batch_execute("COMMIT").unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(lines_with(&log, " updated: "), vec!["meter m-1 updated: name"], "{log}");
+    assert_eq!(name("m-1"), "from T1");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p21_a_delete_and_reinsert_in_one_transaction_arrives_as_an_update() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    let d = running(&s);
+    s.central()
+        .batch_execute(
+            "BEGIN;
+             DELETE FROM meters WHERE meter_id = 'm-2';
+             INSERT INTO meters (meter_id, name, location_id, meter_type, unit)
+                 VALUES ('m-2', 'Boiler', 'loc-C', 'heat', 'MWh');
+             COMMIT;",
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: location_id, meter_type, unit"],
+        "{log}"
+    );
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p21_a_jsonb_key_order_change_travels_but_writes_nothing() {
+    let s = Sandbox::new();
+    add_meters(
+        &mut s.central(),
+        &[(
+            "m-1",
+            "Main",
+            None,
+            "electricity",
+            "kWh",
+            Some(r#"{"b": [1, 2], "a": {"y": 1.50, "x": true}}"#),
+            None,
+        )],
+    );
+    let d = running(&s);
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute(r#"UPDATE meters SET configuration = '{"a":{"x":true,"y":1.5},   "b":[1,2]}'"#)
+        .unwrap();
+    let log = next_cycle(&d);
+    assert!(
+        log.contains("meters: changes only: 0 new, 0 updated, 1 unchanged ("),
+        "the rewritten row came down and compared equal:\n{log}"
+    );
+    assert!(!log.contains(" updated: "), "{log}");
+    assert_eq!(
+        versions(&mut s.local(), "meters"),
+        before,
+        "no local write (xmin and ctid unchanged)"
+    );
+}
+
+#[test]
+fn p21_full_reconciliation_at_start_and_then_periodically_repairs_what_stamps_cannot_see() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    let tamper = |s: &Sandbox| {
+        s.local()
+            .batch_execute("UPDATE meters SET name = 'edited by hand' WHERE meter_id = 'm-1'")
+            .unwrap()
+    };
+    let mut d = running(&s);
+    // A local edit leaves central's stamps alone: changes-only cycles do not see it.
+    tamper(&s);
+    next_cycle(&d);
+    let log = next_cycle(&d);
+    assert!(!log.contains("full reconciliation"), "{log}");
+    assert_ne!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    // A row deleted centrally is not seen by changes-only cycles either.
+    s.central()
+        .batch_execute("DELETE FROM meters WHERE meter_id = 'm-3'")
+        .unwrap();
+    d.kill9();
+
+    // The next start reconciles in full: repairs the edit, keeps m-3 with a warning.
+    s.set("DOWNLOAD_FULL_EVERY_SECONDS", 3);
+    let d = s.spawn(&["run"]);
+    wait_cycles(&d, 1);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains("meters: full reconciliation (first download since start)"),
+        "{first}"
+    );
+    assert_eq!(
+        lines_with(&first, " updated: "),
+        vec!["meter m-1 updated: name"],
+        "{first}"
+    );
+    assert!(
+        first.lines().any(|l| l.contains("WARN")
+            && l.contains("1 meters no longer in central, kept locally")
+            && l.ends_with(": m-3")),
+        "{first}"
+    );
+    assert_eq!(s.local_count("meters"), 3);
+
+    // And then every DOWNLOAD_FULL_EVERY_SECONDS.
+    tamper(&s);
+    assert!(
+        support::wait_until(Duration::from_secs(20), || {
+            d.log_text()
+                .contains("meters: full reconciliation (the last one is 3 s old)")
+                && s.local()
+                    .query_one("SELECT name::text FROM meters WHERE meter_id = 'm-1'", &[])
+                    .unwrap()
+                    .get::<_, String>(0)
+                    == "Main hall"
+        }),
+        "no periodic reconciliation repaired the edit:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn p20_a_central_without_change_tracking_gets_full_downloads_and_one_warning() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    // A central migrated by an older meter-sync: no change_xid column.
+    s.central()
+        .batch_execute(
+            "DROP TRIGGER meters_change_xid ON meters; DROP TRIGGER tenant_change_xid ON tenant;
+             DROP FUNCTION meter_sync_stamp_change();
+             ALTER TABLE meters DROP COLUMN change_xid; ALTER TABLE tenant DROP COLUMN change_xid;
+             DELETE FROM meter_sync_migrations WHERE version = 2",
+        )
+        .unwrap();
+    let d = running(&s);
+    s.central()
+        .batch_execute("UPDATE meters SET name = 'Renamed' WHERE meter_id = 'm-3'")
+        .unwrap();
+    let log = next_cycle(&d);
+    next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-3 updated: name"],
+        "{log}"
+    );
+    assert!(log.contains("meters: full reconciliation ("), "{log}");
+    let all = d.log_text();
+    assert_eq!(
+        all.matches("central: meters has no change tracking").count(),
+        1,
+        "one warning, not one per cycle:\n{all}"
+    );
+    assert!(!all.contains("phase failed"), "{all}");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
