@@ -770,7 +770,10 @@ fn p20_a_central_change_arrives_in_the_next_cycle_with_its_fields_named() {
     let log = next_cycle(&d);
     assert_eq!(
         lines_with(&log, " updated: "),
-        vec!["meter m-2 updated: name, unit", "tenant t-1 updated: metadata"],
+        vec![
+            "meter m-2 updated: name, unit",
+            "tenant t-1 updated: metadata"
+        ],
         "{log}"
     );
     assert!(
@@ -792,7 +795,10 @@ fn p20_a_central_change_arrives_in_the_next_cycle_with_its_fields_named() {
         &[("m-4", "Annex", None, "water", "m3", None, None)],
     );
     let log = next_cycle(&d);
-    assert_eq!(lines_with(&log, "new meter "), vec!["new meter m-4 (Annex)"]);
+    assert_eq!(
+        lines_with(&log, "new meter "),
+        vec!["new meter m-4 (Annex)"]
+    );
     let logged: i64 = s
         .local()
         .query_one(
@@ -819,7 +825,11 @@ fn p21_a_change_committed_out_of_order_is_not_missed() {
         .batch_execute("UPDATE meters SET name = 'from T2' WHERE meter_id = 'm-2'")
         .unwrap();
     let log = next_cycle(&d);
-    assert_eq!(lines_with(&log, " updated: "), vec!["meter m-2 updated: name"], "{log}");
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: name"],
+        "{log}"
+    );
     let name = |id: &str| -> String {
         s.local()
             .query_one("SELECT name::text FROM meters WHERE meter_id = $1", &[&id])
@@ -831,7 +841,11 @@ fn p21_a_change_committed_out_of_order_is_not_missed() {
     // T1 commits after the gateway has moved on: its change must still arrive.
     t1.batch_execute("COMMIT").unwrap();
     let log = next_cycle(&d);
-    assert_eq!(lines_with(&log, " updated: "), vec!["meter m-1 updated: name"], "{log}");
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-1 updated: name"],
+        "{log}"
+    );
     assert_eq!(name("m-1"), "from T1");
     assert_eq!(
         dump(&mut s.local(), "meters"),
@@ -883,7 +897,9 @@ fn p21_a_jsonb_key_order_change_travels_but_writes_nothing() {
     let d = running(&s);
     let before = versions(&mut s.local(), "meters");
     s.central()
-        .batch_execute(r#"UPDATE meters SET configuration = '{"a":{"x":true,"y":1.5},   "b":[1,2]}'"#)
+        .batch_execute(
+            r#"UPDATE meters SET configuration = '{"a":{"x":true,"y":1.5},   "b":[1,2]}'"#,
+        )
         .unwrap();
     let log = next_cycle(&d);
     assert!(
@@ -989,7 +1005,8 @@ fn p20_a_central_without_change_tracking_gets_full_downloads_and_one_warning() {
     assert!(log.contains("meters: full reconciliation ("), "{log}");
     let all = d.log_text();
     assert_eq!(
-        all.matches("central: meters has no change tracking").count(),
+        all.matches("central: meters has no change tracking")
+            .count(),
         1,
         "one warning, not one per cycle:\n{all}"
     );
@@ -997,5 +1014,72 @@ fn p20_a_central_without_change_tracking_gets_full_downloads_and_one_warning() {
     assert_eq!(
         dump(&mut s.local(), "meters"),
         dump(&mut s.central(), "meters")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Watchdog (P15) during a long download
+// ---------------------------------------------------------------------------------------
+
+/// About 1 KB of configuration per meter.
+const KB_CONF: &str = "jsonb_build_object('registers', (SELECT jsonb_agg(jsonb_build_object(
+        'obis', '1.8.' || r, 'scale', r * 0.001, 'label', 'register number ' || r || ' of ' || g))
+        FROM generate_series(1, 16) r), 'serial', md5(g::text))";
+
+fn kb_meters(s: &Sandbox, n: usize) {
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'm-' || lpad(g::text, 6, '0'), 'Meter ' || g, 'electricity', 'kWh', {KB_CONF}, now()
+             FROM generate_series(1, {n}) g;
+             INSERT INTO tenant (tenant_id, name, configuration, updated_at)
+             SELECT 't-' || g, 'Tenant ' || g, jsonb_build_object('tariff', g), now()
+             FROM generate_series(1, 200) g;"
+        ))
+        .unwrap();
+}
+
+#[test]
+fn p15_a_first_download_over_a_slow_uplink_keeps_feeding_the_watchdog() {
+    let _heavy = support::heavy_lock();
+    let mut s = Sandbox::new();
+    kb_meters(&s, 2000);
+    let target = format!("127.0.0.1:{}", s.central_cluster().port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    proxy.throttle(96 * 1024);
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    let n = support::notify::Notifications::bind(&s.dir);
+    s.set("NOTIFY_SOCKET", n.path.display());
+    s.set("WATCHDOG_USEC", 4_000_000);
+    s.set("DB_QUERY_TIMEOUT_MS", 60_000);
+
+    let t = std::time::Instant::now();
+    let d = s.spawn(&["run"]);
+    assert!(
+        support::wait_until(Duration::from_secs(120), || cycles(&d) >= 1),
+        "the first cycle never finished:\n{}",
+        d.log_text()
+    );
+    let end = std::time::Instant::now();
+    let took = t.elapsed();
+    let ready = n.first("READY=1").expect("READY=1 was sent");
+    let gap = n.max_watchdog_gap(ready, end);
+    let log = cycle_log(&d, 0);
+    let (up, down) = proxy.bytes_forwarded();
+    eprintln!(
+        "first cycle over 96 KiB/s: {took:?}, {down} bytes down, {up} up; longest watchdog silence {gap:?}"
+    );
+    assert!(
+        log.contains("meters: 2000 new, 0 updated, 0 unchanged (")
+            && log.contains("tenant: 200 new, 0 updated, 0 unchanged ("),
+        "{log}"
+    );
+    assert!(
+        took > Duration::from_secs(10),
+        "the link was not slow enough to prove anything: {took:?}"
+    );
+    assert!(
+        gap <= Duration::from_secs(2),
+        "watchdog silent for {gap:?}, more than half of WATCHDOG_USEC (4 s)"
     );
 }

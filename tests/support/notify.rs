@@ -42,7 +42,10 @@ impl Notifications {
 
     /// When `line` first arrived.
     pub fn first(&self, line: &str) -> Option<Instant> {
-        self.all().into_iter().find(|(_, l)| l == line).map(|(t, _)| t)
+        self.all()
+            .into_iter()
+            .find(|(_, l)| l == line)
+            .map(|(t, _)| t)
     }
 
     /// The longest silence between WATCHDOG=1 pings in [from, to], counting the edges of

@@ -422,7 +422,12 @@ impl Proxy {
 
 /// Writes `bytes` at no more than the throttle rate: piece by piece, each followed by the
 /// pause its size costs at that rate. Stops early when the connection is killed.
-fn write_paced(sh: &Shared, conn: &Conn, dst: &mut &TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+fn write_paced(
+    sh: &Shared,
+    conn: &Conn,
+    dst: &mut &TcpStream,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     let rate = sh.rate.load(SeqCst);
     if rate == 0 {
         return dst.write_all(bytes);
