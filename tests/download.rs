@@ -1083,3 +1083,347 @@ fn p15_a_first_download_over_a_slow_uplink_keeps_feeding_the_watchdog() {
         "watchdog silent for {gap:?}, more than half of WATCHDOG_USEC (4 s)"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Bounds: DOWNLOAD_MAX_ROWS, DOWNLOAD_MAX_BYTES, and one row's size
+// ---------------------------------------------------------------------------------------
+
+/// Runs `once` expecting the meters phase to fail with `error` while tenants still
+/// sync; the local meters must be as before.
+fn assert_meters_refused(s: &Sandbox, run: &Run, error: &str, before: &[Vec<Option<String>>]) {
+    run.assert_code(1);
+    let (ok, records, err) = last_log(s, "meters");
+    assert!(!ok && records == 0, "{err:?}");
+    assert_eq!(err.as_deref(), Some(error), "{}", run.stderr);
+    let failed: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("meters phase failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", run.stderr);
+    assert!(failed[0].ends_with(error), "{}", failed[0]);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        before,
+        "local meters unchanged"
+    );
+    assert_eq!(last_log(s, "tenant"), (true, 1, None), "the next phase ran");
+}
+
+#[test]
+fn p20_over_download_max_rows_the_phase_fails_and_the_table_stays() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    let before = dump(&mut s.local(), "meters");
+    add_meters(
+        &mut s.central(),
+        &[
+            ("m-4", "Four", None, "gas", "m3", None, None),
+            ("m-5", "Five", None, "gas", "m3", None, None),
+        ],
+    );
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    s.set("DOWNLOAD_MAX_ROWS", 4);
+    let run = s.run(&["once"]);
+    assert_meters_refused(
+        &s,
+        &run,
+        "meters: 5 rows to download, more than DOWNLOAD_MAX_ROWS (4); the local table is left as it was",
+        &before,
+    );
+    s.set("DOWNLOAD_MAX_ROWS", 5);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 5);
+}
+
+#[test]
+fn p20_over_download_max_bytes_the_phase_fails_and_the_table_stays() {
+    let mut s = Sandbox::new();
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'm-' || g, 'Meter ' || g, 'electricity', 'kWh', {BIG_CONF}, now()
+             FROM generate_series(1, 100) g"
+        ))
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let bytes: i64 = s
+        .central()
+        .query_one(
+            "SELECT sum(octet_length(ROW(meter_id::text, name::text, location_id::text, meter_type::text,
+                    unit::text, configuration, updated_at)::text)) FROM meters",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    s.set("DOWNLOAD_MAX_BYTES", 100_000);
+    let run = s.run(&["once"]);
+    assert_meters_refused(
+        &s,
+        &run,
+        &format!(
+            "meters: {bytes} bytes to download, more than DOWNLOAD_MAX_BYTES (100000); \
+             the local table is left as it was"
+        ),
+        &[],
+    );
+}
+
+#[test]
+fn p20_a_single_oversized_row_is_refused_before_it_is_sent() {
+    let _heavy = support::heavy_lock();
+    let s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    let before = dump(&mut s.local(), "meters");
+    let (_, rss_small) = once_with_peak_rss(&s);
+    // 20 MB of configuration in one row (it compresses to almost nothing centrally).
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET configuration = jsonb_build_object('blob', repeat('x', 20000000))
+             WHERE meter_id = 'm-2'",
+        )
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let (log, rss) = once_with_peak_rss(&s);
+    let (ok, _, err) = last_log(&s, "meters");
+    let err = err.unwrap_or_default();
+    assert!(
+        !ok && err.starts_with("meters: a row of 200000")
+            && err.ends_with(
+                "bytes, more than the 16777216 bytes one row may have; the local table is left as it was"
+            ),
+        "{err}\n{log}"
+    );
+    assert_eq!(dump(&mut s.local(), "meters"), before);
+    assert!(last_log(&s, "tenant").0, "{log}");
+    eprintln!("oversized row refused: peak RSS {rss} KiB (a cycle without it: {rss_small} KiB)");
+    assert!(
+        rss - rss_small < 8 * 1024,
+        "the 20 MB row was held in memory: {rss} KiB vs {rss_small} KiB"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// This gateway's rows only: the row-level security recipe (deploy/central/rls-recipe.sql)
+// ---------------------------------------------------------------------------------------
+
+const RLS_RECIPE: &str = include_str!("../deploy/central/rls-recipe.sql");
+const GATEWAY_PASSWORD: &str = "gw-Pa55word";
+
+/// 2,000 meters and 20 tenants centrally, the recipe applied, and two gateway roles:
+/// this sandbox's (50 meters: every 40th, and 2 tenants) and another one's (50 other
+/// meters). The daemon logs in as this sandbox's role. Returns (role, other role).
+fn rls_sandbox(s: &mut Sandbox) -> (String, String) {
+    let role = format!("gw_{}", s.central_db);
+    let other = format!("gw_other_{}", s.central_db);
+    let mut c = s.central();
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, configuration, updated_at)
+         SELECT 'm-' || lpad(g::text, 6, '0'), 'Meter ' || g, 'site-' || (g % 97), 'electricity', 'kWh',
+                jsonb_build_object('register', g % 8, 'scale', 0.001), now() - interval '30 days'
+         FROM generate_series(1, 2000) g;
+         INSERT INTO tenant (tenant_id, name, configuration, updated_at)
+         SELECT 't-' || g, 'Tenant ' || g, jsonb_build_object('tariff', g), now()
+         FROM generate_series(1, 20) g;",
+    )
+    .unwrap();
+    c.batch_execute(RLS_RECIPE).unwrap();
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
+         CREATE ROLE {other} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
+         INSERT INTO gateway_meters SELECT '{role}', meter_id FROM meters
+             WHERE right(meter_id, 6)::int % 40 = 0;
+         INSERT INTO gateway_meters SELECT '{other}', meter_id FROM meters
+             WHERE right(meter_id, 6)::int % 40 = 1;
+         INSERT INTO gateway_tenants VALUES ('{role}', 't-1'), ('{role}', 't-2'), ('{other}', 't-3');"
+    ))
+    .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role)
+        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD);
+    (role, other)
+}
+
+/// The central rows assigned to `role`, dumped like [`dump`] (as the superuser).
+fn assigned_dump(s: &Sandbox, table: &str, role: &str) -> Vec<Vec<Option<String>>> {
+    let (assign, key) = match table {
+        "meters" => ("gateway_meters", "meter_id"),
+        _ => ("gateway_tenants", "tenant_id"),
+    };
+    let mut c = s.central();
+    dump(&mut c, table)
+        .into_iter()
+        .filter(|r| {
+            let id = r[0].clone().unwrap();
+            c.query_one(
+                &format!("SELECT count(*) FROM {assign} WHERE gateway_role = $1 AND {key} = $2"),
+                &[&role, &id],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        })
+        .collect()
+}
+
+/// A test-side session on central as `role` (over the Unix socket, which trusts).
+fn central_as(s: &Sandbox, role: &str) -> Client {
+    let cl = s.central_cluster();
+    let mut cfg = postgres::Config::new();
+    cfg.host_path(&cl.socket_dir)
+        .port(cl.port)
+        .user(role)
+        .dbname(&s.central_db);
+    cfg.connect(postgres::NoTls).unwrap()
+}
+
+#[test]
+fn p21_rls_a_gateway_holds_exactly_its_meters_gets_later_assignments_and_keeps_unassigned_ones() {
+    let mut s = Sandbox::new();
+    let (role, _) = rls_sandbox(&mut s);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 50);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        assigned_dump(&s, "meters", &role)
+    );
+    assert_eq!(
+        dump(&mut s.local(), "tenant"),
+        assigned_dump(&s, "tenant", &role)
+    );
+
+    // An old, unchanged meter assigned later arrives within 3 cycles.
+    let d = running(&s);
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO gateway_meters VALUES ('{role}', 'm-000007');
+             INSERT INTO gateway_tenants VALUES ('{role}', 't-9');"
+        ))
+        .unwrap();
+    let c = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meters") == 51
+            && s.local_count("tenant") == 3),
+        "the assigned meter did not arrive:\n{}",
+        d.log_text()
+    );
+    assert!(
+        cycles(&d) <= c + 3,
+        "took more than 3 cycles: {} -> {}",
+        c,
+        cycles(&d)
+    );
+    assert!(d.log_text().contains("new meter m-000007 (Meter 7)"));
+    assert!(d.log_text().contains("new tenant t-9 (Tenant 9)"));
+    drop(d);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        assigned_dump(&s, "meters", &role)
+    );
+
+    // Unassigned: kept locally, and the full reconciliation says why it is missing.
+    s.central()
+        .batch_execute(&format!(
+            "DELETE FROM gateway_meters WHERE gateway_role = '{role}' AND meter_id = 'm-000040'"
+        ))
+        .unwrap();
+    let run = once(&s);
+    assert_eq!(s.local_count("meters"), 51);
+    assert!(
+        run.stderr.lines().any(|l| l.contains("WARN")
+            && l.contains(
+                "1 meters no longer visible to this gateway (unassigned from it, or deleted centrally), kept locally"
+            )
+            && l.ends_with(": m-000040")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings() {
+    let mut s = Sandbox::new();
+    let (role, other) = rls_sandbox(&mut s);
+    let mut gw = central_as(&s, &role);
+
+    // It reads its own meters only.
+    let n: i64 = gw
+        .query_one("SELECT count(*) FROM meters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    let foreign = gw
+        .query(
+            "SELECT m.meter_id FROM meters m WHERE m.meter_id = 'm-000001'",
+            &[],
+        )
+        .unwrap();
+    assert!(foreign.is_empty(), "another gateway's meter is visible");
+    let assigned: i64 = gw
+        .query_one("SELECT count(*) FROM gateway_meters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(assigned, 50, "it sees its own assignments only");
+
+    // It writes neither meters nor tenant.
+    for sql in [
+        "UPDATE meters SET name = 'x' WHERE meter_id = 'm-000040'",
+        "INSERT INTO meters (meter_id, name, meter_type, unit) VALUES ('evil', 'x', 'x', 'x')",
+        "DELETE FROM meters",
+        "UPDATE tenant SET name = 'x'",
+        "INSERT INTO tenant (tenant_id, name) VALUES ('evil', 'x')",
+        "INSERT INTO gateway_meters VALUES (current_user, 'm-000001')",
+    ] {
+        let e = gw.batch_execute(sql).expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e:?}"
+        );
+    }
+    // Readings for a meter assigned to another gateway are refused by the policy.
+    let e = gw
+        .batch_execute(
+            "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit)
+             VALUES (gen_random_uuid(), 'm-000001', now(), 1, 'kWh')",
+        )
+        .expect_err("a reading for a foreign meter");
+    assert!(
+        format!("{e:?}").contains("violates row-level security policy"),
+        "{e:?}"
+    );
+    // Its own meters' readings are accepted.
+    gw.batch_execute(
+        "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit)
+         VALUES (gen_random_uuid(), 'm-000080', now(), 1, 'kWh')",
+    )
+    .unwrap();
+    // Nor can it read back readings (billing data), not even its own.
+    let e = gw
+        .query("SELECT value FROM meter_readings", &[])
+        .expect_err("readings are not readable");
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    drop(gw);
+    assert!(central_as(&s, &other)
+        .query("SELECT 1 FROM meters WHERE meter_id = 'm-000040'", &[])
+        .unwrap()
+        .is_empty());
+
+    // The daemon, logged in as that role, uploads its readings (ON CONFLICT arbiter,
+    // id sequence) and downloads its meters.
+    s.local()
+        .batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'm-000040', timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => g), g, 'kWh'
+             FROM generate_series(1, 30) g",
+        )
+        .unwrap();
+    once(&s);
+    assert_eq!(s.central_count("meter_readings"), 31);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(s.local_count("meters"), 50);
+}
