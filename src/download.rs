@@ -75,10 +75,11 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CopyOutStream, IsolationLevel, Transaction};
 
-use crate::config::Side;
-use crate::cycle::PhaseResult;
+use crate::config::{Config, Side};
 use crate::db::{timed, Db};
 use crate::error::{Error, Kind, Result};
+use crate::lock::LockedLocal;
+use crate::report::PhaseResult;
 
 use table::{Rows, Table, METERS, TENANTS};
 use watermark::{Local, Probe};
@@ -101,42 +102,43 @@ pub const MAX_ROW_BYTES: u64 = 16 * 1024 * 1024;
 const UNDEFINED_COLUMN: &str = "42703";
 const UNDEFINED_FUNCTION: &str = "42883";
 
-/// The download's bounds and schedule.
+/// The download's bounds and schedule, from the configuration.
 #[derive(Clone, Copy, Debug)]
-pub struct Settings {
+struct Settings {
     /// `DOWNLOAD_FULL_EVERY_SECONDS`.
-    pub full_every: Duration,
+    full_every: Duration,
     /// `DOWNLOAD_MAX_ROWS`: per table and download.
-    pub max_rows: u64,
+    max_rows: u64,
     /// `DOWNLOAD_MAX_BYTES`: per table and download.
-    pub max_bytes: u64,
+    max_bytes: u64,
 }
 
 impl Settings {
-    /// Until the configuration list carries these (issue 16), read them here.
-    pub fn interim() -> Settings {
-        let num = |k: &str, d: u64| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(d)
-        };
+    fn of(cfg: &Config) -> Settings {
         Settings {
-            full_every: Duration::from_secs(num("DOWNLOAD_FULL_EVERY_SECONDS", 86_400)),
-            max_rows: num("DOWNLOAD_MAX_ROWS", 1_000_000),
-            max_bytes: num("DOWNLOAD_MAX_BYTES", 256 * 1024 * 1024),
+            full_every: cfg.download_full_every,
+            max_rows: cfg.download_max_rows,
+            max_bytes: cfg.download_max_bytes,
         }
     }
 }
 
 /// Downloads central `meters` into local `meters` (P8).
-pub async fn sync_meters(local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
-    sync(&METERS, &Settings::interim(), local, central).await
+pub async fn sync_meters(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
+    sync(&METERS, &Settings::of(cfg), local, central).await
 }
 
 /// Downloads central `tenant` into local `tenant` (P9).
-pub async fn sync_tenants(local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
-    sync(&TENANTS, &Settings::interim(), local, central).await
+pub async fn sync_tenants(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
+    sync(&TENANTS, &Settings::of(cfg), local, central).await
 }
 
 /// What this cycle's download of a table will be.
@@ -181,7 +183,12 @@ fn warn_untracked(t: &Table) {
     }
 }
 
-async fn sync(t: &Table, s: &Settings, local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
+async fn sync(
+    t: &Table,
+    s: &Settings,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
     let start = Instant::now();
     let saved = watermark::load(local, t.table, s.full_every).await?;
     let (rows, remember) = match plan(t, s, saved) {
@@ -297,7 +304,7 @@ async fn download(
     s: &Settings,
     rows: Rows,
     remember: bool,
-    local: &mut Db,
+    local: &mut LockedLocal,
     central: &mut Db,
     start: Instant,
 ) -> Result<PhaseResult> {
