@@ -11,8 +11,8 @@
 //! for rows with `change_xid >= watermark`:
 //!
 //! - Every transaction whose changes the snapshot did not see was either running
-//!   then (its id is >= xmin by definition of xmin) or started later (its id is
-//!   >= the snapshot's xmax >= xmin). So it is found next time however the commits
+//!   then (its id is at least xmin, by definition of xmin) or started later (its
+//!   id is at least the snapshot's xmax, which is at least xmin). So it is found next time however the commits
 //!   were ordered: T1 opens and changes A, T2 changes B and commits, a download
 //!   takes B (its snapshot's xmin is at most T1's id, T1 still running), T1 commits,
 //!   the next download takes A. A watermark that is the largest stamp seen (or a
