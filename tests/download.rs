@@ -1427,3 +1427,25 @@ fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings(
     assert_eq!(s.local_count("meter_readings"), 0);
     assert_eq!(s.local_count("meters"), 50);
 }
+
+#[test]
+fn p8_staging_never_writes_a_permanent_table_of_the_same_name() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    // A permanent table named like the staging table, found before pg_temp on the
+    // search path: an unqualified name would stage into it (and leave rows there).
+    s.local()
+        .batch_execute(&format!(
+            "CREATE TABLE public.tmp_meters (meter_id text PRIMARY KEY, name text, location_id text,
+                 meter_type text, unit text, configuration jsonb, updated_at timestamptz);
+             ALTER DATABASE \"{}\" SET search_path = public, pg_temp;",
+            s.local_db
+        ))
+        .unwrap();
+    once(&s);
+    assert_eq!(s.local_count("public.tmp_meters"), 0);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
