@@ -270,11 +270,28 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
 
     // Central first: a missing or unreadable central table fails here, before any
     // local transaction is opened.
+    // In a transaction of its own: COPY needs a prepared statement, which behind
+    // PgBouncer's transaction pooling only lives as long as the transaction. The
+    // stream lasts as long as local takes to stage it, every wait bounded on our
+    // side, so the statement timeout is lifted for it.
     let copy_out_sql = t.copy_out_sql();
     let what = format!("read {}", t.table);
-    let stream = central
-        .timed(&what, central.client().copy_out(copy_out_sql.as_str()))
-        .await?;
+    let central_limit = central.timeout();
+    let ctx = central.begin(&what).await?;
+    timed(
+        Side::Central,
+        central_limit,
+        &what,
+        ctx.batch_execute("SET LOCAL statement_timeout = 0"),
+    )
+    .await?;
+    let stream = timed(
+        Side::Central,
+        central_limit,
+        &what,
+        ctx.copy_out(copy_out_sql.as_str()),
+    )
+    .await?;
 
     let tx = timed(
         Side::Local,
@@ -283,7 +300,7 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
         local.client_mut().transaction(),
     )
     .await?;
-    let staged = stage(t, &tx, limit, stream, central.timeout()).await?;
+    let staged = stage(t, &tx, limit, stream, central_limit).await?;
     let staging = start.elapsed();
     crate::notify::alive();
     let report = apply(t, &tx, limit).await?;
@@ -294,6 +311,8 @@ async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult
         tx.commit(),
     )
     .await?;
+    // Only read there; committing just ends the transaction.
+    timed(Side::Central, central_limit, &what, ctx.commit()).await?;
 
     // Logged only after the commit: a line must never claim a write that rolled back.
     let unchanged = staged - report.new - report.updated;
@@ -332,10 +351,12 @@ async fn stage(
     let what_out = format!("stage {}", t.table);
     // A row lock held by someone else (the collector) should fail this table
     // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
-    // would declare the connection dead. The notice that the staging table already
+    // would declare the connection dead. The COPY lasts as long as central's stream,
+    // each wait bounded here, so the session's statement timeout is lifted. The notice that the staging table already
     // exists is noise.
     let setup = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; \
+         SET LOCAL statement_timeout = 0; {}",
         (limit / 2).max(Duration::from_millis(100)).as_millis(),
         t.create_staging_sql()
     );
