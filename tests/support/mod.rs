@@ -890,3 +890,4 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     static L: Mutex<()> = Mutex::new(());
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
+pub mod pgbouncer;

@@ -1,0 +1,204 @@
+//! Central as a fleet runs it: behind PgBouncer in transaction pooling mode (P22),
+//! with a synchronous standby (durability), and failing over to a promoted
+//! standby (P23).
+
+mod support;
+
+use std::time::Duration;
+
+use support::pgbouncer::{PgBouncer, Settings};
+use support::{shared, wait_until, Client, Cluster, Daemon, Sandbox};
+
+/// Every column of every central reading, as text, sorted by uid: the central
+/// `id` (its own sequence) and `sync_error` aside.
+fn central_readings(c: &mut Client) -> Vec<Vec<Option<String>>> {
+    rows_as_text(
+        c,
+        "SELECT reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, unit::text, \
+                metadata::text, created_at::text, sync_attempts::text \
+         FROM meter_readings ORDER BY reading_uid",
+    )
+}
+
+fn rows_as_text(c: &mut Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .collect()
+}
+
+/// Inserts `n` readings as the collector would and returns them, every column as
+/// central should end up with it (read back in the same statement, so a daemon
+/// already running cannot upload them before we look).
+fn collect(c: &mut Client, n: usize, offset: i64) -> Vec<Vec<Option<String>>> {
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
+    c.query(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata)
+         SELECT 'meter-' || (g % 50), timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => (g + $2::bigint)::float8),
+                (g * 1.25 + 0.001)::numeric, 'kWh',
+                CASE WHEN g % 7 = 0 THEN jsonb_build_object('seq', g, 'note', 'ü \"q\"') END
+         FROM generate_series(1, $1::bigint) g
+         RETURNING reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, unit::text,
+                   metadata::text, created_at::text, sync_attempts::text",
+        &[&(n as i64), &offset],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+    .collect()
+}
+
+fn seed_meters_and_tenants(c: &mut Client) {
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, configuration, updated_at)
+         SELECT 'meter-' || g, 'Meter ' || g, 'loc-' || (g % 5), 'electricity', 'kWh',
+                jsonb_build_object('ct', g), timestamptz '2026-01-01 00:00:00+00' + g * interval '1 min'
+         FROM generate_series(0, 49) g;
+         INSERT INTO tenant (tenant_id, name, configuration, metadata, updated_at)
+         SELECT 'tenant-' || g, 'Tenant ' || g, '{\"tariff\": \"A\"}', NULL, timestamptz '2026-02-01 00:00:00+00'
+         FROM generate_series(1, 5) g;",
+    )
+    .unwrap();
+}
+
+const METERS: &str = "SELECT meter_id::text, name::text, location_id::text, meter_type::text, \
+     unit::text, configuration::text, updated_at::text FROM meters ORDER BY meter_id";
+const TENANTS: &str = "SELECT tenant_id::text, name::text, configuration::text, metadata::text, \
+     updated_at::text FROM tenant ORDER BY tenant_id";
+
+fn pending(s: &Sandbox) -> i64 {
+    s.local_count("meter_readings WHERE NOT is_synchronized AND sync_error IS NULL")
+}
+
+/// Lines of a daemon log at level ERROR (any phase that failed logs one).
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("ERROR")).collect()
+}
+
+/// A gateway's own local database on the shared local cluster, syncing with the
+/// central database `central_db` on `central`, through `port`.
+fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) -> Sandbox {
+    let (local, _) = shared();
+    let name = format!("gw{}_{tag}", std::process::id());
+    local.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, central_db);
+    s.set("POSTGRES_CLIENT_PORT", port);
+    s
+}
+
+fn stop(d: &mut Daemon) {
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(30)).is_some(),
+        "daemon did not stop:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
+    let (_, central) = shared();
+    let db = format!("p22_{}", std::process::id());
+    central.create_db(&db);
+    {
+        // A database whose defaults differ from ours: what the daemon needs, it
+        // must set itself, per transaction.
+        let mut a = central.admin();
+        a.batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET TimeZone = 'America/New_York'; \
+             ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY'"
+        ))
+        .unwrap();
+    }
+    let pb = PgBouncer::start(central, &Settings::default());
+    let gws: Vec<Sandbox> = ["a", "b", "c"]
+        .iter()
+        .map(|t| gateway(central, &db, pb.port, t))
+        .collect();
+    // Schema changes through PgBouncer too (the remote one is idempotent).
+    for g in &gws {
+        g.migrate();
+    }
+    seed_meters_and_tenants(&mut central.connect(&db));
+
+    // Readings arrive at different times: a's before its daemon starts, b's
+    // while the daemons run, c's in waves.
+    let mut expected = collect(&mut gws[0].local(), 1500, 0);
+    let mut daemons: Vec<Daemon> = gws.iter().map(|g| g.spawn(&["run"])).collect();
+    std::thread::sleep(Duration::from_millis(700));
+    expected.extend(collect(&mut gws[1].local(), 1200, 10_000));
+    for wave in 0..3 {
+        expected.extend(collect(&mut gws[2].local(), 400, 20_000 + wave * 1000));
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    expected.extend(collect(&mut gws[0].local(), 300, 30_000));
+    let total = expected.len() as i64;
+
+    let mut c = central.connect(&db);
+    let meters = rows_as_text(&mut c, METERS);
+    let tenants = rows_as_text(&mut c, TENANTS);
+    let done = wait_until(Duration::from_secs(60), || {
+        gws.iter().all(|g| pending(g) == 0)
+            && gws.iter().all(|g| {
+                rows_as_text(&mut g.local(), METERS) == meters
+                    && rows_as_text(&mut g.local(), TENANTS) == tenants
+            })
+    });
+    // One more full cycle each after everything arrived, so sync_logs has rows
+    // written after the last upload.
+    std::thread::sleep(Duration::from_millis(1500));
+    for d in &mut daemons {
+        stop(d);
+    }
+    let logs: Vec<String> = daemons.iter().map(|d| d.log_text()).collect();
+    assert!(
+        done,
+        "not in line within 60 s: pending {:?}\n{}",
+        gws.iter().map(pending).collect::<Vec<_>>(),
+        logs.join("\n----\n")
+    );
+
+    // Every reading exactly once, every column equal.
+    expected.sort();
+    let got = central_readings(&mut c);
+    assert_eq!(got.len() as i64, total, "central holds {} of {total}", got.len());
+    assert!(got == expected, "central's readings differ from the collected ones");
+
+    // No failed phase, no ERROR line.
+    for (g, log) in gws.iter().zip(&logs) {
+        let mut l = g.local();
+        let failed: i64 = l
+            .query_one("SELECT count(*) FROM sync_logs WHERE NOT success", &[])
+            .unwrap()
+            .get(0);
+        let phases: i64 = l
+            .query_one("SELECT count(*) FROM sync_logs", &[])
+            .unwrap()
+            .get(0);
+        assert!(phases >= 6, "only {phases} phases ran:\n{log}");
+        assert_eq!(failed, 0, "{failed} of {phases} phases failed:\n{log}");
+        assert!(error_lines(log).is_empty(), "ERROR lines:\n{log}");
+    }
+    // And it all went through PgBouncer, in transactions on its pool of two.
+    let pools = pb.admin_query("SHOW POOLS");
+    assert!(
+        pools.iter().any(|r| r[0] == db),
+        "PgBouncer never saw {db}: {pools:?}"
+    );
+    let stats = pb.admin_query("SHOW STATS");
+    let xacts: u64 = stats
+        .iter()
+        .find(|r| r[0] == db)
+        .map(|r| r[1].parse().unwrap())
+        .unwrap_or(0);
+    assert!(xacts > 50, "only {xacts} transactions through PgBouncer");
+    let bouncer_log = pb.log_text();
+    assert!(
+        !bouncer_log.contains("unsupported startup parameter"),
+        "{bouncer_log}"
+    );
+}
