@@ -348,27 +348,22 @@ impl Db {
     }
 
     /// One statement in its own transaction with this side's settings, as one
-    /// pipelined exchange: `BEGIN; SET LOCAL …`, the statement (unnamed), then the
-    /// statement timeout lifted, then `COMMIT`. Returns the rows it affected once
-    /// the commit is acknowledged.
+    /// pipelined exchange: `BEGIN; SET LOCAL …`, the statement (unnamed), `COMMIT`.
+    /// Returns the rows it affected once the commit is acknowledged.
     ///
     /// The requests are sent back to back without waiting in between, so this
     /// costs one round trip, and several of these may be in flight on one
     /// connection at once (upload's pipeline) without their messages interleaving:
-    /// `join4` polls its futures in order, and each sends its request on its first
+    /// `join3` polls its futures in order, and each sends its request on its first
     /// poll before it first waits (true of `batch_execute` and `execute_typed`; not
     /// of `execute` with a `&str`, which prepares first).
     ///
-    /// Why the COMMIT runs without the statement timeout: with
-    /// `synchronous_commit = on` the commit waits for the synchronous standbys, and
-    /// a statement timeout that cancels that wait does not fail the commit: the
-    /// server answers success with a WARNING ("committed locally, but might not
-    /// have been replicated"), and we would delete readings that are on one
-    /// machine only. Without it, a commit that cannot reach a standby waits until
-    /// our own query timeout gives up on the connection: nothing is deleted, and
-    /// the batch is sent again later (a no-op for rows central has). The lift is
-    /// its own message so that, after a failed statement, its error (the
-    /// transaction is aborted) cannot keep the COMMIT from ending the transaction.
+    /// The statement timeout does not cover the commit's wait for synchronous
+    /// standbys (PostgreSQL disarms it before committing; a cancel there would
+    /// report the commit as done with only a WARNING). A commit that cannot reach
+    /// a standby waits until our query timeout gives up on the connection: nothing
+    /// is deleted locally, and the batch is sent again later (a no-op for rows
+    /// central has). The durability test in tests/central.rs holds both.
     pub async fn execute_in_transaction(
         &self,
         what: &str,
@@ -377,10 +372,9 @@ impl Db {
     ) -> Result<u64> {
         let begin = format!("BEGIN; {}", self.settings);
         let exchange = async {
-            let (b, n, lift, c) = futures_util::future::join4(
+            let (b, n, c) = futures_util::future::join3(
                 self.client.batch_execute(&begin),
                 self.client.execute_typed(sql, params),
-                self.client.batch_execute("SET LOCAL statement_timeout = 0"),
                 // After a failed statement the server answers COMMIT with
                 // ROLLBACK (no error): the statement's own error is reported.
                 self.client.batch_execute("COMMIT"),
@@ -388,7 +382,6 @@ impl Db {
             .await;
             b?;
             let n = n?;
-            lift?;
             c?;
             Ok(n)
         };

@@ -202,3 +202,65 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         "{bouncer_log}"
     );
 }
+
+/// Durability: an upload is acknowledged (and its readings deleted on the
+/// gateway) only once central's synchronous standbys have it, whatever central's
+/// default `synchronous_commit`. Here central names a synchronous standby that is
+/// not connected, and its default is `off` (the test clusters' setting), so a
+/// commit that did not ask for `synchronous_commit = on` would return at once.
+#[test]
+fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it() {
+    let central: &'static Cluster = Box::leak(Box::new(Cluster::start(support::Role::Central)));
+    let (local, _) = shared();
+    let name = format!("dur{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    central.set_and_reload("synchronous_standby_names", "standby_a");
+    // Our statement timeout (a little under this) must not cut the commit's wait
+    // short: PostgreSQL would then report the commit as done.
+    s.set("DB_QUERY_TIMEOUT_MS", 2000).set("MAX_QUERY_RETRIES", 0);
+    s.insert_readings(300);
+
+    let first = s.run(&["once"]);
+    assert_eq!(
+        pending(&s),
+        300,
+        "readings deleted while on one machine only:\n{}",
+        first.all()
+    );
+    let (ok, err): (bool, Option<String>) = {
+        let r = s
+            .local()
+            .query_one(
+                "SELECT success, error_message FROM sync_logs WHERE sync_type = 'upload' \
+                 ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(!ok, "upload reported success:\n{}", first.all());
+    assert!(
+        err.as_deref().unwrap_or("").contains("no answer within"),
+        "{err:?}"
+    );
+
+    // The standby "arrives" (here: central stops asking for one): the waiting
+    // commits complete, and the next cycle finds the readings there already.
+    central.set_and_reload("synchronous_standby_names", "");
+    s.run(&["once"]).assert_ok();
+    assert_eq!(pending(&s), 0);
+    let mut c = s.central();
+    let (n, distinct): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT reading_uid) FROM meter_readings",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((n, distinct), (300, 300));
+}

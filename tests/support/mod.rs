@@ -891,3 +891,4 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
 pub mod pgbouncer;
+pub mod replica;
