@@ -17,15 +17,34 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Statement;
 
 use crate::config::Config;
-use crate::cycle::PhaseResult;
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
+use crate::lock::LockedLocal;
+use crate::report::PhaseResult;
 use crate::shutdown::Shutdown;
 
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
 const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
+
+/// Quarantined: central rejected it (P7); waits for `requeue`.
+const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
+
+/// Readings waiting for upload and readings in quarantine (P7).
+pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
+    let row = local
+        .query_one(
+            "count the queue",
+            &format!(
+                "SELECT count(*) FILTER (WHERE {PENDING}), count(*) FILTER (WHERE {QUARANTINED}) \
+                 FROM meter_readings WHERE NOT is_synchronized"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
 
 /// Output names differ from the column names on purpose: `ORDER BY "timestamp"`
 /// would otherwise sort by the text column of the select list (SQL resolves ORDER
@@ -170,7 +189,7 @@ struct Ctx<'a> {
 /// is bisected and quarantined (see [`is_row_rejection`]).
 pub async fn drain(
     cfg: &Config,
-    local: &mut Db,
+    local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
 ) -> Result<PhaseResult> {
@@ -464,9 +483,9 @@ where
 /// 44 (WITH CHECK OPTION), 54 (a program limit such as an index row too large), or
 /// P0 (a trigger that raised an exception about a row).
 ///
-/// Narrower on purpose than [`Error::is_data_rejection`], which is "any answer that
-/// is not transient": a missing table or column, a missing privilege, an ON
-/// CONFLICT without its unique key (class 42) refuse every reading alike, and
+/// Narrower on purpose than "any answer that is not transient": a missing table or
+/// column, a missing privilege, an ON CONFLICT without its unique key (class 42)
+/// refuse every reading alike, and
 /// bisecting those would quarantine the whole queue. They fail the phase instead,
 /// and the readings wait for the operator to fix central.
 pub fn is_row_rejection(e: &Error) -> bool {
