@@ -419,3 +419,120 @@ fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() 
     assert_eq!(rows_as_text(&mut s.local(), TENANTS), rows_as_text(&mut c, TENANTS));
     assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
 }
+
+/// Failover (P23): both hosts listed, the primary crashes mid-drain, the standby
+/// (synchronous, so every acknowledged batch is on it) is promoted. The same
+/// daemon process drains the rest into the new primary: every reading exactly
+/// once, nothing quarantined.
+#[test]
+fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes() {
+    let _heavy = support::heavy_lock();
+    let primary: &'static Cluster = Box::leak(Box::new(Cluster::start_with(
+        support::Role::Central,
+        support::replica::REPLICATING_CENTRAL_HBA,
+    )));
+    let (local, _) = shared();
+    let name = format!("fo{}", std::process::id());
+    local.create_db(&name);
+    primary.create_db(&name);
+    let mut s = Sandbox::on(local, primary, &name, &name);
+    s.migrate();
+    let standby: &'static Cluster = Box::leak(Box::new(primary.standby("standby_a")));
+    // Acknowledged = on both machines (the recipe in docs/central.md).
+    primary.set_and_reload("synchronous_standby_names", "standby_a");
+    primary.wait_replayed("standby_a");
+    s.set("POSTGRES_CLIENT_HOST", "localhost,localhost")
+        .set(
+            "POSTGRES_CLIENT_PORT",
+            format!("{},{}", primary.port, standby.port),
+        )
+        .set("BATCH_SIZE", 50)
+        .set("UPLOAD_PIPELINE_DEPTH", 1)
+        .set("MAX_CONNECTION_RETRIES", 3)
+        .set("DB_QUERY_TIMEOUT_MS", 5000);
+    let mut expected = collect(&mut s.local(), 20_000, 0);
+    let total = expected.len() as i64;
+
+    let mut d = s.spawn(&["run"]);
+    let mut p = primary.connect(&name);
+    let mid = wait_until(Duration::from_secs(60), || {
+        p.query_one("SELECT count(*) FROM meter_readings", &[])
+            .map(|r| r.get::<_, i64>(0) >= 1000)
+            .unwrap_or(false)
+    });
+    assert!(mid, "the drain never started:\n{}", d.log_text());
+    drop(p);
+    primary.crash();
+    let left_at_crash = pending(&s);
+    assert!(left_at_crash > 0, "the drain ended before the crash; make it longer");
+    // A while without a writable host (the standby refuses: read-only), then it
+    // is promoted.
+    std::thread::sleep(Duration::from_millis(1500));
+    standby.promote();
+    let drained = wait_until(Duration::from_secs(90), || pending(&s) == 0);
+    let still_running = d.wait_exit(Duration::from_millis(10)).is_none();
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(drained, "{} left after the failover:\n{log}", pending(&s));
+    assert!(still_running, "the daemon exited:\n{log}");
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0,
+        "readings were quarantined:\n{log}"
+    );
+    expected.sort();
+    let got = central_readings(&mut standby.connect(&name));
+    assert_eq!(got.len() as i64, total, "{log}");
+    assert!(got == expected, "the new primary's readings differ from the collected ones");
+}
+
+/// P23: a session whose server turns read-only under it (SQLSTATE 25006, as when
+/// a primary is demoted, or PgBouncer is pointed at a standby) is dropped, and the
+/// reconnect finds the host that accepts writes, rather than the session failing
+/// cycle after cycle. Two writable servers with the same schema (a standby
+/// promoted at once); the first then turns read-only.
+#[test]
+fn p23_a_session_that_meets_a_read_only_server_is_dropped_and_the_writable_host_found() {
+    let a: &'static Cluster = Box::leak(Box::new(Cluster::start_with(
+        support::Role::Central,
+        support::replica::REPLICATING_CENTRAL_HBA,
+    )));
+    let (local, _) = shared();
+    let name = format!("ro{}", std::process::id());
+    local.create_db(&name);
+    a.create_db(&name);
+    let mut s = Sandbox::on(local, a, &name, &name);
+    s.migrate();
+    let b: &'static Cluster = Box::leak(Box::new(a.standby("b")));
+    b.promote();
+    s.set("POSTGRES_CLIENT_HOST", "localhost,localhost")
+        .set("POSTGRES_CLIENT_PORT", format!("{},{}", a.port, b.port));
+    let mut expected = collect(&mut s.local(), 300, 0);
+    let mut d = s.spawn(&["run"]);
+    assert!(wait_until(Duration::from_secs(30), || pending(&s) == 0));
+    let on_a = a.connect(&name)
+        .query_one("SELECT count(*) FROM meter_readings", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(on_a, 300, "the first writable host is the first listed");
+
+    // a turns read-only: its sessions see it at their next statement.
+    a.set_and_reload("default_transaction_read_only", "on");
+    expected.extend(collect(&mut s.local(), 300, 10_000));
+    let drained = wait_until(Duration::from_secs(30), || pending(&s) == 0);
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(drained, "{} still queued:\n{log}", pending(&s));
+    let read_only_failures = log.lines().filter(|l| l.contains("25006")).count();
+    assert!(read_only_failures <= 1, "25006 {read_only_failures} times:\n{log}");
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NOT NULL"), 0);
+    let mut all = central_readings(&mut a.connect(&name));
+    let on_b = central_readings(&mut b.connect(&name));
+    // b is a copy of a: it holds what a had when promoted (nothing yet) plus what
+    // went to b; every reading is on exactly one of them.
+    all.extend(on_b.iter().cloned());
+    all.sort();
+    expected.sort();
+    assert_eq!(on_b.len(), 300, "{log}");
+    assert!(all == expected, "readings lost or duplicated across the two hosts");
+}

@@ -103,3 +103,13 @@ impl Cluster {
         a.batch_execute("SELECT pg_reload_conf()").unwrap();
     }
 }
+
+impl Cluster {
+    /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint,
+    /// no last WAL sent to standbys).
+    pub fn crash(&self) {
+        let mut c = pg_cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]);
+        run_ok(c, "pg_ctl stop -m immediate");
+    }
+}
