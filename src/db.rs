@@ -337,7 +337,8 @@ impl Db {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<u64> {
-        self.timed(what, self.client.execute_typed(sql, params)).await
+        self.timed(what, self.client.execute_typed(sql, params))
+            .await
     }
 
     /// Simple-protocol statements (no parameters, no prepared statement).

@@ -421,8 +421,7 @@ async fn insert(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<u64> {
     let values: [&(dyn ToSql + Sync); 8] = [
         &uid, &meter, &ts, &value, &unit, &metadata, &created, &attempts,
     ];
-    let params: Vec<(&(dyn ToSql + Sync), Type)> =
-        values.into_iter().zip(INSERT_TYPES).collect();
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = values.into_iter().zip(INSERT_TYPES).collect();
     let what = format!("insert batch of {}", rows.len());
     let central = ctx.central;
     central

@@ -26,7 +26,11 @@ fn rows_as_text(c: &mut Client, sql: &str) -> Vec<Vec<Option<String>>> {
     c.query(sql, &[])
         .unwrap()
         .iter()
-        .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
         .collect()
 }
 
@@ -165,8 +169,16 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
     // Every reading exactly once, every column equal.
     expected.sort();
     let got = central_readings(&mut c);
-    assert_eq!(got.len() as i64, total, "central holds {} of {total}", got.len());
-    assert!(got == expected, "central's readings differ from the collected ones");
+    assert_eq!(
+        got.len() as i64,
+        total,
+        "central holds {} of {total}",
+        got.len()
+    );
+    assert!(
+        got == expected,
+        "central's readings differ from the collected ones"
+    );
 
     // No failed phase, no ERROR line.
     for (g, log) in gws.iter().zip(&logs) {
@@ -220,7 +232,8 @@ fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it
     central.set_and_reload("synchronous_standby_names", "standby_a");
     // Our statement timeout (a little under this) must not cut the commit's wait
     // short: PostgreSQL would then report the commit as done.
-    s.set("DB_QUERY_TIMEOUT_MS", 2000).set("MAX_QUERY_RETRIES", 0);
+    s.set("DB_QUERY_TIMEOUT_MS", 2000)
+        .set("MAX_QUERY_RETRIES", 0);
     s.insert_readings(300);
 
     let first = s.run(&["once"]);
@@ -329,14 +342,20 @@ fn mixed_versions_this_release_against_a_central_not_yet_migrated() {
     let log = d.log_text();
     assert!(done, "not in line within 30 s:\n{log}");
     expected.sort();
-    assert!(central_readings(&mut c) == expected, "central's readings differ");
+    assert!(
+        central_readings(&mut c) == expected,
+        "central's readings differ"
+    );
     assert_eq!(
         s.local_count("sync_logs WHERE NOT success"),
         0,
         "a phase failed:\n{log}"
     );
     assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
-    assert!(heartbeat_warnings(&log) <= 1, "the heartbeat warned more than once:\n{log}");
+    assert!(
+        heartbeat_warnings(&log) <= 1,
+        "the heartbeat warned more than once:\n{log}"
+    );
     // And it did not migrate central behind the operator's back.
     let v: i32 = c
         .query_one("SELECT max(version) FROM meter_sync_migrations", &[])
@@ -414,9 +433,18 @@ fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() 
     let log = format!("{}{}", first.all(), second.all());
     assert_eq!(pending(&s), 0, "{log}");
     expected.sort();
-    assert!(central_readings(&mut c) == expected, "central's readings differ:\n{log}");
-    assert_eq!(rows_as_text(&mut s.local(), METERS), rows_as_text(&mut c, METERS));
-    assert_eq!(rows_as_text(&mut s.local(), TENANTS), rows_as_text(&mut c, TENANTS));
+    assert!(
+        central_readings(&mut c) == expected,
+        "central's readings differ:\n{log}"
+    );
+    assert_eq!(
+        rows_as_text(&mut s.local(), METERS),
+        rows_as_text(&mut c, METERS)
+    );
+    assert_eq!(
+        rows_as_text(&mut s.local(), TENANTS),
+        rows_as_text(&mut c, TENANTS)
+    );
     assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
 }
 
@@ -464,7 +492,10 @@ fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes
     drop(p);
     primary.crash();
     let left_at_crash = pending(&s);
-    assert!(left_at_crash > 0, "the drain ended before the crash; make it longer");
+    assert!(
+        left_at_crash > 0,
+        "the drain ended before the crash; make it longer"
+    );
     // A while without a writable host (the standby refuses: read-only), then it
     // is promoted.
     std::thread::sleep(Duration::from_millis(1500));
@@ -483,7 +514,10 @@ fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes
     expected.sort();
     let got = central_readings(&mut standby.connect(&name));
     assert_eq!(got.len() as i64, total, "{log}");
-    assert!(got == expected, "the new primary's readings differ from the collected ones");
+    assert!(
+        got == expected,
+        "the new primary's readings differ from the collected ones"
+    );
 }
 
 /// P23: a session whose server turns read-only under it (SQLSTATE 25006, as when
@@ -510,7 +544,8 @@ fn p23_a_session_that_meets_a_read_only_server_is_dropped_and_the_writable_host_
     let mut expected = collect(&mut s.local(), 300, 0);
     let mut d = s.spawn(&["run"]);
     assert!(wait_until(Duration::from_secs(30), || pending(&s) == 0));
-    let on_a = a.connect(&name)
+    let on_a = a
+        .connect(&name)
         .query_one("SELECT count(*) FROM meter_readings", &[])
         .unwrap()
         .get::<_, i64>(0);
@@ -524,8 +559,14 @@ fn p23_a_session_that_meets_a_read_only_server_is_dropped_and_the_writable_host_
     let log = d.log_text();
     assert!(drained, "{} still queued:\n{log}", pending(&s));
     let read_only_failures = log.lines().filter(|l| l.contains("25006")).count();
-    assert!(read_only_failures <= 1, "25006 {read_only_failures} times:\n{log}");
-    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NOT NULL"), 0);
+    assert!(
+        read_only_failures <= 1,
+        "25006 {read_only_failures} times:\n{log}"
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0
+    );
     let mut all = central_readings(&mut a.connect(&name));
     let on_b = central_readings(&mut b.connect(&name));
     // b is a copy of a: it holds what a had when promoted (nothing yet) plus what
@@ -534,5 +575,8 @@ fn p23_a_session_that_meets_a_read_only_server_is_dropped_and_the_writable_host_
     all.sort();
     expected.sort();
     assert_eq!(on_b.len(), 300, "{log}");
-    assert!(all == expected, "readings lost or duplicated across the two hosts");
+    assert!(
+        all == expected,
+        "readings lost or duplicated across the two hosts"
+    );
 }

@@ -56,7 +56,10 @@ impl PgBouncer {
     /// Starts PgBouncer for every database of `central` (a wildcard entry).
     pub fn start(central: &Cluster, s: &Settings) -> PgBouncer {
         let bin = binary().expect("pgbouncer is not installed (.ci/setup installs it)");
-        let certs = central.certs.as_ref().expect("a central cluster has certificates");
+        let certs = central
+            .certs
+            .as_ref()
+            .expect("a central cluster has certificates");
         let dir = temp_dir("pgbouncer");
         // PgBouncer reads its key as the server user: its own copy, mode 600.
         let key = dir.join("server.key");
@@ -206,7 +209,10 @@ impl PgBouncer {
     /// Stops it (SIGTERM, then SIGKILL).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            for pid in [self.daemon_pid(), Some(c.id() as i32)].into_iter().flatten() {
+            for pid in [self.daemon_pid(), Some(c.id() as i32)]
+                .into_iter()
+                .flatten()
+            {
                 unsafe {
                     libc::kill(pid, libc::SIGTERM);
                 }

@@ -109,7 +109,9 @@ impl Cluster {
     /// no last WAL sent to standbys).
     pub fn crash(&self) {
         let mut c = pg_cmd("pg_ctl");
-        c.arg("-D").arg(&self.data).args(["-m", "immediate", "-w", "stop"]);
+        c.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
         run_ok(c, "pg_ctl stop -m immediate");
     }
 }
