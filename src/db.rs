@@ -133,7 +133,7 @@ fn idle_timeout(cfg: &Config) -> Duration {
 pub fn statement_timeout(cfg: &Config) -> Duration {
     let q = cfg.query_timeout;
     q.saturating_sub((q / 10).max(Duration::from_millis(100)))
-        .max(Duration::from_millis(1))
+        .max(q / 2)
 }
 
 impl Db {
@@ -467,6 +467,59 @@ pub fn jitter(cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_central_hosts() -> Config {
+        Config::from_vars(
+            [
+                ("POSTGRES_SYNC_HOST", "127.0.0.1"),
+                ("POSTGRES_CLIENT_HOST", "central-a.example,central-b.example"),
+                ("POSTGRES_CLIENT_PORT", "6432,6433"),
+                ("DB_QUERY_TIMEOUT_MS", "30000"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap()
+    }
+
+    /// PgBouncer refuses startup `options` (P22); the local session keeps them.
+    #[test]
+    fn central_gets_no_startup_options_and_asks_for_a_writable_host() {
+        let cfg = two_central_hosts();
+        let c = pg_config(&cfg.central, &cfg);
+        assert_eq!(c.get_options(), None);
+        assert_eq!(
+            c.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(c.get_hosts().len(), 2);
+        assert_eq!(c.get_ports(), &[6432, 6433]);
+        let l = pg_config(&cfg.local, &cfg);
+        let opts = l.get_options().unwrap();
+        assert!(opts.contains("TimeZone=UTC") && opts.contains("statement_timeout=27000"));
+    }
+
+    #[test]
+    fn every_central_transaction_sets_what_it_needs() {
+        let s = central_settings(&two_central_hosts());
+        for want in [
+            "SET LOCAL TimeZone = 'UTC'",
+            "SET LOCAL DateStyle = 'ISO'",
+            "SET LOCAL statement_timeout = 27000",
+            "SET LOCAL idle_in_transaction_session_timeout = 60000",
+            "SET LOCAL synchronous_commit = on",
+        ] {
+            assert!(s.contains(want), "{want} missing from {s}");
+        }
+    }
+
+    #[test]
+    fn the_statement_timeout_is_a_little_under_the_query_timeout() {
+        let mut cfg = two_central_hosts();
+        for (q, st) in [(30_000, 27_000), (1000, 900), (500, 400), (150, 75), (100, 50)] {
+            cfg.query_timeout = Duration::from_millis(q);
+            assert_eq!(statement_timeout(&cfg), Duration::from_millis(st), "{q}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
