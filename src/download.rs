@@ -259,9 +259,9 @@ impl Report {
                 self.gone_ids.join(", ")
             );
         }
-        if self.new == 0 && self.updated == 0 {
-            log::info!("{} up to date ({unchanged} unchanged)", t.plural);
-        }
+        // "Up to date" is said once, in the cycle's result line (see the summary
+        // in `sync`): an idle cycle writes two info lines, not eight.
+        log::debug!("{}: {unchanged} unchanged", t.plural);
     }
 }
 
@@ -326,10 +326,14 @@ async fn sync(t: &Table, local: &mut LockedLocal, central: &mut Db) -> Result<Ph
     );
     Ok(PhaseResult {
         records: report.new + report.updated,
-        summary: format!(
-            "{} new, {} updated, {unchanged} unchanged",
-            report.new, report.updated
-        ),
+        summary: if report.new == 0 && report.updated == 0 {
+            format!("up to date ({unchanged} unchanged)")
+        } else {
+            format!(
+                "{} new, {} updated, {unchanged} unchanged",
+                report.new, report.updated
+            )
+        },
     })
 }
 
