@@ -14,17 +14,29 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const LOCAL: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/local/0001_initial.sql"),
-}];
+pub const LOCAL: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/local/0001_initial.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_download_watermark.sql",
+        sql: include_str!("../migrations/local/0003_download_watermark.sql"),
+    },
+];
 
 pub const REMOTE: &[Migration] = &[
     Migration {
         version: 1,
         name: "0001_initial.sql",
         sql: include_str!("../migrations/remote/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_change_tracking.sql",
+        sql: include_str!("../migrations/remote/0002_change_tracking.sql"),
     },
     Migration {
         version: 3,
@@ -120,7 +132,11 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         // Migrations run without the query timeout: a schema change on a large
         // table may legitimately take long, and nothing else waits on it.
         // IF NOT EXISTS clauses that skip raise NOTICEs: expected, not news.
-        let sql = format!("SET LOCAL client_min_messages = warning;\n{}", m.sql);
+        // The session's statement timeout is lifted for the same reason.
+        let sql = format!(
+            "SET LOCAL client_min_messages = warning; SET LOCAL statement_timeout = 0;\n{}",
+            m.sql
+        );
         tx.batch_execute(&sql)
             .await
             .map_err(|e| Error::db(side, what.clone(), e))?;

@@ -497,9 +497,11 @@ fn needs_fallback(e: &Error) -> bool {
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
     central_call(ctx, &what, || {
-        ctx.central
-            .client()
-            .copy_in_all(&ctx.st.copy, batch.copy_data(rows.clone()))
+        ctx.central.in_transaction(
+            ctx.central
+                .client()
+                .copy_in_all(&ctx.st.copy, batch.copy_data(rows.clone())),
+        )
     })
     .await
 }
@@ -514,7 +516,8 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
         .collect();
     let what = format!("insert batch of {} with ON CONFLICT DO NOTHING", rows.len());
     central_call(ctx, &what, || {
-        ctx.central.client().execute_typed(INSERT, &params)
+        ctx.central
+            .in_transaction(ctx.central.client().execute_typed(INSERT, &params))
     })
     .await
 }
