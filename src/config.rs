@@ -49,6 +49,7 @@ variables! {
     ENV_LOG_TARGET = "LOG_TARGET",
     ENV_LOG_SYSLOG_SOCKET = "LOG_SYSLOG_SOCKET",
     ENV_UPLOAD_PIPELINE_DEPTH = "UPLOAD_PIPELINE_DEPTH",
+    ENV_UPLOAD_METHOD = "UPLOAD_METHOD",
     ENV_UPLOAD_TIME_BUDGET_SECONDS = "UPLOAD_TIME_BUDGET_SECONDS",
     ENV_UPLOAD_RETAIN_HOURS = "UPLOAD_RETAIN_HOURS",
     ENV_DOWNLOAD_FULL_EVERY_SECONDS = "DOWNLOAD_FULL_EVERY_SECONDS",
@@ -235,6 +236,11 @@ pub struct Config {
     pub log_target: LogTarget,
     pub syslog_socket: Option<PathBuf>,
     pub upload_pipeline_depth: usize,
+    /// `UPLOAD_METHOD=copy` (default): each batch is one binary COPY, falling back
+    /// to `INSERT … ON CONFLICT` for a batch central partly has; `insert`: always
+    /// the INSERT (same bytes as binary arrays). Through PgBouncer 1.18 in
+    /// transaction pooling, `insert` (docs/upload.md).
+    pub upload_copy: bool,
     pub upload_time_budget: Duration,
     /// Zero: delete readings once uploaded. Otherwise keep them (marked
     /// synchronized) this long for `resend`.
@@ -700,6 +706,7 @@ impl Config {
         c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
         let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
         c.readings_in_flight(batch_size, upload_pipeline_depth);
+        let upload_copy = c.choice(ENV_UPLOAD_METHOD, "copy", &["copy", "insert"], |s| s) == "copy";
         let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
         let upload_retain_hours = c.int(ENV_UPLOAD_RETAIN_HOURS, 0, 0, 8_760);
         let download_full_every = c.int(ENV_DOWNLOAD_FULL_EVERY_SECONDS, 86_400, 1, 31_536_000);
@@ -738,6 +745,7 @@ impl Config {
             log_target,
             syslog_socket,
             upload_pipeline_depth: upload_pipeline_depth as usize,
+            upload_copy,
             upload_time_budget: Duration::from_secs(upload_time_budget),
             upload_retain: Duration::from_secs(upload_retain_hours * 3600),
             download_full_every: Duration::from_secs(download_full_every),
@@ -828,6 +836,17 @@ mod tests {
         assert_eq!(c.download_full_every, Duration::from_secs(86_400));
         assert_eq!(c.sync_logs_retain_days, 30);
         assert!(!c.gateway_id.is_empty());
+        assert!(c.upload_copy);
+    }
+
+    #[test]
+    fn upload_method_is_copy_or_insert() {
+        let c = Config::from_vars(vars(&[(ENV_UPLOAD_METHOD, "insert")])).unwrap();
+        assert!(!c.upload_copy);
+        assert_eq!(
+            err_vars(&[(ENV_UPLOAD_METHOD, "binary")]),
+            vec![ENV_UPLOAD_METHOD]
+        );
     }
 
     #[test]

@@ -162,6 +162,8 @@ struct Ctx<'a> {
     st: &'a Statements,
     retries: u32,
     pipe: Pipeline,
+    /// `UPLOAD_METHOD=copy`.
+    copy: bool,
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -214,6 +216,7 @@ pub async fn drain(
         st: &st,
         retries: cfg.max_query_retries,
         pipe: Pipeline::default(),
+        copy: cfg.upload_copy,
     };
     let depth = cfg.upload_pipeline_depth.max(1);
     let mut pace = Pace::resume(cfg.batch_size);
@@ -474,7 +477,12 @@ async fn deliver(ctx: &Ctx<'_>, batch: Batch) -> (Tally, Result<()>) {
 /// column type: a central column of another type than SPEC §4's) takes the same
 /// fallback, whose casts convert where a conversion exists. Whatever the fallback
 /// fails with is what the caller sees (a rejected reading is bisected as before).
+///
+/// With `UPLOAD_METHOD=insert` every batch takes the INSERT directly.
 async fn insert(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
+    if !ctx.copy {
+        return insert_on_conflict(ctx, batch, rows).await;
+    }
     match copy(ctx, batch, rows.clone()).await {
         Err(e) if needs_fallback(&e) => {
             log::info!(

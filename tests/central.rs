@@ -91,6 +91,9 @@ fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) ->
     local.create_db(&name);
     let mut s = Sandbox::on(local, central, &name, central_db);
     s.set("POSTGRES_CLIENT_PORT", port);
+    // PgBouncer 1.18 loses track of a binary COPY whose data follows the statement
+    // without waiting for CopyInResponse (docs/upload.md): the INSERT path.
+    s.set("UPLOAD_METHOD", "insert");
     s
 }
 

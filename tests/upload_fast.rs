@@ -174,16 +174,19 @@ fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued
     admin
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
-             ALTER ROLE {role} SET statement_timeout = '100ms';
+             ALTER ROLE {role} SET statement_timeout = '900ms';
              GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
              GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
              CREATE FUNCTION stuck_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
+             BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
              CREATE TRIGGER stuck_ingest AFTER INSERT ON meter_readings
                  FOR EACH STATEMENT EXECUTE FUNCTION stuck_ingest();"
         ))
         .unwrap();
-    s.set("POSTGRES_CLIENT_USER", &role).set("BATCH_SIZE", 4);
+    // 900 ms is also what the daemon sets per transaction for a 1 s query timeout.
+    s.set("POSTGRES_CLIENT_USER", &role)
+        .set("BATCH_SIZE", 4)
+        .set("DB_QUERY_TIMEOUT_MS", 1000);
     support::insert_readings(&mut s.local(), 4, 0);
     let run = s.run(&["once"]);
     let log = run.all();
