@@ -352,9 +352,11 @@ fn mixed_versions_this_release_against_a_central_not_yet_migrated() {
         "a phase failed:\n{log}"
     );
     assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
-    assert!(
-        heartbeat_warnings(&log) <= 1,
-        "the heartbeat warned more than once:\n{log}"
+    // The heartbeat has nowhere to go: skipped, with one warning for the whole run.
+    assert_eq!(
+        heartbeat_warnings(&log),
+        1,
+        "the heartbeat should warn exactly once:\n{log}"
     );
     // And it did not migrate central behind the operator's back.
     let v: i32 = c
