@@ -218,8 +218,8 @@ async fn run_phase(
     };
     match phase {
         Phase::Upload => crate::upload::drain(cfg, local, central, shutdown).await,
-        Phase::Meters => crate::download::sync_meters(local, central).await,
-        Phase::Tenant => crate::download::sync_tenants(local, central).await,
+        Phase::Meters => crate::download::sync_meters(cfg, local, central).await,
+        Phase::Tenant => crate::download::sync_tenants(cfg, local, central).await,
     }
 }
 

@@ -347,18 +347,34 @@ impl Db {
         self.timed(what, self.client.batch_execute(sql)).await
     }
 
-    /// Opens a transaction with this side's per-transaction settings (see
-    /// [`central_settings`]): `BEGIN`, then the `SET LOCAL`s. Dropped without
+    /// Opens a REPEATABLE READ READ ONLY transaction with this side's
+    /// per-transaction settings (see [`central_settings`]): one snapshot for every
+    /// statement in it (the download's probe, its watermark and its COPY), and the
+    /// statement timeout lifted, because a COPY stream over a slow uplink may
+    /// outlast it while every wait for it is bounded on our side. Dropped without
     /// commit, it rolls back. Inside it, named prepared statements are safe even
     /// behind PgBouncer (the server connection is ours until the transaction ends,
     /// and tokio-postgres closes each statement when it is dropped), so COPY works.
-    pub async fn begin(&mut self, what: &str) -> Result<Transaction<'_>> {
+    pub async fn begin_snapshot(&mut self, what: &str) -> Result<Transaction<'_>> {
         let (side, limit) = (self.side, self.timeout);
-        let settings = self.settings.clone();
-        let tx = timed(side, limit, what, self.client.transaction()).await?;
-        if !settings.is_empty() {
-            timed(side, limit, what, tx.batch_execute(&settings)).await?;
-        }
+        let settings = [self.settings.as_str(), "SET LOCAL statement_timeout = 0"]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; ");
+        let tx = timed(
+            side,
+            limit,
+            what,
+            self.client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )
+        .await?;
+        timed(side, limit, what, tx.batch_execute(&settings)).await?;
         Ok(tx)
     }
 
@@ -473,7 +489,10 @@ mod tests {
         Config::from_vars(
             [
                 ("POSTGRES_SYNC_HOST", "127.0.0.1"),
-                ("POSTGRES_CLIENT_HOST", "central-a.example,central-b.example"),
+                (
+                    "POSTGRES_CLIENT_HOST",
+                    "central-a.example,central-b.example",
+                ),
                 ("POSTGRES_CLIENT_PORT", "6432,6433"),
                 ("DB_QUERY_TIMEOUT_MS", "30000"),
             ]
@@ -516,7 +535,13 @@ mod tests {
     #[test]
     fn the_statement_timeout_is_a_little_under_the_query_timeout() {
         let mut cfg = two_central_hosts();
-        for (q, st) in [(30_000, 27_000), (1000, 900), (500, 400), (150, 75), (100, 50)] {
+        for (q, st) in [
+            (30_000, 27_000),
+            (1000, 900),
+            (500, 400),
+            (150, 75),
+            (100, 50),
+        ] {
             cfg.query_timeout = Duration::from_millis(q);
             assert_eq!(statement_timeout(&cfg), Duration::from_millis(st), "{q}");
         }
