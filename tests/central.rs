@@ -398,14 +398,32 @@ fn old_release_binary() -> std::path::PathBuf {
             .unwrap();
         assert!(st.success(), "git archive {commit}");
     }
-    let st = std::process::Command::new("nice")
+    let mut build = std::process::Command::new("nice");
+    build
         .args(["cargo", "build", "--locked", "--bin", "meter-sync"])
         .current_dir(&src)
-        .env("CARGO_TARGET_DIR", root.join("target"))
-        .status()
-        .unwrap();
+        .env("CARGO_TARGET_DIR", root.join("target"));
+    // The OpenSSL this tree's build already compiled (vendored) serves the old
+    // tree too: compiling it again takes most of the build's time.
+    if let Some(ssl) = vendored_openssl(std::path::Path::new(repo)) {
+        build
+            .env("OPENSSL_NO_VENDOR", "1")
+            .env("OPENSSL_STATIC", "1")
+            .env("OPENSSL_DIR", ssl);
+    }
+    let st = build.status().unwrap();
     assert!(st.success(), "building {commit} failed");
     root.join("target/debug/meter-sync")
+}
+
+/// `target/debug/build/openssl-sys-*/out/openssl-build/install` of this tree, if built.
+fn vendored_openssl(repo: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(repo.join("target/debug/build"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("openssl-sys-"))
+        .map(|e| e.path().join("out/openssl-build/install"))
+        .find(|p| p.join("lib/libssl.a").exists() || p.join("lib64/libssl.a").exists())
 }
 
 #[test]
