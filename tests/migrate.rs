@@ -219,11 +219,31 @@ fn migrate_creates_exactly_the_specified_central_schema() {
     assert_eq!(
         tables(&mut c),
         [
+            "gateway_status",
             "meter_readings",
             "meter_sync_migrations",
             "meters",
             "tenant"
         ]
+    );
+    // SPEC §8: the fleet heartbeat's table, every column nullable but the key.
+    check(
+        &columns(&mut c),
+        "gateway_status",
+        &[
+            ("gateway_id", "text", "NO", ""),
+            ("version", "text", "YES", ""),
+            ("last_cycle_at", TS, "YES", ""),
+            ("last_cycle_ok", "boolean", "YES", ""),
+            ("last_error", "text", "YES", ""),
+            ("queue_size", "bigint", "YES", ""),
+            ("oldest_pending_at", TS, "YES", ""),
+            ("quarantined", "bigint", "YES", ""),
+            ("cert_expires_at", TS, "YES", ""),
+            ("bytes_up", "bigint", "YES", ""),
+            ("bytes_down", "bigint", "YES", ""),
+            ("updated_at", TS, "YES", ""),
+        ],
     );
     let cols = columns(&mut c);
     check(&cols, "meter_readings", &readings_cols(false));
@@ -284,7 +304,7 @@ fn migrate_targets_only_the_named_side() {
     assert_eq!(tables(&mut s.local()).len(), 5);
     assert!(tables(&mut s.central()).is_empty());
     s.run(&["migrate", "remote"]).assert_ok();
-    assert_eq!(tables(&mut s.central()).len(), 4);
+    assert_eq!(tables(&mut s.central()).len(), 5);
 }
 
 #[test]
