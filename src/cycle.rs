@@ -150,7 +150,15 @@ pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> 
         let duration = t.elapsed();
         let outcome = match result {
             Ok(r) => {
-                log::info!(
+                // A phase that did nothing is in the cycle's result line only (P14:
+                // an idle cycle logs its start and its result, two info lines).
+                let level = if r.records > 0 {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
                     "{}: {} ({} ms)",
                     phase.as_str(),
                     r.summary,
@@ -210,8 +218,8 @@ async fn run_phase(
     };
     match phase {
         Phase::Upload => crate::upload::drain(cfg, local, central, shutdown).await,
-        Phase::Meters => crate::download::sync_meters(local, central).await,
-        Phase::Tenant => crate::download::sync_tenants(local, central).await,
+        Phase::Meters => crate::download::sync_meters(cfg, local, central).await,
+        Phase::Tenant => crate::download::sync_tenants(cfg, local, central).await,
     }
 }
 

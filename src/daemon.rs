@@ -11,6 +11,7 @@ use crate::heartbeat::{Beat, Heartbeat};
 use crate::lock::LockHolder;
 use crate::metrics::Metrics;
 use crate::report::CycleReport;
+use crate::retention::Schedule;
 use crate::shutdown::Shutdown;
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
@@ -184,6 +185,7 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
     let mut conns = Connections::default();
     let mut metrics = Metrics::default();
     let mut heartbeat = Heartbeat::new(cfg.gateway_id.clone(), &cfg.central);
+    let mut retention = Schedule::default();
     let mut was_busy = false;
     loop {
         let turn = turn(cfg, &mut conns, &shutdown, &mut heartbeat).await;
@@ -230,6 +232,11 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
             &mut metrics,
         )
         .await;
+        // After STATUS=, the metrics and the heartbeat: housekeeping never delays
+        // the report.
+        if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
+            retention.maybe_prune(cfg, local, &shutdown).await;
+        }
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
@@ -257,7 +264,7 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
                 "another meter-sync ({who}) is running on this local database; not starting a second cycle"
             );
             log::error!("{msg}");
-            eprintln!("meter-sync: {msg}");
+            crate::logging::repeat_error(&msg);
             return Ok(1);
         }
         Turn::LocalDown(_) | Turn::Abandoned => {}
@@ -271,6 +278,9 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
         &mut metrics,
     )
     .await;
+    if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
+        Schedule::default().maybe_prune(cfg, local, &shutdown).await;
+    }
     conns.close();
     match turn {
         Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),

@@ -23,8 +23,9 @@
 //! - `commands`: what each command does.
 //! - `shutdown`: the shutdown signal every wait races against.
 //! - `notify`: systemd READY / WATCHDOG / STATUS / STOPPING.
-//! - `logging`: syslog or stderr.
+//! - `logging`: syslog or stderr (sd-daemon priorities on the journal), one line per record.
 //! - `metrics`: the Prometheus textfile written after every cycle.
+//! - `retention`: `sync_logs` older than `SYNC_LOGS_RETAIN_DAYS` pruned in small batches.
 //! - `status`: the `status` command.
 
 #![forbid(unsafe_code)]
@@ -44,6 +45,7 @@ mod metrics;
 mod migrate;
 mod notify;
 mod report;
+mod retention;
 mod shutdown;
 mod status;
 mod tls;
@@ -53,5 +55,5 @@ pub use cli::{parse as parse_args, Command, HELP};
 pub use commands::execute;
 pub use config::{Config, ConfigError, ALL_VARS};
 pub use error::{Error, Kind};
-pub use logging::init as init_logging;
+pub use logging::{init as init_logging, print_error, repeat_error};
 pub use tls::{check_files, BACKEND as TLS_BACKEND};

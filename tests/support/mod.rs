@@ -890,3 +890,7 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     static L: Mutex<()> = Mutex::new(());
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Booted systemd containers for tests/systemd.rs and tests/ansible.rs (issue 15b).
+pub mod nspawn;
+pub mod notify;
