@@ -425,3 +425,36 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
         .get(0);
     assert_eq!(n, 2);
 }
+
+/// P22 for the heartbeat: through PgBouncer in transaction mode with a single
+/// server connection, every `once` delivers its heartbeat. A named prepared
+/// statement would stay on that server connection after the run, and the next
+/// run's (named alike: tokio-postgres counts s0, s1, … per process) would collide
+/// with it.
+#[test]
+fn the_heartbeat_goes_through_pgbouncer_in_transaction_mode() {
+    use support::pgbouncer::{PgBouncer, Settings};
+    let mut s = Sandbox::new();
+    let pb = PgBouncer::start(
+        s.central_cluster(),
+        &Settings {
+            default_pool_size: 1,
+            ..Settings::default()
+        },
+    );
+    let id = unique("gw-bouncer");
+    s.set("POSTGRES_CLIENT_PORT", pb.port)
+        .set("METER_SYNC_GATEWAY_ID", &id);
+    let mut c = s.central();
+    let mut last = None;
+    for run in 0..3 {
+        s.insert_readings(5);
+        let r = s.run(&["once"]);
+        r.assert_ok();
+        assert!(!r.all().contains("heartbeat"), "run {run}:\n{}", r.all());
+        let row = status_row(&mut c, &id).unwrap_or_else(|| panic!("run {run}: no row"));
+        assert!(row.updated_at > last, "run {run}: {row:?}");
+        assert_eq!(row.last_cycle_ok, Some(true), "run {run}: {row:?}");
+        last = row.updated_at;
+    }
+}
