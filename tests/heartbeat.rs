@@ -426,22 +426,16 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
     assert_eq!(n, 2);
 }
 
-/// P22 for the heartbeat: through PgBouncer in transaction mode with a single
-/// server connection, every `once` delivers its heartbeat. A named prepared
-/// statement would stay on that server connection after the run, and the next
-/// run's (named alike: tokio-postgres counts s0, s1, … per process) would collide
-/// with it.
+/// P22 for the heartbeat: through PgBouncer in transaction mode with its stock
+/// settings (pool of 2), every `once` delivers its heartbeat. (A single gateway
+/// keeps landing on the same server connection, so this does not catch a named
+/// statement by itself; the 3-gateway P22 test in tests/central.rs adds the
+/// concurrency, and the upsert uses `execute_typed` by construction.)
 #[test]
 fn the_heartbeat_goes_through_pgbouncer_in_transaction_mode() {
     use support::pgbouncer::{PgBouncer, Settings};
     let mut s = Sandbox::new();
-    let pb = PgBouncer::start(
-        s.central_cluster(),
-        &Settings {
-            default_pool_size: 1,
-            ..Settings::default()
-        },
-    );
+    let pb = PgBouncer::start(s.central_cluster(), &Settings::default());
     let id = unique("gw-bouncer");
     s.set("POSTGRES_CLIENT_PORT", pb.port)
         .set("METER_SYNC_GATEWAY_ID", &id);
