@@ -232,25 +232,6 @@ fn migrate_creates_exactly_the_specified_central_schema() {
             "tenant"
         ]
     );
-    // SPEC §8: the fleet heartbeat's table, every column nullable but the key.
-    check(
-        &columns(&mut c),
-        "gateway_status",
-        &[
-            ("gateway_id", "text", "NO", ""),
-            ("version", "text", "YES", ""),
-            ("last_cycle_at", TS, "YES", ""),
-            ("last_cycle_ok", "boolean", "YES", ""),
-            ("last_error", "text", "YES", ""),
-            ("queue_size", "bigint", "YES", ""),
-            ("oldest_pending_at", TS, "YES", ""),
-            ("quarantined", "bigint", "YES", ""),
-            ("cert_expires_at", TS, "YES", ""),
-            ("bytes_up", "bigint", "YES", ""),
-            ("bytes_down", "bigint", "YES", ""),
-            ("updated_at", TS, "YES", ""),
-        ],
-    );
     let cols = columns(&mut c);
     check(&cols, "meter_readings", &readings_cols(false));
     // SPEC §8's fleet heartbeat, column by column.
