@@ -50,7 +50,8 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
         .user(&db.user)
         .application_name("meter-sync")
         .connect_timeout(cfg.connect_timeout)
-        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode));
+        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode))
+        .channel_binding(crate::tls::pg_channel_binding(db.channel_binding));
     if !db.password.is_empty() {
         c.password(db.password.expose());
     }
@@ -82,7 +83,7 @@ impl Db {
         let what = format!("connect to {}", db.describe());
         let (client, connection) = match crate::notify::while_bounded(tokio::time::timeout(
             cfg.connect_timeout,
-            pc.connect(tls),
+            crate::tls::connect(db, pc, tls),
         ))
         .await
         {

@@ -14,17 +14,36 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const LOCAL: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/local/0001_initial.sql"),
-}];
+pub const LOCAL: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/local/0001_initial.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_download_watermark.sql",
+        sql: include_str!("../migrations/local/0004_download_watermark.sql"),
+    },
+];
 
-pub const REMOTE: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/remote/0001_initial.sql"),
-}];
+pub const REMOTE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/remote/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_change_tracking.sql",
+        sql: include_str!("../migrations/remote/0002_change_tracking.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_gateway_status.sql",
+        sql: include_str!("../migrations/remote/0003_gateway_status.sql"),
+    },
+];
 
 /// The bookkeeping table, in the same schema as the tables it describes.
 pub const TABLE: &str = "meter_sync_migrations";

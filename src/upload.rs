@@ -26,10 +26,10 @@ use crate::shutdown::Shutdown;
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
-const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
+pub(crate) const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 
 /// Quarantined: central rejected it (P7); waits for `requeue`.
-const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
+pub(crate) const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
 
 /// Readings waiting for upload and readings in quarantine (P7).
 pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
@@ -183,11 +183,18 @@ pub async fn drain(
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
     let queued = count_pending(local).await?;
-    log::info!("upload: {queued} reading(s) queued");
+    // At info only when there is something to do: the cycle's start line has the
+    // queue size already, and an idle cycle should cost two info lines.
+    let level = if queued > 0 {
+        log::Level::Info
+    } else {
+        log::Level::Debug
+    };
+    log::log!(level, "upload: {queued} reading(s) queued");
     if queued == 0 {
         return Ok(PhaseResult {
             records: 0,
-            summary: "uploaded 0 in 0 batches, 0 quarantined, 0 remaining".into(),
+            summary: "nothing to upload".into(),
         });
     }
     let st = Statements::prepare(local, central).await?;

@@ -893,3 +893,4 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
 
 /// Booted systemd containers for tests/systemd.rs and tests/ansible.rs (issue 15b).
 pub mod nspawn;
+pub mod notify;

@@ -51,6 +51,8 @@ struct Shared {
     refuse: AtomicBool,
     blackhole: AtomicBool,
     delay_ns: AtomicU64,
+    /// Bytes per second per direction and connection; 0: unlimited. See [`Proxy::throttle`].
+    rate: AtomicU64,
     total: AtomicUsize,
     up: AtomicU64,
     down: AtomicU64,
@@ -393,11 +395,49 @@ fn deliver(sh: &Shared, conn: &Conn, dir: Dir) {
             let _ = dst.shutdown(Shutdown::Write);
             return;
         }
-        if dst.write_all(&chunk.bytes).is_err() {
+        if write_paced(sh, conn, &mut dst, &chunk.bytes).is_err() {
             conn.kill();
             return;
         }
         sh.counter(dir).fetch_add(chunk.bytes.len() as u64, SeqCst);
         queue = lock(&pipe.queue);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bandwidth cap (a slow cellular uplink)
+// ---------------------------------------------------------------------------------------
+
+/// Pieces a throttled chunk is written in, so the cap holds over short windows too.
+const PACE_PIECE: usize = 4 * 1024;
+
+impl Proxy {
+    /// Caps each direction of each connection at `bytes_per_second` (0: no cap), from the
+    /// next chunk on: what a slow uplink does to a long download. Latency is unchanged.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.shared.rate.store(bytes_per_second, SeqCst);
+        self.shared.wake_all();
+    }
+}
+
+/// Writes `bytes` at no more than the throttle rate: piece by piece, each followed by the
+/// pause its size costs at that rate. Stops early when the connection is killed.
+fn write_paced(
+    sh: &Shared,
+    conn: &Conn,
+    dst: &mut &TcpStream,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let rate = sh.rate.load(SeqCst);
+    if rate == 0 {
+        return dst.write_all(bytes);
+    }
+    for piece in bytes.chunks(PACE_PIECE) {
+        if sh.halted(conn) {
+            return Err(std::io::Error::from(ErrorKind::ConnectionAborted));
+        }
+        dst.write_all(piece)?;
+        thread::sleep(Duration::from_secs_f64(piece.len() as f64 / rate as f64));
+    }
+    Ok(())
 }
