@@ -891,6 +891,6 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+pub mod notify;
 /// Booted systemd containers for tests/systemd.rs and tests/ansible.rs (issue 15b).
 pub mod nspawn;
-pub mod notify;
