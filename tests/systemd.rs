@@ -246,9 +246,9 @@ fn unit_under_a_real_systemd() {
         text(&o)
     );
     assert_eq!(c.prop(UNIT, "ActiveState"), "active");
-    assert_eq!(
-        fs::read(c.root.join("usr/local/bin/meter-sync")).unwrap(),
-        b
+    assert!(
+        fs::read(c.root.join("usr/local/bin/meter-sync")).unwrap() == b,
+        "the gateway does not run the release it should"
     );
     step(&t, "deploy/install upgrade: restarted, active");
 
@@ -275,9 +275,9 @@ fn unit_under_a_real_systemd() {
         ],
     );
     assert_eq!(o.status.code(), Some(1), "not rolled back: {}", text(&o));
-    assert_eq!(
-        fs::read(c.root.join("usr/local/bin/meter-sync")).unwrap(),
-        b
+    assert!(
+        fs::read(c.root.join("usr/local/bin/meter-sync")).unwrap() == b,
+        "the gateway does not run the release it should"
     );
     assert!(
         wait_until(Duration::from_secs(20), || c
