@@ -6,7 +6,7 @@
 //! Central stamps every inserted or updated row with the id of the writing
 //! transaction (`change_xid`, remote migration 0002, set by a trigger). After each
 //! download the gateway stores a watermark locally (`download_watermark`, local
-//! migration 0004): the **xmin of the central snapshot the download read** (the
+//! migration 0003): the **xmin of the central snapshot the download read** (the
 //! oldest transaction still running when it was taken). The next cycle asks only
 //! for rows with `change_xid >= watermark`:
 //!
@@ -73,7 +73,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{CopyOutStream, IsolationLevel, Transaction};
+use tokio_postgres::{CopyOutStream, Transaction};
 
 use crate::config::{Config, Side};
 use crate::db::{timed, Db};
@@ -255,18 +255,7 @@ async fn open_central<'a>(
     tracked: bool,
 ) -> Result<(Transaction<'a>, Probe)> {
     let limit = central.timeout();
-    let tx = timed(
-        Side::Central,
-        limit,
-        "begin",
-        central
-            .client_mut()
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start(),
-    )
-    .await?;
+    let tx = central.begin_snapshot("begin").await?;
     let what = format!("probe {}", t.table);
     let probe = Probe::in_tx(&tx, limit, &what, &t.probe_sql(rows, tracked)).await?;
     Ok((tx, probe))
@@ -505,10 +494,12 @@ async fn stage(
     let what_out = format!("stage {}", t.table);
     // A row lock held by someone else (the collector) should fail this table
     // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
-    // would declare the connection dead. The notice that the staging table already
+    // would declare the connection dead. The COPY lasts as long as central's stream,
+    // each wait bounded here, so the session's statement timeout is lifted. The notice that the staging table already
     // exists is noise.
     let setup = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; \
+         SET LOCAL statement_timeout = 0; {}",
         (limit / 2).max(Duration::from_millis(100)).as_millis(),
         t.create_staging_sql()
     );

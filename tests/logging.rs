@@ -223,13 +223,14 @@ fn an_idle_cycle_writes_at_most_two_info_lines() {
         );
         let result = info[1];
         assert!(result.contains("cycle finished"), "{cycle}");
-        // P8, P9: "up to date" with counts; durations per phase and in total.
+        // P8, P9: "up to date" (after the first cycle's full reconciliation an
+        // idle cycle asks central for changes only); durations per phase and in total.
         assert!(
-            result.contains("meters: up to date (1 unchanged)"),
+            result.contains("meters: up to date (no changes centrally)"),
             "{result}"
         );
         assert!(
-            result.contains("tenant: up to date (1 unchanged)"),
+            result.contains("tenant: up to date (no changes centrally)"),
             "{result}"
         );
         assert!(result.matches(" ms").count() >= 4, "{result}");
