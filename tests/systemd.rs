@@ -116,6 +116,10 @@ fn unit_under_a_real_systemd() {
     let o = deploy(&c, "install", &["--binary", support::bin()]);
     assert!(o.status.success(), "first install: {}", text(&o));
     assert_eq!(c.prop(UNIT, "ActiveState"), "inactive", "{}", text(&o));
+    assert_eq!(
+        c.sh(&format!("systemctl is-enabled {UNIT}")).trim(),
+        "enabled"
+    );
     let version = c.sh("/usr/local/bin/meter-sync --version");
     assert!(
         version.starts_with(&format!("meter-sync {}", env!("CARGO_PKG_VERSION"))),
