@@ -1,11 +1,13 @@
 //! Fleet rollout on an existing engine (issue 15 item 4): deploy/ansible's
-//! rollout.yml, run with ansible-core, against three gateway stand-ins. Each is
+//! rollout.yml, run with ansible-core, against five gateway stand-ins. Each is
 //! a booted Debian container (tests/support/nspawn.rs) with its own sshd on its
 //! own loopback port, its own local database and central database, running the
-//! old release installed with deploy/install. The new release for the second
-//! gateway is broken (it starts, but never completes a cycle: it cannot reach
-//! central): the rollout must stop after that wave, that gateway must run the
-//! old release again, and the gateway after it must be untouched.
+//! old release installed with deploy/install. The playbook's waves on five
+//! gateways are gw1 (the canary), gw2 (10 %), gw3+gw4 (50 %), gw5. The new
+//! release for gw3 is broken (it starts, but never completes a cycle: it cannot
+//! reach central). gw4, in the same wave, upgrades fine: only
+//! max_fail_percentage (not Ansible's stop when a whole wave fails) ends the
+//! rollout there. Then: gw3 runs the old release again, gw5 is untouched.
 //!
 //! `#[ignore]`d: root, debootstrap, systemd-container, ansible-core (PyPI);
 //! `METER_SYNC_SYSTEMD=1 bash .ci/cross` installs them and runs it with --ignored.
@@ -150,12 +152,12 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
     fs::set_permissions(&broken, fs::Permissions::from_mode(0o755)).unwrap();
     let v1_bytes = fs::read(&v1).unwrap();
 
-    let gws: Vec<Gateway> = ["gw1", "gw2", "gw3"]
+    let gws: Vec<Gateway> = ["gw1", "gw2", "gw3", "gw4", "gw5"]
         .iter()
         .map(|n| gateway(n, &key_pub, &v1))
         .collect();
     eprintln!(
-        "ansible: {:.0} s: three gateways running the old release",
+        "ansible: {:.0} s: five gateways running the old release",
         t.elapsed().as_secs_f64()
     );
     let before: Vec<(String, String)> = gws
@@ -163,11 +165,11 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
         .map(|g| (g.c.prop(UNIT, "MainPID"), g.c.prop(UNIT, "NRestarts")))
         .collect();
 
-    // The fleet's inventory, in rollout order; gw2's release is the broken one.
+    // The fleet's inventory, in rollout order; gw3's release is the broken one.
     let mut inv = String::from("[gateways]\n");
     for g in &gws {
         inv.push_str(&format!("{} ansible_port={}", g.name, g.port));
-        if g.name == "gw2" {
+        if g.name == "gw3" {
             inv.push_str(&format!(" meter_sync_binary={}", broken.display()));
         }
         inv.push('\n');
@@ -205,52 +207,62 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
     // 2: some hosts failed; the play stopped.
     assert_eq!(o.status.code(), Some(2), "the rollout did not fail: {log}");
     assert!(
-        log.contains("gw2: the new release did not pass the health gate"),
+        log.contains("gw3: the new release did not pass the health gate"),
         "{log}"
     );
-    assert!(log.contains("previous release healthy again"), "{log}");
-
-    // The canary: upgraded and cycling, the old release kept for a rollback.
-    let gw1 = &gws[0];
-    assert_eq!(gw1.binary(), b, "the canary does not run the new release");
-    assert_eq!(
-        fs::read(gw1.c.root.join("usr/local/bin/meter-sync.prev")).unwrap(),
-        v1_bytes
-    );
-    assert!(gw1.healthy());
-    assert_ne!(gw1.c.prop(UNIT, "MainPID"), before[0].0);
-
-    // The failed one runs the old release again, cycling.
-    let gw2 = &gws[1];
-    assert_eq!(gw2.binary(), v1_bytes, "gw2 was not rolled back");
     assert!(
-        wait_until(Duration::from_secs(20), || gw2.healthy()),
-        "gw2 not healthy after the rollback: {}",
-        gw2.c
+        log.contains("rolled back, previous release healthy again"),
+        "{log}"
+    );
+
+    // The waves before and the other gateway of the failed wave: upgraded and
+    // cycling, the old release kept for a rollback.
+    for (i, g) in gws
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| [0, 1, 3].contains(i))
+    {
+        assert!(g.binary() == b, "{} does not run the new release", g.name);
+        assert!(
+            fs::read(g.c.root.join("usr/local/bin/meter-sync.prev")).unwrap() == v1_bytes,
+            "{}: the previous release was not kept",
+            g.name
+        );
+        assert!(g.healthy(), "{}", g.name);
+        assert_ne!(g.c.prop(UNIT, "MainPID"), before[i].0, "{}", g.name);
+    }
+
+    // The failed one runs the old release again, cycling and uploading.
+    let gw3 = &gws[2];
+    assert!(gw3.binary() == v1_bytes, "gw3 was not rolled back");
+    assert!(
+        wait_until(Duration::from_secs(20), || gw3.healthy()),
+        "gw3 not healthy after the rollback: {}",
+        gw3.c
             .sh(&format!("systemctl status --no-pager {UNIT} || true"))
     );
-    gw2.s.insert_readings(10);
+    gw3.s.insert_readings(10);
     assert!(
-        wait_until(Duration::from_secs(20), || gw2
+        wait_until(Duration::from_secs(20), || gw3
             .s
             .central_count("meter_readings")
             == 10),
-        "gw2 does not upload after the rollback"
+        "gw3 does not upload after the rollback"
     );
 
     // The one after the failed wave: untouched (same process, no restart, no
-    // previous release written).
-    let gw3 = &gws[2];
-    assert_eq!(gw3.binary(), v1_bytes);
-    assert!(!gw3.c.root.join("usr/local/bin/meter-sync.prev").exists());
+    // previous release written, never reached by the play).
+    let gw5 = &gws[4];
+    assert!(gw5.binary() == v1_bytes, "gw5's binary changed");
+    assert!(!gw5.c.root.join("usr/local/bin/meter-sync.prev").exists());
     assert_eq!(
-        (gw3.c.prop(UNIT, "MainPID"), gw3.c.prop(UNIT, "NRestarts")),
-        before[2]
+        (gw5.c.prop(UNIT, "MainPID"), gw5.c.prop(UNIT, "NRestarts")),
+        before[4]
     );
-    assert!(gw3.healthy());
+    assert!(gw5.healthy());
     assert!(
-        !log.contains("gw3"),
-        "the rollout reached gw3 after a failed wave: {log}"
+        !log.contains("gw5"),
+        "the rollout reached gw5 after a failed wave: {log}"
     );
     eprintln!("ansible: test took {:.0} s", t.elapsed().as_secs_f64());
     let _ = fs::remove_dir_all(dir);
