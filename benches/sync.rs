@@ -1067,10 +1067,14 @@ fn download_bytes() -> String {
                  FROM generate_series(1, {n}) g;
                  INSERT INTO tenant (tenant_id, name, configuration, updated_at)
                  SELECT 't-' || g, 'Tenant ' || g, jsonb_build_object('tariff', g), now()
-                 FROM generate_series(1, 200) g;
-                 VACUUM ANALYZE meters; VACUUM ANALYZE tenant;"
+                 FROM generate_series(1, 200) g;"
             ))
             .unwrap();
+        for t in ["meters", "tenant"] {
+            s.central()
+                .batch_execute(&format!("VACUUM ANALYZE {t}"))
+                .unwrap();
+        }
         let data: i64 = s
             .central()
             .query_one(
