@@ -13,6 +13,10 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+// Section `central`: the fleet through PgBouncer into a partitioned central.
+#[path = "sync/fleet_central.rs"]
+mod fleet_central;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -101,7 +105,9 @@ fn fail(msg: &str) -> ! {
 }
 
 fn main() {
-    const SECTIONS: [&str; 6] = ["drain", "slow", "memory", "size", "fleet", "download"];
+    const SECTIONS: [&str; 7] = [
+        "drain", "slow", "memory", "size", "fleet", "download", "central",
+    ];
     // `cargo bench` passes `--bench` to harness-less targets; other flags are not ours.
     let mut chosen: Vec<String> = Vec::new();
     for a in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
@@ -141,6 +147,7 @@ fn main() {
             "size" => size(),
             "fleet" => fleet(&k),
             "download" => download_bytes(),
+            "central" => fleet_central::central(&k),
             _ => unreachable!(),
         };
         print!("{section}");
@@ -1118,7 +1125,7 @@ fn download_bytes() -> String {
             .split("cycle finished:")
             .skip(1)
             .take(idle_reps)
-            .all(|c| c.contains("meters up to date (no changes centrally)"));
+            .all(|c| c.contains("meters: up to date (no changes centrally)"));
         s.central()
             .batch_execute("UPDATE meters SET name = 'Renamed' WHERE meter_id = 'm-000001'")
             .unwrap();

@@ -73,7 +73,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{CopyOutStream, IsolationLevel, Transaction};
+use tokio_postgres::{CopyOutStream, Transaction};
 
 use crate::config::{Config, Side};
 use crate::db::{timed, Db};
@@ -222,7 +222,6 @@ async fn sync(
                 Ok(p) if !p.any => {
                     // Nothing to fetch, nothing to write: the watermark stays where
                     // it is (still correct, only more conservative).
-                    log::info!("{} up to date (no changes centrally)", t.plural);
                     log::debug!(
                         "{}: no rows past watermark {} ({} ms)",
                         t.table,
@@ -231,7 +230,7 @@ async fn sync(
                     );
                     return Ok(PhaseResult {
                         records: 0,
-                        summary: "changes only: 0 new, 0 updated, 0 unchanged".into(),
+                        summary: "up to date (no changes centrally)".into(),
                     });
                 }
                 Ok(_) => (Rows::ChangedSince(sv.watermark), true),
@@ -256,18 +255,7 @@ async fn open_central<'a>(
     tracked: bool,
 ) -> Result<(Transaction<'a>, Probe)> {
     let limit = central.timeout();
-    let tx = timed(
-        Side::Central,
-        limit,
-        "begin",
-        central
-            .client_mut()
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start(),
-    )
-    .await?;
+    let tx = central.begin_snapshot("begin").await?;
     let what = format!("probe {}", t.table);
     let probe = Probe::in_tx(&tx, limit, &what, &t.probe_sql(rows, tracked)).await?;
     Ok((tx, probe))
@@ -390,10 +378,10 @@ async fn download(
     );
     Ok(PhaseResult {
         records: report.new + report.updated,
-        summary: if full {
-            counts
-        } else {
-            format!("changes only: {counts}")
+        summary: match (report.new + report.updated, full) {
+            (0, true) => format!("up to date ({unchanged} unchanged)"),
+            (_, true) => counts,
+            (_, false) => format!("changes only: {counts}"),
         },
     })
 }
@@ -478,9 +466,9 @@ impl Report {
                 self.gone_ids.join(", ")
             );
         }
-        if self.new == 0 && self.updated == 0 {
-            log::info!("{} up to date ({unchanged} unchanged)", t.plural);
-        }
+        // "Up to date" is said once, in the cycle's result line (see the summary
+        // in `sync`): an idle cycle writes two info lines, not eight.
+        log::debug!("{}: {unchanged} unchanged", t.plural);
     }
 }
 
@@ -506,10 +494,12 @@ async fn stage(
     let what_out = format!("stage {}", t.table);
     // A row lock held by someone else (the collector) should fail this table
     // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
-    // would declare the connection dead. The notice that the staging table already
+    // would declare the connection dead. The COPY lasts as long as central's stream,
+    // each wait bounded here, so the session's statement timeout is lifted. The notice that the staging table already
     // exists is noise.
     let setup = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; \
+         SET LOCAL statement_timeout = 0; {}",
         (limit / 2).max(Duration::from_millis(100)).as_millis(),
         t.create_staging_sql()
     );

@@ -38,6 +38,11 @@ pub const REMOTE: &[Migration] = &[
         name: "0002_change_tracking.sql",
         sql: include_str!("../migrations/remote/0002_change_tracking.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_gateway_status.sql",
+        sql: include_str!("../migrations/remote/0003_gateway_status.sql"),
+    },
 ];
 
 /// The bookkeeping table, in the same schema as the tables it describes.
@@ -127,7 +132,11 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         // Migrations run without the query timeout: a schema change on a large
         // table may legitimately take long, and nothing else waits on it.
         // IF NOT EXISTS clauses that skip raise NOTICEs: expected, not news.
-        let sql = format!("SET LOCAL client_min_messages = warning;\n{}", m.sql);
+        // The session's statement timeout is lifted for the same reason.
+        let sql = format!(
+            "SET LOCAL client_min_messages = warning; SET LOCAL statement_timeout = 0;\n{}",
+            m.sql
+        );
         tx.batch_execute(&sql)
             .await
             .map_err(|e| Error::db(side, what.clone(), e))?;

@@ -295,8 +295,8 @@ fn p8_jsonb_equal_by_value_is_not_a_change() {
     );
     assert_eq!(after, before, "a value-equal jsonb must not be written");
     assert!(!run.stderr.contains(" updated: "), "{}", run.stderr);
-    assert!(run.stderr.contains("meters up to date (1 unchanged)"));
-    assert!(run.stderr.contains("tenants up to date (1 unchanged)"));
+    assert!(run.stderr.contains("meters: up to date (1 unchanged)"));
+    assert!(run.stderr.contains("tenant: up to date (1 unchanged)"));
 }
 
 #[test]
@@ -325,15 +325,13 @@ fn p8_an_unchanged_cycle_writes_nothing_locally() {
     );
     assert_eq!(after, before, "no row may be written when nothing changed");
     let log = &run.stderr;
-    assert_eq!(
-        lines_with(log, "up to date"),
-        vec![
-            "meters up to date (50 unchanged)",
-            "tenants up to date (1 unchanged)"
-        ]
-    );
+    // P8: one line says so, the cycle's result line (issue 15: two info lines
+    // for an idle cycle).
+    let up_to_date = lines_with(log, "up to date");
+    assert_eq!(up_to_date.len(), 1, "{log}");
     assert!(
-        log.contains("meters: 0 new, 0 updated, 50 unchanged ("),
+        up_to_date[0].contains("meters: up to date (50 unchanged) (")
+            && up_to_date[0].contains("tenant: up to date (1 unchanged) ("),
         "{log}"
     );
     assert!(
@@ -381,7 +379,7 @@ fn p8_a_meter_deleted_centrally_stays_locally_with_a_warning() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("meters up to date (2 unchanged)"));
+    assert!(run.stderr.contains("meters: up to date (2 unchanged)"));
 }
 
 #[test]
@@ -755,8 +753,8 @@ fn p20_a_central_change_arrives_in_the_next_cycle_with_its_fields_named() {
     let d = running(&s);
     let idle = next_cycle(&d);
     assert!(
-        idle.contains("meters up to date (no changes centrally)")
-            && idle.contains("tenants up to date (no changes centrally)")
+        idle.contains("meters: up to date (no changes centrally)")
+            && idle.contains("tenant: up to date (no changes centrally)")
             && !idle.contains("full reconciliation"),
         "an idle cycle asks for changes only:\n{idle}"
     );

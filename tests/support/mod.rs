@@ -892,3 +892,9 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 pub mod notify;
+/// Booted systemd containers for tests/systemd.rs and tests/ansible.rs (issue 15b).
+pub mod nspawn;
+
+/// PgBouncer in front of central, and streaming standbys (issue 13a).
+pub mod pgbouncer;
+pub mod replica;
