@@ -1121,9 +1121,10 @@ fn download_bytes() -> String {
             last = now;
         }
         let log = d.log_text();
+        // Piece k (from 1) starts with cycle k's result line; cycle 1 is the full one.
         let idle_ok = log
             .split("cycle finished:")
-            .skip(1)
+            .skip(2)
             .take(idle_reps)
             .all(|c| c.contains("meters: up to date (no changes centrally)"));
         s.central()
