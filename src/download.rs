@@ -26,10 +26,10 @@
 //! - Deletes leave no row to stamp: rows gone from central are found, and kept with
 //!   a warning, by the full reconciliation.
 //!
-//! An idle cycle is one autocommit statement on central per table: the count of
-//! rows past the watermark, an index probe on `change_xid`. Only when it is not
-//! zero does a download open a REPEATABLE READ transaction, probe again and copy
-//! those rows, all in one snapshot, and store that snapshot's xmin.
+//! An idle cycle is one small autocommit statement on central per table: is any
+//! row past the watermark (an index probe on `change_xid`)? Only when there is
+//! does a download open a REPEATABLE READ transaction, probe (count and size the
+//! rows) and copy them, all in one snapshot, and store that snapshot's xmin.
 //!
 //! # Full reconciliation
 //!
@@ -82,7 +82,7 @@ use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 
 use table::{Rows, Table, METERS, TENANTS};
-use watermark::{Local, Probe};
+use watermark::{Changed, Local, Probe};
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
 /// summarised in one line, so that the first sync of a large fleet does not flood
@@ -197,9 +197,9 @@ async fn sync(
             (Rows::All, remember)
         }
         Plan::Changes(sv) => {
-            let sql = t.probe_sql(Rows::ChangedSince(sv.watermark), true);
+            let sql = t.changed_since_sql(sv.watermark);
             let what = format!("look for changed {}", t.plural);
-            match Probe::autocommit(central, &what, &sql).await {
+            match Changed::ask(central, &what, &sql).await {
                 Ok(p) if p.central_db != sv.central_db => {
                     log::info!(
                         "{}: full reconciliation (the watermark is for central database {:?}, this is {:?})",
@@ -219,7 +219,7 @@ async fn sync(
                     );
                     (Rows::All, true)
                 }
-                Ok(p) if p.rows == 0 => {
+                Ok(p) if !p.any => {
                     // Nothing to fetch, nothing to write: the watermark stays where
                     // it is (still correct, only more conservative).
                     log::debug!(

@@ -1208,6 +1208,8 @@ fn p20_a_single_oversized_row_is_refused_before_it_is_sent() {
 // ---------------------------------------------------------------------------------------
 
 const RLS_RECIPE: &str = include_str!("../deploy/central/rls-recipe.sql");
+/// The heartbeat's own recipe (issue 13b), with the same group role.
+const STATUS_RLS_RECIPE: &str = include_str!("../deploy/central/gateway-status-rls.sql");
 const GATEWAY_PASSWORD: &str = "gw-Pa55word";
 
 /// 2,000 meters and 20 tenants centrally, the recipe applied, and two gateway roles:
@@ -1228,6 +1230,7 @@ fn rls_sandbox(s: &mut Sandbox) -> (String, String) {
     )
     .unwrap();
     c.batch_execute(RLS_RECIPE).unwrap();
+    c.batch_execute(STATUS_RLS_RECIPE).unwrap();
     c.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
          CREATE ROLE {other} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
@@ -1239,7 +1242,8 @@ fn rls_sandbox(s: &mut Sandbox) -> (String, String) {
     ))
     .unwrap();
     s.set("POSTGRES_CLIENT_USER", &role)
-        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD);
+        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD)
+        .set("METER_SYNC_GATEWAY_ID", &role);
     (role, other)
 }
 
@@ -1420,7 +1424,21 @@ fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings(
              FROM generate_series(1, 30) g",
         )
         .unwrap();
-    once(&s);
+    let run = once(&s);
+    assert!(
+        !run.stderr.contains("heartbeat failed"),
+        "the heartbeat works with these privileges too:\n{}",
+        run.stderr
+    );
+    let beats: i64 = s
+        .central()
+        .query_one(
+            "SELECT count(*) FROM gateway_status WHERE gateway_id = $1",
+            &[&role],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(beats, 1, "{}", run.stderr);
     assert_eq!(s.central_count("meter_readings"), 31);
     assert_eq!(s.local_count("meter_readings"), 0);
     assert_eq!(s.local_count("meters"), 50);

@@ -105,19 +105,17 @@ impl Table {
     }
 
     /// One statement on central that says what a download of `rows` would bring
-    /// and where the next one resumes: the snapshot's xmin and xmax (the
-    /// watermark, and a check that central's transaction counter did not go
-    /// backwards), which database this is, how many rows, their size (the text
+    /// and where the next one resumes: the snapshot's xmin (the next watermark),
+    /// which database this is, how many rows, their size (the text
     /// form of the downloaded columns: close to what the binary COPY carries) and
     /// the largest row; whether row-level security filters what this role sees,
     /// and whether central has the `change_xid` column. With `tracked` false (a central without migration 0002)
     /// the snapshot functions are not used at all, so any server version answers.
     pub fn probe_sql(&self, rows: Rows, tracked: bool) -> String {
         let snapshot = if tracked {
-            "pg_snapshot_xmin(pg_current_snapshot())::text, \
-             pg_snapshot_xmax(pg_current_snapshot())::text"
+            "pg_snapshot_xmin(pg_current_snapshot())::text"
         } else {
-            "NULL::text, NULL::text"
+            "NULL::text"
         };
         let size = format!("octet_length(ROW({})::text)", self.central_columns());
         format!(
@@ -129,6 +127,19 @@ impl Table {
              FROM {table}{filter}",
             table = self.table,
             filter = rows.filter()
+        )
+    }
+
+    /// The idle cycle's statement, kept small because it is most of an idle
+    /// cycle's bytes: is any row stamped at or past `watermark`, plus the
+    /// snapshot's xmax and the database name (the checks that the watermark is
+    /// this central's). An index probe on `change_xid`.
+    pub fn changed_since_sql(&self, watermark: u64) -> String {
+        format!(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, current_database()::text, \
+                    EXISTS (SELECT FROM {}{})",
+            self.table,
+            Rows::ChangedSince(watermark).filter()
         )
     }
 

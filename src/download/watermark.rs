@@ -104,7 +104,6 @@ pub async fn save(
 pub struct Probe {
     /// The snapshot's xmin: the next watermark (None without tracking).
     pub xmin: Option<u64>,
-    pub xmax: Option<u64>,
     pub central_db: String,
     pub rows: u64,
     pub bytes: u64,
@@ -124,23 +123,13 @@ impl Probe {
         let n = |i: usize| u64::try_from(r.get::<_, i64>(i)).unwrap_or(0);
         Probe {
             xmin: xid(r, 0),
-            xmax: xid(r, 1),
-            central_db: r.get(2),
-            rows: n(3),
-            bytes: n(4),
-            largest: n(5),
-            rls: r.get(6),
-            tracked: r.get(7),
+            central_db: r.get(1),
+            rows: n(2),
+            bytes: n(3),
+            largest: n(4),
+            rls: r.get(5),
+            tracked: r.get(6),
         }
-    }
-
-    /// On central outside a transaction: one statement, one snapshot, one round trip.
-    pub async fn autocommit(central: &Db, what: &str, sql: &str) -> Result<Probe> {
-        let no_params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)] = &[];
-        let row = central
-            .timed(what, central.client().query_typed_one(sql, no_params))
-            .await?;
-        Ok(Probe::from_row(&row))
     }
 
     /// Inside the download's REPEATABLE READ transaction: the same snapshot the
@@ -160,5 +149,28 @@ impl Probe {
         )
         .await?;
         Ok(Probe::from_row(&row))
+    }
+}
+
+/// Central's answer to [`super::table::Table::changed_since_sql`].
+#[derive(Clone, Debug)]
+pub struct Changed {
+    pub xmax: Option<u64>,
+    pub central_db: String,
+    pub any: bool,
+}
+
+impl Changed {
+    /// On central outside a transaction: one statement, one snapshot, one round trip.
+    pub async fn ask(central: &Db, what: &str, sql: &str) -> Result<Changed> {
+        let no_params: &[(&(dyn tokio_postgres::types::ToSql + Sync), Type)] = &[];
+        let r = central
+            .timed(what, central.client().query_typed_one(sql, no_params))
+            .await?;
+        Ok(Changed {
+            xmax: xid(&r, 0),
+            central_db: r.get(1),
+            any: r.get(2),
+        })
     }
 }
