@@ -21,9 +21,9 @@ pub const LOCAL: &[Migration] = &[
         sql: include_str!("../migrations/local/0001_initial.sql"),
     },
     Migration {
-        version: 4,
-        name: "0004_download_watermark.sql",
-        sql: include_str!("../migrations/local/0004_download_watermark.sql"),
+        version: 3,
+        name: "0003_download_watermark.sql",
+        sql: include_str!("../migrations/local/0003_download_watermark.sql"),
     },
 ];
 

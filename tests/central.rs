@@ -90,7 +90,8 @@ fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) ->
     let name = format!("gw{}_{tag}", std::process::id());
     local.create_db(&name);
     let mut s = Sandbox::on(local, central, &name, central_db);
-    s.set("POSTGRES_CLIENT_PORT", port);
+    s.set("POSTGRES_CLIENT_PORT", port)
+        .set("METER_SYNC_GATEWAY_ID", &name);
     s
 }
 
@@ -194,6 +195,18 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         assert!(phases >= 6, "only {phases} phases ran:\n{log}");
         assert_eq!(failed, 0, "{failed} of {phases} phases failed:\n{log}");
         assert!(error_lines(log).is_empty(), "ERROR lines:\n{log}");
+        // The heartbeat's upsert went through PgBouncer as well (issue 13 item 6).
+        assert_eq!(heartbeat_warnings(log), 0, "{log}");
+        let id = &g.local_db;
+        let row = c
+            .query_opt(
+                "SELECT last_cycle_ok, queue_size FROM gateway_status WHERE gateway_id = $1",
+                &[id],
+            )
+            .unwrap();
+        let row = row.unwrap_or_else(|| panic!("no gateway_status row for {id}:\n{log}"));
+        assert_eq!(row.get::<_, Option<bool>>(0), Some(true), "{id}");
+        assert_eq!(row.get::<_, Option<i64>>(1), Some(0), "{id}");
     }
     // And it all went through PgBouncer, in transactions on its pool of two.
     let pools = pb.admin_query("SHOW POOLS");
