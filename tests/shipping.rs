@@ -1033,6 +1033,7 @@ fn an_unhealthy_first_install_exits_3_and_rolls_nothing_back() {
     drop(fake);
     let _ = fs::remove_dir_all(dir);
 }
+
 /// Every relative link `](path)` in README.md, ARCHITECTURE.md and docs/*.md
 /// names a file of the repository (the README must not send a reader outside
 /// it). Links to web pages and to anchors of the same page are left alone; an
