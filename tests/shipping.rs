@@ -1073,7 +1073,7 @@ fn docs_links_resolve() {
             if !inside {
                 broken.push(format!(
                     "{}: ]({target}) does not name a file in the repository",
-                    doc.strip_prefix(&root).unwrap_or(doc).display()
+                    doc.strip_prefix(&root).unwrap_or(doc.as_path()).display()
                 ));
             }
             checked += 1;
