@@ -1067,9 +1067,7 @@ fn docs_links_resolve() {
             }
             let path = target.split('#').next().unwrap_or_default();
             let resolved = dir.join(path);
-            let inside = resolved
-                .canonicalize()
-                .is_ok_and(|p| p.starts_with(&root));
+            let inside = resolved.canonicalize().is_ok_and(|p| p.starts_with(&root));
             if !inside {
                 broken.push(format!(
                     "{}: ]({target}) does not name a file in the repository",
