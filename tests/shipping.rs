@@ -1033,3 +1033,50 @@ fn an_unhealthy_first_install_exits_3_and_rolls_nothing_back() {
     drop(fake);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// Every relative link `](path)` in README.md, ARCHITECTURE.md and docs/*.md
+/// names a file of the repository (the README must not send a reader outside
+/// it). Links to web pages and to anchors of the same page are left alone; an
+/// anchor after a path is dropped before the path is checked.
+#[test]
+fn docs_links_resolve() {
+    let mut docs = vec![repo("README.md"), repo("ARCHITECTURE.md")];
+    let mut in_docs: Vec<PathBuf> = fs::read_dir(repo("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    in_docs.sort();
+    docs.extend(in_docs);
+    let root = repo("").canonicalize().unwrap();
+    let mut checked = 0;
+    let mut broken = Vec::new();
+    for doc in &docs {
+        let text = fs::read_to_string(doc).unwrap();
+        let dir = doc.parent().unwrap();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = rest[..end].trim();
+            if target.starts_with("http://")
+                || target.starts_with("https://")
+                || target.starts_with('#')
+                || target.starts_with("mailto:")
+            {
+                continue;
+            }
+            let path = target.split('#').next().unwrap_or_default();
+            let resolved = dir.join(path);
+            let inside = resolved.canonicalize().is_ok_and(|p| p.starts_with(&root));
+            if !inside {
+                broken.push(format!(
+                    "{}: ]({target}) does not name a file in the repository",
+                    doc.strip_prefix(&root).unwrap_or(doc.as_path()).display()
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+    assert!(checked >= 20, "only {checked} links found in {docs:?}");
+}
