@@ -136,22 +136,22 @@ fn unit_under_a_real_systemd() {
             ("UPLOAD_PIPELINE_DEPTH", "1".into()),
         ],
     );
-    // Step 5: the tables, with the service's environment and sandbox.
-    c.sh(
-        "systemd-run --wait --pipe --collect --unit=meter-sync-migrate \
-         -p User=meter-sync -p DynamicUser=yes -p EnvironmentFile=/etc/meter-sync/meter-sync.env \
-         -p LoadCredential=client-password:/etc/meter-sync/client-password \
-         -E POSTGRES_CLIENT_PASSWORD_FILE=/run/credentials/meter-sync-migrate.service/client-password \
-         /usr/local/bin/meter-sync migrate",
-    );
-    // The metrics file at the documented path only now: its directory is the
-    // unit's RuntimeDirectory, which exists only while the daemon runs, and the
-    // configuration check refuses a METRICS_TEXTFILE in a missing directory, so
-    // step 5 fails with it set (exit 78; reported to the lead).
+    // The metrics file at the documented path, set before step 5: its directory
+    // is the unit's RuntimeDirectory, which step 5's command creates too.
     let metrics = documented_metrics_path();
     let env = c.root.join("etc/meter-sync/meter-sync.env");
     let cfg = fs::read_to_string(&env).unwrap();
     fs::write(&env, format!("{cfg}METRICS_TEXTFILE={metrics}\n")).unwrap();
+    // Step 5: the tables, with the service's environment and sandbox, exactly as
+    // docs/deploying.md gives the command.
+    c.sh(
+        "systemd-run --wait --pipe --collect --unit=meter-sync-migrate \
+         -p User=meter-sync -p DynamicUser=yes -p EnvironmentFile=/etc/meter-sync/meter-sync.env \
+         -p LoadCredential=client-password:/etc/meter-sync/client-password \
+         -p LoadCredential=sync-password:/etc/meter-sync/sync-password \
+         -p RuntimeDirectory=meter-sync -p RuntimeDirectoryPreserve=yes \
+         /usr/local/bin/meter-sync migrate",
+    );
     s.insert_readings(50);
     step(&t, "configured and migrated (systemd-run)");
 
