@@ -16,6 +16,7 @@ mod pace;
 
 use std::future::Future;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -162,8 +163,9 @@ struct Ctx<'a> {
     st: &'a Statements,
     retries: u32,
     pipe: Pipeline,
-    /// `UPLOAD_METHOD=copy`.
-    copy: bool,
+    /// `UPLOAD_METHOD=copy`, until central refuses COPY for this drain (see
+    /// [`insert`]); atomic because the batches in flight share the context.
+    copy: AtomicBool,
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -216,7 +218,7 @@ pub async fn drain(
         st: &st,
         retries: cfg.max_query_retries,
         pipe: Pipeline::default(),
-        copy: cfg.upload_copy,
+        copy: AtomicBool::new(cfg.upload_copy),
     };
     let depth = cfg.upload_pipeline_depth.max(1);
     let mut pace = Pace::resume(cfg.batch_size);
@@ -478,12 +480,25 @@ async fn deliver(ctx: &Ctx<'_>, batch: Batch) -> (Tally, Result<()>) {
 /// fallback, whose casts convert where a conversion exists. Whatever the fallback
 /// fails with is what the caller sees (a rejected reading is bisected as before).
 ///
+/// A central that refuses COPY itself (0A000: a table under row-level security,
+/// where PostgreSQL has no COPY FROM) gets every later batch of this drain as the
+/// INSERT directly, said once.
+///
 /// With `UPLOAD_METHOD=insert` every batch takes the INSERT directly.
 async fn insert(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
-    if !ctx.copy {
+    if !ctx.copy.load(Ordering::Relaxed) {
         return insert_on_conflict(ctx, batch, rows).await;
     }
     match copy(ctx, batch, rows.clone()).await {
+        Err(e) if copy_refused(&e) => {
+            if ctx.copy.swap(false, Ordering::Relaxed) {
+                log::warn!(
+                    "upload: {e}; sending batches as INSERT … ON CONFLICT for the rest of this drain \
+                     (UPLOAD_METHOD=insert says so from the start)"
+                );
+            }
+            insert_on_conflict(ctx, batch, rows).await
+        }
         Err(e) if needs_fallback(&e) => {
             log::info!(
                 "upload: {e}; sending these {} reading(s) again with ON CONFLICT DO NOTHING",
@@ -493,6 +508,11 @@ async fn insert(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64>
         }
         other => other,
     }
+}
+
+/// See [`insert`].
+fn copy_refused(e: &Error) -> bool {
+    e.kind() == Kind::Db && e.code() == Some("0A000")
 }
 
 /// See [`insert`].
