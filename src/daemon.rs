@@ -43,28 +43,87 @@ async fn grace_expired(shutdown: &Shutdown, grace: Duration) {
     );
 }
 
-/// Takes the lock (unless this process already holds it), logs the queue, and runs
-/// one cycle bounded by the shutdown grace. Shutdown during the steps before the
-/// cycle ends the turn at once: no batch is in flight there.
-async fn turn(
-    cfg: &Config,
-    conns: &mut Connections,
-    shutdown: &Shutdown,
-    heartbeat: &mut Heartbeat,
-) -> Turn {
-    conns.begin_cycle();
-    heartbeat.cycle_started();
-    tokio::select! {
-        ready = prepare(cfg, conns, shutdown) => {
-            if let Err(t) = ready {
-                return t;
-            }
+/// What the daemon keeps from one turn to the next: the connections, the metrics
+/// since start, the heartbeat's state, the retention schedule.
+struct Gateway {
+    conns: Connections,
+    metrics: Metrics,
+    heartbeat: Heartbeat,
+    retention: Schedule,
+}
+
+impl Gateway {
+    fn new(cfg: &Config) -> Gateway {
+        Gateway {
+            conns: Connections::default(),
+            metrics: Metrics::default(),
+            heartbeat: Heartbeat::new(cfg.gateway_id.clone(), &cfg.central),
+            retention: Schedule::default(),
         }
-        _ = shutdown.requested() => return Turn::Abandoned,
     }
-    tokio::select! {
-        report = cycle::run(cfg, conns, shutdown) => Turn::Ran(report),
-        _ = grace_expired(shutdown, shutdown_grace(cfg)) => Turn::Abandoned,
+
+    /// Takes the lock (unless this process already holds it), logs the queue, and
+    /// runs one cycle bounded by the shutdown grace. Shutdown during the steps
+    /// before the cycle ends the turn at once: no batch is in flight there.
+    async fn turn(&mut self, cfg: &Config, shutdown: &Shutdown) -> Turn {
+        self.conns.begin_cycle();
+        self.heartbeat.cycle_started();
+        tokio::select! {
+            ready = prepare(cfg, &mut self.conns, shutdown) => {
+                if let Err(t) = ready {
+                    return t;
+                }
+            }
+            _ = shutdown.requested() => return Turn::Abandoned,
+        }
+        let turn = tokio::select! {
+            report = cycle::run(cfg, &mut self.conns, shutdown) => Turn::Ran(report),
+            _ = grace_expired(shutdown, shutdown_grace(cfg)) => Turn::Abandoned,
+        };
+        if let Turn::Ran(report) = &turn {
+            self.metrics.record_cycle(report);
+        }
+        turn
+    }
+
+    /// After a turn: count the queue again (for the heartbeat and the metrics
+    /// file), send the heartbeat, write the metrics file, then housekeeping (which
+    /// never delays the report). Skipped queries and the skipped heartbeat once
+    /// shutdown is requested keep the stop within its bound.
+    async fn after_turn(&mut self, cfg: &Config, shutdown: &Shutdown, turn: &Turn) {
+        let (conns, m) = (&mut self.conns, &mut self.metrics);
+        if shutdown.is_requested() {
+            write_metrics(cfg, m);
+            return;
+        }
+        let queue = match conns.local() {
+            Some(local) => match crate::heartbeat::queue_state(local).await {
+                Ok(q) => Some(q),
+                Err(e) => {
+                    log::debug!("queue after the cycle unknown: {e}");
+                    conns.drop_if_lost(&e);
+                    None
+                }
+            },
+            None => None,
+        };
+        m.set_queue(queue.map(|q| (q.pending, q.quarantined)));
+        m.set_oldest_pending(queue.map(|q| (q.oldest_pending_at, q.oldest_pending_age)));
+        let beat = match turn {
+            Turn::Ran(report) => Some(Beat::of_report(report, queue)),
+            Turn::LocalDown(e) => Some(Beat::not_started(&format!(
+                "local database unreachable: {e}"
+            ))),
+            // Another daemon cycles this gateway and sends its heartbeat.
+            Turn::Busy(_) | Turn::Abandoned => None,
+        };
+        if let Some(beat) = beat {
+            send_heartbeat(cfg, conns, shutdown, &mut self.heartbeat, &beat).await;
+        }
+        write_metrics(cfg, m);
+        if let (Turn::Ran(_), Some(local)) = (turn, conns.local()) {
+            self.retention.maybe_prune(cfg, local, shutdown).await;
+        }
     }
 }
 
@@ -97,54 +156,6 @@ async fn prepare(
     Ok(())
 }
 
-/// After a turn: count the queue again (for the heartbeat and the metrics file),
-/// send the heartbeat, write the metrics file. Skipped queries and the skipped
-/// heartbeat once shutdown is requested keep the stop within its bound.
-async fn after_turn(
-    cfg: &Config,
-    conns: &mut Connections,
-    shutdown: &Shutdown,
-    turn: &Turn,
-    heartbeat: &mut Heartbeat,
-    m: &mut Metrics,
-    retention: &mut Schedule,
-) {
-    if shutdown.is_requested() {
-        write_metrics(cfg, m);
-        return;
-    }
-    let queue = match conns.local() {
-        Some(local) => match crate::heartbeat::queue_state(local).await {
-            Ok(q) => Some(q),
-            Err(e) => {
-                log::debug!("queue after the cycle unknown: {e}");
-                conns.drop_if_lost(&e);
-                None
-            }
-        },
-        None => None,
-    };
-    m.set_queue(queue.map(|q| (q.pending, q.quarantined)));
-    m.set_oldest_pending(queue.map(|q| (q.oldest_pending_at, q.oldest_pending_age)));
-    let beat = match turn {
-        Turn::Ran(report) => Some(Beat::of_report(report, queue)),
-        Turn::LocalDown(e) => Some(Beat::not_started(&format!(
-            "local database unreachable: {e}"
-        ))),
-        // Another daemon cycles this gateway and sends its heartbeat.
-        Turn::Busy(_) | Turn::Abandoned => None,
-    };
-    if let Some(beat) = beat {
-        send_heartbeat(cfg, conns, shutdown, heartbeat, &beat).await;
-    }
-    write_metrics(cfg, m);
-    // After STATUS=, the metrics and the heartbeat: housekeeping never delays the
-    // report.
-    if let (Turn::Ran(_), Some(local)) = (turn, conns.local()) {
-        retention.maybe_prune(cfg, local, shutdown).await;
-    }
-}
-
 /// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.
 async fn send_heartbeat(
     cfg: &Config,
@@ -163,6 +174,12 @@ async fn send_heartbeat(
     if let Err(e) = sent {
         conns.drop_if_lost(&e);
     }
+}
+
+fn describe_holder(holder: &Option<LockHolder>) -> String {
+    holder
+        .as_ref()
+        .map_or_else(|| "another session".into(), |h| h.describe())
 }
 
 fn write_metrics(cfg: &Config, m: &Metrics) {
@@ -188,24 +205,18 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
         cfg.sync_interval.as_secs(),
         shutdown_grace(cfg).as_millis()
     );
-    let mut conns = Connections::default();
-    let mut metrics = Metrics::default();
-    let mut heartbeat = Heartbeat::new(cfg.gateway_id.clone(), &cfg.central);
-    let mut retention = Schedule::default();
+    let mut gw = Gateway::new(cfg);
     let mut was_busy = false;
     loop {
-        let turn = turn(cfg, &mut conns, &shutdown, &mut heartbeat).await;
+        let turn = gw.turn(cfg, &shutdown).await;
         match &turn {
             Turn::Ran(report) => {
                 was_busy = false;
                 let verdict = if report.ok() { "ok" } else { "with errors" };
                 crate::notify::status(&format!("last cycle {verdict}: {}", report.summary()));
-                metrics.record_cycle(report);
             }
             Turn::Busy(holder) => {
-                let who = holder
-                    .as_ref()
-                    .map_or_else(|| "another session".into(), |h| h.describe());
+                let who = describe_holder(holder);
                 let msg = format!(
                     "another meter-sync ({who}) holds the cycle lock on this local database; \
                      skipping this cycle and trying again in {} s",
@@ -224,27 +235,18 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
                 if !shutdown.is_requested() {
                     log::error!("cycle skipped, local database unreachable: {e}");
                     crate::notify::status(&format!("cycle skipped: {e}"));
-                    metrics.record_failed_start();
+                    gw.metrics.record_failed_start();
                 }
             }
             Turn::Abandoned => log::info!("cycle abandoned for shutdown"),
         }
-        after_turn(
-            cfg,
-            &mut conns,
-            &shutdown,
-            &turn,
-            &mut heartbeat,
-            &mut metrics,
-            &mut retention,
-        )
-        .await;
+        gw.after_turn(cfg, &shutdown, &turn).await;
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
     }
     crate::notify::stopping();
-    conns.close();
+    gw.conns.close();
     log::info!("meter-sync stopped");
     Ok(())
 }
@@ -252,16 +254,11 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
 /// `meter-sync once`: one cycle under the same lock; exit 0 only if every phase ran
 /// and succeeded.
 pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
-    let mut conns = Connections::default();
-    let mut metrics = Metrics::default();
-    let mut heartbeat = Heartbeat::new(cfg.gateway_id.clone(), &cfg.central);
-    let turn = turn(cfg, &mut conns, &shutdown, &mut heartbeat).await;
+    let mut gw = Gateway::new(cfg);
+    let turn = gw.turn(cfg, &shutdown).await;
     match &turn {
-        Turn::Ran(report) => metrics.record_cycle(report),
         Turn::Busy(holder) => {
-            let who = holder
-                .as_ref()
-                .map_or_else(|| "another session".into(), |h| h.describe());
+            let who = describe_holder(holder);
             let msg = format!(
                 "another meter-sync ({who}) is running on this local database; not starting a second cycle"
             );
@@ -269,19 +266,10 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
             crate::logging::repeat_error(&msg);
             return Ok(1);
         }
-        Turn::LocalDown(_) | Turn::Abandoned => {}
+        Turn::Ran(_) | Turn::LocalDown(_) | Turn::Abandoned => {}
     }
-    after_turn(
-        cfg,
-        &mut conns,
-        &shutdown,
-        &turn,
-        &mut heartbeat,
-        &mut metrics,
-        &mut Schedule::default(),
-    )
-    .await;
-    conns.close();
+    gw.after_turn(cfg, &shutdown, &turn).await;
+    gw.conns.close();
     match turn {
         Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),
         Turn::LocalDown(e) => Err(e),
