@@ -482,22 +482,16 @@ impl MakeTlsConnect<Socket> for MakeConnector {
 
     fn make_tls_connect(&mut self, host: &str) -> std::result::Result<Connect, Refusal> {
         Ok(Connect {
-            inner: self.inner.clone(),
+            with: self.clone(),
             host: host.to_string(),
-            trusted: self.trusted.clone(),
-            implied: self.implied,
-            traffic: self.traffic,
         })
     }
 }
 
 /// One handshake with the server at `host`.
 pub struct Connect {
-    inner: Arc<backend::Connector>,
+    with: MakeConnector,
     host: String,
-    trusted: Arc<str>,
-    implied: bool,
-    traffic: &'static Counters,
 }
 
 impl TlsConnect<Socket> for Connect {
@@ -506,19 +500,20 @@ impl TlsConnect<Socket> for Connect {
     type Future = Pin<Box<dyn Future<Output = std::result::Result<TlsStream, Refusal>> + Send>>;
 
     fn connect(self, socket: Socket) -> Self::Future {
+        let Connect { with, host } = self;
         let socket = Counted {
             inner: socket,
-            counters: self.traffic,
+            counters: with.traffic,
         };
         Box::pin(async move {
-            match self.inner.handshake(&self.host, socket).await {
+            match with.inner.handshake(&host, socket).await {
                 Ok(s) => Ok(TlsStream(s)),
                 Err((cause, detail)) => Err(Refusal {
                     cause,
-                    host: self.host,
-                    trusted: self.trusted,
+                    host,
+                    trusted: with.trusted,
                     detail,
-                    implied: self.implied,
+                    implied: with.implied,
                 }),
             }
         })
