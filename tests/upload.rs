@@ -606,9 +606,10 @@ fn p7_errors_that_are_not_about_the_rows_never_quarantine() {
     support::insert_readings(&mut l, 12, 0);
     let order = queue_order(&mut l);
     install_poison(&mut c, false);
-    // A missing privilege, a server shutting down, a deadlock: all refuse any row, so
-    // bisecting them would quarantine readings that are perfectly fine.
-    for code in ["42501", "57P01", "40P01"] {
+    // A server shutting down, a deadlock, a missing column: all refuse any row, so
+    // bisecting them would quarantine readings that are perfectly fine. (42501 is
+    // isolated, as row-level security refuses single rows with it: see p24_.)
+    for code in ["57P01", "40P01", "42703"] {
         c.batch_execute("DELETE FROM poison").unwrap();
         poison(&mut c, &order[0], code);
         s.run(&["once"]);
@@ -738,4 +739,330 @@ fn pipelined_batches_share_round_trips() {
     );
     assert!(took[0] >= 4000, "the delay did not apply: {took:?}");
     assert!(took[1] * 2 < took[0], "pipelining saved nothing: {took:?}");
+}
+
+/// Quarantined readings (id order) and their sync_error.
+fn quarantined(c: &mut Client) -> Vec<(i64, String)> {
+    c.query(
+        "SELECT id, sync_error FROM meter_readings WHERE sync_error IS NOT NULL ORDER BY id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Statements sent to take refused batches apart in a run, from the daemon's
+/// "took a batch of N apart in S statement(s)" lines.
+fn slice_statements(stderr: &str) -> usize {
+    stderr
+        .split(" apart in ")
+        .skip(1)
+        .map(|rest| rest.split(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+/// P24: central's table is partitioned by month and has no partition for this one.
+/// The readings of last month go in, this month's stay queued, none is quarantined,
+/// and the phase fails saying why: also across the batch that holds the boundary.
+#[test]
+fn p24_no_partition_for_this_month_quarantines_nothing() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE TABLE meter_readings (
+             id            bigserial,
+             reading_uid   uuid NOT NULL,
+             meter_id      varchar(255) NOT NULL,
+             \"timestamp\"   timestamptz NOT NULL,
+             value         numeric NOT NULL,
+             unit          varchar(50) NOT NULL,
+             metadata      jsonb,
+             created_at    timestamptz DEFAULT now(),
+             sync_attempts integer NOT NULL DEFAULT 0,
+             sync_error    text,
+             PRIMARY KEY (id, \"timestamp\"),
+             UNIQUE (reading_uid, \"timestamp\")
+         ) PARTITION BY RANGE (\"timestamp\");
+         DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()) - interval '1 month',
+                            date_trunc('month', now()));
+         END $$;",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    // 150 readings of the last day of last month, then 450 of this month: the
+    // second batch of 100 holds the boundary.
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-' || (g % 7), date_trunc('month', now()) - make_interval(secs => 151 - g), g, 'kWh'
+             FROM generate_series(1, 150) g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-' || (g % 7), date_trunc('month', now()) + make_interval(secs => g), g, 'kWh'
+             FROM generate_series(0, 449) g;",
+    )
+    .unwrap();
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("23514") && err.contains("nothing quarantined"),
+        "{err}"
+    );
+    assert!(run.stderr.contains("23514"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 150);
+    assert_eq!(
+        s.local_count(
+            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
+        ),
+        450,
+        "this month's readings stay queued"
+    );
+    assert_eq!(s.local_count("meter_readings"), 450);
+
+    // The next cycle costs a few dozen statements, not one per reading.
+    let run = s.run(&["once"]);
+    assert!(!last_upload_log(&s).0);
+    let n = slice_statements(&run.stderr);
+    assert!((16..=60).contains(&n), "{n} statements:\n{}", run.stderr);
+    assert_eq!(quarantined(&mut l), []);
+
+    // The operator adds the partition: everything arrives, exactly once.
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
+         END $$;",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 600);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// P24: a NOT NULL column added centrally refuses every reading alike (23502).
+#[test]
+fn p24_a_new_not_null_column_centrally_quarantines_nothing() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 500, 0);
+    c.batch_execute("ALTER TABLE meter_readings ADD COLUMN site text NOT NULL")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok);
+    assert!(err.contains("23502") && err.contains("site"), "{err}");
+    assert!(run.stderr.contains("nothing quarantined"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l), []);
+    assert_eq!(s.local_count("meter_readings"), 500);
+    assert_eq!(s.central_count("meter_readings"), 0);
+
+    c.batch_execute("ALTER TABLE meter_readings DROP COLUMN site")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 500);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// P7 still holds inside P24's rules: one poison reading among good ones, in a
+/// batch of the default size, is quarantined alone.
+#[test]
+fn p24_one_poison_reading_among_good_ones_is_quarantined_alone() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 300, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id = 137")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, 137);
+    assert!(q[0].1.contains("non_negative"), "{}", q[0].1);
+    assert_eq!(s.central_count("meter_readings"), 299);
+    assert_eq!(s.local_count("meter_readings"), 1);
+    assert!(run.stderr.contains("1 quarantined"), "{}", run.stderr);
+}
+
+/// A central role for a gateway, allowed to insert readings of any meter but
+/// `forbidden` (row-level security), with or without the INSERT privilege.
+fn gateway_role(c: &mut Client, role: &str, forbidden: &str, insert: bool) {
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{pw}';
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+         ALTER TABLE meter_readings ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_meters ON meter_readings FOR INSERT TO {role}
+             WITH CHECK (meter_id <> '{forbidden}');
+         CREATE POLICY read_all ON meter_readings FOR SELECT TO {role} USING (true);",
+        pw = support::CENTRAL_PASSWORD
+    ))
+    .unwrap();
+    if insert {
+        c.batch_execute(&format!("GRANT INSERT ON meter_readings TO {role}"))
+            .unwrap();
+    }
+}
+
+/// P24 and row-level security: a meter reassigned centrally to another gateway
+/// while this one still has readings of it queued. Central refuses just those rows
+/// (42501, "new row violates row-level security policy"): they are quarantined,
+/// the rest arrive.
+#[test]
+fn p24_row_level_security_refusals_quarantine_just_those_rows() {
+    let mut s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    let role = format!("gw_rls_{}", s.central_db);
+    gateway_role(&mut c, &role, "meter-moved", true);
+    s.set("POSTGRES_CLIENT_USER", &role);
+    support::insert_readings(&mut l, 600, 0);
+    // Every tenth reading is of the reassigned meter.
+    l.batch_execute("UPDATE meter_readings SET meter_id = 'meter-moved' WHERE id % 10 = 3")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    let (ok, records, err) = last_upload_log(&s);
+    assert!(ok, "{err:?}\n{}", run.stderr);
+    assert_eq!(records, 540);
+    assert_eq!(s.central_count("meter_readings"), 540);
+    assert_eq!(
+        s.central_count("meter_readings WHERE meter_id = 'meter-moved'"),
+        0
+    );
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 60);
+    assert!(q.iter().all(|(id, _)| id % 10 == 3), "{q:?}");
+    assert!(
+        q.iter()
+            .all(|(_, e)| e.contains("row-level security") && e.contains("42501")),
+        "{q:?}"
+    );
+    assert_eq!(s.local_count("meter_readings"), 60);
+}
+
+/// P24: a gateway role without the INSERT privilege is refused every reading with
+/// the same 42501: the phase fails, nothing is quarantined.
+#[test]
+fn p24_a_missing_insert_privilege_fails_the_phase_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    let role = format!("gw_noins_{}", s.central_db);
+    gateway_role(&mut c, &role, "meter-moved", false);
+    s.set("POSTGRES_CLIENT_USER", &role);
+    support::insert_readings(&mut l, 300, 0);
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("42501") && err.contains("permission denied"),
+        "{err}"
+    );
+    assert_eq!(quarantined(&mut l), []);
+    assert_eq!(s.local_count("meter_readings"), 300);
+    assert_eq!(s.central_count("meter_readings"), 0);
+
+    c.batch_execute(&format!("GRANT INSERT ON meter_readings TO {role}"))
+        .unwrap();
+    s.run(&["once"]);
+    assert!(last_upload_log(&s).0);
+    assert_eq!(s.central_count("meter_readings"), 300);
+}
+
+/// P24: a reading alone in the queue that central refuses, with nothing else
+/// accepted, is no evidence against the reading: it stays queued. Once other
+/// readings go through beside it, it is quarantined.
+#[test]
+fn p24_a_lone_refused_reading_waits_for_evidence() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 1, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok);
+    assert!(err.unwrap().contains("no evidence"));
+    assert_eq!(quarantined(&mut l), []);
+
+    support::insert_readings(&mut l, 20, 100);
+    s.run(&["once"]).assert_ok();
+    assert_eq!(quarantined(&mut l).len(), 1);
+    assert_eq!(s.central_count("meter_readings"), 20);
+}
+
+/// P24: the cap on quarantines per cycle. 110 readings refused one by one (every
+/// tenth) are quarantined 100 in the first cycle, which fails saying so, and the
+/// rest in the next; the good readings all arrive in the first.
+#[test]
+fn p24_quarantines_per_cycle_are_capped() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 1100, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 10 = 0")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok, "{}", run.stderr);
+    assert!(err.unwrap().contains("cap"));
+    assert_eq!(quarantined(&mut l).len(), 100);
+    assert_eq!(s.central_count("meter_readings"), 990);
+    // The ten left are all the queue holds: with nothing accepted beside them,
+    // there is no evidence against them (they might as well be central's fault).
+    s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok && err.unwrap().contains("no evidence"));
+    assert_eq!(quarantined(&mut l).len(), 100);
+    // The collector writes on; beside readings that go through, they are judged.
+    support::insert_readings(&mut l, 50, 5000);
+    s.run(&["once"]).assert_ok();
+    assert_eq!(quarantined(&mut l).len(), 110);
+    assert_eq!(s.local_count("meter_readings"), 110);
+    assert_eq!(s.central_count("meter_readings"), 1040);
+}
+
+/// P7 with many poison readings: a broken meter among five (every fifth reading
+/// refused) is not mistaken for central's fault.
+#[test]
+fn p24_a_broken_meter_among_five_is_quarantined_and_the_rest_arrive() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 200, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 5 = 0")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 40);
+    assert!(q.iter().all(|(id, _)| id % 5 == 0));
+    assert_eq!(s.central_count("meter_readings"), 160);
 }
