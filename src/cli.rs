@@ -1,4 +1,5 @@
-//! The command line. The doc comments of [`Command`]'s variants are the help text.
+//! The command line: parsing, and [`HELP`], the one help text (`--help` prints it;
+//! the README points to it rather than copying it).
 
 use crate::config::Side;
 

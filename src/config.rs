@@ -1,76 +1,65 @@
-//! Configuration: every `ENV_*` name, raw values as the operator wrote them, and
-//! validation into a typed [`Config`]. Validation happens in one place and reports
-//! every bad variable, so an operator fixes all mistakes in one go.
+//! Configuration: every variable in one list ([`ALL_VARS`], made by `variables!`),
+//! raw values as the operator wrote them, and one validation pass into a typed
+//! [`Config`] that reports every bad variable at once (certificate and key files
+//! included), so an operator fixes all mistakes in one go.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+pub use crate::error::Side;
 
-pub const ENV_SYNC_HOST: &str = "POSTGRES_SYNC_HOST";
-pub const ENV_SYNC_PORT: &str = "POSTGRES_SYNC_PORT";
-pub const ENV_SYNC_DB: &str = "POSTGRES_SYNC_DB";
-pub const ENV_SYNC_USER: &str = "POSTGRES_SYNC_USER";
-pub const ENV_SYNC_PASSWORD: &str = "POSTGRES_SYNC_PASSWORD";
-pub const ENV_SYNC_PASSWORD_FILE: &str = "POSTGRES_SYNC_PASSWORD_FILE";
-pub const ENV_SYNC_SSLMODE: &str = "POSTGRES_SYNC_SSLMODE";
-pub const ENV_CLIENT_HOST: &str = "POSTGRES_CLIENT_HOST";
-pub const ENV_CLIENT_PORT: &str = "POSTGRES_CLIENT_PORT";
-pub const ENV_CLIENT_DB: &str = "POSTGRES_CLIENT_DB";
-pub const ENV_CLIENT_USER: &str = "POSTGRES_CLIENT_USER";
-pub const ENV_CLIENT_PASSWORD: &str = "POSTGRES_CLIENT_PASSWORD";
-pub const ENV_CLIENT_PASSWORD_FILE: &str = "POSTGRES_CLIENT_PASSWORD_FILE";
-pub const ENV_CLIENT_SSLMODE: &str = "POSTGRES_CLIENT_SSLMODE";
-pub const ENV_CLIENT_SSLROOTCERT: &str = "POSTGRES_CLIENT_SSLROOTCERT";
-pub const ENV_CLIENT_SSLCERT: &str = "POSTGRES_CLIENT_SSLCERT";
-pub const ENV_CLIENT_SSLKEY: &str = "POSTGRES_CLIENT_SSLKEY";
-pub const ENV_SYNC_INTERVAL_SECONDS: &str = "SYNC_INTERVAL_SECONDS";
-pub const ENV_BATCH_SIZE: &str = "BATCH_SIZE";
-pub const ENV_MAX_CONNECTION_RETRIES: &str = "MAX_CONNECTION_RETRIES";
-pub const ENV_MAX_QUERY_RETRIES: &str = "MAX_QUERY_RETRIES";
-pub const ENV_DB_CONNECTION_TIMEOUT_MS: &str = "DB_CONNECTION_TIMEOUT_MS";
-pub const ENV_DB_QUERY_TIMEOUT_MS: &str = "DB_QUERY_TIMEOUT_MS";
-pub const ENV_LOG_LEVEL: &str = "LOG_LEVEL";
-pub const ENV_LOG_TARGET: &str = "LOG_TARGET";
-pub const ENV_LOG_SYSLOG_SOCKET: &str = "LOG_SYSLOG_SOCKET";
-pub const ENV_UPLOAD_PIPELINE_DEPTH: &str = "UPLOAD_PIPELINE_DEPTH";
-pub const ENV_UPLOAD_TIME_BUDGET_SECONDS: &str = "UPLOAD_TIME_BUDGET_SECONDS";
-pub const ENV_METRICS_TEXTFILE: &str = "METRICS_TEXTFILE";
+/// Declares each variable's constant once and the list of all of them from it.
+macro_rules! variables {
+    ($($konst:ident = $name:literal,)*) => {
+        $(pub const $konst: &str = $name;)*
+        /// Every variable this program reads, in the order `check-config` prints them.
+        pub const ALL_VARS: &[&str] = &[$($konst),*];
+    };
+}
 
-/// Every variable this program reads, for `check-config` and the README.
-pub const ALL_VARS: &[&str] = &[
-    ENV_SYNC_HOST,
-    ENV_SYNC_PORT,
-    ENV_SYNC_DB,
-    ENV_SYNC_USER,
-    ENV_SYNC_PASSWORD,
-    ENV_SYNC_PASSWORD_FILE,
-    ENV_SYNC_SSLMODE,
-    ENV_CLIENT_HOST,
-    ENV_CLIENT_PORT,
-    ENV_CLIENT_DB,
-    ENV_CLIENT_USER,
-    ENV_CLIENT_PASSWORD,
-    ENV_CLIENT_PASSWORD_FILE,
-    ENV_CLIENT_SSLMODE,
-    ENV_CLIENT_SSLROOTCERT,
-    ENV_CLIENT_SSLCERT,
-    ENV_CLIENT_SSLKEY,
-    ENV_SYNC_INTERVAL_SECONDS,
-    ENV_BATCH_SIZE,
-    ENV_MAX_CONNECTION_RETRIES,
-    ENV_MAX_QUERY_RETRIES,
-    ENV_DB_CONNECTION_TIMEOUT_MS,
-    ENV_DB_QUERY_TIMEOUT_MS,
-    ENV_LOG_LEVEL,
-    ENV_LOG_TARGET,
-    ENV_LOG_SYSLOG_SOCKET,
-    ENV_UPLOAD_PIPELINE_DEPTH,
-    ENV_UPLOAD_TIME_BUDGET_SECONDS,
-    ENV_METRICS_TEXTFILE,
-];
+variables! {
+    ENV_SYNC_HOST = "POSTGRES_SYNC_HOST",
+    ENV_SYNC_PORT = "POSTGRES_SYNC_PORT",
+    ENV_SYNC_DB = "POSTGRES_SYNC_DB",
+    ENV_SYNC_USER = "POSTGRES_SYNC_USER",
+    ENV_SYNC_PASSWORD = "POSTGRES_SYNC_PASSWORD",
+    ENV_SYNC_PASSWORD_FILE = "POSTGRES_SYNC_PASSWORD_FILE",
+    ENV_SYNC_SSLMODE = "POSTGRES_SYNC_SSLMODE",
+    ENV_CLIENT_HOST = "POSTGRES_CLIENT_HOST",
+    ENV_CLIENT_PORT = "POSTGRES_CLIENT_PORT",
+    ENV_CLIENT_DB = "POSTGRES_CLIENT_DB",
+    ENV_CLIENT_USER = "POSTGRES_CLIENT_USER",
+    ENV_CLIENT_PASSWORD = "POSTGRES_CLIENT_PASSWORD",
+    ENV_CLIENT_PASSWORD_FILE = "POSTGRES_CLIENT_PASSWORD_FILE",
+    ENV_CLIENT_SSLMODE = "POSTGRES_CLIENT_SSLMODE",
+    ENV_CLIENT_SSLROOTCERT = "POSTGRES_CLIENT_SSLROOTCERT",
+    ENV_CLIENT_SSLCERT = "POSTGRES_CLIENT_SSLCERT",
+    ENV_CLIENT_SSLKEY = "POSTGRES_CLIENT_SSLKEY",
+    ENV_GATEWAY_ID = "METER_SYNC_GATEWAY_ID",
+    ENV_SYNC_INTERVAL_SECONDS = "SYNC_INTERVAL_SECONDS",
+    ENV_BATCH_SIZE = "BATCH_SIZE",
+    ENV_MAX_CONNECTION_RETRIES = "MAX_CONNECTION_RETRIES",
+    ENV_MAX_QUERY_RETRIES = "MAX_QUERY_RETRIES",
+    ENV_DB_CONNECTION_TIMEOUT_MS = "DB_CONNECTION_TIMEOUT_MS",
+    ENV_DB_QUERY_TIMEOUT_MS = "DB_QUERY_TIMEOUT_MS",
+    ENV_LOG_LEVEL = "LOG_LEVEL",
+    ENV_LOG_TARGET = "LOG_TARGET",
+    ENV_LOG_SYSLOG_SOCKET = "LOG_SYSLOG_SOCKET",
+    ENV_UPLOAD_PIPELINE_DEPTH = "UPLOAD_PIPELINE_DEPTH",
+    ENV_UPLOAD_TIME_BUDGET_SECONDS = "UPLOAD_TIME_BUDGET_SECONDS",
+    ENV_UPLOAD_RETAIN_HOURS = "UPLOAD_RETAIN_HOURS",
+    ENV_DOWNLOAD_FULL_EVERY_SECONDS = "DOWNLOAD_FULL_EVERY_SECONDS",
+    ENV_DOWNLOAD_MAX_ROWS = "DOWNLOAD_MAX_ROWS",
+    ENV_DOWNLOAD_MAX_BYTES = "DOWNLOAD_MAX_BYTES",
+    ENV_SYNC_LOGS_RETAIN_DAYS = "SYNC_LOGS_RETAIN_DAYS",
+    ENV_METRICS_TEXTFILE = "METRICS_TEXTFILE",
+}
+
+/// Set by systemd (≥ 247) for a unit with `LoadCredential=`: the directory holding
+/// `client-password` and `sync-password`. Not ours to set, so not in [`ALL_VARS`].
+pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
 /// A password: its `Debug` and `Display` print `***`, so it cannot leak through a
 /// log line, an error or a panic message by accident.
@@ -112,16 +101,14 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn parse(s: &str) -> Option<SslMode> {
-        Some(match s {
-            "disable" => SslMode::Disable,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return None,
-        })
-    }
+    const ALL: [SslMode; 5] = [
+        SslMode::Disable,
+        SslMode::Prefer,
+        SslMode::Require,
+        SslMode::VerifyCa,
+        SslMode::VerifyFull,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
@@ -140,29 +127,32 @@ pub enum LogTarget {
     Auto,
 }
 
-/// Which of the two databases; every error names one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Side {
-    Local,
-    Central,
+impl LogTarget {
+    const ALL: [LogTarget; 3] = [LogTarget::Syslog, LogTarget::Stderr, LogTarget::Auto];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            LogTarget::Syslog => "syslog",
+            LogTarget::Stderr => "stderr",
+            LogTarget::Auto => "auto",
+        }
+    }
 }
 
-impl fmt::Display for Side {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Side::Local => "local",
-            Side::Central => "central",
-        })
-    }
+/// One host to try, with its port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// A host name, an IP address, or (starting with `/`) a Unix socket directory.
+    pub host: String,
+    pub port: u16,
 }
 
 /// How to reach one database.
 #[derive(Clone, Debug)]
 pub struct DbConfig {
     pub side: Side,
-    /// A host name, an IP address, or (starting with `/`) a Unix socket directory.
-    pub host: String,
-    pub port: u16,
+    /// In the order to try them (libpq's host list); local has exactly one.
+    pub hosts: Vec<Endpoint>,
     pub dbname: String,
     pub user: String,
     pub password: Secret,
@@ -173,17 +163,26 @@ pub struct DbConfig {
 }
 
 impl DbConfig {
+    /// The (first) host is a Unix socket directory.
     pub fn is_unix_socket(&self) -> bool {
-        self.host.starts_with('/')
+        self.hosts.first().is_some_and(|e| e.host.starts_with('/'))
     }
 
-    /// `host:port/db` (or `socket-dir/.s.PGSQL.port/db`) for messages: never the password.
+    /// `host:port/db` (or `socket-dir/.s.PGSQL.port/db`; hosts joined by commas) for
+    /// messages: never the password.
     pub fn describe(&self) -> String {
-        if self.is_unix_socket() {
-            format!("{}/.s.PGSQL.{}/{}", self.host, self.port, self.dbname)
-        } else {
-            format!("{}:{}/{}", self.host, self.port, self.dbname)
-        }
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|e| {
+                if e.host.starts_with('/') {
+                    format!("{}/.s.PGSQL.{}", e.host, e.port)
+                } else {
+                    format!("{}:{}", e.host, e.port)
+                }
+            })
+            .collect();
+        format!("{}/{}", hosts.join(","), self.dbname)
     }
 }
 
@@ -192,6 +191,8 @@ impl DbConfig {
 pub struct Config {
     pub local: DbConfig,
     pub central: DbConfig,
+    /// This gateway's name in central's `gateway_status`.
+    pub gateway_id: String,
     pub sync_interval: Duration,
     pub batch_size: usize,
     pub max_connection_retries: u32,
@@ -203,7 +204,18 @@ pub struct Config {
     pub syslog_socket: Option<PathBuf>,
     pub upload_pipeline_depth: usize,
     pub upload_time_budget: Duration,
+    /// Zero: delete readings once uploaded. Otherwise keep them (marked
+    /// synchronized) this long for `resend`.
+    pub upload_retain: Duration,
+    pub download_full_every: Duration,
+    pub download_max_rows: u64,
+    pub download_max_bytes: u64,
+    /// Zero keeps `sync_logs` forever.
+    pub sync_logs_retain_days: u32,
     pub metrics_textfile: Option<PathBuf>,
+    /// Every variable's effective value as `check-config` prints it (secrets as
+    /// `***`), filled by the validation pass itself.
+    shown: BTreeMap<&'static str, String>,
 }
 
 /// One bad variable: its name and what is wrong with it. Never carries the value of a
@@ -220,44 +232,13 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// The raw environment, as strings, before any validation. Field names are the
-/// variable names lower-cased (that is how `envy` maps them).
-#[derive(Deserialize, Default, Debug)]
-struct Raw {
-    postgres_sync_host: Option<String>,
-    postgres_sync_port: Option<String>,
-    postgres_sync_db: Option<String>,
-    postgres_sync_user: Option<String>,
-    postgres_sync_password: Option<String>,
-    postgres_sync_password_file: Option<String>,
-    postgres_sync_sslmode: Option<String>,
-    postgres_client_host: Option<String>,
-    postgres_client_port: Option<String>,
-    postgres_client_db: Option<String>,
-    postgres_client_user: Option<String>,
-    postgres_client_password: Option<String>,
-    postgres_client_password_file: Option<String>,
-    postgres_client_sslmode: Option<String>,
-    postgres_client_sslrootcert: Option<String>,
-    postgres_client_sslcert: Option<String>,
-    postgres_client_sslkey: Option<String>,
-    sync_interval_seconds: Option<String>,
-    batch_size: Option<String>,
-    max_connection_retries: Option<String>,
-    max_query_retries: Option<String>,
-    db_connection_timeout_ms: Option<String>,
-    db_query_timeout_ms: Option<String>,
-    log_level: Option<String>,
-    log_target: Option<String>,
-    log_syslog_socket: Option<String>,
-    upload_pipeline_depth: Option<String>,
-    upload_time_budget_seconds: Option<String>,
-    metrics_textfile: Option<String>,
-}
-
-/// Collects every problem while validating.
+/// The raw environment (our variables only, as strings) and every problem found
+/// while validating it. Each accessor records the effective value it settled on
+/// for `check-config`, so the list of what is printed cannot drift from what is read.
 struct Checker {
+    raw: BTreeMap<String, String>,
     errors: Vec<ConfigError>,
+    shown: BTreeMap<&'static str, String>,
 }
 
 impl Checker {
@@ -268,77 +249,112 @@ impl Checker {
         });
     }
 
-    /// An optional non-empty string; empty counts as unset, as libpq does.
-    fn string(&self, v: &Option<String>, default: &str) -> String {
-        match v.as_deref() {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => default.to_string(),
-        }
+    /// The raw value, trimmed; empty counts as unset, as libpq does. envy lower-cases
+    /// the names it reads.
+    fn get(&self, var: &'static str) -> Option<&str> {
+        self.raw
+            .get(&var.to_ascii_lowercase())
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
     }
 
-    fn required(&mut self, var: &'static str, v: &Option<String>) -> String {
-        match v.as_deref().map(str::trim) {
-            Some(s) if !s.is_empty() => s.to_string(),
-            _ => {
-                self.fail(var, "is required but not set");
-                String::new()
-            }
+    /// The raw value untrimmed (a password may begin or end with a space).
+    fn get_raw(&self, var: &'static str) -> Option<&str> {
+        self.raw
+            .get(&var.to_ascii_lowercase())
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn show(&mut self, var: &'static str, value: impl fmt::Display) {
+        self.shown.insert(var, value.to_string());
+    }
+
+    fn string(&mut self, var: &'static str, default: &str) -> String {
+        let v = self.get(var).unwrap_or(default).to_string();
+        self.show(var, &v);
+        v
+    }
+
+    fn required(&mut self, var: &'static str) -> String {
+        let v = self.get(var).unwrap_or_default().to_string();
+        if v.is_empty() {
+            self.fail(var, "is required but not set");
         }
+        self.show(var, &v);
+        v
     }
 
     /// An integer within `min..=max`; the value is echoed because none of these is secret.
-    fn int(
-        &mut self,
-        var: &'static str,
-        v: &Option<String>,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> u64 {
-        let Some(s) = v.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
-            return default;
-        };
-        match s.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => n,
-            Ok(n) => {
+    fn int(&mut self, var: &'static str, default: u64, min: u64, max: u64) -> u64 {
+        let n = match self.get(var).map(|s| (s.to_string(), s.parse::<u64>())) {
+            None => default,
+            Some((_, Ok(n))) if (min..=max).contains(&n) => n,
+            Some((_, Ok(n))) => {
                 self.fail(var, format!("{n} is out of range {min}..={max}"));
                 default
             }
-            Err(_) => {
+            Some((s, Err(_))) => {
                 self.fail(
                     var,
                     format!("{s:?} is not a whole number (expected {min}..={max})"),
                 );
                 default
             }
-        }
-    }
-
-    fn sslmode(&mut self, var: &'static str, v: &Option<String>, default: SslMode) -> SslMode {
-        let Some(s) = v.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
-            return default;
         };
-        SslMode::parse(s).unwrap_or_else(|| {
-            self.fail(
-                var,
-                format!("{s:?} is not one of disable, prefer, require, verify-ca, verify-full"),
-            );
-            default
-        })
+        self.show(var, n);
+        n
     }
 
-    /// The plain password or the content of the `_FILE` variant, never both. The
-    /// file's content is trimmed of one trailing newline, as `echo secret > file` leaves one.
-    fn password(
+    /// One of `choices` by its name.
+    fn choice<T: Copy>(
         &mut self,
         var: &'static str,
-        file_var: &'static str,
-        plain: &Option<String>,
-        file: &Option<String>,
-    ) -> Secret {
-        let plain = plain.as_deref().filter(|s| !s.is_empty());
-        let file = file.as_deref().filter(|s| !s.is_empty());
-        match (plain, file) {
+        default: T,
+        choices: &[T],
+        name: fn(T) -> &'static str,
+    ) -> T {
+        let v = match self.get(var).map(str::to_string) {
+            None => default,
+            Some(s) => choices
+                .iter()
+                .copied()
+                .find(|c| name(*c) == s)
+                .unwrap_or_else(|| {
+                    let names: Vec<_> = choices.iter().map(|c| name(*c)).collect();
+                    self.fail(var, format!("{s:?} is not one of {}", names.join(", ")));
+                    default
+                }),
+        };
+        self.show(var, name(v));
+        v
+    }
+
+    /// The plain password, the content of the `_FILE` variant (never both), or else
+    /// systemd's credential `credential` in `$CREDENTIALS_DIRECTORY`. A file's content
+    /// is trimmed of one trailing newline, as `echo secret > file` leaves one.
+    fn password(&mut self, var: &'static str, file_var: &'static str, credential: &str) -> Secret {
+        let plain = self.get_raw(var).map(str::to_string);
+        let file = self.get(file_var).map(str::to_string);
+        let from_credentials = || {
+            let dir = self.get(ENV_CREDENTIALS_DIRECTORY)?;
+            let path = Path::new(dir).join(credential);
+            path.is_file().then_some(path)
+        };
+        let read =
+            |c: &mut Checker, culprit: &'static str, path: &Path| match std::fs::read_to_string(
+                path,
+            ) {
+                Ok(s) => Secret::new(s.strip_suffix('\n').unwrap_or(&s).trim_end_matches('\r')),
+                Err(e) => {
+                    c.fail(
+                        culprit,
+                        format!("cannot read {}: {}", path.display(), io_reason(&e)),
+                    );
+                    Secret::default()
+                }
+            };
+        let secret = match (plain, file) {
             (Some(_), Some(_)) => {
                 self.fail(
                     file_var,
@@ -347,38 +363,122 @@ impl Checker {
                 Secret::default()
             }
             (Some(p), None) => Secret::new(p),
-            (None, Some(path)) => match std::fs::read_to_string(path) {
-                Ok(s) => Secret::new(s.strip_suffix('\n').unwrap_or(&s).trim_end_matches('\r')),
-                Err(e) => {
-                    self.fail(file_var, format!("cannot read {path}: {}", io_reason(&e)));
-                    Secret::default()
-                }
+            (None, Some(path)) => read(self, file_var, Path::new(&path)),
+            (None, None) => match from_credentials() {
+                Some(path) => read(self, ENV_CREDENTIALS_DIRECTORY, &path),
+                None => Secret::default(),
             },
-            (None, None) => Secret::default(),
-        }
+        };
+        self.show(var, if secret.is_empty() { "(empty)" } else { "***" });
+        let file_shown = self.get(file_var).unwrap_or_default().to_string();
+        self.show(file_var, file_shown);
+        secret
     }
 
     /// A path to a file that must be readable now, so that a typo is a configuration
     /// error at start rather than a TLS failure an hour later.
-    fn readable_file(&mut self, var: &'static str, v: &Option<String>) -> Option<PathBuf> {
-        let path = v.as_deref().map(str::trim).filter(|s| !s.is_empty())?;
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => match std::fs::File::open(path) {
-                Ok(_) => Some(PathBuf::from(path)),
-                Err(e) => {
-                    self.fail(var, format!("cannot read {path}: {}", io_reason(&e)));
-                    None
-                }
+    fn readable_file(&mut self, var: &'static str) -> Option<PathBuf> {
+        let path = self.get(var)?.to_string();
+        self.show(var, &path);
+        let problem = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => match std::fs::File::open(&path) {
+                Ok(_) => return Some(PathBuf::from(path)),
+                Err(e) => format!("cannot read {path}: {}", io_reason(&e)),
             },
-            Ok(_) => {
-                self.fail(var, format!("{path} is not a regular file"));
-                None
-            }
-            Err(e) => {
-                self.fail(var, format!("cannot read {path}: {}", io_reason(&e)));
-                None
+            Ok(_) => format!("{path} is not a regular file"),
+            Err(e) => format!("cannot read {path}: {}", io_reason(&e)),
+        };
+        self.fail(var, problem);
+        None
+    }
+
+    /// `HOST` or `HOST1,HOST2,…` with `PORT` or as many ports, libpq's way.
+    fn endpoints(
+        &mut self,
+        host_var: &'static str,
+        port_var: &'static str,
+        many: bool,
+    ) -> Vec<Endpoint> {
+        let hosts: Vec<String> = self
+            .required(host_var)
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .collect();
+        if hosts.iter().any(String::is_empty) && hosts.len() > 1 {
+            self.fail(host_var, "has an empty entry in its list");
+        }
+        if !many && hosts.len() > 1 {
+            self.fail(host_var, "takes one host (a list is for central only)");
+        }
+        let raw_ports = self.get(port_var).unwrap_or("5432").to_string();
+        let mut ports = Vec::new();
+        for p in raw_ports.split(',').map(str::trim) {
+            match p.parse::<u16>() {
+                Ok(n) if n >= 1 => ports.push(n),
+                _ => {
+                    self.fail(port_var, format!("{p:?} is not a port (1..=65535)"));
+                    ports.push(5432);
+                }
             }
         }
+        self.show(port_var, &raw_ports);
+        if ports.len() == 1 {
+            ports = vec![ports[0]; hosts.len()];
+        } else if ports.len() != hosts.len() {
+            self.fail(
+                port_var,
+                format!(
+                    "lists {} ports for {} hosts (give one port, or one per host)",
+                    ports.len(),
+                    hosts.len()
+                ),
+            );
+            ports.resize(hosts.len(), 5432);
+        }
+        hosts
+            .into_iter()
+            .zip(ports)
+            .map(|(host, port)| Endpoint { host, port })
+            .collect()
+    }
+
+    /// A sslmode that needs TCP cannot be used with a Unix socket directory.
+    fn tcp_for_tls(&mut self, var: &'static str, db: &DbConfig) {
+        if db.is_unix_socket() && !matches!(db.sslmode, SslMode::Disable | SslMode::Prefer) {
+            self.fail(
+                var,
+                format!(
+                    "{} needs TCP, but the {} host is a Unix socket directory",
+                    db.sslmode.as_str(),
+                    db.side
+                ),
+            );
+        }
+    }
+
+    /// `METER_SYNC_GATEWAY_ID`, else /etc/machine-id, else the host name. Letters,
+    /// digits and `.-_:` only, at most 128, so the id is safe in SQL, logs and
+    /// file names alike.
+    fn gateway_id(&mut self, machine_id: Option<String>, hostname: Option<String>) -> String {
+        let given = self.get(ENV_GATEWAY_ID).map(str::to_string);
+        let explicit = given.is_some();
+        let id = given.or(machine_id).or(hostname).unwrap_or_default();
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_:".contains(c));
+        if !ok {
+            let problem = if explicit {
+                format!("{id:?} is not a gateway id (1 to 128 of A-Z a-z 0-9 . - _ :)")
+            } else {
+                "is not set, and neither /etc/machine-id nor the host name gives a usable id; set it"
+                    .to_string()
+            };
+            self.fail(ENV_GATEWAY_ID, problem);
+        }
+        self.show(ENV_GATEWAY_ID, &id);
+        id
     }
 }
 
@@ -391,67 +491,88 @@ fn io_reason(e: &std::io::Error) -> String {
     }
 }
 
+/// A first line of a file, trimmed, if it has one.
+fn first_line(path: &str) -> Option<String> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let line = s.lines().next()?.trim().to_string();
+    (!line.is_empty()).then_some(line)
+}
+
+/// What checks certificate and key files: the TLS backend's parser, handed in so
+/// that this module stays below the TLS module.
+pub type FileCheck<'a> = &'a dyn Fn(&DbConfig) -> Vec<ConfigError>;
+
 impl Config {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Config, Vec<ConfigError>> {
-        Config::from_vars(std::env::vars())
+    /// Reads the process environment; `check_files` parses certificate and key files.
+    pub fn from_env(check_files: FileCheck<'_>) -> Result<Config, Vec<ConfigError>> {
+        Config::load(std::env::vars(), check_files)
     }
 
-    /// Reads any set of variables: tests hand in a map instead of mutating the
-    /// process environment.
+    /// Reads any set of variables (tests hand in a map instead of mutating the process
+    /// environment), without parsing certificate files.
     pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
         vars: I,
     ) -> Result<Config, Vec<ConfigError>> {
+        Config::load(vars, &|_| Vec::new())
+    }
+
+    /// The one validation pass.
+    pub fn load<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+        check_files: FileCheck<'_>,
+    ) -> Result<Config, Vec<ConfigError>> {
         let known: BTreeMap<String, String> = vars
             .into_iter()
-            .filter(|(k, _)| ALL_VARS.contains(&k.as_str()))
+            .filter(|(k, _)| ALL_VARS.contains(&k.as_str()) || k == ENV_CREDENTIALS_DIRECTORY)
             .collect();
-        // Only strings are deserialized, so this cannot fail on a value: typed
-        // parsing happens below, where the message can name the variable.
-        let raw: Raw = envy::from_iter(known).unwrap_or_default();
-        let mut c = Checker { errors: Vec::new() };
+        let mut c = Checker {
+            raw: BTreeMap::new(),
+            errors: Vec::new(),
+            shown: BTreeMap::new(),
+        };
+        // Only strings are deserialized, so envy can fail only on input that is not
+        // a variable list at all; should it, say so rather than run on defaults.
+        match envy::from_iter::<_, BTreeMap<String, String>>(known) {
+            Ok(raw) => c.raw = raw,
+            Err(e) => c.fail("environment", format!("cannot be read: {e}")),
+        }
 
-        let local = DbConfig {
+        let mut local = DbConfig {
             side: Side::Local,
-            host: c.required(ENV_SYNC_HOST, &raw.postgres_sync_host),
-            port: c.int(ENV_SYNC_PORT, &raw.postgres_sync_port, 5432, 1, 65535) as u16,
-            dbname: c.string(&raw.postgres_sync_db, "postgres"),
-            user: c.string(&raw.postgres_sync_user, "postgres"),
-            password: c.password(
-                ENV_SYNC_PASSWORD,
-                ENV_SYNC_PASSWORD_FILE,
-                &raw.postgres_sync_password,
-                &raw.postgres_sync_password_file,
-            ),
-            sslmode: c.sslmode(
+            hosts: c.endpoints(ENV_SYNC_HOST, ENV_SYNC_PORT, false),
+            dbname: c.string(ENV_SYNC_DB, "postgres"),
+            user: c.string(ENV_SYNC_USER, "postgres"),
+            password: c.password(ENV_SYNC_PASSWORD, ENV_SYNC_PASSWORD_FILE, "sync-password"),
+            sslmode: c.choice(
                 ENV_SYNC_SSLMODE,
-                &raw.postgres_sync_sslmode,
                 SslMode::Disable,
+                &SslMode::ALL,
+                SslMode::as_str,
             ),
             sslrootcert: None,
             sslcert: None,
             sslkey: None,
         };
+        local.hosts.truncate(1);
         let central = DbConfig {
             side: Side::Central,
-            host: c.required(ENV_CLIENT_HOST, &raw.postgres_client_host),
-            port: c.int(ENV_CLIENT_PORT, &raw.postgres_client_port, 5432, 1, 65535) as u16,
-            dbname: c.string(&raw.postgres_client_db, "postgres"),
-            user: c.string(&raw.postgres_client_user, "postgres"),
+            hosts: c.endpoints(ENV_CLIENT_HOST, ENV_CLIENT_PORT, true),
+            dbname: c.string(ENV_CLIENT_DB, "postgres"),
+            user: c.string(ENV_CLIENT_USER, "postgres"),
             password: c.password(
                 ENV_CLIENT_PASSWORD,
                 ENV_CLIENT_PASSWORD_FILE,
-                &raw.postgres_client_password,
-                &raw.postgres_client_password_file,
+                "client-password",
             ),
-            sslmode: c.sslmode(
+            sslmode: c.choice(
                 ENV_CLIENT_SSLMODE,
-                &raw.postgres_client_sslmode,
                 SslMode::VerifyFull,
+                &SslMode::ALL,
+                SslMode::as_str,
             ),
-            sslrootcert: c.readable_file(ENV_CLIENT_SSLROOTCERT, &raw.postgres_client_sslrootcert),
-            sslcert: c.readable_file(ENV_CLIENT_SSLCERT, &raw.postgres_client_sslcert),
-            sslkey: c.readable_file(ENV_CLIENT_SSLKEY, &raw.postgres_client_sslkey),
+            sslrootcert: c.readable_file(ENV_CLIENT_SSLROOTCERT),
+            sslcert: c.readable_file(ENV_CLIENT_SSLCERT),
+            sslkey: c.readable_file(ENV_CLIENT_SSLKEY),
         };
         if central.sslcert.is_some() != central.sslkey.is_some() {
             let missing = if central.sslcert.is_some() {
@@ -464,124 +585,63 @@ impl Config {
                 "must be set together with its pair (client certificate and key)",
             );
         }
-        if central.is_unix_socket()
-            && central.sslmode != SslMode::Disable
-            && central.sslmode != SslMode::Prefer
-        {
-            c.fail(
-                ENV_CLIENT_SSLMODE,
-                format!(
-                    "{} needs TCP, but the central host is a Unix socket directory",
-                    central.sslmode.as_str()
-                ),
-            );
-        }
-        if local.is_unix_socket()
-            && local.sslmode != SslMode::Disable
-            && local.sslmode != SslMode::Prefer
-        {
-            c.fail(
-                ENV_SYNC_SSLMODE,
-                format!(
-                    "{} needs TCP, but the local host is a Unix socket directory",
-                    local.sslmode.as_str()
-                ),
-            );
-        }
+        c.tcp_for_tls(ENV_CLIENT_SSLMODE, &central);
+        c.tcp_for_tls(ENV_SYNC_SSLMODE, &local);
+        // Parsed only when they could be read: a missing file is reported once.
+        let file_problems = check_files(&central);
+        c.errors.extend(file_problems);
 
-        let sync_interval = c.int(
-            ENV_SYNC_INTERVAL_SECONDS,
-            &raw.sync_interval_seconds,
-            60,
-            1,
-            86_400,
+        let gateway_id = c.gateway_id(
+            first_line("/etc/machine-id"),
+            first_line("/proc/sys/kernel/hostname"),
         );
-        let batch_size = c.int(ENV_BATCH_SIZE, &raw.batch_size, 100, 1, 100_000);
-        let max_connection_retries = c.int(
-            ENV_MAX_CONNECTION_RETRIES,
-            &raw.max_connection_retries,
-            5,
-            1,
-            100,
+        let sync_interval = c.int(ENV_SYNC_INTERVAL_SECONDS, 60, 1, 86_400);
+        let batch_size = c.int(ENV_BATCH_SIZE, 100, 1, 100_000);
+        let max_connection_retries = c.int(ENV_MAX_CONNECTION_RETRIES, 5, 1, 100);
+        let max_query_retries = c.int(ENV_MAX_QUERY_RETRIES, 3, 0, 100);
+        let connect_timeout = c.int(ENV_DB_CONNECTION_TIMEOUT_MS, 5000, 100, 600_000);
+        let query_timeout = c.int(ENV_DB_QUERY_TIMEOUT_MS, 30_000, 100, 3_600_000);
+        let log_level = c.choice(
+            ENV_LOG_LEVEL,
+            log::LevelFilter::Info,
+            &[
+                log::LevelFilter::Error,
+                log::LevelFilter::Warn,
+                log::LevelFilter::Info,
+                log::LevelFilter::Debug,
+                log::LevelFilter::Trace,
+            ],
+            level_name,
         );
-        let max_query_retries = c.int(ENV_MAX_QUERY_RETRIES, &raw.max_query_retries, 3, 0, 100);
-        let connect_timeout = c.int(
-            ENV_DB_CONNECTION_TIMEOUT_MS,
-            &raw.db_connection_timeout_ms,
-            5000,
-            100,
-            600_000,
+        let log_target = c.choice(
+            ENV_LOG_TARGET,
+            LogTarget::Auto,
+            &LogTarget::ALL,
+            LogTarget::as_str,
         );
-        let query_timeout = c.int(
-            ENV_DB_QUERY_TIMEOUT_MS,
-            &raw.db_query_timeout_ms,
-            30_000,
-            100,
-            3_600_000,
-        );
-        let upload_pipeline_depth = c.int(
-            ENV_UPLOAD_PIPELINE_DEPTH,
-            &raw.upload_pipeline_depth,
-            8,
-            1,
-            256,
-        );
-        let upload_time_budget = c.int(
-            ENV_UPLOAD_TIME_BUDGET_SECONDS,
-            &raw.upload_time_budget_seconds,
-            300,
-            1,
-            86_400,
-        );
-
-        let log_level = match raw.log_level.as_deref().map(str::trim).unwrap_or("") {
-            "" | "info" => log::LevelFilter::Info,
-            "error" => log::LevelFilter::Error,
-            "warn" => log::LevelFilter::Warn,
-            "debug" => log::LevelFilter::Debug,
-            "trace" => log::LevelFilter::Trace,
-            other => {
+        let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
+        c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
+        let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
+        let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
+        let upload_retain_hours = c.int(ENV_UPLOAD_RETAIN_HOURS, 0, 0, 8_760);
+        let download_full_every = c.int(ENV_DOWNLOAD_FULL_EVERY_SECONDS, 86_400, 1, 31_536_000);
+        let download_max_rows = c.int(ENV_DOWNLOAD_MAX_ROWS, 100_000, 1, 100_000_000);
+        let download_max_bytes = c.int(ENV_DOWNLOAD_MAX_BYTES, 64 * 1024 * 1024, 1024, 1 << 40);
+        let sync_logs_retain_days = c.int(ENV_SYNC_LOGS_RETAIN_DAYS, 30, 0, 36_500);
+        let metrics_textfile = c.get(ENV_METRICS_TEXTFILE).map(str::to_string).map(|p| {
+            let path = PathBuf::from(&p);
+            let dir_ok = path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !dir_ok || p.ends_with('/') {
                 c.fail(
-                    ENV_LOG_LEVEL,
-                    format!("{other:?} is not one of error, warn, info, debug, trace"),
+                    ENV_METRICS_TEXTFILE,
+                    format!("{p} is not a file path in an existing directory"),
                 );
-                log::LevelFilter::Info
             }
-        };
-        let log_target = match raw.log_target.as_deref().map(str::trim).unwrap_or("") {
-            "" | "auto" => LogTarget::Auto,
-            "syslog" => LogTarget::Syslog,
-            "stderr" => LogTarget::Stderr,
-            other => {
-                c.fail(
-                    ENV_LOG_TARGET,
-                    format!("{other:?} is not one of syslog, stderr, auto"),
-                );
-                LogTarget::Auto
-            }
-        };
-        let syslog_socket = raw
-            .log_syslog_socket
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from);
-        let metrics_textfile = match raw.metrics_textfile.as_deref().filter(|s| !s.is_empty()) {
-            None => None,
-            Some(p) => {
-                let path = PathBuf::from(p);
-                let dir_ok = path
-                    .parent()
-                    .map(|d| d.as_os_str().is_empty() || d.is_dir())
-                    .unwrap_or(false);
-                if !dir_ok || p.ends_with('/') {
-                    c.fail(
-                        ENV_METRICS_TEXTFILE,
-                        format!("{p} is not a file path in an existing directory"),
-                    );
-                }
-                Some(path)
-            }
-        };
+            path
+        });
+        c.show(ENV_METRICS_TEXTFILE, shown_path(&metrics_textfile));
 
         if !c.errors.is_empty() {
             return Err(c.errors);
@@ -589,6 +649,7 @@ impl Config {
         Ok(Config {
             local,
             central,
+            gateway_id,
             sync_interval: Duration::from_secs(sync_interval),
             batch_size: batch_size as usize,
             max_connection_retries: max_connection_retries as u32,
@@ -600,79 +661,44 @@ impl Config {
             syslog_socket,
             upload_pipeline_depth: upload_pipeline_depth as usize,
             upload_time_budget: Duration::from_secs(upload_time_budget),
+            upload_retain: Duration::from_secs(upload_retain_hours * 3600),
+            download_full_every: Duration::from_secs(download_full_every),
+            download_max_rows,
+            download_max_bytes,
+            sync_logs_retain_days: sync_logs_retain_days as u32,
             metrics_textfile,
+            shown: c.shown,
         })
     }
 
-    /// The effective configuration as `NAME=value` lines, passwords redacted, for
-    /// `check-config`.
+    /// The effective configuration as `NAME=value` lines, one per variable in
+    /// [`ALL_VARS`], passwords redacted, for `check-config`.
     pub fn render(&self) -> String {
-        let opt = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
-        };
-        let pw = |s: &Secret| if s.is_empty() { "(empty)" } else { "***" };
-        let lines: Vec<(&str, String)> = vec![
-            (ENV_SYNC_HOST, self.local.host.clone()),
-            (ENV_SYNC_PORT, self.local.port.to_string()),
-            (ENV_SYNC_DB, self.local.dbname.clone()),
-            (ENV_SYNC_USER, self.local.user.clone()),
-            (ENV_SYNC_PASSWORD, pw(&self.local.password).into()),
-            (ENV_SYNC_SSLMODE, self.local.sslmode.as_str().into()),
-            (ENV_CLIENT_HOST, self.central.host.clone()),
-            (ENV_CLIENT_PORT, self.central.port.to_string()),
-            (ENV_CLIENT_DB, self.central.dbname.clone()),
-            (ENV_CLIENT_USER, self.central.user.clone()),
-            (ENV_CLIENT_PASSWORD, pw(&self.central.password).into()),
-            (ENV_CLIENT_SSLMODE, self.central.sslmode.as_str().into()),
-            (ENV_CLIENT_SSLROOTCERT, opt(&self.central.sslrootcert)),
-            (ENV_CLIENT_SSLCERT, opt(&self.central.sslcert)),
-            (ENV_CLIENT_SSLKEY, opt(&self.central.sslkey)),
-            (
-                ENV_SYNC_INTERVAL_SECONDS,
-                self.sync_interval.as_secs().to_string(),
-            ),
-            (ENV_BATCH_SIZE, self.batch_size.to_string()),
-            (
-                ENV_MAX_CONNECTION_RETRIES,
-                self.max_connection_retries.to_string(),
-            ),
-            (ENV_MAX_QUERY_RETRIES, self.max_query_retries.to_string()),
-            (
-                ENV_DB_CONNECTION_TIMEOUT_MS,
-                self.connect_timeout.as_millis().to_string(),
-            ),
-            (
-                ENV_DB_QUERY_TIMEOUT_MS,
-                self.query_timeout.as_millis().to_string(),
-            ),
-            (ENV_LOG_LEVEL, self.log_level.as_str().to_ascii_lowercase()),
-            (
-                ENV_LOG_TARGET,
-                match self.log_target {
-                    LogTarget::Auto => "auto",
-                    LogTarget::Syslog => "syslog",
-                    LogTarget::Stderr => "stderr",
-                }
-                .into(),
-            ),
-            (ENV_LOG_SYSLOG_SOCKET, opt(&self.syslog_socket)),
-            (
-                ENV_UPLOAD_PIPELINE_DEPTH,
-                self.upload_pipeline_depth.to_string(),
-            ),
-            (
-                ENV_UPLOAD_TIME_BUDGET_SECONDS,
-                self.upload_time_budget.as_secs().to_string(),
-            ),
-            (ENV_METRICS_TEXTFILE, opt(&self.metrics_textfile)),
-        ];
-        lines
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
+        ALL_VARS
+            .iter()
+            .map(|k| {
+                let v = self.shown.get(k).map(String::as_str).unwrap_or_default();
+                format!("{k}={v}\n")
+            })
             .collect()
     }
+}
+
+fn level_name(l: log::LevelFilter) -> &'static str {
+    match l {
+        log::LevelFilter::Off => "off",
+        log::LevelFilter::Error => "error",
+        log::LevelFilter::Warn => "warn",
+        log::LevelFilter::Info => "info",
+        log::LevelFilter::Debug => "debug",
+        log::LevelFilter::Trace => "trace",
+    }
+}
+
+fn shown_path(p: &Option<PathBuf>) -> String {
+    p.as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -702,7 +728,7 @@ mod tests {
     #[test]
     fn defaults_follow_the_spec() {
         let c = Config::from_vars(vars(&[])).unwrap();
-        assert_eq!(c.local.port, 5432);
+        assert_eq!(c.local.hosts[0].port, 5432);
         assert_eq!(c.local.dbname, "postgres");
         assert_eq!(c.local.user, "postgres");
         assert!(c.local.password.is_empty());
@@ -720,6 +746,107 @@ mod tests {
         assert_eq!(c.log_level, log::LevelFilter::Info);
         assert_eq!(c.log_target, LogTarget::Auto);
         assert!(c.metrics_textfile.is_none());
+        assert_eq!(c.upload_retain, Duration::ZERO);
+        assert_eq!(c.download_full_every, Duration::from_secs(86_400));
+        assert_eq!(c.sync_logs_retain_days, 30);
+        assert!(!c.gateway_id.is_empty());
+    }
+
+    #[test]
+    fn check_config_prints_every_variable_once() {
+        let c = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "250")])).unwrap();
+        let out = c.render();
+        let names: Vec<&str> = out.lines().map(|l| l.split('=').next().unwrap()).collect();
+        assert_eq!(names, ALL_VARS);
+        assert!(out.contains("BATCH_SIZE=250\n"), "{out}");
+        assert!(out.contains("POSTGRES_CLIENT_PORT=5432\n"), "{out}");
+        assert!(out.contains("DOWNLOAD_FULL_EVERY_SECONDS=86400\n"), "{out}");
+    }
+
+    #[test]
+    fn central_takes_a_host_list_with_one_port_or_one_each() {
+        let c = Config::from_vars(vars(&[(ENV_CLIENT_HOST, "a.example, b.example")])).unwrap();
+        let hosts: Vec<(&str, u16)> = c
+            .central
+            .hosts
+            .iter()
+            .map(|e| (e.host.as_str(), e.port))
+            .collect();
+        assert_eq!(hosts, vec![("a.example", 5432), ("b.example", 5432)]);
+        let c = Config::from_vars(vars(&[
+            (ENV_CLIENT_HOST, "a.example,b.example"),
+            (ENV_CLIENT_PORT, "5433,5434"),
+        ]))
+        .unwrap();
+        assert_eq!(c.central.hosts[1].port, 5434);
+        assert_eq!(
+            c.central.describe(),
+            "a.example:5433,b.example:5434/postgres"
+        );
+        assert_eq!(
+            err_vars(&[(ENV_CLIENT_HOST, "a,b"), (ENV_CLIENT_PORT, "1,2,3")]),
+            vec![ENV_CLIENT_PORT]
+        );
+        assert_eq!(
+            err_vars(&[(ENV_CLIENT_HOST, "a,,b")]),
+            vec![ENV_CLIENT_HOST]
+        );
+        assert_eq!(err_vars(&[(ENV_SYNC_HOST, "a,b")]), vec![ENV_SYNC_HOST]);
+    }
+
+    #[test]
+    fn gateway_id_is_validated_and_defaults_to_the_machine() {
+        let c = Config::from_vars(vars(&[(ENV_GATEWAY_ID, "gw-0042.site_7")])).unwrap();
+        assert_eq!(c.gateway_id, "gw-0042.site_7");
+        assert_eq!(err_vars(&[(ENV_GATEWAY_ID, "gw 1")]), vec![ENV_GATEWAY_ID]);
+        assert_eq!(
+            err_vars(&[(ENV_GATEWAY_ID, "a'; DROP")]),
+            vec![ENV_GATEWAY_ID]
+        );
+        let mut c = Checker {
+            raw: BTreeMap::new(),
+            errors: Vec::new(),
+            shown: BTreeMap::new(),
+        };
+        assert_eq!(
+            c.gateway_id(Some("0123abcd".into()), Some("host".into())),
+            "0123abcd"
+        );
+        assert_eq!(c.gateway_id(None, Some("host".into())), "host");
+        assert!(c.errors.is_empty());
+        c.gateway_id(None, None);
+        assert_eq!(c.errors[0].var, ENV_GATEWAY_ID);
+    }
+
+    #[test]
+    fn password_comes_from_systemd_credentials_when_unset() {
+        let dir = std::env::temp_dir().join(format!("meter-sync-cred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("client-password"), "fr0m-cred\n").unwrap();
+        let d = dir.to_str().unwrap();
+        let c = Config::from_vars(vars(&[(ENV_CREDENTIALS_DIRECTORY, d)])).unwrap();
+        assert_eq!(c.central.password.expose(), "fr0m-cred");
+        assert!(c.local.password.is_empty(), "no sync-password credential");
+        let c = Config::from_vars(vars(&[
+            (ENV_CREDENTIALS_DIRECTORY, d),
+            (ENV_CLIENT_PASSWORD, "plain"),
+        ]))
+        .unwrap();
+        assert_eq!(c.central.password.expose(), "plain", "the variable wins");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn file_check_problems_join_the_others() {
+        let errs = Config::load(vars(&[(ENV_BATCH_SIZE, "0")]), &|_| {
+            vec![ConfigError {
+                var: ENV_CLIENT_SSLROOTCERT,
+                problem: "is not PEM".into(),
+            }]
+        })
+        .unwrap_err();
+        let names: Vec<_> = errs.iter().map(|e| e.var).collect();
+        assert_eq!(names, vec![ENV_CLIENT_SSLROOTCERT, ENV_BATCH_SIZE]);
     }
 
     #[test]

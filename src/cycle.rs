@@ -2,75 +2,104 @@
 //! (a failure is logged and recorded, and the next phase still runs) and writes one
 //! `sync_logs` row.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::{Config, Side};
 use crate::db::Db;
-use crate::error::Result;
+use crate::error::{Error, Kind, Result};
+use crate::lock::{self, Acquired, LockHolder, LockedLocal};
+use crate::report::{CycleReport, Phase, PhaseOutcome, PhaseResult};
 use crate::shutdown::Shutdown;
 
-/// The two connections, opened lazily and reopened after they are lost.
+/// The two connections, opened lazily and reopened after they are lost. The local
+/// one always holds the cycle lock: it can only be a [`LockedLocal`].
 #[derive(Default)]
 pub struct Connections {
-    pub local: Option<Db>,
-    pub central: Option<Db>,
-    /// Set by `run` and `once`: every local connection they open must take the
-    /// cycle lock (P11, see [`crate::daemon::try_cycle_lock`]) before it is used,
-    /// so a reconnect in the middle of a cycle cannot slip past another process.
-    pub cycle_lock: bool,
+    local: Option<LockedLocal>,
+    central: Option<Db>,
     /// Sides whose connection attempts already failed in this cycle: the
     /// `MAX_CONNECTION_RETRIES` attempts are per cycle (P13), so later phases fail
     /// at once instead of spending another round of backoff each.
     unreachable: Vec<Side>,
 }
 
+/// Why there is no locked local connection.
+pub enum NoLocal {
+    Down(Error),
+    Busy(Option<LockHolder>),
+}
+
 impl Connections {
-    /// Makes sure the connection to `side` is open, reconnecting with backoff
-    /// (see [`Db::connect_with_retry`]) if it is absent or was lost.
-    pub async fn ensure(
-        &mut self,
-        side: Side,
-        cfg: &Config,
-        shutdown: &Shutdown,
-    ) -> Result<&mut Db> {
-        let needs_lock = side == Side::Local && self.cycle_lock;
-        let (slot, dbcfg) = match side {
-            Side::Local => (&mut self.local, &cfg.local),
-            Side::Central => (&mut self.central, &cfg.central),
-        };
-        if slot.as_ref().is_some_and(|db| db.is_closed()) {
-            log::warn!("{side}: connection lost; reconnecting");
-            *slot = None;
+    /// The locked local connection, if one is open and alive.
+    pub fn local(&self) -> Option<&LockedLocal> {
+        self.local.as_ref().filter(|db| !db.is_closed())
+    }
+
+    /// Makes sure a local connection holding the cycle lock is open, reconnecting
+    /// (see [`lock::acquire`]) if it is absent or was lost. A reconnect in the
+    /// middle of a cycle goes through the same lock, so it cannot slip past another
+    /// process that took the lock meanwhile.
+    pub async fn ensure_local(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<(), NoLocal> {
+        if self.local.as_ref().is_some_and(|db| db.is_closed()) {
+            log::warn!("local: connection lost; reconnecting");
+            self.local = None;
         }
-        if slot.is_none() {
-            if self.unreachable.contains(&side) {
-                return Err(crate::error::Error::new(
-                    crate::error::Kind::Db,
-                    format!("{side}: unreachable in this cycle (see above); next attempt in the next cycle"),
-                )
-                .with_side(side));
-            }
-            let db = match Db::connect_with_retry(dbcfg, cfg, shutdown).await {
-                Ok(db) => db,
-                Err(e) => {
-                    self.unreachable.push(side);
-                    return Err(e);
-                }
-            };
-            if needs_lock && !crate::daemon::try_cycle_lock(&db).await? {
-                return Err(crate::error::Error::new(
-                    crate::error::Kind::Other,
-                    "local: another meter-sync took the cycle lock while this one reconnected; \
-                     this cycle stops here",
-                ));
-            }
-            *slot = Some(db);
+        if self.local.is_some() {
+            return Ok(());
         }
-        Ok(slot.as_mut().expect("connection was just opened"))
+        if self.unreachable.contains(&Side::Local) {
+            return Err(NoLocal::Down(unreachable_now(Side::Local)));
+        }
+        match lock::acquire(cfg, shutdown).await {
+            Ok(Acquired::Locked(db)) => {
+                log::info!(
+                    "local: holding the cycle lock (no other meter-sync cycles on this database)"
+                );
+                self.local = Some(db);
+                Ok(())
+            }
+            Ok(Acquired::Busy(holder)) => Err(NoLocal::Busy(holder)),
+            Err(e) => {
+                self.unreachable.push(Side::Local);
+                Err(NoLocal::Down(e))
+            }
+        }
+    }
+
+    /// Makes sure the central connection is open, reconnecting with backoff (see
+    /// [`Db::connect_with_retry`]) if it is absent or was lost.
+    async fn ensure_central(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<()> {
+        if self.central.as_ref().is_some_and(|db| db.is_closed()) {
+            log::warn!("central: connection lost; reconnecting");
+            self.central = None;
+        }
+        if self.central.is_some() {
+            return Ok(());
+        }
+        if self.unreachable.contains(&Side::Central) {
+            return Err(unreachable_now(Side::Central));
+        }
+        match Db::connect_with_retry(&cfg.central, cfg, shutdown).await {
+            Ok(db) => {
+                self.central = Some(db);
+                Ok(())
+            }
+            Err(e) => {
+                self.unreachable.push(Side::Central);
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a new cycle's connection attempts: a side that was unreachable in the
+    /// last one gets its `MAX_CONNECTION_RETRIES` attempts again. Called before the
+    /// cycle lock is (re)taken, so a local database that was down is retried.
+    pub fn begin_cycle(&mut self) {
+        self.unreachable.clear();
     }
 
     /// Forgets a connection that failed so the next use reconnects.
-    pub fn drop_if_lost(&mut self, err: &crate::error::Error) {
+    pub fn drop_if_lost(&mut self, err: &Error) {
         if err.is_connection_lost() {
             match err.side() {
                 Some(Side::Local) => self.local = None,
@@ -87,80 +116,20 @@ impl Connections {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Upload,
-    Meters,
-    Tenant,
-}
-
-impl Phase {
-    /// The `sync_logs.sync_type` value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Upload => "upload",
-            Phase::Meters => "meters",
-            Phase::Tenant => "tenant",
-        }
-    }
-}
-
-/// What one phase did.
-#[derive(Clone, Debug)]
-pub struct PhaseOutcome {
-    pub phase: Phase,
-    pub records: u64,
-    pub duration: Duration,
-    pub error: Option<String>,
-    /// A human summary of the counts ("uploaded 300 in 3 batches, 0 quarantined").
-    pub summary: String,
-}
-
-impl PhaseOutcome {
-    pub fn ok(&self) -> bool {
-        self.error.is_none()
-    }
-}
-
-/// What one cycle did.
-#[derive(Clone, Debug)]
-pub struct CycleReport {
-    pub phases: Vec<PhaseOutcome>,
-    pub duration: Duration,
-}
-
-impl CycleReport {
-    pub fn ok(&self) -> bool {
-        self.phases.iter().all(PhaseOutcome::ok)
-    }
-
-    /// One line for logs and systemd's STATUS=.
-    pub fn summary(&self) -> String {
-        let parts: Vec<String> = self
-            .phases
-            .iter()
-            .map(|p| match &p.error {
-                None => format!("{}: {}", p.phase.as_str(), p.summary),
-                Some(_) => format!("{}: FAILED", p.phase.as_str()),
-            })
-            .collect();
-        format!("{} ({} ms)", parts.join("; "), self.duration.as_millis())
-    }
-}
-
-/// The counts a phase reports back.
-pub struct PhaseResult {
-    pub records: u64,
-    pub summary: String,
+fn unreachable_now(side: Side) -> Error {
+    Error::new(
+        Kind::Db,
+        "unreachable in this cycle (see above); next attempt in the next cycle",
+    )
+    .with_side(side)
 }
 
 /// Runs the three phases in order. Never fails as a whole: each phase's error is
-/// in its outcome.
+/// in its outcome. The caller began the cycle ([`Connections::begin_cycle`]).
 pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> CycleReport {
     let start = Instant::now();
-    conns.unreachable.clear();
-    let mut phases = Vec::with_capacity(3);
-    for phase in [Phase::Upload, Phase::Meters, Phase::Tenant] {
+    let mut phases = Vec::with_capacity(Phase::ALL.len());
+    for phase in Phase::ALL {
         if shutdown.is_requested() {
             break;
         }
@@ -213,8 +182,18 @@ async fn run_phase(
     conns: &mut Connections,
     shutdown: &Shutdown,
 ) -> Result<PhaseResult> {
-    conns.ensure(Side::Local, cfg, shutdown).await?;
-    conns.ensure(Side::Central, cfg, shutdown).await?;
+    conns
+        .ensure_local(cfg, shutdown)
+        .await
+        .map_err(|e| match e {
+            NoLocal::Down(e) => e,
+            NoLocal::Busy(_) => Error::new(
+                Kind::Other,
+                "local: another meter-sync took the cycle lock while this one reconnected; \
+             this cycle stops here",
+            ),
+        })?;
+    conns.ensure_central(cfg, shutdown).await?;
     let (Some(local), Some(central)) = (conns.local.as_mut(), conns.central.as_mut()) else {
         unreachable!("both connections were just ensured");
     };
@@ -228,7 +207,7 @@ async fn run_phase(
 /// Writes the phase's `sync_logs` row. When local itself is what failed there is
 /// nowhere to write it; the log line above is then the only record.
 async fn record(conns: &mut Connections, o: &PhaseOutcome) {
-    let Some(local) = conns.local.as_ref().filter(|db| !db.is_closed()) else {
+    let Some(local) = conns.local() else {
         return;
     };
     let records = i32::try_from(o.records).unwrap_or(i32::MAX);

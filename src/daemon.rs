@@ -5,100 +5,12 @@
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::cycle::{self, Connections, CycleReport};
-use crate::db::Db;
+use crate::cycle::{self, Connections, NoLocal};
 use crate::error::{Error, Result};
+use crate::lock::LockHolder;
 use crate::metrics::Metrics;
+use crate::report::CycleReport;
 use crate::shutdown::Shutdown;
-
-/// The key of the session-level advisory lock that a running daemon (or `once`)
-/// holds on its local connection: "metersyn" in ASCII. Advisory locks are scoped
-/// to one database, so gateways sharing a server but not a database do not meet.
-pub const CYCLE_LOCK_KEY: i64 = 0x6d65_7465_7273_796e;
-
-/// Takes the cycle lock on `local` without waiting. On success the session also
-/// names itself `meter-sync[PID]`, so that `status` and an operator looking at
-/// pg_stat_activity can tell which process holds it.
-///
-/// The lock is session-level: it is held for as long as this connection lives
-/// (the daemon keeps it between cycles; `status` calls that "running") and the
-/// server releases it the moment the connection dies, however the process ended.
-pub async fn try_cycle_lock(local: &Db) -> Result<bool> {
-    let name = format!("meter-sync[{}]", std::process::id());
-    let row = local
-        .query_one(
-            "take the cycle lock",
-            "SELECT pg_try_advisory_lock($1), set_config('application_name', $2, false)",
-            &[&CYCLE_LOCK_KEY, &name],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-/// The session that holds the cycle lock on this database, other than `local`'s own.
-#[derive(Clone, Debug)]
-pub struct LockHolder {
-    pub backend_pid: i32,
-    pub application_name: Option<String>,
-}
-
-impl LockHolder {
-    /// The holder's process id, when it is a meter-sync that named its session.
-    pub fn daemon_pid(&self) -> Option<u32> {
-        self.application_name
-            .as_deref()?
-            .strip_prefix("meter-sync[")?
-            .strip_suffix(']')?
-            .parse()
-            .ok()
-    }
-
-    pub fn describe(&self) -> String {
-        match self.daemon_pid() {
-            Some(pid) => format!("meter-sync pid {pid}"),
-            None => format!("database backend pid {}", self.backend_pid),
-        }
-    }
-}
-
-/// Looks the lock up in pg_locks. A bigint advisory key appears there split into
-/// classid (high half) and objid (low half) with objsubid 1.
-pub async fn cycle_lock_holder(local: &Db) -> Result<Option<LockHolder>> {
-    let hi = (CYCLE_LOCK_KEY >> 32) as u32;
-    let lo = (CYCLE_LOCK_KEY & 0xffff_ffff) as u32;
-    let rows = local
-        .query(
-            "look up the cycle lock",
-            &format!(
-                "SELECT l.pid, a.application_name FROM pg_locks l \
-                 LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
-                 WHERE l.locktype = 'advisory' AND l.granted \
-                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-                   AND l.classid = {hi} AND l.objid = {lo} AND l.objsubid = 1 \
-                   AND l.pid <> pg_backend_pid()"
-            ),
-            &[],
-        )
-        .await?;
-    Ok(rows.first().map(|r| LockHolder {
-        backend_pid: r.get(0),
-        application_name: r.get(1),
-    }))
-}
-
-/// Readings waiting for upload and readings in quarantine (P7).
-pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
-    let row = local
-        .query_one(
-            "count the queue",
-            "SELECT count(*) FILTER (WHERE sync_error IS NULL), \
-                    count(*) FILTER (WHERE sync_error IS NOT NULL) \
-             FROM meter_readings WHERE NOT is_synchronized",
-            &[],
-        )
-        .await?;
-    Ok((row.get(0), row.get(1)))
-}
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
 /// `DB_QUERY_TIMEOUT_MS` to answer (a batch then commits or rolls back whole), a
@@ -133,7 +45,7 @@ async fn grace_expired(shutdown: &Shutdown, grace: Duration) {
 /// one cycle bounded by the shutdown grace. Shutdown during the steps before the
 /// cycle ends the turn at once: no batch is in flight there.
 async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Turn {
-    conns.cycle_lock = true;
+    conns.begin_cycle();
     tokio::select! {
         ready = prepare(cfg, conns, shutdown) => {
             if let Err(t) = ready {
@@ -148,36 +60,24 @@ async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Tur
     }
 }
 
-/// Opens the local connection with the cycle lock and logs the queue size.
+/// Opens the local connection with the cycle lock (see [`Connections::ensure_local`])
+/// and logs the queue size.
 async fn prepare(
     cfg: &Config,
     conns: &mut Connections,
     shutdown: &Shutdown,
 ) -> std::result::Result<(), Turn> {
-    if conns.local.as_ref().is_some_and(|db| db.is_closed()) {
-        log::warn!("local: connection lost; reconnecting");
-        conns.local = None;
-    }
-    if conns.local.is_none() {
-        let db = Db::connect_with_retry(&cfg.local, cfg, shutdown)
-            .await
-            .map_err(Turn::LocalDown)?;
-        match try_cycle_lock(&db).await {
-            Ok(true) => {
-                log::info!(
-                    "local: holding the cycle lock (no other meter-sync cycles on this database)"
-                );
-                conns.local = Some(db);
-            }
-            Ok(false) => return Err(Turn::Busy(cycle_lock_holder(&db).await.ok().flatten())),
-            Err(e) => return Err(Turn::LocalDown(e)),
-        }
-    }
-    let local = conns
-        .local
-        .as_ref()
-        .expect("local connection was just ensured");
-    match queue_counts(local).await {
+    conns
+        .ensure_local(cfg, shutdown)
+        .await
+        .map_err(|e| match e {
+            NoLocal::Down(e) => Turn::LocalDown(e),
+            NoLocal::Busy(holder) => Turn::Busy(holder),
+        })?;
+    let Some(local) = conns.local() else {
+        return Ok(());
+    };
+    match crate::upload::queue_counts(local).await {
         Ok((pending, quarantined)) => log::info!(
             "cycle started; queue: {pending} reading(s) waiting, {quarantined} quarantined"
         ),
@@ -196,8 +96,8 @@ async fn report_metrics(cfg: &Config, conns: &Connections, shutdown: &Shutdown, 
         return;
     };
     if !shutdown.is_requested() {
-        let queue = match conns.local.as_ref().filter(|db| !db.is_closed()) {
-            Some(local) => queue_counts(local).await.ok(),
+        let queue = match conns.local() {
+            Some(local) => crate::upload::queue_counts(local).await.ok(),
             None => None,
         };
         m.set_queue(queue);
@@ -276,7 +176,7 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
     let code = match turn(cfg, &mut conns, &shutdown).await {
         Turn::Ran(report) => {
             metrics.record_cycle(&report);
-            u8::from(!(report.ok() && report.phases.len() == 3))
+            u8::from(!report.complete_and_ok())
         }
         Turn::Busy(holder) => {
             let who = holder.map_or_else(|| "another session".into(), |h| h.describe());
@@ -293,4 +193,39 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
     report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
     conns.close();
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::shutdown;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_grace_starts_at_the_shutdown_request_not_before() {
+        let (trigger, shutdown) = shutdown::channel();
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(100)).await;
+            trigger.trigger();
+        });
+        grace_expired(&shutdown, Duration::from_millis(35_000)).await;
+        assert_eq!(t.elapsed(), Duration::from_millis(135_000));
+    }
+
+    #[test]
+    fn the_grace_covers_a_round_trip_and_a_connect() {
+        let cfg = crate::config::Config::from_vars([
+            (
+                "POSTGRES_SYNC_HOST".to_string(),
+                "/run/postgresql".to_string(),
+            ),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("DB_QUERY_TIMEOUT_MS".to_string(), "1500".to_string()),
+            ("DB_CONNECTION_TIMEOUT_MS".to_string(), "700".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(shutdown_grace(&cfg), Duration::from_millis(2200));
+    }
 }

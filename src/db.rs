@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 
 use crate::config::{Config, DbConfig, Side};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::shutdown::Shutdown;
 
 /// First backoff cap; it doubles per failed attempt up to [`BACKOFF_MAX`].
@@ -37,13 +37,16 @@ impl Drop for Db {
 /// session in UTC with ISO dates so that timestamps travel as exact text.
 fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
-    if db.is_unix_socket() {
-        c.host_path(&db.host);
-    } else {
-        c.host(&db.host);
+    // tokio-postgres pairs the n-th host with the n-th port, as libpq does.
+    for e in &db.hosts {
+        if e.host.starts_with('/') {
+            c.host_path(&e.host);
+        } else {
+            c.host(&e.host);
+        }
+        c.port(e.port);
     }
-    c.port(db.port)
-        .dbname(&db.dbname)
+    c.dbname(&db.dbname)
         .user(&db.user)
         .application_name("meter-sync")
         .connect_timeout(cfg.connect_timeout)
@@ -84,7 +87,17 @@ impl Db {
         .await
         {
             Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return Err(Error::db(db.side, what, e)),
+            Ok(Err(e)) => {
+                // A certificate the gateway refused stays refused until someone
+                // changes it: not transient, unlike other failed handshakes.
+                let refused = crate::tls::is_refusal(&e);
+                let err = Error::db(db.side, what, e);
+                return Err(if refused {
+                    err.with_kind(Kind::Tls)
+                } else {
+                    err
+                });
+            }
             Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
         };
         let side = db.side;
@@ -283,6 +296,67 @@ mod tests {
             vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
         );
         assert_eq!(backoff_cap(100), BACKOFF_MAX);
+    }
+
+    /// Against a port nobody listens on, every attempt fails at once, so the time
+    /// spent is the backoff alone: MAX_CONNECTION_RETRIES attempts, each wait at most
+    /// its cap (0.5 s, 1 s, 2 s), and the error is the last attempt's.
+    #[tokio::test(start_paused = true)]
+    async fn connect_backs_off_within_the_caps_and_gives_up_after_the_retries() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = Config::from_vars([
+            ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
+            ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("MAX_CONNECTION_RETRIES".to_string(), "4".to_string()),
+        ])
+        .unwrap();
+        let t = tokio::time::Instant::now();
+        let err = match Db::connect_with_retry(&cfg.local, &cfg, &Shutdown::never()).await {
+            Ok(_) => panic!("connected to a closed port"),
+            Err(e) => e,
+        };
+        assert!(err.is_transient(), "{err}");
+        assert!(
+            err.to_string().starts_with("local: connect to 127.0.0.1:"),
+            "{err}"
+        );
+        let spent = t.elapsed();
+        assert!(
+            spent <= Duration::from_millis(500 + 1000 + 2000),
+            "{spent:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_ends_the_backoff_at_once() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = Config::from_vars([
+            ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
+            ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
+            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
+            ("MAX_CONNECTION_RETRIES".to_string(), "100".to_string()),
+        ])
+        .unwrap();
+        let (trigger, shutdown) = crate::shutdown::channel();
+        trigger.trigger();
+        let t = tokio::time::Instant::now();
+        assert!(Db::connect_with_retry(&cfg.local, &cfg, &shutdown)
+            .await
+            .is_err());
+        assert_eq!(
+            t.elapsed(),
+            Duration::ZERO,
+            "waited although shutdown was requested"
+        );
     }
 
     #[test]

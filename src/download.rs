@@ -22,9 +22,10 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{CopyOutStream, Transaction};
 
 use crate::config::Side;
-use crate::cycle::PhaseResult;
 use crate::db::{timed, Db};
 use crate::error::{Error, Result};
+use crate::lock::LockedLocal;
+use crate::report::PhaseResult;
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
 /// summarised in one line, so that the first sync of a large fleet does not flood
@@ -77,12 +78,12 @@ const TENANTS: Table = Table {
 };
 
 /// Downloads central `meters` into local `meters` (P8).
-pub async fn sync_meters(local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
+pub async fn sync_meters(local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
     sync(&METERS, local, central).await
 }
 
 /// Downloads central `tenant` into local `tenant` (P9).
-pub async fn sync_tenants(local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
+pub async fn sync_tenants(local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
     sync(&TENANTS, local, central).await
 }
 
@@ -264,7 +265,7 @@ impl Report {
     }
 }
 
-async fn sync(t: &Table, local: &mut Db, central: &mut Db) -> Result<PhaseResult> {
+async fn sync(t: &Table, local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
     let start = Instant::now();
     let limit = local.timeout();
 

@@ -1,9 +1,25 @@
 //! The one error type at the boundary between meter-sync and its databases: which
-//! database, which operation, and whether trying again later can help.
+//! database, which operation, and whether trying again later can help. A leaf: it
+//! knows no other module of the crate (db.rs, which knows TLS, marks a refused
+//! certificate as [`Kind::Tls`]).
 
 use std::fmt;
 
-use crate::config::{ConfigError, Side};
+/// Which of the two databases; every database error names one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Local,
+    Central,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Local => "local",
+            Side::Central => "central",
+        })
+    }
+}
 
 /// What went wrong, broadly: decides the exit code and whether a retry can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,8 +34,6 @@ pub enum Kind {
     Migration,
     /// A round trip that did not answer within `DB_QUERY_TIMEOUT_MS`.
     Timeout,
-    /// A command was given bad arguments.
-    Usage,
     /// Anything else (I/O on local files, the metrics file, ...).
     Other,
 }
@@ -27,12 +41,15 @@ pub enum Kind {
 pub struct Error {
     kind: Kind,
     side: Option<Side>,
+    /// For [`Kind::Config`]: the variable at fault, when one is.
+    var: Option<&'static str>,
     context: String,
     source: Option<Box<dyn std::error::Error + Send + Sync>>,
     /// SQLSTATE of the database error, if it was one.
     code: Option<String>,
-    /// The database reported the failure for a statement (as opposed to losing the
-    /// connection): decides transient versus permanent together with `code`.
+    /// The connection is gone (tokio-postgres said so, or the error carries no
+    /// SQLSTATE, i.e. the server did not answer for a statement): the caller must
+    /// reconnect rather than retry on it.
     closed: bool,
 }
 
@@ -43,6 +60,7 @@ impl Error {
         Error {
             kind,
             side: None,
+            var: None,
             context: context.into(),
             source: None,
             code: None,
@@ -54,14 +72,10 @@ impl Error {
     pub fn db(side: Side, what: impl Into<String>, e: tokio_postgres::Error) -> Error {
         let code = e.code().map(|c| c.code().to_string());
         let closed = e.is_closed() || code.is_none();
-        // A certificate the gateway refused stays refused until someone changes
-        // it: not transient, unlike other failed handshakes.
-        let refused = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<crate::tls::Refusal>())
-            .is_some_and(|r| r.cause != crate::tls::Cause::Other);
         Error {
-            kind: if refused { Kind::Tls } else { Kind::Db },
+            kind: Kind::Db,
             side: Some(side),
+            var: None,
             context: what.into(),
             source: Some(Box::new(e)),
             code,
@@ -74,6 +88,7 @@ impl Error {
         Error {
             kind: Kind::Timeout,
             side: Some(side),
+            var: None,
             context: format!("{}: no answer within {} ms", what.into(), after.as_millis()),
             source: None,
             code: None,
@@ -81,13 +96,28 @@ impl Error {
         }
     }
 
+    /// A configuration error about `var` ("is not a PEM certificate").
+    pub fn config(var: &'static str, problem: impl Into<String>) -> Error {
+        Error {
+            var: Some(var),
+            ..Error::new(Kind::Config, problem)
+        }
+    }
+
+    /// For a configuration error about one variable: the variable and the problem.
+    pub fn config_problem(&self) -> Option<(&'static str, &str)> {
+        self.var.map(|v| (v, self.context.as_str()))
+    }
+
     pub fn with_side(mut self, side: Side) -> Error {
         self.side = Some(side);
         self
     }
 
-    pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Error {
-        self.source = Some(Box::new(e));
+    /// The same error as another kind: db.rs marks a refused server certificate
+    /// [`Kind::Tls`], which waiting cannot heal.
+    pub fn with_kind(mut self, kind: Kind) -> Error {
+        self.kind = kind;
         self
     }
 
@@ -124,11 +154,6 @@ impl Error {
             _ => false,
         }
     }
-
-    /// A rejection of the data itself: retrying the same rows fails the same way.
-    pub fn is_data_rejection(&self) -> bool {
-        self.kind == Kind::Db && !self.is_transient()
-    }
 }
 
 /// See [`Error::is_transient`].
@@ -146,6 +171,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if let Some(side) = self.side {
             write!(f, "{side}: ")?;
+        }
+        if let Some(var) = self.var {
+            write!(f, "{var}: ")?;
         }
         f.write_str(&self.context)?;
         if let Some(src) = &self.source {
@@ -189,16 +217,11 @@ impl fmt::Debug for Error {
     }
 }
 
-impl std::error::Error for Error {}
-
-impl From<Vec<ConfigError>> for Error {
-    fn from(errs: Vec<ConfigError>) -> Error {
-        let text = errs
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("; ");
-        Error::new(Kind::Config, text)
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 

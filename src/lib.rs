@@ -2,36 +2,54 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: the commands and their help text.
-//! - [`config`]: environment variables, validated into a [`config::Config`].
-//! - [`error`]: the error type, with side (local, central) and transient/permanent.
-//! - [`db`]: connecting (socket or TCP, TLS), timeouts on every round trip, backoff.
-//! - [`tls`]: libpq's sslmode semantics on native-tls.
-//! - [`migrate`]: embedded, checksummed migrations.
-//! - [`upload`]: readings local → central, batch by batch, exactly once.
-//! - [`download`]: meters and tenants central → local with field-level change logs.
-//! - [`cycle`]: one cycle of the three phases, each isolated, each in `sync_logs`.
-//! - [`daemon`]: the run loop.
-//! - [`shutdown`]: the shutdown signal every wait races against.
-//! - [`notify`]: systemd READY / WATCHDOG / STATUS / STOPPING.
-//! - [`logging`]: syslog or stderr.
-//! - [`metrics`]: the Prometheus textfile written after every cycle.
-//! - [`status`]: the `status` command.
+//! Dependencies point one way: `commands` → `daemon` → `cycle` → `upload` /
+//! `download` → `lock` → `db` → `tls` → `config` → `error`; `report` is a leaf
+//! every layer may use. Modules are private: what the binary needs is re-exported
+//! below, so the compiler reports whatever nothing uses.
+//!
+//! - `cli`: the commands and their help text.
+//! - `config`: every variable in one list, validated in one pass into a `Config`.
+//! - `error`: the error type, with side (local, central) and transient/permanent.
+//! - `db`: connecting (socket or TCP, TLS), timeouts on every round trip, backoff.
+//! - `tls`: libpq's sslmode semantics on the compiled-in TLS library.
+//! - `migrate`: embedded, checksummed migrations.
+//! - `lock`: the cycle lock; `LockedLocal` is the only way to a locked local connection.
+//! - `upload`: readings local → central, batch by batch, exactly once.
+//! - `download`: meters and tenants central → local with field-level change logs.
+//! - `report`: `Phase::ALL`, `PhaseOutcome`, `CycleReport`.
+//! - `cycle`: one cycle of the three phases, each isolated, each in `sync_logs`.
+//! - `daemon`: the run loop.
+//! - `commands`: what each command does.
+//! - `shutdown`: the shutdown signal every wait races against.
+//! - `notify`: systemd READY / WATCHDOG / STATUS / STOPPING.
+//! - `logging`: syslog or stderr.
+//! - `metrics`: the Prometheus textfile written after every cycle.
+//! - `status`: the `status` command.
 
 #![forbid(unsafe_code)]
 
-pub mod cli;
-pub mod config;
-pub mod cycle;
-pub mod daemon;
-pub mod db;
-pub mod download;
-pub mod error;
-pub mod logging;
-pub mod metrics;
-pub mod migrate;
-pub mod notify;
-pub mod shutdown;
-pub mod status;
-pub mod tls;
-pub mod upload;
+mod cli;
+mod commands;
+mod config;
+mod cycle;
+mod daemon;
+mod db;
+mod download;
+mod error;
+mod lock;
+mod logging;
+mod metrics;
+mod migrate;
+mod notify;
+mod report;
+mod shutdown;
+mod status;
+mod tls;
+mod upload;
+
+pub use cli::{parse as parse_args, Command, HELP};
+pub use commands::execute;
+pub use config::{Config, ConfigError, ALL_VARS};
+pub use error::{Error, Kind};
+pub use logging::init as init_logging;
+pub use tls::{check_files, BACKEND as TLS_BACKEND};

@@ -149,12 +149,6 @@ pub fn init(cfg: &Config) {
     }));
 }
 
-/// Logging for commands that run before or without a valid configuration.
-pub fn init_stderr(level: log::LevelFilter) {
-    log::set_max_level(level);
-    let _ = log::set_boxed_logger(Box::new(Stderr { level }));
-}
-
 /// Seconds since the epoch, split into (year, month, day, seconds of the day,
 /// milliseconds) in UTC, without a date crate (Howard Hinnant's civil_from_days).
 fn civil_now() -> (i64, i64, i64, i64, u32) {

@@ -10,10 +10,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use crate::cycle::{CycleReport, Phase};
 use crate::error::{Error, Kind, Result};
-
-const PHASES: [Phase; 3] = [Phase::Upload, Phase::Meters, Phase::Tenant];
+use crate::report::{CycleReport, Phase};
 
 #[derive(Clone, Copy, Default)]
 struct PhaseStats {
@@ -30,19 +28,11 @@ pub struct Metrics {
     cycles: u64,
     cycle_errors: u64,
     readings_uploaded: u64,
-    phases: [PhaseStats; 3],
+    phases: [PhaseStats; Phase::ALL.len()],
     /// (pending, quarantined) as last counted.
     queue: Option<(i64, i64)>,
     last_cycle_end: Option<SystemTime>,
     last_cycle_duration: Option<Duration>,
-}
-
-fn index(p: Phase) -> usize {
-    match p {
-        Phase::Upload => 0,
-        Phase::Meters => 1,
-        Phase::Tenant => 2,
-    }
 }
 
 fn epoch_seconds(t: SystemTime) -> f64 {
@@ -61,7 +51,7 @@ impl Metrics {
             self.cycle_errors += 1;
         }
         for o in &report.phases {
-            let s = &mut self.phases[index(o.phase)];
+            let s = &mut self.phases[o.phase.index()];
             s.last_duration = Some(o.duration);
             s.last_ok = Some(o.ok());
             if o.ok() {
@@ -97,10 +87,10 @@ impl Metrics {
                 .collect::<Vec<_>>()
         };
         let per_phase = |f: &dyn Fn(&PhaseStats) -> Option<f64>| {
-            PHASES
+            Phase::ALL
                 .iter()
                 .filter_map(|p| {
-                    f(&self.phases[index(*p)]).map(|v| (format!("{{phase=\"{}\"}}", p.as_str()), v))
+                    f(&self.phases[p.index()]).map(|v| (format!("{{phase=\"{}\"}}", p.as_str()), v))
                 })
                 .collect::<Vec<_>>()
         };
@@ -241,7 +231,7 @@ fn fmt_f64(v: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cycle::PhaseOutcome;
+    use crate::report::PhaseOutcome;
 
     #[test]
     fn every_sample_follows_its_type_line() {

@@ -25,12 +25,10 @@ impl Trigger {
 }
 
 impl Shutdown {
-    /// A handle that is never triggered, for one-shot commands.
+    /// A handle that is never triggered, for one-shot commands: its trigger is
+    /// dropped at once, and [`Shutdown::requested`] never resolves without one.
     pub fn never() -> Shutdown {
-        let (tx, rx) = watch::channel(false);
-        // Keep the sender alive so that `requested` never resolves.
-        std::mem::forget(tx);
-        Shutdown { rx }
+        channel().1
     }
 
     pub fn is_requested(&self) -> bool {
@@ -95,4 +93,42 @@ pub async fn on_signals(trigger: Trigger) {
     log::warn!("second signal ({name}); exiting now");
     crate::notify::stopping();
     std::process::exit(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_interval_sleep_runs_its_full_length_when_nothing_asks_to_stop() {
+        let (_trigger, shutdown) = channel();
+        let t = Instant::now();
+        assert!(shutdown.sleep(Duration::from_secs(60)).await);
+        assert_eq!(t.elapsed(), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_request_cuts_the_interval_sleep_short() {
+        let (trigger, shutdown) = channel();
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            trigger.trigger();
+        });
+        assert!(!shutdown.sleep(Duration::from_secs(60)).await);
+        assert_eq!(t.elapsed(), Duration::from_secs(7));
+        assert!(shutdown.is_requested());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_is_never_requested() {
+        let shutdown = Shutdown::never();
+        assert!(shutdown.sleep(Duration::from_secs(3600)).await);
+        let waited = tokio::time::timeout(Duration::from_secs(3600), shutdown.requested()).await;
+        assert!(waited.is_err(), "a never-shutdown resolved");
+    }
 }

@@ -8,9 +8,11 @@
 use std::fmt::Write as _;
 
 use crate::config::{Config, DbConfig};
-use crate::daemon::{cycle_lock_holder, queue_counts, LockHolder};
 use crate::db::Db;
 use crate::error::Result;
+use crate::lock::{self, LockHolder};
+use crate::report::Phase;
+use crate::upload::queue_counts;
 
 /// `timestamptz` as RFC 3339 in UTC, and its age in seconds.
 const TS: &str = "to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
@@ -84,7 +86,7 @@ async fn probe(db: &DbConfig, cfg: &Config) -> (Option<Db>, Link) {
 }
 
 async fn read_local(db: &Db) -> Result<Local> {
-    let holder = cycle_lock_holder(db).await?;
+    let holder = lock::holder(db).await?;
     let (pending, quarantined) = queue_counts(db).await?;
     let counts = db
         .query_one(
@@ -124,7 +126,7 @@ async fn read_local(db: &Db) -> Result<Local> {
             &format!(
                 "SELECT k.t, {r_ts}, r.success, r.records_processed, r.duration_ms, r.error_message, \
                         {s_ts}, s.records_processed, s.duration_ms \
-                 FROM (VALUES (1, 'upload'), (2, 'meters'), (3, 'tenant')) k(n, t) \
+                 FROM unnest($1::text[]) WITH ORDINALITY k(t, n) \
                  LEFT JOIN LATERAL (SELECT * FROM sync_logs WHERE sync_type = k.t \
                                     ORDER BY \"timestamp\" DESC, id DESC LIMIT 1) r ON true \
                  LEFT JOIN LATERAL (SELECT * FROM sync_logs WHERE sync_type = k.t AND success \
@@ -133,7 +135,7 @@ async fn read_local(db: &Db) -> Result<Local> {
                 r_ts = ts("r.\"timestamp\""),
                 s_ts = ts("s.\"timestamp\"")
             ),
-            &[],
+            &[&Phase::ALL.map(Phase::as_str).to_vec()],
         )
         .await?;
     Ok(Local {

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
-use crate::config::{Config, DbConfig, SslMode};
+use crate::config::{ConfigError, DbConfig, SslMode};
 use crate::config::{ENV_CLIENT_SSLCERT, ENV_CLIENT_SSLKEY, ENV_CLIENT_SSLROOTCERT};
 use crate::error::{Error, Kind, Result};
 
@@ -46,13 +46,38 @@ compile_error!("enable one TLS backend: the `native-tls` (default) or the `rustl
 /// Which TLS library this binary was built with (for `--version` and logs).
 pub const BACKEND: &str = backend::NAME;
 
-/// Checks at start that every certificate and key file named by the configuration
-/// parses, so that a malformed file is a configuration error (exit 78) from every
-/// command, not a connection failure at the first cycle.
-pub fn validate(cfg: &Config) -> Result<()> {
-    connector(&cfg.local)?;
-    connector(&cfg.central)?;
-    Ok(())
+/// Every problem with the certificate and key files `db` names, each naming its
+/// variable: the configuration's one validation pass calls this, so a malformed
+/// file is a configuration error (exit 78) from every command, reported together
+/// with every other bad variable, not a connection failure at the first cycle. The
+/// roots and the client identity are checked apart so that both can be reported.
+pub fn check_files(db: &DbConfig) -> Vec<ConfigError> {
+    let roots_only = DbConfig {
+        sslcert: None,
+        sslkey: None,
+        ..db.clone()
+    };
+    let identity_only = DbConfig {
+        sslrootcert: None,
+        ..db.clone()
+    };
+    let mut problems = Vec::new();
+    for (set, part) in [
+        (true, roots_only),
+        (db.sslcert.is_some() && db.sslkey.is_some(), identity_only),
+    ] {
+        if !set {
+            continue;
+        }
+        if let Err(e) = connector(&part) {
+            let (var, problem) = e
+                .config_problem()
+                .map(|(v, p)| (v, p.to_string()))
+                .unwrap_or((ENV_CLIENT_SSLROOTCERT, e.to_string()));
+            problems.push(ConfigError { var, problem });
+        }
+    }
+    problems
 }
 
 /// Builds the connector for one database from its sslmode and files. The files are
@@ -93,6 +118,14 @@ pub fn connector(db: &DbConfig) -> Result<MakeConnector> {
     })
 }
 
+/// Whether a failed connection attempt was this module refusing the server's
+/// certificate (as opposed to a handshake that failed for a reason that may pass).
+pub fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<Refusal>())
+        .is_some_and(|r| r.cause != Cause::Other)
+}
+
 /// What tokio-postgres should do about TLS for this sslmode.
 pub fn pg_ssl_mode(mode: SslMode) -> tokio_postgres::config::SslMode {
     use tokio_postgres::config::SslMode as M;
@@ -112,12 +145,8 @@ struct PemFile {
 
 impl PemFile {
     fn read(path: &Path, var: &'static str) -> Result<PemFile> {
-        let bytes = std::fs::read(path).map_err(|e| {
-            Error::new(
-                Kind::Config,
-                format!("{var}: cannot read {}: {e}", path.display()),
-            )
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))?;
         Ok(PemFile {
             var,
             path: path.to_path_buf(),
@@ -128,10 +157,7 @@ impl PemFile {
     /// A configuration error about this file. Never quotes the file's content (it
     /// may be a private key), only its variable and path.
     fn invalid(&self, what: impl fmt::Display) -> Error {
-        Error::new(
-            Kind::Config,
-            format!("{}: {} {what}", self.var, self.path.display()),
-        )
+        Error::config(self.var, format!("{} {what}", self.path.display()))
     }
 
     /// Encrypted keys would need a passphrase, which nothing supplies (and OpenSSL
@@ -161,6 +187,7 @@ pub enum Cause {
     /// rustls only: the server presented a CA certificate (as `openssl req -x509`
     /// makes by default for a self-signed one), which webpki never accepts as a
     /// server's, not even when it is itself the trusted root.
+    #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
     CaAsServerCertificate,
     /// Anything else the TLS library reported (protocol, alert, I/O).
     Other,

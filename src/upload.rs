@@ -21,15 +21,37 @@ use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Row, Statement};
 
 use crate::config::Config;
-use crate::cycle::PhaseResult;
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
+use crate::lock::LockedLocal;
+use crate::report::PhaseResult;
 use crate::shutdown::Shutdown;
 
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
 const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
+
+/// Quarantined: central rejected it (P7); waits for `requeue`.
+const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
+
+/// Readings waiting for upload and readings in quarantine (P7).
+pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
+    let row = local
+        .query_one(
+            "count the queue",
+            &format!(
+                "SELECT count(*) FILTER (WHERE {PENDING}), count(*) FILTER (WHERE {QUARANTINED}) \
+                 FROM meter_readings WHERE NOT is_synchronized"
+            ),
+            &[],
+        )
+        .await?;
+    Ok((
+        cell(&row, 0, "count the queue")?,
+        cell(&row, 1, "count the queue")?,
+    ))
+}
 
 /// Output names differ from the column names on purpose: `ORDER BY "timestamp"`
 /// would otherwise sort by the text column of the select list (SQL resolves ORDER
@@ -214,7 +236,7 @@ struct Ctx<'a> {
 /// is isolated and quarantined (see [`is_row_rejection`] and `verdict.rs`).
 pub async fn drain(
     cfg: &Config,
-    local: &mut Db,
+    local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
 ) -> Result<PhaseResult> {
@@ -370,7 +392,7 @@ async fn count_pending(local: &Db) -> Result<i64> {
 /// Column `i` of `row`, or an error naming `what` instead of a panic.
 fn cell<'a, T: FromSql<'a>>(row: &'a Row, i: usize, what: &str) -> Result<T> {
     row.try_get(i)
-        .map_err(|e| Error::new(Kind::Db, format!("local: {what}: column {i}")).with_source(e))
+        .map_err(|e| Error::new(Kind::Db, format!("local: {what}: column {i}: {e}")))
 }
 
 /// One selection from the queue.
@@ -856,7 +878,7 @@ where
 /// revoked INSERT privilege refuse every reading alike) is decided from the
 /// answers, see `verdict.rs`.
 ///
-/// Narrower on purpose than [`Error::is_data_rejection`], which is "any answer that
+/// Narrower on purpose than "any answer that
 /// is not transient": a missing table or column, or an ON CONFLICT without its
 /// unique key (the rest of class 42) refuse every statement before looking at a
 /// row; they fail the phase at once, and the readings wait for the operator.

@@ -203,6 +203,53 @@ fn p15_a_hung_loop_stops_the_watchdog() {
 /// running, backs off with growing caps while feeding the watchdog, and once
 /// central is back the same process (never restarted) drains the whole queue:
 /// central ends with every reading exactly once.
+/// Regression: a local database that was unreachable once stayed "unreachable in
+/// this cycle" for every later cycle, because the per-cycle list was cleared only
+/// once the lock had been taken.
+#[test]
+fn p13_local_down_at_start_recovers_without_restart() {
+    let _g = support::heavy_lock();
+    let local: &'static Cluster = Box::leak(Box::new(Cluster::start(Role::Local)));
+    let (_, central) = support::shared();
+    let name = format!("p13l_{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    const N: usize = 200;
+    s.insert_readings(N);
+    local.stop();
+    s.set("MAX_CONNECTION_RETRIES", 2);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
+    s.set("SYNC_INTERVAL_SECONDS", 1);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log(
+        "cycle skipped, local database unreachable",
+        Duration::from_secs(20),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            d.log_text()
+                .matches("cycle skipped, local database unreachable")
+                .count()
+                >= 2
+        }),
+        "no second attempt at local:\n{}",
+        d.log_text()
+    );
+    local.restart();
+    let drained = wait_until(Duration::from_secs(30), || {
+        s.central_count("meter_readings") == N as i64
+    });
+    assert!(
+        drained,
+        "the same process never reached local again once it was back:\n{}",
+        d.log_text()
+    );
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(20)), Some(Some(0)));
+}
+
 #[test]
 fn p13_central_down_at_start_recovers_without_restart() {
     let _g = support::heavy_lock();

@@ -58,12 +58,9 @@ impl Connector {
             let found = rustls_native_certs::load_native_certs();
             store.add_parsable_certificates(found.certs);
             if store.is_empty() {
-                return Err(Error::new(
-                    Kind::Config,
-                    format!(
-                        "{}: not set, and no system CA certificates were found to verify the server with",
-                        crate::config::ENV_CLIENT_SSLROOTCERT
-                    ),
+                return Err(Error::config(
+                    crate::config::ENV_CLIENT_SSLROOTCERT,
+                    "not set, and no system CA certificates were found to verify the server with",
                 ));
             }
             Ok(Arc::new(store))

@@ -1,0 +1,52 @@
+//! What each command does once the configuration is valid and logging runs:
+//! the daemon, one cycle, migrations, status, requeue.
+
+use crate::cli::{Command, Requeue};
+use crate::config::{Config, Side};
+use crate::db::Db;
+use crate::error::Result;
+use crate::shutdown::{self, Shutdown};
+use crate::{daemon, migrate, status, upload};
+
+/// Runs `cmd` to its end; the number is the exit status (0, or 1 when a cycle or a
+/// probe failed in a way the command reports that way).
+pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
+    match cmd {
+        Command::Run => {
+            let (trigger, shutdown) = shutdown::channel();
+            tokio::spawn(shutdown::on_signals(trigger));
+            daemon::run(cfg, shutdown).await?;
+            Ok(0)
+        }
+        Command::Once => {
+            let (trigger, shutdown) = shutdown::channel();
+            tokio::spawn(shutdown::on_signals(trigger));
+            daemon::once(cfg, shutdown).await
+        }
+        Command::Migrate(sides) => {
+            for side in sides {
+                let dbcfg = match side {
+                    Side::Local => &cfg.local,
+                    Side::Central => &cfg.central,
+                };
+                let mut db = Db::connect_with_retry(dbcfg, cfg, &Shutdown::never()).await?;
+                let n = migrate::run(&mut db, migrate::for_side(side)).await?;
+                log::info!("{side}: {n} migration(s) applied");
+            }
+            Ok(0)
+        }
+        Command::Status { json } => status::print(cfg, json).await,
+        Command::Requeue(which) => {
+            let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            let ids = match &which {
+                Requeue::All => None,
+                Requeue::Ids(ids) => Some(ids.as_slice()),
+            };
+            let n = upload::requeue(&db, ids).await?;
+            println!("requeued {n} reading(s)");
+            Ok(0)
+        }
+        // Answered before the configuration is even read.
+        Command::CheckConfig | Command::Help | Command::Version => Ok(0),
+    }
+}

@@ -1,0 +1,119 @@
+//! What a cycle did: the phases, each phase's outcome, the cycle's report. Leaf
+//! types that every layer may use (the phases produce them, the daemon, the
+//! metrics file and systemd's STATUS= read them).
+
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Upload,
+    Meters,
+    Tenant,
+}
+
+impl Phase {
+    /// Every phase, in the order a cycle runs them.
+    pub const ALL: [Phase; 3] = [Phase::Upload, Phase::Meters, Phase::Tenant];
+
+    /// The `sync_logs.sync_type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Upload => "upload",
+            Phase::Meters => "meters",
+            Phase::Tenant => "tenant",
+        }
+    }
+
+    /// Its position in [`Phase::ALL`], for per-phase arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The counts a phase reports back when it succeeds.
+pub struct PhaseResult {
+    pub records: u64,
+    /// A human summary of the counts ("uploaded 300 in 3 batches, 0 quarantined").
+    pub summary: String,
+}
+
+/// What one phase did.
+#[derive(Clone, Debug)]
+pub struct PhaseOutcome {
+    pub phase: Phase,
+    pub records: u64,
+    pub duration: Duration,
+    pub error: Option<String>,
+    pub summary: String,
+}
+
+impl PhaseOutcome {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+/// What one cycle did.
+#[derive(Clone, Debug)]
+pub struct CycleReport {
+    pub phases: Vec<PhaseOutcome>,
+    pub duration: Duration,
+}
+
+impl CycleReport {
+    /// Every phase ran (shutdown did not cut the cycle short) and succeeded.
+    pub fn complete_and_ok(&self) -> bool {
+        self.phases.len() == Phase::ALL.len() && self.ok()
+    }
+
+    /// No phase that ran failed.
+    pub fn ok(&self) -> bool {
+        self.phases.iter().all(PhaseOutcome::ok)
+    }
+
+    /// One line for logs and systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .phases
+            .iter()
+            .map(|p| match &p.error {
+                None => format!("{}: {}", p.phase.as_str(), p.summary),
+                Some(_) => format!("{}: FAILED", p.phase.as_str()),
+            })
+            .collect();
+        format!("{} ({} ms)", parts.join("; "), self.duration.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_index_follows_all() {
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(p.index(), i);
+        }
+    }
+
+    #[test]
+    fn a_cycle_cut_short_is_not_complete() {
+        let ok = |phase| PhaseOutcome {
+            phase,
+            records: 0,
+            duration: Duration::ZERO,
+            error: None,
+            summary: String::new(),
+        };
+        let short = CycleReport {
+            phases: vec![ok(Phase::Upload)],
+            duration: Duration::ZERO,
+        };
+        assert!(short.ok() && !short.complete_and_ok());
+        let full = CycleReport {
+            phases: Phase::ALL.into_iter().map(ok).collect(),
+            duration: Duration::ZERO,
+        };
+        assert!(full.complete_and_ok());
+    }
+}
