@@ -1066,3 +1066,65 @@ fn p24_a_broken_meter_among_five_is_quarantined_and_the_rest_arrive() {
     assert!(q.iter().all(|(id, _)| id % 5 == 0));
     assert_eq!(s.central_count("meter_readings"), 160);
 }
+
+/// P25: a legacy local table whose `unit` is nullable, with a NULL in one reading.
+/// Reading it must not panic (the release build aborts on a panic, in every cycle):
+/// the reading is quarantined with a clear sync_error and the rest arrive.
+#[test]
+fn p25_a_null_in_a_legacy_nullable_column_is_quarantined_not_a_crash() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN unit DROP NOT NULL;
+         UPDATE meter_readings SET unit = NULL WHERE id = 42;",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None));
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].0, 42);
+    assert!(q[0].1.contains("reading id 42") && q[0].1.contains("unit is NULL"), "{}", q[0].1);
+    assert_eq!(s.central_count("meter_readings"), 99);
+    assert!(run.stderr.contains("1 quarantined"), "{}", run.stderr);
+}
+
+/// P25: a SQL_ASCII local database (no encoding checks on the way in) holding the
+/// Latin-1 byte of "m³" in one unit. The server refuses to send that row to a
+/// UTF-8 client (SQLSTATE 22021) and so fails the whole SELECT of its batch: the
+/// row is found among the others, quarantined, and the other 99 arrive.
+#[test]
+fn p25_invalid_utf8_in_a_sql_ascii_database_is_isolated_and_quarantined() {
+    let (local, central) = support::shared();
+    let name = format!("ascii_{}", std::process::id());
+    local
+        .admin()
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap();
+    central.create_db(&name);
+    let s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "UPDATE meter_readings SET unit = convert_from('\\x6db3'::bytea, 'SQL_ASCII') WHERE id = 57",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None), "{}", run.stderr);
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{}", run.stderr);
+    assert_eq!(q[0].0, 57);
+    assert!(
+        q[0].1.contains("reading id 57 cannot be read") && q[0].1.contains("22021"),
+        "{}",
+        q[0].1
+    );
+    assert_eq!(s.central_count("meter_readings"), 99);
+    assert_eq!(s.local_count("meter_readings"), 1);
+}
