@@ -14,11 +14,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const LOCAL: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/local/0001_initial.sql"),
-}];
+pub const LOCAL: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/local/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_resend_window.sql",
+        sql: include_str!("../migrations/local/0002_resend_window.sql"),
+    },
+];
 
 pub const REMOTE: &[Migration] = &[Migration {
     version: 1,

@@ -87,6 +87,18 @@ const INSERT: &str = "INSERT INTO meter_readings \
 
 const DELETE: &str = "DELETE FROM meter_readings WHERE id = ANY($1::int8[])";
 
+/// With a resend window (`UPLOAD_RETAIN_HOURS` > 0) an uploaded batch is marked
+/// instead of deleted: the same one statement, after the same central commit.
+const MARK: &str = "UPDATE meter_readings SET is_synchronized = true, synced_at = now() \
+     WHERE id = ANY($1::int8[]) AND NOT is_synchronized";
+
+/// Readings purged per statement once their window is over: small, so that the
+/// collector's inserts never wait long behind the delete.
+const PURGE_BATCH: i64 = 1000;
+/// Purge statements per cycle at most: a backlog of retained readings (the window
+/// was shortened) is worked off over several cycles rather than holding this one.
+const PURGE_ROUNDS: u32 = 20;
+
 const QUARANTINE: &str =
     "UPDATE meter_readings SET sync_error = $2, sync_attempts = sync_attempts + 1 \
      WHERE id = $1::int8 AND sync_error IS NULL";
@@ -120,6 +132,7 @@ struct Statements {
     keys_after: Statement,
     by_ids: Statement,
     delete: Statement,
+    mark: Statement,
     quarantine: Statement,
     insert: Statement,
 }
@@ -154,6 +167,7 @@ impl Statements {
             )
             .await?,
             delete: prep(local, "prepare batch delete", DELETE.into()).await?,
+            mark: prep(local, "prepare batch mark", MARK.into()).await?,
             quarantine: prep(local, "prepare quarantine", QUARANTINE.into()).await?,
             insert: prep(central, "prepare batch insert", INSERT.into()).await?,
         })
@@ -204,6 +218,8 @@ struct Ctx<'a> {
     central: &'a Db,
     st: &'a Statements,
     retries: u32,
+    /// Mark uploaded readings instead of deleting them (the resend window).
+    retain: bool,
     /// Refused single readings, waiting for the drain's decision.
     candidates: Mutex<Vec<Candidate>>,
     /// A batch showed central refusing readings alike: the others stop isolating.
@@ -242,6 +258,7 @@ pub async fn drain(
 ) -> Result<PhaseResult> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
+    purge_retained(local, cfg.upload_retain).await;
     let queued = count_pending(local).await?;
     log::info!("upload: {queued} reading(s) queued");
     if queued == 0 {
@@ -256,6 +273,7 @@ pub async fn drain(
         central,
         st: &st,
         retries: cfg.max_query_retries,
+        retain: !cfg.upload_retain.is_zero(),
         candidates: Mutex::new(Vec::new()),
         central_fault: AtomicBool::new(false),
         isolating: tokio::sync::Mutex::new(()),
@@ -640,7 +658,7 @@ async fn deliver(ctx: &Ctx<'_>, seq: u64, batch: Vec<Reading>) -> (Tally, Result
 }
 
 /// After central committed `rows` (`inserted` of them new there): removes them
-/// from the local queue and counts them.
+/// from the local queue (deleted, or marked for the resend window) and counts them.
 async fn settle(ctx: &Ctx<'_>, rows: &[Reading], inserted: u64, t: &mut Tally) -> Result<()> {
     delete(ctx, rows).await?;
     let n = rows.len() as u64;
@@ -826,13 +844,24 @@ async fn insert(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<u64> {
     .await
 }
 
-/// Deletes exactly `rows` locally: one statement, so one local transaction.
+/// Deletes exactly `rows` locally, or marks them uploaded when there is a resend
+/// window: one statement, so one local transaction.
 async fn delete(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<()> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let what = format!("delete uploaded batch of {}", rows.len());
+    let (what, st) = if ctx.retain {
+        (
+            format!("mark uploaded batch of {}", rows.len()),
+            &ctx.st.mark,
+        )
+    } else {
+        (
+            format!("delete uploaded batch of {}", rows.len()),
+            &ctx.st.delete,
+        )
+    };
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
     let n = run(ctx.local, ctx.retries, &what, || {
-        ctx.local.client().execute(&ctx.st.delete, &params)
+        ctx.local.client().execute(st, &params)
     })
     .await?;
     if n != ids.len() as u64 {
@@ -926,5 +955,60 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
         }
     };
     log::info!("requeue: released {n} quarantined reading(s)");
+    Ok(n)
+}
+
+/// Deletes retained readings whose resend window (`UPLOAD_RETAIN_HOURS`, counted
+/// from the upload) is over, [`PURGE_BATCH`] at a time and at most [`PURGE_ROUNDS`]
+/// statements per cycle. With no window, whatever an earlier window retained goes.
+/// A failure is logged and left for the next cycle: the purge never holds up the
+/// upload.
+async fn purge_retained(local: &Db, window: std::time::Duration) {
+    let secs = window.as_secs_f64();
+    let mut total = 0u64;
+    for _ in 0..PURGE_ROUNDS {
+        let n = match local
+            .execute(
+                "purge retained readings",
+                "DELETE FROM meter_readings WHERE id IN (
+                     SELECT id FROM meter_readings
+                     WHERE is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at < now() - make_interval(secs => $1::float8)
+                     LIMIT $2)",
+                &[&secs, &PURGE_BATCH],
+            )
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("upload: {e}; retained readings are purged in a later cycle");
+                break;
+            }
+        };
+        total += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        log::info!("upload: purged {total} retained reading(s) past the resend window");
+    }
+}
+
+/// `meter-sync resend --since`: queues again the retained readings uploaded at or
+/// after `since` (a timestamp PostgreSQL reads), for a central restored from a
+/// backup older than them. Central ignores the ones it still has (`ON CONFLICT DO
+/// NOTHING` on `reading_uid`), so each arrives once. Returns how many were queued.
+pub async fn resend(local: &Db, since: &str) -> Result<u64> {
+    let n = local
+        .execute(
+            "queue retained readings again",
+            "UPDATE meter_readings SET is_synchronized = false, synced_at = NULL \
+             WHERE is_synchronized AND synced_at IS NOT NULL \
+               AND synced_at >= $1::text::timestamptz",
+            &[&since],
+        )
+        .await?;
+    log::info!("resend: {n} retained reading(s) uploaded since {since} queued again");
     Ok(n)
 }

@@ -1086,7 +1086,11 @@ fn p25_a_null_in_a_legacy_nullable_column_is_quarantined_not_a_crash() {
     let q = quarantined(&mut l);
     assert_eq!(q.len(), 1);
     assert_eq!(q[0].0, 42);
-    assert!(q[0].1.contains("reading id 42") && q[0].1.contains("unit is NULL"), "{}", q[0].1);
+    assert!(
+        q[0].1.contains("reading id 42") && q[0].1.contains("unit is NULL"),
+        "{}",
+        q[0].1
+    );
     assert_eq!(s.central_count("meter_readings"), 99);
     assert!(run.stderr.contains("1 quarantined"), "{}", run.stderr);
 }
@@ -1127,4 +1131,125 @@ fn p25_invalid_utf8_in_a_sql_ascii_database_is_isolated_and_quarantined() {
     );
     assert_eq!(s.central_count("meter_readings"), 99);
     assert_eq!(s.local_count("meter_readings"), 1);
+}
+
+/// The resend window (SPEC §8, UPLOAD_RETAIN_HOURS): uploaded readings are kept,
+/// marked, after the central commit; central is restored from a backup older than
+/// the last upload and has lost those readings; `resend --since` queues the
+/// retained ones again and each arrives exactly once, as written.
+#[test]
+fn resend_brings_back_what_a_restored_central_lost_each_exactly_once() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24);
+    let mut l = s.local();
+    let mut c = s.central();
+    let t0: String = l.query_one("SELECT now()::text", &[]).unwrap().get(0);
+    support::insert_readings(&mut l, 100, 0);
+    s.run(&["once"]).assert_ok();
+    // The backup is taken here; then 200 more readings are uploaded.
+    let backup: String = l
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .unwrap()
+        .get(0);
+    support::insert_readings(&mut l, 200, 1000);
+    let written = rows(&mut l, "");
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 300);
+    assert_eq!(
+        s.local_count("meter_readings WHERE is_synchronized AND synced_at IS NOT NULL"),
+        300,
+        "uploaded readings are retained, not deleted"
+    );
+    assert_eq!(s.local_count("meter_readings WHERE NOT is_synchronized"), 0);
+
+    // Central comes back from the backup: the last 200 are gone.
+    c.execute(
+        "DELETE FROM meter_readings WHERE \"timestamp\" > timestamptz '2026-01-01 00:00:00+00' + interval '900 seconds'",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.central_count("meter_readings"), 100);
+
+    let since = chrono_like(&backup);
+    let rs = s.run(&["resend", "--since", &since]);
+    rs.assert_ok();
+    assert!(rs.stdout.contains("queued 200 retained"), "{}", rs.all());
+    s.run(&["once"]).assert_ok();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading back, as written");
+
+    // Resending everything since before the first upload is harmless.
+    let rs = s.run(&["resend", "--since", &chrono_like(&t0)]);
+    assert!(rs.stdout.contains("queued 300 retained"), "{}", rs.all());
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("300 were already in central"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 300);
+}
+
+/// PostgreSQL's `now()::text` ("2026-12-01 09:30:00.123456+00") in the form an
+/// operator would type (RFC 3339).
+fn chrono_like(pg: &str) -> String {
+    format!("{}:00", pg.replacen(' ', "T", 1))
+}
+
+/// Retained readings are purged once their window (counted from the upload) is
+/// over; with the window back at 0 whatever was retained goes. Readings marked
+/// synchronized by something else (no synced_at) are left alone.
+#[test]
+fn retained_readings_are_purged_after_the_window() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 2);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 50, 0);
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized)
+         VALUES ('legacy', '2020-01-01Z', 1, 'kWh', true)",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 51);
+    // Twenty of them were uploaded three hours ago.
+    l.batch_execute(
+        "UPDATE meter_readings SET synced_at = now() - interval '3 hours'
+         WHERE id IN (SELECT id FROM meter_readings WHERE synced_at IS NOT NULL ORDER BY id LIMIT 20)",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(run.stderr.contains("purged 20 retained"), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 31);
+
+    s.unset("UPLOAD_RETAIN_HOURS");
+    support::insert_readings(&mut l, 10, 500);
+    s.run(&["once"]).assert_ok();
+    let left: Vec<String> = l
+        .query("SELECT meter_id::text FROM meter_readings", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["legacy"]);
+    assert_eq!(s.central_count("meter_readings"), 60);
+}
+
+/// `resend`: a bad timestamp is a usage error (64) in one line naming it; an
+/// unreachable local database exits 1.
+#[test]
+fn resend_refuses_a_bad_timestamp_and_reports_an_unreachable_local() {
+    let mut s = Sandbox::new();
+    let r = s.run(&["resend", "--since", "2026-02-30"]);
+    r.assert_code(64);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("2026-02-30"), "{}", r.stderr);
+    s.run(&["resend"]).assert_code(64);
+    s.set("POSTGRES_SYNC_PORT", support::free_port())
+        .set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["resend", "--since", "2026-11-30T00:00:00Z"])
+        .assert_code(1);
 }
