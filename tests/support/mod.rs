@@ -907,3 +907,58 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     static L: Mutex<()> = Mutex::new(());
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Crashes and restarts, for soak tests (SIGKILL of the postmaster, as the OOM
+/// killer or a power cut of the server process would).
+impl Cluster {
+    /// SIGKILLs the postmaster and waits until it is gone. Its backends notice and
+    /// exit by themselves; nothing is flushed or shut down cleanly.
+    pub fn crash(&self) {
+        let pid_file =
+            std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
+        let Some(pid) = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        wait_until(
+            Duration::from_secs(10),
+            || unsafe { libc::kill(pid, 0) } != 0,
+        );
+    }
+
+    /// Starts the server after a crash: crash recovery runs first; the start is
+    /// retried while the dead server's backends still hold its shared memory.
+    pub fn start_after_crash(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.start_cmd().output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
+                panic!(
+                    "pg_ctl start after a crash failed: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    &log[log.len().saturating_sub(3000)..]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `ALTER SYSTEM SET name = value` and a reload.
+    pub fn set_system(&self, name: &str, value: &str) {
+        let mut c = self.admin();
+        // Two round trips: ALTER SYSTEM refuses to run inside a multi-statement batch.
+        c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
+            .unwrap();
+        c.batch_execute("SELECT pg_reload_conf()").unwrap();
+    }
+}
