@@ -98,6 +98,17 @@ impl Connections {
         self.unreachable.clear();
     }
 
+    /// The central connection for what follows the phases (the heartbeat), opened
+    /// if needed; a central already found unreachable in this cycle is not tried
+    /// again.
+    pub async fn central(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<&Db> {
+        self.ensure_central(cfg, shutdown).await?;
+        Ok(self
+            .central
+            .as_ref()
+            .expect("central connection was just ensured"))
+    }
+
     /// Forgets a connection that failed so the next use reconnects.
     pub fn drop_if_lost(&mut self, err: &Error) {
         if err.is_connection_lost() {
@@ -139,7 +150,15 @@ pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> 
         let duration = t.elapsed();
         let outcome = match result {
             Ok(r) => {
-                log::info!(
+                // A phase that did nothing is in the cycle's result line only (P14:
+                // an idle cycle logs its start and its result, two info lines).
+                let level = if r.records > 0 {
+                    log::Level::Info
+                } else {
+                    log::Level::Debug
+                };
+                log::log!(
+                    level,
                     "{}: {} ({} ms)",
                     phase.as_str(),
                     r.summary,
@@ -199,8 +218,8 @@ async fn run_phase(
     };
     match phase {
         Phase::Upload => crate::upload::drain(cfg, local, central, shutdown).await,
-        Phase::Meters => crate::download::sync_meters(local, central).await,
-        Phase::Tenant => crate::download::sync_tenants(local, central).await,
+        Phase::Meters => crate::download::sync_meters(cfg, local, central).await,
+        Phase::Tenant => crate::download::sync_tenants(cfg, local, central).await,
     }
 }
 

@@ -7,9 +7,11 @@ use std::time::Duration;
 use crate::config::Config;
 use crate::cycle::{self, Connections, NoLocal};
 use crate::error::{Error, Result};
+use crate::heartbeat::{Beat, Heartbeat};
 use crate::lock::LockHolder;
 use crate::metrics::Metrics;
 use crate::report::CycleReport;
+use crate::retention::Schedule;
 use crate::shutdown::Shutdown;
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
@@ -44,8 +46,14 @@ async fn grace_expired(shutdown: &Shutdown, grace: Duration) {
 /// Takes the lock (unless this process already holds it), logs the queue, and runs
 /// one cycle bounded by the shutdown grace. Shutdown during the steps before the
 /// cycle ends the turn at once: no batch is in flight there.
-async fn turn(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> Turn {
+async fn turn(
+    cfg: &Config,
+    conns: &mut Connections,
+    shutdown: &Shutdown,
+    heartbeat: &mut Heartbeat,
+) -> Turn {
     conns.begin_cycle();
+    heartbeat.cycle_started();
     tokio::select! {
         ready = prepare(cfg, conns, shutdown) => {
             if let Err(t) = ready {
@@ -89,19 +97,72 @@ async fn prepare(
     Ok(())
 }
 
-/// After a cycle: count the queue again for the metrics file and write it. Skipped
-/// queries once shutdown is requested keep the stop within its bound.
-async fn report_metrics(cfg: &Config, conns: &Connections, shutdown: &Shutdown, m: &mut Metrics) {
+/// After a turn: count the queue again (for the heartbeat and the metrics file),
+/// send the heartbeat, write the metrics file. Skipped queries and the skipped
+/// heartbeat once shutdown is requested keep the stop within its bound.
+async fn after_turn(
+    cfg: &Config,
+    conns: &mut Connections,
+    shutdown: &Shutdown,
+    turn: &Turn,
+    heartbeat: &mut Heartbeat,
+    m: &mut Metrics,
+) {
+    if shutdown.is_requested() {
+        write_metrics(cfg, m);
+        return;
+    }
+    let queue = match conns.local() {
+        Some(local) => match crate::heartbeat::queue_state(local).await {
+            Ok(q) => Some(q),
+            Err(e) => {
+                log::debug!("queue after the cycle unknown: {e}");
+                conns.drop_if_lost(&e);
+                None
+            }
+        },
+        None => None,
+    };
+    m.set_queue(queue.map(|q| (q.pending, q.quarantined)));
+    m.set_oldest_pending(queue.map(|q| (q.oldest_pending_at, q.oldest_pending_age)));
+    let beat = match turn {
+        Turn::Ran(report) => Some(Beat::of_report(report, queue)),
+        Turn::LocalDown(e) => Some(Beat::not_started(&format!(
+            "local database unreachable: {e}"
+        ))),
+        // Another daemon cycles this gateway and sends its heartbeat.
+        Turn::Busy(_) | Turn::Abandoned => None,
+    };
+    if let Some(beat) = beat {
+        send_heartbeat(cfg, conns, shutdown, heartbeat, &beat).await;
+    }
+    write_metrics(cfg, m);
+}
+
+/// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.
+async fn send_heartbeat(
+    cfg: &Config,
+    conns: &mut Connections,
+    shutdown: &Shutdown,
+    heartbeat: &mut Heartbeat,
+    beat: &Beat,
+) {
+    let sent = match conns.central(cfg, shutdown).await {
+        Ok(central) => heartbeat.send(central, beat).await,
+        Err(e) => {
+            log::debug!("heartbeat not sent: {e}");
+            return;
+        }
+    };
+    if let Err(e) = sent {
+        conns.drop_if_lost(&e);
+    }
+}
+
+fn write_metrics(cfg: &Config, m: &Metrics) {
     let Some(path) = &cfg.metrics_textfile else {
         return;
     };
-    if !shutdown.is_requested() {
-        let queue = match conns.local() {
-            Some(local) => crate::upload::queue_counts(local).await.ok(),
-            None => None,
-        };
-        m.set_queue(queue);
-    }
     if let Err(e) = m.write(path) {
         log::warn!("{e}");
     }
@@ -123,17 +184,22 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
     );
     let mut conns = Connections::default();
     let mut metrics = Metrics::default();
+    let mut heartbeat = Heartbeat::new(cfg.gateway_id.clone(), &cfg.central);
+    let mut retention = Schedule::default();
     let mut was_busy = false;
     loop {
-        match turn(cfg, &mut conns, &shutdown).await {
+        let turn = turn(cfg, &mut conns, &shutdown, &mut heartbeat).await;
+        match &turn {
             Turn::Ran(report) => {
                 was_busy = false;
                 let verdict = if report.ok() { "ok" } else { "with errors" };
                 crate::notify::status(&format!("last cycle {verdict}: {}", report.summary()));
-                metrics.record_cycle(&report);
+                metrics.record_cycle(report);
             }
             Turn::Busy(holder) => {
-                let who = holder.map_or_else(|| "another session".into(), |h| h.describe());
+                let who = holder
+                    .as_ref()
+                    .map_or_else(|| "another session".into(), |h| h.describe());
                 let msg = format!(
                     "another meter-sync ({who}) holds the cycle lock on this local database; \
                      skipping this cycle and trying again in {} s",
@@ -157,7 +223,20 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
             }
             Turn::Abandoned => log::info!("cycle abandoned for shutdown"),
         }
-        report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
+        after_turn(
+            cfg,
+            &mut conns,
+            &shutdown,
+            &turn,
+            &mut heartbeat,
+            &mut metrics,
+        )
+        .await;
+        // After STATUS=, the metrics and the heartbeat: housekeeping never delays
+        // the report.
+        if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
+            retention.maybe_prune(cfg, local, &shutdown).await;
+        }
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
@@ -173,26 +252,41 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
 pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
     let mut conns = Connections::default();
     let mut metrics = Metrics::default();
-    let code = match turn(cfg, &mut conns, &shutdown).await {
-        Turn::Ran(report) => {
-            metrics.record_cycle(&report);
-            u8::from(!report.complete_and_ok())
-        }
+    let mut heartbeat = Heartbeat::new(cfg.gateway_id.clone(), &cfg.central);
+    let turn = turn(cfg, &mut conns, &shutdown, &mut heartbeat).await;
+    match &turn {
+        Turn::Ran(report) => metrics.record_cycle(report),
         Turn::Busy(holder) => {
-            let who = holder.map_or_else(|| "another session".into(), |h| h.describe());
+            let who = holder
+                .as_ref()
+                .map_or_else(|| "another session".into(), |h| h.describe());
             let msg = format!(
                 "another meter-sync ({who}) is running on this local database; not starting a second cycle"
             );
             log::error!("{msg}");
-            eprintln!("meter-sync: {msg}");
+            crate::logging::repeat_error(&msg);
             return Ok(1);
         }
-        Turn::LocalDown(e) => return Err(e),
-        Turn::Abandoned => 1,
-    };
-    report_metrics(cfg, &conns, &shutdown, &mut metrics).await;
+        Turn::LocalDown(_) | Turn::Abandoned => {}
+    }
+    after_turn(
+        cfg,
+        &mut conns,
+        &shutdown,
+        &turn,
+        &mut heartbeat,
+        &mut metrics,
+    )
+    .await;
+    if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
+        Schedule::default().maybe_prune(cfg, local, &shutdown).await;
+    }
     conns.close();
-    Ok(code)
+    match turn {
+        Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),
+        Turn::LocalDown(e) => Err(e),
+        Turn::Busy(_) | Turn::Abandoned => Ok(1),
+    }
 }
 
 #[cfg(test)]

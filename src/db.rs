@@ -6,8 +6,8 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, Row, Transaction};
 
 use crate::config::{Config, DbConfig, Side};
 use crate::error::{Error, Kind, Result};
@@ -22,7 +22,34 @@ pub struct Db {
     client: Client,
     side: Side,
     timeout: Duration,
+    /// `SET LOCAL …` for every central transaction (empty for local, whose session
+    /// carries its settings from the startup packet).
+    settings: String,
     driver: tokio::task::JoinHandle<()>,
+}
+
+/// What every central transaction sets for itself, since under PgBouncer's
+/// transaction pooling nothing set on a session survives its transaction:
+///
+/// - `TimeZone` and `DateStyle`, so that any timestamp central prints is exact
+///   UTC ISO text whatever the server's or PgBouncer's defaults;
+/// - `statement_timeout` a little under ours (see [`statement_timeout`]);
+/// - `idle_in_transaction_session_timeout`, so that a transaction whose client
+///   died releases its locks (PgBouncer also ends it when the client goes);
+/// - `synchronous_commit = on`: our commit is acknowledged only once central has
+///   flushed it to its WAL and, if central names synchronous standbys
+///   (`synchronous_standby_names`), once they have flushed it too; whatever the
+///   role's or database's default (an operator's `off` would make an acknowledged
+///   batch, already deleted on the gateway, vanish in a crash). `remote_apply`
+///   would add nothing to durability, only wait for replay on the standby.
+fn central_settings(cfg: &Config) -> String {
+    format!(
+        "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+         SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
+         SET LOCAL synchronous_commit = on",
+        statement_timeout(cfg).as_millis(),
+        idle_timeout(cfg).as_millis()
+    )
 }
 
 impl Drop for Db {
@@ -33,8 +60,14 @@ impl Drop for Db {
     }
 }
 
-/// The tokio-postgres configuration for one database: timeouts, keepalive, and a
-/// session in UTC with ISO dates so that timestamps travel as exact text.
+/// The tokio-postgres configuration for one database: timeouts, keepalive, and for
+/// the local database a session in UTC with ISO dates so that timestamps travel as
+/// exact text.
+///
+/// Central gets no startup `options` at all: PgBouncer refuses the parameter
+/// (`unsupported startup parameter: options`), and under transaction pooling a
+/// session setting would not follow us to the next server connection anyway. What
+/// central needs is set per transaction instead (see [`central_settings`]).
 fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
     // tokio-postgres pairs the n-th host with the n-th port, as libpq does.
@@ -50,16 +83,29 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
         .user(&db.user)
         .application_name("meter-sync")
         .connect_timeout(cfg.connect_timeout)
-        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode));
+        .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode))
+        .channel_binding(crate::tls::pg_channel_binding(db.channel_binding));
     if !db.password.is_empty() {
         c.password(db.password.expose());
     }
-    // A server that outlives us in an open transaction (we were killed, the link
-    // died) releases its locks after this long instead of holding them forever.
-    let idle_ms = (cfg.query_timeout.as_millis() * 2).max(10_000);
-    c.options(format!(
-        "-c TimeZone=UTC -c DateStyle=ISO -c idle_in_transaction_session_timeout={idle_ms}"
-    ));
+    match db.side {
+        Side::Local => {
+            // The local session is ours for its whole life (the cycle lock is a
+            // session lock), so its settings go into the startup packet.
+            c.options(format!(
+                "-c TimeZone=UTC -c DateStyle=ISO -c idle_in_transaction_session_timeout={} \
+                 -c statement_timeout={}",
+                idle_timeout(cfg).as_millis(),
+                statement_timeout(cfg).as_millis()
+            ));
+        }
+        Side::Central => {
+            // With several hosts listed, the first that accepts writes: a standby
+            // (or a primary demoted by a failover) is skipped, as libpq does with
+            // target_session_attrs=read-write.
+            c.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
+    }
     if !db.is_unix_socket() {
         // Keepalive finds a dead peer while we wait on it without a query in
         // flight; the user timeout bounds unacknowledged writes on a blackholed link.
@@ -73,6 +119,24 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
     c
 }
 
+/// A server that outlives us in an open transaction (we were killed, the link
+/// died) releases its locks after this long instead of holding them forever.
+fn idle_timeout(cfg: &Config) -> Duration {
+    (cfg.query_timeout * 2).max(Duration::from_secs(10))
+}
+
+/// A little under `DB_QUERY_TIMEOUT_MS`: when we give up waiting on a statement,
+/// the server has already cancelled it (or is about to), so a backend whose client
+/// left does not go on running it (and, locally, holding the cycle lock) for as
+/// long as the statement would have taken. Streams that legitimately last longer
+/// (download's COPY, migrations) lift it with `SET LOCAL statement_timeout = 0`;
+/// their every wait is bounded on our side instead.
+pub fn statement_timeout(cfg: &Config) -> Duration {
+    let q = cfg.query_timeout;
+    q.saturating_sub((q / 10).max(Duration::from_millis(100)))
+        .max(q / 2)
+}
+
 impl Db {
     /// One connection attempt, bounded by `DB_CONNECTION_TIMEOUT_MS` (TCP connect
     /// and the TLS and startup handshakes together).
@@ -82,7 +146,7 @@ impl Db {
         let what = format!("connect to {}", db.describe());
         let (client, connection) = match crate::notify::while_bounded(tokio::time::timeout(
             cfg.connect_timeout,
-            pc.connect(tls),
+            crate::tls::connect(db, pc, tls),
         ))
         .await
         {
@@ -110,6 +174,10 @@ impl Db {
             client,
             side,
             timeout: cfg.query_timeout,
+            settings: match side {
+                Side::Local => String::new(),
+                Side::Central => central_settings(cfg),
+            },
             driver,
         })
     }
@@ -191,12 +259,34 @@ impl Db {
         timed(self.side, self.timeout, what, fut).await
     }
 
+    /// A statement with a parameter list goes through tokio-postgres's named
+    /// prepared statements (`s0`, `s1`, … per process): three messages with a Sync
+    /// each, which under transaction pooling land on different server connections
+    /// (`prepared statement "s35" does not exist`). On central, use the `_typed`
+    /// methods (the unnamed statement) instead; this refuses loudly rather than
+    /// failing one phase in twenty behind PgBouncer.
+    fn named_statements_allowed(&self, what: &str, params: usize) -> Result<()> {
+        if self.side == Side::Central && params > 0 {
+            return Err(Error::new(
+                crate::error::Kind::Other,
+                format!("{what}: internal error: a named prepared statement on central (use query_typed)"),
+            )
+            .with_side(self.side));
+        }
+        Ok(())
+    }
+
+    /// A query; on central it must be without parameters (see the `_typed` methods).
     pub async fn query(
         &self,
         what: &str,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>> {
+        self.named_statements_allowed(what, params.len())?;
+        if self.side == Side::Central {
+            return self.query_typed(what, sql, &[]).await;
+        }
         self.timed(what, self.client.query(sql, params)).await
     }
 
@@ -206,6 +296,12 @@ impl Db {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Row> {
+        self.named_statements_allowed(what, params.len())?;
+        if self.side == Side::Central {
+            return self
+                .timed(what, self.client.query_typed_one(sql, &[]))
+                .await;
+        }
         self.timed(what, self.client.query_one(sql, params)).await
     }
 
@@ -215,11 +311,112 @@ impl Db {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
+        self.named_statements_allowed(what, params.len())?;
+        if self.side == Side::Central {
+            return self.execute_typed(what, sql, &[]).await;
+        }
         self.timed(what, self.client.execute(sql, params)).await
     }
 
+    /// A query on the unnamed statement: parse, bind, execute in one message
+    /// sequence with one Sync, so it works through PgBouncer in transaction mode.
+    /// The parameters carry their types; result columns must be built-in types (a
+    /// custom type would make tokio-postgres look it up with a named statement).
+    pub async fn query_typed(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<Row>> {
+        self.timed(what, self.client.query_typed(sql, params)).await
+    }
+
+    /// As [`Db::query_typed`], for a statement whose rows are not wanted.
+    pub async fn execute_typed(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64> {
+        self.timed(what, self.client.execute_typed(sql, params))
+            .await
+    }
+
+    /// Simple-protocol statements (no parameters, no prepared statement).
     pub async fn batch(&self, what: &str, sql: &str) -> Result<()> {
         self.timed(what, self.client.batch_execute(sql)).await
+    }
+
+    /// Opens a REPEATABLE READ READ ONLY transaction with this side's
+    /// per-transaction settings (see [`central_settings`]): one snapshot for every
+    /// statement in it (the download's probe, its watermark and its COPY), and the
+    /// statement timeout lifted, because a COPY stream over a slow uplink may
+    /// outlast it while every wait for it is bounded on our side. Dropped without
+    /// commit, it rolls back. Inside it, named prepared statements are safe even
+    /// behind PgBouncer (the server connection is ours until the transaction ends,
+    /// and tokio-postgres closes each statement when it is dropped), so COPY works.
+    pub async fn begin_snapshot(&mut self, what: &str) -> Result<Transaction<'_>> {
+        let (side, limit) = (self.side, self.timeout);
+        let settings = [self.settings.as_str(), "SET LOCAL statement_timeout = 0"]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("; ");
+        let tx = timed(
+            side,
+            limit,
+            what,
+            self.client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )
+        .await?;
+        timed(side, limit, what, tx.batch_execute(&settings)).await?;
+        Ok(tx)
+    }
+
+    /// One statement in its own transaction with this side's settings, as one
+    /// pipelined exchange: `BEGIN; SET LOCAL …`, the statement (unnamed), `COMMIT`.
+    /// Returns the rows it affected once the commit is acknowledged.
+    ///
+    /// The requests are sent back to back without waiting in between, so this
+    /// costs one round trip, and several of these may be in flight on one
+    /// connection at once (upload's pipeline) without their messages interleaving:
+    /// `join3` polls its futures in order, and each sends its request on its first
+    /// poll before it first waits (true of `batch_execute` and `execute_typed`; not
+    /// of `execute` with a `&str`, which prepares first).
+    ///
+    /// The statement timeout does not cover the commit's wait for synchronous
+    /// standbys (PostgreSQL disarms it before committing; a cancel there would
+    /// report the commit as done with only a WARNING). A commit that cannot reach
+    /// a standby waits until our query timeout gives up on the connection: nothing
+    /// is deleted locally, and the batch is sent again later (a no-op for rows
+    /// central has). The durability test in tests/central.rs holds both.
+    pub async fn execute_in_transaction(
+        &self,
+        what: &str,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<u64> {
+        let begin = format!("BEGIN; {}", self.settings);
+        let exchange = async {
+            let (b, n, c) = futures_util::future::join3(
+                self.client.batch_execute(&begin),
+                self.client.execute_typed(sql, params),
+                // After a failed statement the server answers COMMIT with
+                // ROLLBACK (no error): the statement's own error is reported.
+                self.client.batch_execute("COMMIT"),
+            )
+            .await;
+            b?;
+            let n = n?;
+            c?;
+            Ok(n)
+        };
+        self.timed(what, exchange).await
     }
 
     /// Runs `op` again when it fails transiently on a connection that is still open
@@ -287,6 +484,68 @@ pub fn jitter(cap: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn two_central_hosts() -> Config {
+        Config::from_vars(
+            [
+                ("POSTGRES_SYNC_HOST", "127.0.0.1"),
+                (
+                    "POSTGRES_CLIENT_HOST",
+                    "central-a.example,central-b.example",
+                ),
+                ("POSTGRES_CLIENT_PORT", "6432,6433"),
+                ("DB_QUERY_TIMEOUT_MS", "30000"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap()
+    }
+
+    /// PgBouncer refuses startup `options` (P22); the local session keeps them.
+    #[test]
+    fn central_gets_no_startup_options_and_asks_for_a_writable_host() {
+        let cfg = two_central_hosts();
+        let c = pg_config(&cfg.central, &cfg);
+        assert_eq!(c.get_options(), None);
+        assert_eq!(
+            c.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(c.get_hosts().len(), 2);
+        assert_eq!(c.get_ports(), &[6432, 6433]);
+        let l = pg_config(&cfg.local, &cfg);
+        let opts = l.get_options().unwrap();
+        assert!(opts.contains("TimeZone=UTC") && opts.contains("statement_timeout=27000"));
+    }
+
+    #[test]
+    fn every_central_transaction_sets_what_it_needs() {
+        let s = central_settings(&two_central_hosts());
+        for want in [
+            "SET LOCAL TimeZone = 'UTC'",
+            "SET LOCAL DateStyle = 'ISO'",
+            "SET LOCAL statement_timeout = 27000",
+            "SET LOCAL idle_in_transaction_session_timeout = 60000",
+            "SET LOCAL synchronous_commit = on",
+        ] {
+            assert!(s.contains(want), "{want} missing from {s}");
+        }
+    }
+
+    #[test]
+    fn the_statement_timeout_is_a_little_under_the_query_timeout() {
+        let mut cfg = two_central_hosts();
+        for (q, st) in [
+            (30_000, 27_000),
+            (1000, 900),
+            (500, 400),
+            (150, 75),
+            (100, 50),
+        ] {
+            cfg.query_timeout = Duration::from_millis(q);
+            assert_eq!(statement_timeout(&cfg), Duration::from_millis(st), "{q}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

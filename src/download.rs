@@ -1,31 +1,88 @@
 //! Download: bring the local `meters` and `tenant` tables in line with central,
-//! logging what is new and which fields changed.
+//! logging what is new and which fields changed, moving only what changed.
 //!
-//! Each table is one pass, without a round trip per row and without holding the
+//! # Changes only
+//!
+//! Central stamps every inserted or updated row with the id of the writing
+//! transaction (`change_xid`, remote migration 0002, set by a trigger). After each
+//! download the gateway stores a watermark locally (`download_watermark`, local
+//! migration 0004): the **xmin of the central snapshot the download read** (the
+//! oldest transaction still running when it was taken). The next cycle asks only
+//! for rows with `change_xid >= watermark`:
+//!
+//! - Every transaction whose changes the snapshot did not see was either running
+//!   then (its id is at least xmin, by definition of xmin) or started later (its
+//!   id is at least the snapshot's xmax, which is at least xmin). So it is found next time however the commits
+//!   were ordered: T1 opens and changes A, T2 changes B and commits, a download
+//!   takes B (its snapshot's xmin is at most T1's id, T1 still running), T1 commits,
+//!   the next download takes A. A watermark that is the largest stamp seen (or a
+//!   timestamp or sequence value taken inside the writer) would have moved past
+//!   T1's stamp with B and lost A for good.
+//! - A delete and a re-insert of the same key in one transaction leave a row
+//!   stamped by that transaction: it arrives as an update of the changed fields.
+//! - Rows seen before may come again (the watermark is conservative); the diff
+//!   below finds them equal and writes nothing, as it does for a jsonb that
+//!   differs only in key order or spacing.
+//! - Deletes leave no row to stamp: rows gone from central are found, and kept with
+//!   a warning, by the full reconciliation.
+//!
+//! An idle cycle is one autocommit statement on central per table: the count of
+//! rows past the watermark, an index probe on `change_xid`. Only when it is not
+//! zero does a download open a REPEATABLE READ transaction, probe again and copy
+//! those rows, all in one snapshot, and store that snapshot's xmin.
+//!
+//! # Full reconciliation
+//!
+//! The first download of every process, a table without a watermark (or one
+//! recorded for another central database, or one ahead of central's transaction
+//! counter, as after a restore), and then every `DOWNLOAD_FULL_EVERY_SECONDS`, the
+//! whole table is copied and compared: the safety net for anything the stamps
+//! cannot see (a row changed with the trigger disabled, a local row edited by
+//! hand, rows deleted centrally). A central without migration 0002 gets a full
+//! download every cycle and one warning.
+//!
+//! # One download
+//!
+//! Each download is one pass, without a round trip per row and without holding the
 //! table in the daemon's memory:
 //!
-//! 1. central `COPY (SELECT …) TO STDOUT (FORMAT binary)` is piped, chunk by chunk,
-//!    into local `COPY tmp_… FROM STDIN` inside one local transaction;
+//! 1. on central, in one REPEATABLE READ READ ONLY transaction, a probe says how
+//!    many rows and bytes are coming (over `DOWNLOAD_MAX_ROWS` or
+//!    `DOWNLOAD_MAX_BYTES`, or a single row over [`MAX_ROW_BYTES`], the table fails
+//!    here, before a row is sent); then `COPY (SELECT …) TO STDOUT (FORMAT binary)`
+//!    is piped, chunk by chunk, into local `COPY pg_temp.tmp_… FROM STDIN` inside
+//!    one local transaction;
 //! 2. one statement then compares the staged rows with the local table column by
 //!    column (`IS DISTINCT FROM`, so jsonb compares by value), inserts the new rows,
 //!    updates only the rows that differ, and returns what it did;
-//! 3. commit. A failure anywhere rolls the whole table back.
+//! 3. the watermark is written in that same local transaction, and it commits. A
+//!    failure anywhere rolls the whole table back.
 //!
 //! Rows that exist locally but no longer centrally are kept (the collector may
 //! still write readings for them) and reported as a warning.
+//!
+//! Every wait feeds the systemd watchdog (P15): the stream pings per chunk, the
+//! local apply while its statement runs and per row it reports.
+
+mod table;
+mod watermark;
 
 use std::pin::pin;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CopyOutStream, Transaction};
 
-use crate::config::Side;
+use crate::config::{Config, Side};
 use crate::db::{timed, Db};
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
+
+use table::{Rows, Table, METERS, TENANTS};
+use watermark::{Local, Probe};
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
 /// summarised in one line, so that the first sync of a large fleet does not flood
@@ -35,155 +92,298 @@ pub const MAX_DETAIL_LINES: usize = 1000;
 /// At most this many ids are named in the warning about rows missing centrally.
 pub const MAX_MISSING_IDS: usize = 20;
 
-/// One downloaded table: its key and the columns compared and copied (the key
-/// excluded), each with the type it is staged as. Central values are cast to these
-/// types so that the binary COPY format matches whatever central declared
-/// (`text` and `varchar` alike).
-struct Table {
-    table: &'static str,
-    key: &'static str,
-    /// "meter", "tenant": for log lines about one row.
-    noun: &'static str,
-    /// "meters", "tenants": for log lines about the table.
-    plural: &'static str,
-    columns: &'static [(&'static str, &'static str)],
+/// No single central row larger than this is ever sent (the driver holds one row,
+/// one COPY message, in memory at a time): a table with such a row fails before
+/// its download starts. Far above any real meter configuration.
+pub const MAX_ROW_BYTES: u64 = 16 * 1024 * 1024;
+
+/// SQLSTATEs of a central that predates change tracking: no `change_xid` column
+/// (42703), or a server without `pg_current_snapshot()` (42883, before PostgreSQL 13).
+const UNDEFINED_COLUMN: &str = "42703";
+const UNDEFINED_FUNCTION: &str = "42883";
+
+/// The download's bounds and schedule, from the configuration.
+#[derive(Clone, Copy, Debug)]
+struct Settings {
+    /// `DOWNLOAD_FULL_EVERY_SECONDS`.
+    full_every: Duration,
+    /// `DOWNLOAD_MAX_ROWS`: per table and download.
+    max_rows: u64,
+    /// `DOWNLOAD_MAX_BYTES`: per table and download.
+    max_bytes: u64,
 }
 
-const METERS: Table = Table {
-    table: "meters",
-    key: "meter_id",
-    noun: "meter",
-    plural: "meters",
-    columns: &[
-        ("name", "text"),
-        ("location_id", "text"),
-        ("meter_type", "text"),
-        ("unit", "text"),
-        ("configuration", "jsonb"),
-        ("updated_at", "timestamptz"),
-    ],
-};
-
-const TENANTS: Table = Table {
-    table: "tenant",
-    key: "tenant_id",
-    noun: "tenant",
-    plural: "tenants",
-    columns: &[
-        ("name", "text"),
-        ("configuration", "jsonb"),
-        ("metadata", "jsonb"),
-        ("updated_at", "timestamptz"),
-    ],
-};
+impl Settings {
+    fn of(cfg: &Config) -> Settings {
+        Settings {
+            full_every: cfg.download_full_every,
+            max_rows: cfg.download_max_rows,
+            max_bytes: cfg.download_max_bytes,
+        }
+    }
+}
 
 /// Downloads central `meters` into local `meters` (P8).
-pub async fn sync_meters(local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
-    sync(&METERS, local, central).await
+pub async fn sync_meters(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
+    sync(&METERS, &Settings::of(cfg), local, central).await
 }
 
 /// Downloads central `tenant` into local `tenant` (P9).
-pub async fn sync_tenants(local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
-    sync(&TENANTS, local, central).await
+pub async fn sync_tenants(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
+    sync(&TENANTS, &Settings::of(cfg), local, central).await
 }
 
-impl Table {
-    fn staging(&self) -> String {
-        format!("tmp_{}", self.table)
-    }
+/// What this cycle's download of a table will be.
+enum Plan {
+    /// Only rows changed since the saved watermark.
+    Changes(watermark::Saved),
+    /// The whole table; `remember`: a watermark can be stored locally.
+    Full { reason: String, remember: bool },
+}
 
-    fn all_columns(&self) -> impl Iterator<Item = &'static str> + '_ {
-        std::iter::once(self.key).chain(self.columns.iter().map(|c| c.0))
+fn plan(t: &Table, s: &Settings, local: Local) -> Plan {
+    let full = |reason: &str, remember: bool| Plan::Full {
+        reason: reason.to_string(),
+        remember,
+    };
+    match local {
+        Local::NoTable => full("no local download_watermark table", false),
+        Local::None => full("no watermark yet", true),
+        Local::Saved(_) if !t.reconciled.load(Ordering::Relaxed) => {
+            full("first download since start", true)
+        }
+        Local::Saved(sv) if sv.full_due => Plan::Full {
+            reason: format!("the last one is {} s old", s.full_every.as_secs()),
+            remember: true,
+        },
+        Local::Saved(sv) => Plan::Changes(sv),
     }
+}
 
-    fn column_list(&self, prefix: &str) -> String {
-        self.all_columns()
-            .map(|c| format!("{prefix}{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+/// A central that predates change tracking.
+fn is_untracked(e: &Error) -> bool {
+    matches!(e.code(), Some(UNDEFINED_COLUMN | UNDEFINED_FUNCTION))
+}
+
+fn warn_untracked(t: &Table) {
+    if !t.warned_untracked.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "central: {} has no change tracking (remote migration 0002_change_tracking.sql \
+             not applied: run `meter-sync migrate remote`); downloading it whole every cycle",
+            t.table
+        );
     }
+}
 
-    /// Central's rows, cast to the staging types.
-    fn copy_out_sql(&self) -> String {
-        let cols = std::iter::once(format!("{}::text", self.key))
-            .chain(self.columns.iter().map(|(c, t)| format!("{c}::{t}")))
-            .collect::<Vec<_>>()
-            .join(", ");
+async fn sync(
+    t: &Table,
+    s: &Settings,
+    local: &mut LockedLocal,
+    central: &mut Db,
+) -> Result<PhaseResult> {
+    let start = Instant::now();
+    let saved = watermark::load(local, t.table, s.full_every).await?;
+    let (rows, remember) = match plan(t, s, saved) {
+        Plan::Full { reason, remember } => {
+            log::info!("{}: full reconciliation ({reason})", t.table);
+            (Rows::All, remember)
+        }
+        Plan::Changes(sv) => {
+            let sql = t.probe_sql(Rows::ChangedSince(sv.watermark), true);
+            let what = format!("look for changed {}", t.plural);
+            match Probe::autocommit(central, &what, &sql).await {
+                Ok(p) if p.central_db != sv.central_db => {
+                    log::info!(
+                        "{}: full reconciliation (the watermark is for central database {:?}, this is {:?})",
+                        t.table,
+                        sv.central_db,
+                        p.central_db
+                    );
+                    (Rows::All, true)
+                }
+                Ok(p) if p.xmax.is_some_and(|x| x < sv.watermark) => {
+                    log::warn!(
+                        "{}: full reconciliation (central's transaction counter {} is behind this \
+                         gateway's watermark {}: a restored or replaced central?)",
+                        t.table,
+                        p.xmax.unwrap_or(0),
+                        sv.watermark
+                    );
+                    (Rows::All, true)
+                }
+                Ok(p) if p.rows == 0 => {
+                    // Nothing to fetch, nothing to write: the watermark stays where
+                    // it is (still correct, only more conservative).
+                    log::debug!(
+                        "{}: no rows past watermark {} ({} ms)",
+                        t.table,
+                        sv.watermark,
+                        start.elapsed().as_millis()
+                    );
+                    return Ok(PhaseResult {
+                        records: 0,
+                        summary: "up to date (no changes centrally)".into(),
+                    });
+                }
+                Ok(_) => (Rows::ChangedSince(sv.watermark), true),
+                Err(e) if is_untracked(&e) => {
+                    warn_untracked(t);
+                    (Rows::All, false)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    download(t, s, rows, remember, local, central, start).await
+}
+
+/// The download's view of central: a REPEATABLE READ READ ONLY transaction and
+/// the probe taken in its snapshot. `tracked` false: a probe without the snapshot
+/// functions, for a server that lacks them.
+async fn open_central<'a>(
+    t: &Table,
+    central: &'a mut Db,
+    rows: Rows,
+    tracked: bool,
+) -> Result<(Transaction<'a>, Probe)> {
+    let limit = central.timeout();
+    let tx = central.begin_snapshot("begin").await?;
+    let what = format!("probe {}", t.table);
+    let probe = Probe::in_tx(&tx, limit, &what, &t.probe_sql(rows, tracked)).await?;
+    Ok((tx, probe))
+}
+
+/// A table over one of its bounds: one line naming the table and the limit.
+fn over_bound(t: &Table, s: &Settings, p: &Probe) -> Option<Error> {
+    let msg = if p.rows > s.max_rows {
         format!(
-            "COPY (SELECT {cols} FROM {}) TO STDOUT (FORMAT binary)",
-            self.table
+            "{}: {} rows to download, more than DOWNLOAD_MAX_ROWS ({})",
+            t.table, p.rows, s.max_rows
         )
+    } else if p.bytes > s.max_bytes {
+        format!(
+            "{}: {} bytes to download, more than DOWNLOAD_MAX_BYTES ({})",
+            t.table, p.bytes, s.max_bytes
+        )
+    } else if p.largest > MAX_ROW_BYTES {
+        format!(
+            "{}: a row of {} bytes, more than the {MAX_ROW_BYTES} bytes one row may have",
+            t.table, p.largest
+        )
+    } else {
+        return None;
+    };
+    Some(Error::new(
+        Kind::Other,
+        format!("{msg}; the local table is left as it was"),
+    ))
+}
+
+async fn download(
+    t: &Table,
+    s: &Settings,
+    rows: Rows,
+    remember: bool,
+    local: &mut LockedLocal,
+    central: &mut Db,
+    start: Instant,
+) -> Result<PhaseResult> {
+    let limit = local.timeout();
+    let central_limit = central.timeout();
+    // Before PostgreSQL 13 there is no pg_current_snapshot(), so no tracking
+    // either; such a server answers only the probe without it.
+    let tracked = !t.pre_13.load(Ordering::Relaxed);
+    let first = open_central(t, central, rows, tracked).await;
+    if matches!(&first, Err(e) if tracked && e.code() == Some(UNDEFINED_FUNCTION)) {
+        drop(first);
+        t.pre_13.store(true, Ordering::Relaxed);
+        warn_untracked(t);
+        return Box::pin(download(t, s, rows, false, local, central, start)).await;
+    }
+    let (ctx, probe) = first?;
+    if let Some(e) = over_bound(t, s, &probe) {
+        return Err(e);
+    }
+    // Central first: a missing or unreadable central table fails here, before any
+    // local transaction is opened.
+    let copy_out_sql = t.copy_out_sql(rows);
+    let what = format!("read {}", t.table);
+    let stream = timed(
+        Side::Central,
+        central_limit,
+        &what,
+        ctx.copy_out(copy_out_sql.as_str()),
+    )
+    .await?;
+
+    let tx = timed(
+        Side::Local,
+        limit,
+        "begin",
+        local.client_mut().transaction(),
+    )
+    .await?;
+    // The probe's size is the text form; the binary stream may differ by a few
+    // bytes per field. A stream far beyond it means the probe was wrong: stop.
+    let stream_limit = probe
+        .bytes
+        .saturating_mul(2)
+        .saturating_add(probe.rows.saturating_mul(64))
+        .saturating_add(64 * 1024);
+    let staged = stage(t, &tx, limit, stream, central_limit, stream_limit).await?;
+    // The snapshot is no longer needed: release it before the local work, so
+    // central's vacuum is not held back by a slow gateway.
+    timed(Side::Central, central_limit, "commit", ctx.commit()).await?;
+    let staging = start.elapsed();
+    crate::notify::alive();
+    let full = rows == Rows::All;
+    let report = apply(t, &tx, limit, full).await?;
+    if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {
+        watermark::save(&tx, limit, t.table, &probe.central_db, xmin, full).await?;
+    } else if remember && full && !probe.tracked {
+        warn_untracked(t);
+    }
+    timed(
+        Side::Local,
+        limit,
+        &format!("commit {}", t.table),
+        tx.commit(),
+    )
+    .await?;
+    if full {
+        t.reconciled.store(true, Ordering::Relaxed);
     }
 
-    /// The staging table lives as long as the connection and is emptied at every
-    /// commit: creating and dropping it every cycle would write a dozen catalog rows
-    /// (and their WAL) to the gateway's flash each minute for nothing. Its rows are
-    /// never WAL-logged. The primary key turns a duplicate id on central (a table
-    /// without its key) into a clear error rather than an arbitrary pick.
-    fn create_staging_sql(&self) -> String {
-        let cols = std::iter::once(format!("{} text PRIMARY KEY", self.key))
-            .chain(self.columns.iter().map(|(c, t)| format!("{c} {t}")))
-            .collect::<Vec<_>>()
-            .join(", ");
-        format!(
-            "CREATE TEMP TABLE IF NOT EXISTS {} ({cols}) ON COMMIT DELETE ROWS",
-            self.staging()
-        )
-    }
-
-    fn copy_in_sql(&self) -> String {
-        format!(
-            "COPY {} ({}) FROM STDIN (FORMAT binary)",
-            self.staging(),
-            self.column_list("")
-        )
-    }
-
-    /// Compares, writes, and reports in one statement. `diff` is computed from the
-    /// local table as it was before this statement (all CTEs share one snapshot),
-    /// so the changed-field list describes old against new. Unchanged rows are not
-    /// touched at all: no dead tuples, no WAL. Returns one row per new, updated and
-    /// locally-only id: (kind, id, name, changed fields).
-    fn apply_sql(&self) -> String {
-        let (table, key, stg) = (self.table, self.key, self.staging());
-        let changed = self
-            .columns
-            .iter()
-            .map(|(c, _)| format!("CASE WHEN l.{c} IS DISTINCT FROM s.{c} THEN '{c}' END"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let set = self
-            .columns
-            .iter()
-            .map(|(c, _)| format!("{c} = s.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let cols = self.column_list("");
-        let s_cols = self.column_list("s.");
-        format!(
-            "WITH diff AS (
-                 SELECT s.{key} AS id, s.name, l.{key} IS NULL AS is_new,
-                        array_remove(ARRAY[{changed}]::text[], NULL) AS changed
-                 FROM {stg} s LEFT JOIN {table} l ON l.{key} = s.{key}
-             ), ins AS (
-                 INSERT INTO {table} ({cols}, synced_at)
-                 SELECT {s_cols}, now() FROM {stg} s JOIN diff d ON d.id = s.{key}
-                 WHERE d.is_new
-             ), upd AS (
-                 UPDATE {table} l SET {set}, synced_at = now()
-                 FROM {stg} s JOIN diff d ON d.id = s.{key}
-                 WHERE l.{key} = s.{key} AND NOT d.is_new AND cardinality(d.changed) > 0
-             )
-             SELECT 'new' AS kind, id, name, changed FROM diff WHERE is_new
-             UNION ALL
-             SELECT 'updated', id, name, changed FROM diff
-             WHERE NOT is_new AND cardinality(changed) > 0
-             UNION ALL
-             SELECT 'gone', l.{key}::text, l.name::text, NULL FROM {table} l
-             WHERE NOT EXISTS (SELECT 1 FROM {stg} s WHERE s.{key} = l.{key})
-             ORDER BY 1, 2"
-        )
-    }
+    // Logged only after the commit: a line must never claim a write that rolled back.
+    let unchanged = staged - report.new - report.updated;
+    report.log(t, unchanged, probe.rls);
+    log::debug!(
+        "{}: staged {staged} rows ({}) from central in {} ms, compared and applied in {} ms",
+        t.table,
+        if full { "all" } else { "changed" },
+        staging.as_millis(),
+        (start.elapsed() - staging).as_millis()
+    );
+    let counts = format!(
+        "{} new, {} updated, {unchanged} unchanged",
+        report.new, report.updated
+    );
+    Ok(PhaseResult {
+        records: report.new + report.updated,
+        summary: match (report.new + report.updated, full) {
+            (0, true) => format!("up to date ({unchanged} unchanged)"),
+            (_, true) => counts,
+            (_, false) => format!("changes only: {counts}"),
+        },
+    })
 }
 
 /// What the apply statement reported, with the per-row lines kept only up to
@@ -228,7 +428,9 @@ impl Report {
         }
     }
 
-    fn log(&self, t: &Table, unchanged: u64) {
+    /// `rls`: row-level security filters what central shows this gateway, so a
+    /// row missing there may just be no longer assigned to it.
+    fn log(&self, t: &Table, unchanged: u64, rls: bool) {
         for l in &self.lines {
             log::info!("{l}");
         }
@@ -252,66 +454,22 @@ impl Report {
             } else {
                 String::new()
             };
+            let why = if rls {
+                "no longer visible to this gateway (unassigned from it, or deleted centrally)"
+            } else {
+                "no longer in central"
+            };
             log::warn!(
-                "{} {} no longer in central, kept locally (the collector may still use them): {}{tail}",
+                "{} {} {why}, kept locally (the collector may still use them): {}{tail}",
                 self.gone,
                 t.plural,
                 self.gone_ids.join(", ")
             );
         }
-        if self.new == 0 && self.updated == 0 {
-            log::info!("{} up to date ({unchanged} unchanged)", t.plural);
-        }
+        // "Up to date" is said once, in the cycle's result line (see the summary
+        // in `sync`): an idle cycle writes two info lines, not eight.
+        log::debug!("{}: {unchanged} unchanged", t.plural);
     }
-}
-
-async fn sync(t: &Table, local: &mut LockedLocal, central: &mut Db) -> Result<PhaseResult> {
-    let start = Instant::now();
-    let limit = local.timeout();
-
-    // Central first: a missing or unreadable central table fails here, before any
-    // local transaction is opened.
-    let copy_out_sql = t.copy_out_sql();
-    let what = format!("read {}", t.table);
-    let stream = central
-        .timed(&what, central.client().copy_out(copy_out_sql.as_str()))
-        .await?;
-
-    let tx = timed(
-        Side::Local,
-        limit,
-        "begin",
-        local.client_mut().transaction(),
-    )
-    .await?;
-    let staged = stage(t, &tx, limit, stream, central.timeout()).await?;
-    let staging = start.elapsed();
-    crate::notify::alive();
-    let report = apply(t, &tx, limit).await?;
-    timed(
-        Side::Local,
-        limit,
-        &format!("commit {}", t.table),
-        tx.commit(),
-    )
-    .await?;
-
-    // Logged only after the commit: a line must never claim a write that rolled back.
-    let unchanged = staged - report.new - report.updated;
-    report.log(t, unchanged);
-    log::debug!(
-        "{}: staged {staged} rows from central in {} ms, compared and applied in {} ms",
-        t.table,
-        staging.as_millis(),
-        (start.elapsed() - staging).as_millis()
-    );
-    Ok(PhaseResult {
-        records: report.new + report.updated,
-        summary: format!(
-            "{} new, {} updated, {unchanged} unchanged",
-            report.new, report.updated
-        ),
-    })
 }
 
 /// Pipes central's COPY stream into the staging table; returns the rows staged.
@@ -320,23 +478,28 @@ async fn sync(t: &Table, local: &mut LockedLocal, central: &mut Db) -> Result<Ph
 /// read, and both directions are bounded channels in tokio-postgres, so a slow side
 /// throttles the other. Each wait on either side is bounded by that side's
 /// `DB_QUERY_TIMEOUT_MS`, so a link that goes silent mid-stream fails the table
-/// instead of hanging the cycle.
+/// instead of hanging the cycle. Each chunk feeds the watchdog: on a slow uplink
+/// a first download streams for minutes, every chunk a sign of progress. More than
+/// `max_bytes` from central fails the table.
 async fn stage(
     t: &Table,
     tx: &Transaction<'_>,
     limit: Duration,
     stream: CopyOutStream,
     central_limit: Duration,
+    max_bytes: u64,
 ) -> Result<u64> {
     let (l, c) = (Side::Local, Side::Central);
     let what_in = format!("read {}", t.table);
     let what_out = format!("stage {}", t.table);
     // A row lock held by someone else (the collector) should fail this table
     // cleanly (SQLSTATE 55P03, retried next cycle) before the round-trip timeout
-    // would declare the connection dead. The notice that the staging table already
+    // would declare the connection dead. The COPY lasts as long as central's stream,
+    // each wait bounded here, so the session's statement timeout is lifted. The notice that the staging table already
     // exists is noise.
     let setup = format!(
-        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL client_min_messages = warning; \
+         SET LOCAL statement_timeout = 0; {}",
         (limit / 2).max(Duration::from_millis(100)).as_millis(),
         t.create_staging_sql()
     );
@@ -345,13 +508,27 @@ async fn stage(
     let sink = timed(l, limit, &what_out, tx.copy_in(copy_in_sql.as_str())).await?;
     let mut sink = pin!(sink);
     let mut stream = pin!(stream);
+    let mut bytes = 0u64;
     loop {
-        let chunk = match tokio::time::timeout(central_limit, stream.next()).await {
+        let next = tokio::time::timeout(central_limit, stream.next());
+        let chunk = match crate::notify::while_bounded(next).await {
             Err(_) => return Err(Error::timeout(c, what_in, central_limit)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(Error::db(c, what_in, e)),
             Ok(Some(Ok(chunk))) => chunk,
         };
+        crate::notify::alive();
+        bytes += chunk.len() as u64;
+        if bytes > max_bytes {
+            return Err(Error::new(
+                Kind::Other,
+                format!(
+                    "{}: the stream from central passed {max_bytes} bytes, far more than it \
+                     announced; the local table is left as it was",
+                    t.table
+                ),
+            ));
+        }
         // `feed`, not `send`: the sink coalesces rows into 4 KiB messages instead
         // of flushing the socket once per row.
         timed(l, limit, &what_out, sink.feed(chunk)).await?;
@@ -361,21 +538,25 @@ async fn stage(
 
 /// Runs the compare-and-write statement and collects its report, streaming the
 /// returned rows so that a first sync of a large table is not held in memory.
-async fn apply(t: &Table, tx: &Transaction<'_>, limit: Duration) -> Result<Report> {
+/// The statement itself feeds the watchdog while it runs (it is bounded by the
+/// query timeout), and so does each row of its report.
+async fn apply(t: &Table, tx: &Transaction<'_>, limit: Duration, full: bool) -> Result<Report> {
     let l = Side::Local;
     let what = format!("apply {}", t.table);
-    let sql = t.apply_sql();
+    let sql = t.apply_sql(full);
     let no_params = std::iter::empty::<&(dyn ToSql + Sync)>();
     let rows = timed(l, limit, &what, tx.query_raw(sql.as_str(), no_params)).await?;
     let mut rows = pin!(rows);
     let mut report = Report::default();
     loop {
-        let row = match tokio::time::timeout(limit, rows.next()).await {
+        let next = tokio::time::timeout(limit, rows.next());
+        let row = match crate::notify::while_bounded(next).await {
             Err(_) => return Err(Error::timeout(l, what, limit)),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(Error::db(l, what, e)),
             Ok(Some(Ok(row))) => row,
         };
+        crate::notify::alive();
         let kind: &str = row.get(0);
         let changed: Option<Vec<String>> = row.get(3);
         report.add(t, kind, row.get(1), row.get(2), changed.unwrap_or_default());

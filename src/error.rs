@@ -71,7 +71,10 @@ impl Error {
     /// A database error on `side` while doing `what` ("insert batch of 100").
     pub fn db(side: Side, what: impl Into<String>, e: tokio_postgres::Error) -> Error {
         let code = e.code().map(|c| c.code().to_string());
-        let closed = e.is_closed() || code.is_none();
+        // A server that turned read-only under us (a primary demoted, or a standby
+        // PgBouncer now points at) will refuse every write on this session: it must
+        // be dropped, so that the reconnect finds the writable host.
+        let closed = e.is_closed() || code.is_none() || code.as_deref() == Some(READ_ONLY);
         Error {
             kind: Kind::Db,
             side: Some(side),
@@ -156,9 +159,14 @@ impl Error {
     }
 }
 
-/// See [`Error::is_transient`].
+/// SQLSTATE read_only_sql_transaction: a write reached a server in recovery.
+pub const READ_ONLY: &str = "25006";
+
+/// See [`Error::is_transient`]. 25006 (a read-only server) heals by reconnecting to
+/// the writable host after a failover.
 pub fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
+    code == READ_ONLY
+        || code.starts_with("08")
         || code.starts_with("40")
         || code.starts_with("53")
         || code.starts_with("57P")
@@ -233,6 +241,7 @@ mod tests {
     fn sqlstate_classes() {
         for c in [
             "08006", "08001", "40001", "40P01", "53300", "57P01", "57P03", "55P03", "57014",
+            "25006",
         ] {
             assert!(is_transient_sqlstate(c), "{c}");
         }

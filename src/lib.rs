@@ -18,12 +18,14 @@
 //! - `download`: meters and tenants central → local with field-level change logs.
 //! - `report`: `Phase::ALL`, `PhaseOutcome`, `CycleReport`.
 //! - `cycle`: one cycle of the three phases, each isolated, each in `sync_logs`.
+//! - `heartbeat`: this gateway's row in central's `gateway_status` after every cycle.
 //! - `daemon`: the run loop.
 //! - `commands`: what each command does.
 //! - `shutdown`: the shutdown signal every wait races against.
 //! - `notify`: systemd READY / WATCHDOG / STATUS / STOPPING.
-//! - `logging`: syslog or stderr.
+//! - `logging`: syslog or stderr (sd-daemon priorities on the journal), one line per record.
 //! - `metrics`: the Prometheus textfile written after every cycle.
+//! - `retention`: `sync_logs` older than `SYNC_LOGS_RETAIN_DAYS` pruned in small batches.
 //! - `status`: the `status` command.
 
 #![forbid(unsafe_code)]
@@ -36,12 +38,14 @@ mod daemon;
 mod db;
 mod download;
 mod error;
+mod heartbeat;
 mod lock;
 mod logging;
 mod metrics;
 mod migrate;
 mod notify;
 mod report;
+mod retention;
 mod shutdown;
 mod status;
 mod tls;
@@ -51,5 +55,5 @@ pub use cli::{parse as parse_args, Command, HELP};
 pub use commands::execute;
 pub use config::{Config, ConfigError, ALL_VARS};
 pub use error::{Error, Kind};
-pub use logging::init as init_logging;
+pub use logging::{init as init_logging, print_error, repeat_error};
 pub use tls::{check_files, BACKEND as TLS_BACKEND};

@@ -22,19 +22,21 @@ fn main() -> ExitCode {
     match run() {
         Ok(code) => code,
         Err(Failure::Usage(msg)) => {
-            eprintln!("meter-sync: {msg}");
+            meter_sync::print_error(&msg);
             ExitCode::from(EX_USAGE)
         }
         Err(Failure::Config(errors)) => {
+            // Before logging starts; at error priority on the journal, so that
+            // `journalctl -p err` shows why the daemon stopped.
             for e in errors {
-                eprintln!("meter-sync: configuration error: {e}");
+                meter_sync::print_error(&format!("configuration error: {e}"));
             }
             ExitCode::from(EX_CONFIG)
         }
         Err(Failure::Run(e)) => {
             log::error!("{e}");
             // The log may go to syslog: an interactive operator still sees why.
-            eprintln!("meter-sync: {e}");
+            meter_sync::repeat_error(&e.to_string());
             ExitCode::from(if e.kind() == Kind::Config {
                 EX_CONFIG
             } else {

@@ -7,7 +7,9 @@
 //! out rather than written as a misleading 0.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Kind, Result};
@@ -31,6 +33,9 @@ pub struct Metrics {
     phases: [PhaseStats; Phase::ALL.len()],
     /// (pending, quarantined) as last counted.
     queue: Option<(i64, i64)>,
+    /// The oldest waiting reading's `timestamp` and age, as last counted; the outer
+    /// None when the queue could not be counted, the inner when nothing waits.
+    oldest_pending: Option<(Option<SystemTime>, Option<Duration>)>,
     last_cycle_end: Option<SystemTime>,
     last_cycle_duration: Option<Duration>,
 }
@@ -79,6 +84,10 @@ impl Metrics {
         self.queue = queue;
     }
 
+    pub fn set_oldest_pending(&mut self, oldest: Option<(Option<SystemTime>, Option<Duration>)>) {
+        self.oldest_pending = oldest;
+    }
+
     /// The whole file, in the text exposition format 0.0.4.
     pub fn render(&self) -> String {
         let one = |v: Option<f64>| {
@@ -108,6 +117,24 @@ impl Metrics {
             "gauge",
             "Readings central rejected, kept locally until meter-sync requeue.",
             one(self.queue.map(|q| q.1 as f64)),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_age_seconds",
+            "gauge",
+            "Age of the oldest reading waiting for upload (its timestamp to the local database's now()) \
+             after the last cycle; 0 when none waits.",
+            one(self
+                .oldest_pending
+                .map(|(_, age)| age.map_or(0.0, |a| a.as_secs_f64()))),
+        );
+        family(
+            &mut o,
+            "meter_sync_oldest_pending_timestamp_seconds",
+            "gauge",
+            "Timestamp of the oldest reading waiting for upload (Unix time), after the last cycle; \
+             absent when none waits.",
+            one(self.oldest_pending.and_then(|(at, _)| at).map(epoch_seconds)),
         );
         family(
             &mut o,
@@ -185,6 +212,11 @@ impl Metrics {
     /// Writes [`Metrics::render`] to `path` through a temporary file in the same
     /// directory and a rename, so that node_exporter never reads half a file. The
     /// temporary name does not end in `.prom`, so the collector ignores it.
+    ///
+    /// The file is mode 0644 whatever the umask (the unit's `UMask=0077` would
+    /// make it 0600, which node_exporter, another user, cannot read). The
+    /// temporary file is created with `O_EXCL` under a name nobody can guess, so
+    /// a file or symbolic link planted in the directory is never written through.
     pub fn write(&self, path: &Path) -> Result<()> {
         let fail = |what: &str, e: std::io::Error| {
             Error::new(
@@ -198,17 +230,46 @@ impl Metrics {
                 format!("metrics: {} names no file", path.display()),
             )
         })?;
-        let tmp = path.with_file_name(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        std::fs::write(&tmp, self.render()).map_err(|e| fail("write", e))?;
+        let (tmp, mut file) = create_temporary(path, &name.to_string_lossy())
+            .map_err(|e| fail("create a temporary file beside", e))?;
+        let written = file
+            .write_all(self.render().as_bytes())
+            .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(0o644)));
+        drop(file);
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(fail("write", e));
+        }
         std::fs::rename(&tmp, path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             fail("rename onto", e)
         })
     }
+}
+
+/// A new file `.NAME.RANDOM.tmp` beside `path`, created with `O_CREAT | O_EXCL`
+/// (which also refuses to follow a symbolic link). RANDOM is 64 bits of SipHash
+/// under the process's random `RandomState` keys: unpredictable from outside,
+/// without a dependency. A name that exists all the same is drawn again.
+fn create_temporary(path: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::hash::{BuildHasher, Hasher};
+    let mut last = None;
+    for attempt in 0u32..8 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(attempt);
+        let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", h.finish()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no temporary name")))
 }
 
 /// One metric family: HELP, TYPE, then its samples (`labels` is `{…}` or empty).
@@ -275,5 +336,54 @@ mod tests {
         assert!(text
             .contains("meter_sync_phase_last_success_duration_seconds{phase=\"upload\"} 1.500\n"));
         assert!(!text.contains("last_success_timestamp_seconds{phase=\"meters\"}"));
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("meter-sync-metrics-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_planted_link_at_a_temporary_name_is_not_written_through() {
+        let d = scratch("link");
+        let victim = d.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        // The name the writer used to choose: `.NAME.PID.tmp`.
+        let old_name = d.join(format!(".meter-sync.prom.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old_name).unwrap();
+        let path = d.join("meter-sync.prom");
+        let m = Metrics::default();
+        for _ in 0..3 {
+            m.write(&path).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), m.render());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+        // Nothing left behind but the file, the victim and the planted link.
+        let mut names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn temporary_names_are_not_predictable() {
+        let d = scratch("names");
+        let path = d.join("x.prom");
+        let names: std::collections::BTreeSet<PathBuf> = (0..50)
+            .map(|_| {
+                let (p, _f) = create_temporary(&path, "x.prom").unwrap();
+                p
+            })
+            .collect();
+        assert_eq!(names.len(), 50, "a temporary name repeated");
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

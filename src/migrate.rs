@@ -25,13 +25,30 @@ pub const LOCAL: &[Migration] = &[
         name: "0002_resend_window.sql",
         sql: include_str!("../migrations/local/0002_resend_window.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_download_watermark.sql",
+        sql: include_str!("../migrations/local/0004_download_watermark.sql"),
+    },
 ];
 
-pub const REMOTE: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial.sql",
-    sql: include_str!("../migrations/remote/0001_initial.sql"),
-}];
+pub const REMOTE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial.sql",
+        sql: include_str!("../migrations/remote/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_change_tracking.sql",
+        sql: include_str!("../migrations/remote/0002_change_tracking.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "0003_gateway_status.sql",
+        sql: include_str!("../migrations/remote/0003_gateway_status.sql"),
+    },
+];
 
 /// The bookkeeping table, in the same schema as the tables it describes.
 pub const TABLE: &str = "meter_sync_migrations";
@@ -120,7 +137,11 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         // Migrations run without the query timeout: a schema change on a large
         // table may legitimately take long, and nothing else waits on it.
         // IF NOT EXISTS clauses that skip raise NOTICEs: expected, not news.
-        let sql = format!("SET LOCAL client_min_messages = warning;\n{}", m.sql);
+        // The session's statement timeout is lifted for the same reason.
+        let sql = format!(
+            "SET LOCAL client_min_messages = warning; SET LOCAL statement_timeout = 0;\n{}",
+            m.sql
+        );
         tx.batch_execute(&sql)
             .await
             .map_err(|e| Error::db(side, what.clone(), e))?;

@@ -71,17 +71,29 @@ impl CycleReport {
         self.phases.iter().all(PhaseOutcome::ok)
     }
 
-    /// One line for logs and systemd's STATUS=.
+    /// One line for logs and systemd's STATUS=: each phase's counts and duration,
+    /// then the cycle's.
     pub fn summary(&self) -> String {
         let parts: Vec<String> = self
             .phases
             .iter()
-            .map(|p| match &p.error {
-                None => format!("{}: {}", p.phase.as_str(), p.summary),
-                Some(_) => format!("{}: FAILED", p.phase.as_str()),
+            .map(|p| {
+                let what = match &p.error {
+                    None => p.summary.as_str(),
+                    Some(_) => "FAILED",
+                };
+                format!(
+                    "{}: {what} ({} ms)",
+                    p.phase.as_str(),
+                    p.duration.as_millis()
+                )
             })
             .collect();
-        format!("{} ({} ms)", parts.join("; "), self.duration.as_millis())
+        format!(
+            "{}; {} ms in all",
+            parts.join("; "),
+            self.duration.as_millis()
+        )
     }
 }
 

@@ -10,12 +10,38 @@ use std::fmt::Write as _;
 use crate::config::{Config, DbConfig};
 use crate::db::Db;
 use crate::error::Result;
+use crate::heartbeat::queue_state;
 use crate::lock::{self, LockHolder};
 use crate::report::Phase;
-use crate::upload::queue_counts;
 
 /// `timestamptz` as RFC 3339 in UTC, and its age in seconds.
 const TS: &str = "to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, as [`TS`] writes it in SQL.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let millis: i128 = match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i128,
+        Err(e) => -(e.duration().as_millis() as i128),
+    };
+    let (secs, ms) = (millis.div_euclid(1000) as i64, millis.rem_euclid(1000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
 
 fn ts(column: &str) -> String {
     TS.replace("{c}", column)
@@ -52,6 +78,8 @@ struct Local {
     holder: Option<LockHolder>,
     pending: i64,
     quarantined: i64,
+    /// The oldest waiting reading's `timestamp` (RFC 3339) and age in seconds.
+    oldest_pending: Option<(String, i64)>,
     readings_synced: i64,
     meters: i64,
     tenants: i64,
@@ -87,7 +115,7 @@ async fn probe(db: &DbConfig, cfg: &Config) -> (Option<Db>, Link) {
 
 async fn read_local(db: &Db) -> Result<Local> {
     let holder = lock::holder(db).await?;
-    let (pending, quarantined) = queue_counts(db).await?;
+    let queue = queue_state(db).await?;
     let counts = db
         .query_one(
             "count meters, tenants and synced readings",
@@ -140,8 +168,12 @@ async fn read_local(db: &Db) -> Result<Local> {
         .await?;
     Ok(Local {
         holder,
-        pending,
-        quarantined,
+        pending: queue.pending,
+        quarantined: queue.quarantined,
+        oldest_pending: queue.oldest_pending_at.map(|at| {
+            let age = queue.oldest_pending_age.unwrap_or_default().as_secs();
+            (rfc3339(at), i64::try_from(age).unwrap_or(i64::MAX))
+        }),
         meters: counts.get(0),
         tenants: counts.get(1),
         readings_synced: counts.get(2),
@@ -214,6 +246,12 @@ fn render_text(local: Option<&Local>, l: &Link, c: &Link) -> String {
         "queue:      {} reading(s) waiting, {} quarantined",
         s.pending, s.quarantined
     );
+    if let Some((at, age)) = &s.oldest_pending {
+        let _ = writeln!(
+            o,
+            "oldest:     {at} ({age} s ago) is the oldest waiting reading"
+        );
+    }
     let _ = writeln!(o, "synced:     {} reading(s) uploaded", s.readings_synced);
     let _ = writeln!(
         o,
@@ -339,6 +377,18 @@ fn render_json(local: Option<&Local>, l: &Link, c: &Link) -> String {
         ("queue_size", J::opt(local.map(|s| s.pending), int)),
         ("quarantined", J::opt(local.map(|s| s.quarantined), int)),
         (
+            "oldest_pending_at",
+            J::opt(local.and_then(|s| s.oldest_pending.clone()), |(at, _)| {
+                J::Str(at)
+            }),
+        ),
+        (
+            "oldest_pending_age_seconds",
+            J::opt(local.and_then(|s| s.oldest_pending.clone()), |(_, age)| {
+                J::Int(age)
+            }),
+        ),
+        (
             "readings_synced",
             J::opt(local.map(|s| s.readings_synced), int),
         ),
@@ -405,7 +455,24 @@ fn render_json(local: Option<&Local>, l: &Link, c: &Link) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::J;
+    use super::{rfc3339, J};
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn timestamps_are_rfc3339_in_utc() {
+        for (millis, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (1_767_226_601_000, "2026-01-01T00:16:41.000Z"),
+            (951_782_400_123, "2000-02-29T00:00:00.123Z"),
+            (4_107_542_399_999, "2100-02-28T23:59:59.999Z"),
+        ] {
+            assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(millis)), text);
+        }
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_millis(1)),
+            "1969-12-31T23:59:59.999Z"
+        );
+    }
 
     #[test]
     fn json_strings_are_escaped() {

@@ -1,20 +1,21 @@
 //! libpq's `sslmode` semantics on top of the compiled-in TLS library (OpenSSL through
 //! native-tls by default, rustls with the `rustls` feature), the certificate files,
-//! and refusals that say why.
+//! refusals that say why, and the byte counts of the TLS connections.
 //!
-//! | sslmode     | TLS                     | chain checked | host name checked   |
-//! |-------------|-------------------------|---------------|---------------------|
-//! | disable     | never                   | –             | –                   |
-//! | prefer      | if the server offers it | no            | no                  |
-//! | require     | always                  | no            | no                  |
-//! | verify-ca   | always                  | yes           | no                  |
-//! | verify-full | always                  | yes           | yes (DNS or IP SAN) |
+//! | sslmode     | TLS                     | chain checked            | host name checked   |
+//! |-------------|-------------------------|--------------------------|---------------------|
+//! | disable     | never                   | –                        | –                   |
+//! | prefer      | if the server offers it | if a root file is set    | no                  |
+//! | require     | always                  | if a root file is set    | no                  |
+//! | verify-ca   | always                  | yes                      | no                  |
+//! | verify-full | always                  | yes                      | yes (DNS or IP SAN) |
 //!
 //! tokio-postgres itself only knows disable, prefer and require (whether to ask for
-//! TLS); the checks are the connector's. Unlike libpq, `require` does not turn into
-//! `verify-ca` when a root certificate file is configured: the spec defines it as
-//! "encrypted, no verification", and an operator who wants the chain checked says
-//! `verify-ca`.
+//! TLS); the checks are the connector's. As in libpq ("if a root CA file exists,
+//! sslmode=require behaves like verify-ca"), `POSTGRES_CLIENT_SSLROOTCERT` makes
+//! `require` and `prefer` check the chain: an operator who names a CA means it.
+//! tests/tls.rs compares every cell of five server set-ups and the five modes with
+//! `psql`.
 
 use std::fmt;
 use std::future::Future;
@@ -24,11 +25,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 use tokio_postgres::Socket;
 
-use crate::config::{ConfigError, DbConfig, SslMode};
+use crate::config::ChannelBinding as ChannelBindingMode;
+use crate::config::{ConfigError, DbConfig, Side, SslMode};
 use crate::config::{ENV_CLIENT_SSLCERT, ENV_CLIENT_SSLKEY, ENV_CLIENT_SSLROOTCERT};
 use crate::error::{Error, Kind, Result};
 
@@ -42,6 +47,9 @@ mod backend;
 
 #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
 compile_error!("enable one TLS backend: the `native-tls` (default) or the `rustls` feature");
+
+#[path = "tls/der.rs"]
+mod der;
 
 /// Which TLS library this binary was built with (for `--version` and logs).
 pub const BACKEND: &str = backend::NAME;
@@ -99,8 +107,9 @@ pub fn connector(db: &DbConfig) -> Result<MakeConnector> {
         }
         _ => None,
     };
+    let verify = verification(db.sslmode, roots.is_some());
     let files = Files { roots, identity };
-    let inner = backend::Connector::build(db.sslmode, &files).map_err(|e| {
+    let inner = backend::Connector::build(verify, &files).map_err(|e| {
         // A configuration error already names its variable.
         if e.kind() == Kind::Config {
             e
@@ -115,7 +124,196 @@ pub fn connector(db: &DbConfig) -> Result<MakeConnector> {
             None => "the system's trusted roots".into(),
         }
         .into(),
+        // Who upgrades a gateway whose `require` connected to a server that its
+        // root file does not vouch for is told why it is refused now.
+        implied: matches!(db.sslmode, SslMode::Prefer | SslMode::Require)
+            && verify != Verify::Nothing,
+        traffic: traffic_of(db.side),
     })
+}
+
+/// What the connector checks of the server's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Encryption against a passive eavesdropper only: any certificate is taken.
+    Nothing,
+    /// It chains to a trusted CA and is valid now; any host name.
+    Chain,
+    /// As `Chain`, and it is issued for the host connected to.
+    ChainAndName,
+}
+
+/// libpq's rule: `verify-ca` and `verify-full` always verify; `prefer` and `require`
+/// verify the chain exactly when a root certificate file is configured
+/// (fe-secure-openssl.c sets SSL_VERIFY_PEER whenever it loaded one). `disable`
+/// never gets to TLS.
+pub fn verification(mode: SslMode, has_root_file: bool) -> Verify {
+    match mode {
+        SslMode::VerifyFull => Verify::ChainAndName,
+        SslMode::VerifyCa => Verify::Chain,
+        SslMode::Disable | SslMode::Prefer | SslMode::Require if has_root_file => Verify::Chain,
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => Verify::Nothing,
+    }
+}
+
+/// When the client certificate (`POSTGRES_CLIENT_SSLCERT`) expires: its notAfter,
+/// read from the first certificate of the file. None without a client certificate.
+pub fn client_cert_expiry(db: &DbConfig) -> Result<Option<SystemTime>> {
+    let Some(path) = &db.sslcert else {
+        return Ok(None);
+    };
+    let pem = PemFile::read(path, ENV_CLIENT_SSLCERT)?;
+    let der = backend::first_cert_der(&pem.bytes)
+        .ok_or_else(|| pem.invalid("is not a PEM certificate"))?;
+    der::not_after(&der)
+        .map(Some)
+        .ok_or_else(|| pem.invalid("has no readable expiry date (notAfter)"))
+}
+
+/// Bytes through the TLS connections to one database since the process started,
+/// counted on the socket (TLS records and handshakes; not the 8-byte SSLRequest
+/// before TLS starts, nor connections that stayed plaintext).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Written to the server.
+    pub up: u64,
+    /// Read from the server.
+    pub down: u64,
+}
+
+impl Traffic {
+    /// What flowed between `earlier` and `self`.
+    pub fn since(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            up: self.up.saturating_sub(earlier.up),
+            down: self.down.saturating_sub(earlier.down),
+        }
+    }
+}
+
+struct Counters {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+static LOCAL_TRAFFIC: Counters = Counters {
+    up: AtomicU64::new(0),
+    down: AtomicU64::new(0),
+};
+static CENTRAL_TRAFFIC: Counters = Counters {
+    up: AtomicU64::new(0),
+    down: AtomicU64::new(0),
+};
+
+fn traffic_of(side: Side) -> &'static Counters {
+    match side {
+        Side::Local => &LOCAL_TRAFFIC,
+        Side::Central => &CENTRAL_TRAFFIC,
+    }
+}
+
+/// The byte counts of `side`'s TLS connections so far (see [`Traffic`]). One
+/// process serves one gateway, so process-wide counters are the gateway's.
+pub fn traffic(side: Side) -> Traffic {
+    let c = traffic_of(side);
+    Traffic {
+        up: c.up.load(Ordering::Relaxed),
+        down: c.down.load(Ordering::Relaxed),
+    }
+}
+
+/// A socket that adds what passes through it to its database's counters: two
+/// relaxed atomic adds per read or write, nothing else.
+pub struct Counted<S> {
+    inner: S,
+    counters: &'static Counters,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.counters.down.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.up.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.counters.up.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Opens the connection `pc` describes. Under `prefer`, a TLS handshake that
+/// fails (a certificate refused, say) is followed by one attempt without TLS, as
+/// libpq does: `prefer` never promised more than "TLS if it works", and a server
+/// that takes plaintext logins is then reached just as psql reaches it.
+pub async fn connect(
+    db: &DbConfig,
+    mut pc: tokio_postgres::Config,
+    tls: MakeConnector,
+) -> std::result::Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<Socket, TlsStream>,
+    ),
+    tokio_postgres::Error,
+> {
+    match pc.connect(tls.clone()).await {
+        Err(e) if db.sslmode == SslMode::Prefer && is_tls_failure(&e) => {
+            log::warn!(
+                "{}: TLS with {} failed ({e}); sslmode=prefer tries once more without TLS, as libpq does",
+                db.side,
+                db.describe()
+            );
+            pc.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            pc.connect(tls).await
+        }
+        other => other,
+    }
+}
+
+/// The TLS handshake itself failed (as opposed to the server refusing TLS or the
+/// login).
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|s| s.downcast_ref::<Refusal>().is_some())
 }
 
 /// Whether a failed connection attempt was this module refusing the server's
@@ -124,6 +322,18 @@ pub fn is_refusal(e: &tokio_postgres::Error) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<Refusal>())
         .is_some_and(|r| r.cause != Cause::Other)
+}
+
+/// tokio-postgres' own channel_binding, which has libpq's meaning; the backends
+/// supply the `tls-server-end-point` hash it needs ([`TlsStream`]'s
+/// `channel_binding`).
+pub fn pg_channel_binding(cb: ChannelBindingMode) -> tokio_postgres::config::ChannelBinding {
+    use tokio_postgres::config::ChannelBinding as B;
+    match cb {
+        ChannelBindingMode::Disable => B::Disable,
+        ChannelBindingMode::Prefer => B::Prefer,
+        ChannelBindingMode::Require => B::Require,
+    }
 }
 
 /// What tokio-postgres should do about TLS for this sslmode.
@@ -201,17 +411,26 @@ pub struct Refusal {
     host: String,
     trusted: Arc<str>,
     detail: String,
+    /// The chain was checked because a root file is set under prefer/require.
+    implied: bool,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let host = &self.host;
         match self.cause {
-            Cause::UnknownCa => write!(
-                f,
-                "server certificate refused: not signed by a CA in {}",
-                self.trusted
-            )?,
+            Cause::UnknownCa => {
+                write!(
+                    f,
+                    "server certificate refused: not signed by a CA in {}",
+                    self.trusted
+                )?;
+                if self.implied {
+                    f.write_str(
+                        " (with a root file set, sslmode=prefer and require verify the chain, as libpq does)",
+                    )?;
+                }
+            }
             Cause::HostMismatch => write!(
                 f,
                 "server certificate refused: it is not issued for {} {host}",
@@ -221,13 +440,21 @@ impl fmt::Display for Refusal {
                     "the host name"
                 }
             )?,
-            Cause::Expired => f.write_str("server certificate refused: it has expired")?,
+            Cause::Expired => {
+                f.write_str("server certificate refused: it has expired")?;
+                if self.implied {
+                    f.write_str(
+                        " (with a root file set, sslmode=prefer and require verify the chain, as libpq does)",
+                    )?;
+                }
+            }
             Cause::NotYetValid => f.write_str(
                 "server certificate refused: it is not valid yet (is the gateway's clock right?)",
             )?,
             Cause::CaAsServerCertificate => f.write_str(
                 "server certificate refused: it is a CA certificate (basicConstraints CA:TRUE), \
-                 which this rustls build accepts only with sslmode=require; give the server a \
+                 which this rustls build accepts only unverified (sslmode=require or prefer without \
+                 POSTGRES_CLIENT_SSLROOTCERT); give the server a \
                  certificate issued by a CA",
             )?,
             Cause::Other => return write!(f, "TLS handshake with {host} failed: {}", self.detail),
@@ -244,6 +471,8 @@ pub struct MakeConnector {
     inner: Arc<backend::Connector>,
     /// Where trust comes from, for messages.
     trusted: Arc<str>,
+    implied: bool,
+    traffic: &'static Counters,
 }
 
 impl MakeTlsConnect<Socket> for MakeConnector {
@@ -256,6 +485,8 @@ impl MakeTlsConnect<Socket> for MakeConnector {
             inner: self.inner.clone(),
             host: host.to_string(),
             trusted: self.trusted.clone(),
+            implied: self.implied,
+            traffic: self.traffic,
         })
     }
 }
@@ -265,6 +496,8 @@ pub struct Connect {
     inner: Arc<backend::Connector>,
     host: String,
     trusted: Arc<str>,
+    implied: bool,
+    traffic: &'static Counters,
 }
 
 impl TlsConnect<Socket> for Connect {
@@ -273,6 +506,10 @@ impl TlsConnect<Socket> for Connect {
     type Future = Pin<Box<dyn Future<Output = std::result::Result<TlsStream, Refusal>> + Send>>;
 
     fn connect(self, socket: Socket) -> Self::Future {
+        let socket = Counted {
+            inner: socket,
+            counters: self.traffic,
+        };
         Box::pin(async move {
             match self.inner.handshake(&self.host, socket).await {
                 Ok(s) => Ok(TlsStream(s)),
@@ -281,6 +518,7 @@ impl TlsConnect<Socket> for Connect {
                     host: self.host,
                     trusted: self.trusted,
                     detail,
+                    implied: self.implied,
                 }),
             }
         })
@@ -364,6 +602,7 @@ mod tests {
             host: host.into(),
             trusted: "POSTGRES_CLIENT_SSLROOTCERT (/etc/ca.pem)".into(),
             detail: "library words".into(),
+            implied: false,
         }
         .to_string()
     }
@@ -409,6 +648,46 @@ mod tests {
             assert!(text.contains("library words"), "{cause:?}: {text}");
             assert!(!text.contains('\n'), "{cause:?}: {text}");
         }
+    }
+
+    #[test]
+    fn a_root_file_makes_prefer_and_require_verify_the_chain_as_in_libpq() {
+        use SslMode::*;
+        use Verify::*;
+        for (mode, without, with) in [
+            (Prefer, Nothing, Chain),
+            (Require, Nothing, Chain),
+            (VerifyCa, Chain, Chain),
+            (VerifyFull, ChainAndName, ChainAndName),
+        ] {
+            assert_eq!(verification(mode, false), without, "{mode:?}");
+            assert_eq!(verification(mode, true), with, "{mode:?} with a root file");
+        }
+    }
+
+    #[test]
+    fn counted_sockets_add_to_their_side_only() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut counted = Counted {
+            inner: a,
+            counters: traffic_of(Side::Local),
+        };
+        let before = (traffic(Side::Local), traffic(Side::Central));
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                counted.write_all(b"hello").await.unwrap();
+                let mut five = [0u8; 5];
+                b.read_exact(&mut five).await.unwrap();
+                b.write_all(b"0123456789").await.unwrap();
+                let mut ten = [0u8; 10];
+                counted.read_exact(&mut ten).await.unwrap();
+            });
+        let local = traffic(Side::Local).since(before.0);
+        assert!(local.up >= 5 && local.down >= 10, "{local:?}");
+        assert_eq!(traffic(Side::Central), before.1);
     }
 
     #[test]

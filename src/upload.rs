@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use futures_util::future::{join_all, BoxFuture};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
 use crate::config::Config;
@@ -30,10 +30,10 @@ use crate::shutdown::Shutdown;
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
 /// the count and the ordered, paginated selection.
-const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
+pub(crate) const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 
 /// Quarantined: central rejected it (P7); waits for `requeue`.
-const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
+pub(crate) const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
 
 /// Readings waiting for upload and readings in quarantine (P7).
 pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
@@ -75,8 +75,9 @@ const KEYS: &str =
 /// One statement per batch, so the batch is one implicit transaction: all rows or
 /// none. `ON CONFLICT DO NOTHING` on the unique key makes a re-sent reading (we died
 /// between the central commit and the local delete) a no-op that still counts as
-/// delivered. `unnest` keeps the statement text fixed whatever the batch size, so it
-/// is prepared once per drain; it works unchanged on a table partitioned by
+/// delivered. `unnest` keeps the statement text fixed whatever the batch size (and
+/// the parameters few, so sending them typed on the unnamed statement costs nothing;
+/// see [`Db::execute_in_transaction`] for why nothing is prepared on central); it works unchanged on a table partitioned by
 /// `timestamp` because the key includes it.
 const INSERT: &str = "INSERT INTO meter_readings \
      (reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts) \
@@ -124,7 +125,9 @@ struct Unreadable {
     why: String,
 }
 
-/// The statements of one drain, prepared once on their connections.
+/// The local statements of one drain, prepared once. Central gets none: under
+/// PgBouncer's transaction pooling a prepared statement is gone (or belongs to
+/// another client) by the next transaction.
 struct Statements {
     first: Statement,
     after: Statement,
@@ -134,11 +137,22 @@ struct Statements {
     delete: Statement,
     mark: Statement,
     quarantine: Statement,
-    insert: Statement,
 }
 
+/// The types of [`INSERT`]'s parameters, sent with it on the unnamed statement.
+const INSERT_TYPES: [Type; 8] = [
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::TEXT_ARRAY,
+    Type::INT4_ARRAY,
+];
+
 impl Statements {
-    async fn prepare(local: &Db, central: &Db) -> Result<Statements> {
+    async fn prepare(local: &Db) -> Result<Statements> {
         let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
         let keys = format!("SELECT {KEYS} FROM meter_readings r WHERE {PENDING}");
         // Keyset pagination: the next batch starts after the last one read, so
@@ -169,7 +183,6 @@ impl Statements {
             delete: prep(local, "prepare batch delete", DELETE.into()).await?,
             mark: prep(local, "prepare batch mark", MARK.into()).await?,
             quarantine: prep(local, "prepare quarantine", QUARANTINE.into()).await?,
-            insert: prep(central, "prepare batch insert", INSERT.into()).await?,
         })
     }
 }
@@ -260,14 +273,21 @@ pub async fn drain(
     let start = Instant::now();
     purge_retained(local, cfg.upload_retain).await;
     let queued = count_pending(local).await?;
-    log::info!("upload: {queued} reading(s) queued");
+    // At info only when there is something to do: the cycle's start line has the
+    // queue size already, and an idle cycle should cost two info lines.
+    let level = if queued > 0 {
+        log::Level::Info
+    } else {
+        log::Level::Debug
+    };
+    log::log!(level, "upload: {queued} reading(s) queued");
     if queued == 0 {
         return Ok(PhaseResult {
             records: 0,
-            summary: "uploaded 0 in 0 batches, 0 quarantined, 0 remaining".into(),
+            summary: "nothing to upload".into(),
         });
     }
-    let st = Statements::prepare(local, central).await?;
+    let st = Statements::prepare(local).await?;
     let ctx = Ctx {
         local,
         central,
@@ -834,14 +854,17 @@ async fn insert(ctx: &Ctx<'_>, rows: &[Reading]) -> Result<u64> {
     let metadata: Vec<Option<&str>> = rows.iter().map(|r| r.metadata.as_deref()).collect();
     let created: Vec<Option<&str>> = rows.iter().map(|r| r.created_at.as_deref()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.sync_attempts).collect();
-    let params: [&(dyn ToSql + Sync); 8] = [
+    let values: [&(dyn ToSql + Sync); 8] = [
         &uid, &meter, &ts, &value, &unit, &metadata, &created, &attempts,
     ];
+    let params: Vec<(&(dyn ToSql + Sync), Type)> = values.into_iter().zip(INSERT_TYPES).collect();
     let what = format!("insert batch of {}", rows.len());
-    run(ctx.central, ctx.retries, &what, || {
-        ctx.central.client().execute(&ctx.st.insert, &params)
-    })
-    .await
+    let central = ctx.central;
+    central
+        .retrying(ctx.retries, || {
+            central.execute_in_transaction(&what, INSERT, &params)
+        })
+        .await
 }
 
 /// Deletes exactly `rows` locally, or marks them uploaded when there is a resend

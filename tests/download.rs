@@ -295,8 +295,8 @@ fn p8_jsonb_equal_by_value_is_not_a_change() {
     );
     assert_eq!(after, before, "a value-equal jsonb must not be written");
     assert!(!run.stderr.contains(" updated: "), "{}", run.stderr);
-    assert!(run.stderr.contains("meters up to date (1 unchanged)"));
-    assert!(run.stderr.contains("tenants up to date (1 unchanged)"));
+    assert!(run.stderr.contains("meters: up to date (1 unchanged)"));
+    assert!(run.stderr.contains("tenant: up to date (1 unchanged)"));
 }
 
 #[test]
@@ -325,15 +325,13 @@ fn p8_an_unchanged_cycle_writes_nothing_locally() {
     );
     assert_eq!(after, before, "no row may be written when nothing changed");
     let log = &run.stderr;
-    assert_eq!(
-        lines_with(log, "up to date"),
-        vec![
-            "meters up to date (50 unchanged)",
-            "tenants up to date (1 unchanged)"
-        ]
-    );
+    // P8: one line says so, the cycle's result line (issue 15: two info lines
+    // for an idle cycle).
+    let up_to_date = lines_with(log, "up to date");
+    assert_eq!(up_to_date.len(), 1, "{log}");
     assert!(
-        log.contains("meters: 0 new, 0 updated, 50 unchanged ("),
+        up_to_date[0].contains("meters: up to date (50 unchanged) (")
+            && up_to_date[0].contains("tenant: up to date (1 unchanged) ("),
         "{log}"
     );
     assert!(
@@ -381,7 +379,7 @@ fn p8_a_meter_deleted_centrally_stays_locally_with_a_warning() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("meters up to date (2 unchanged)"));
+    assert!(run.stderr.contains("meters: up to date (2 unchanged)"));
 }
 
 #[test]
@@ -690,4 +688,762 @@ fn p18_a_link_blackholed_mid_stream_fails_the_phase_within_the_query_timeout() {
     );
     assert_eq!(dump(&mut s.local(), "meters"), before, "all or nothing");
     eprintln!("blackholed mid-stream: meters phase failed after {waited:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Changes only (P20, P21): a running daemon, whose first download is a full one and whose
+// later ones ask central only for rows stamped past their watermark.
+// ---------------------------------------------------------------------------------------
+
+/// How many cycles the daemon has finished.
+fn cycles(d: &support::Daemon) -> usize {
+    d.log_text().matches("cycle finished:").count()
+}
+
+fn wait_cycles(d: &support::Daemon, n: usize) {
+    assert!(
+        support::wait_until(Duration::from_secs(60), || cycles(d) >= n),
+        "cycle {n} never finished:\n{}",
+        d.log_text()
+    );
+}
+
+/// The log of cycle `i` (from 0): its lines up to its "cycle finished" line.
+fn cycle_log(d: &support::Daemon, i: usize) -> String {
+    let log = d.log_text();
+    let mut out = vec![String::new()];
+    for l in log.lines() {
+        out.last_mut().unwrap().push_str(l);
+        out.last_mut().unwrap().push('\n');
+        if l.contains("cycle finished:") {
+            out.push(String::new());
+        }
+    }
+    out.get(i).cloned().unwrap_or_default()
+}
+
+/// Waits for the end of the first cycle that starts after this call (everything
+/// committed centrally before the call is visible to it) and returns the log of that
+/// cycle and of the one running at the call, if any (its downloads may have started
+/// after the commit, too).
+fn next_cycle(d: &support::Daemon) -> String {
+    let c = cycles(d);
+    wait_cycles(d, c + 2);
+    cycle_log(d, c) + &cycle_log(d, c + 1)
+}
+
+/// A daemon cycling every second on `s`, after its first (full) cycle.
+fn running(s: &Sandbox) -> support::Daemon {
+    let d = s.spawn(&["run"]);
+    wait_cycles(&d, 1);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains("meters: full reconciliation (")
+            && first.contains("tenant: full reconciliation ("),
+        "the first download of a process is a full one:\n{first}"
+    );
+    d
+}
+
+#[test]
+fn p20_a_central_change_arrives_in_the_next_cycle_with_its_fields_named() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    add_tenant(&mut s.central(), "t-1", "Acme", Some(r#"{"a": 1}"#), None);
+    let d = running(&s);
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters: up to date (no changes centrally)")
+            && idle.contains("tenant: up to date (no changes centrally)")
+            && !idle.contains("full reconciliation"),
+        "an idle cycle asks for changes only:\n{idle}"
+    );
+
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET name = 'Boiler room', unit = 'kWh' WHERE meter_id = 'm-2';
+             UPDATE tenant SET metadata = '{\"k\": 2}' WHERE tenant_id = 't-1';",
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec![
+            "meter m-2 updated: name, unit",
+            "tenant t-1 updated: metadata"
+        ],
+        "{log}"
+    );
+    assert!(
+        log.contains("meters: changes only: 0 new, 1 updated, 0 unchanged ("),
+        "only the changed row travelled:\n{log}"
+    );
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    assert_eq!(
+        dump(&mut s.local(), "tenant"),
+        dump(&mut s.central(), "tenant")
+    );
+
+    // A new meter is a change too.
+    add_meters(
+        &mut s.central(),
+        &[("m-4", "Annex", None, "water", "m3", None, None)],
+    );
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, "new meter "),
+        vec!["new meter m-4 (Annex)"]
+    );
+    let logged: i64 = s
+        .local()
+        .query_one(
+            "SELECT count(*) FROM sync_logs WHERE sync_type = 'meters' AND success AND records_processed = 1",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 2, "sync_logs counts the rows written");
+}
+
+#[test]
+fn p21_a_change_committed_out_of_order_is_not_missed() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    let d = running(&s);
+
+    // T1 changes m-1 first (so its transaction id is the older one) and stays open.
+    let mut t1 = s.central();
+    t1.batch_execute("BEGIN; UPDATE meters SET name = 'from T1' WHERE meter_id = 'm-1'")
+        .unwrap();
+    // T2 changes m-2 and commits; the gateway takes it.
+    s.central()
+        .batch_execute("UPDATE meters SET name = 'from T2' WHERE meter_id = 'm-2'")
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: name"],
+        "{log}"
+    );
+    let name = |id: &str| -> String {
+        s.local()
+            .query_one("SELECT name::text FROM meters WHERE meter_id = $1", &[&id])
+            .unwrap()
+            .get(0)
+    };
+    assert_eq!(name("m-1"), "Main hall", "T1 is not committed yet");
+
+    // T1 commits after the gateway has moved on: its change must still arrive.
+    t1.batch_execute("COMMIT").unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-1 updated: name"],
+        "{log}"
+    );
+    assert_eq!(name("m-1"), "from T1");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p21_a_delete_and_reinsert_in_one_transaction_arrives_as_an_update() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    let d = running(&s);
+    s.central()
+        .batch_execute(
+            "BEGIN;
+             DELETE FROM meters WHERE meter_id = 'm-2';
+             INSERT INTO meters (meter_id, name, location_id, meter_type, unit)
+                 VALUES ('m-2', 'Boiler', 'loc-C', 'heat', 'MWh');
+             COMMIT;",
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: location_id, meter_type, unit"],
+        "{log}"
+    );
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p21_a_jsonb_key_order_change_travels_but_writes_nothing() {
+    let s = Sandbox::new();
+    add_meters(
+        &mut s.central(),
+        &[(
+            "m-1",
+            "Main",
+            None,
+            "electricity",
+            "kWh",
+            Some(r#"{"b": [1, 2], "a": {"y": 1.50, "x": true}}"#),
+            None,
+        )],
+    );
+    let d = running(&s);
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute(
+            r#"UPDATE meters SET configuration = '{"a":{"x":true,"y":1.5},   "b":[1,2]}'"#,
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert!(
+        log.contains("meters: changes only: 0 new, 0 updated, 1 unchanged ("),
+        "the rewritten row came down and compared equal:\n{log}"
+    );
+    assert!(!log.contains(" updated: "), "{log}");
+    assert_eq!(
+        versions(&mut s.local(), "meters"),
+        before,
+        "no local write (xmin and ctid unchanged)"
+    );
+}
+
+#[test]
+fn p21_full_reconciliation_at_start_and_then_periodically_repairs_what_stamps_cannot_see() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    let tamper = |s: &Sandbox| {
+        s.local()
+            .batch_execute("UPDATE meters SET name = 'edited by hand' WHERE meter_id = 'm-1'")
+            .unwrap()
+    };
+    let mut d = running(&s);
+    // A local edit leaves central's stamps alone: changes-only cycles do not see it.
+    tamper(&s);
+    next_cycle(&d);
+    let log = next_cycle(&d);
+    assert!(!log.contains("full reconciliation"), "{log}");
+    assert_ne!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    // A row deleted centrally is not seen by changes-only cycles either.
+    s.central()
+        .batch_execute("DELETE FROM meters WHERE meter_id = 'm-3'")
+        .unwrap();
+    d.kill9();
+
+    // The next start reconciles in full: repairs the edit, keeps m-3 with a warning.
+    s.set("DOWNLOAD_FULL_EVERY_SECONDS", 3);
+    let d = s.spawn(&["run"]);
+    wait_cycles(&d, 1);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains("meters: full reconciliation (first download since start)"),
+        "{first}"
+    );
+    assert_eq!(
+        lines_with(&first, " updated: "),
+        vec!["meter m-1 updated: name"],
+        "{first}"
+    );
+    assert!(
+        first.lines().any(|l| l.contains("WARN")
+            && l.contains("1 meters no longer in central, kept locally")
+            && l.ends_with(": m-3")),
+        "{first}"
+    );
+    assert_eq!(s.local_count("meters"), 3);
+
+    // And then every DOWNLOAD_FULL_EVERY_SECONDS.
+    tamper(&s);
+    assert!(
+        support::wait_until(Duration::from_secs(20), || {
+            d.log_text()
+                .contains("meters: full reconciliation (the last one is 3 s old)")
+                && s.local()
+                    .query_one("SELECT name::text FROM meters WHERE meter_id = 'm-1'", &[])
+                    .unwrap()
+                    .get::<_, String>(0)
+                    == "Main hall"
+        }),
+        "no periodic reconciliation repaired the edit:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn p20_a_central_without_change_tracking_gets_full_downloads_and_one_warning() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    // A central migrated by an older meter-sync: no change_xid column.
+    s.central()
+        .batch_execute(
+            "DROP TRIGGER meters_change_xid ON meters; DROP TRIGGER tenant_change_xid ON tenant;
+             DROP FUNCTION meter_sync_stamp_change();
+             ALTER TABLE meters DROP COLUMN change_xid; ALTER TABLE tenant DROP COLUMN change_xid;
+             DELETE FROM meter_sync_migrations WHERE version = 2",
+        )
+        .unwrap();
+    let d = running(&s);
+    s.central()
+        .batch_execute("UPDATE meters SET name = 'Renamed' WHERE meter_id = 'm-3'")
+        .unwrap();
+    let log = next_cycle(&d);
+    next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-3 updated: name"],
+        "{log}"
+    );
+    assert!(log.contains("meters: full reconciliation ("), "{log}");
+    let all = d.log_text();
+    assert_eq!(
+        all.matches("central: meters has no change tracking")
+            .count(),
+        1,
+        "one warning, not one per cycle:\n{all}"
+    );
+    assert!(!all.contains("phase failed"), "{all}");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Watchdog (P15) during a long download
+// ---------------------------------------------------------------------------------------
+
+/// About 1 KB of configuration per meter.
+const KB_CONF: &str = "jsonb_build_object('registers', (SELECT jsonb_agg(jsonb_build_object(
+        'obis', '1.8.' || r, 'scale', r * 0.001, 'label', 'register number ' || r || ' of ' || g))
+        FROM generate_series(1, 16) r), 'serial', md5(g::text))";
+
+fn kb_meters(s: &Sandbox, n: usize) {
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'm-' || lpad(g::text, 6, '0'), 'Meter ' || g, 'electricity', 'kWh', {KB_CONF}, now()
+             FROM generate_series(1, {n}) g;
+             INSERT INTO tenant (tenant_id, name, configuration, updated_at)
+             SELECT 't-' || g, 'Tenant ' || g, jsonb_build_object('tariff', g), now()
+             FROM generate_series(1, 200) g;"
+        ))
+        .unwrap();
+}
+
+#[test]
+fn p15_a_first_download_over_a_slow_uplink_keeps_feeding_the_watchdog() {
+    let _heavy = support::heavy_lock();
+    let mut s = Sandbox::new();
+    kb_meters(&s, 2000);
+    let target = format!("127.0.0.1:{}", s.central_cluster().port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    proxy.throttle(96 * 1024);
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    let n = support::notify::Notifications::bind(&s.dir);
+    s.set("NOTIFY_SOCKET", n.path.display());
+    s.set("WATCHDOG_USEC", 4_000_000);
+    s.set("DB_QUERY_TIMEOUT_MS", 60_000);
+
+    let t = std::time::Instant::now();
+    let d = s.spawn(&["run"]);
+    assert!(
+        support::wait_until(Duration::from_secs(120), || cycles(&d) >= 1),
+        "the first cycle never finished:\n{}",
+        d.log_text()
+    );
+    let end = std::time::Instant::now();
+    let took = t.elapsed();
+    let ready = n.first("READY=1").expect("READY=1 was sent");
+    let gap = n.max_watchdog_gap(ready, end);
+    let log = cycle_log(&d, 0);
+    let (up, down) = proxy.bytes_forwarded();
+    eprintln!(
+        "first cycle over 96 KiB/s: {took:?}, {down} bytes down, {up} up; longest watchdog silence {gap:?}"
+    );
+    assert!(
+        log.contains("meters: 2000 new, 0 updated, 0 unchanged (")
+            && log.contains("tenant: 200 new, 0 updated, 0 unchanged ("),
+        "{log}"
+    );
+    assert!(
+        took > Duration::from_secs(10),
+        "the link was not slow enough to prove anything: {took:?}"
+    );
+    assert!(
+        gap <= Duration::from_secs(2),
+        "watchdog silent for {gap:?}, more than half of WATCHDOG_USEC (4 s)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Bounds: DOWNLOAD_MAX_ROWS, DOWNLOAD_MAX_BYTES, and one row's size
+// ---------------------------------------------------------------------------------------
+
+/// Runs `once` expecting the meters phase to fail with `error` while tenants still
+/// sync; the local meters must be as before.
+fn assert_meters_refused(s: &Sandbox, run: &Run, error: &str, before: &[Vec<Option<String>>]) {
+    run.assert_code(1);
+    let (ok, records, err) = last_log(s, "meters");
+    assert!(!ok && records == 0, "{err:?}");
+    assert_eq!(err.as_deref(), Some(error), "{}", run.stderr);
+    let failed: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("meters phase failed"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{}", run.stderr);
+    assert!(failed[0].ends_with(error), "{}", failed[0]);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        before,
+        "local meters unchanged"
+    );
+    assert_eq!(last_log(s, "tenant"), (true, 1, None), "the next phase ran");
+}
+
+#[test]
+fn p20_over_download_max_rows_the_phase_fails_and_the_table_stays() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    let before = dump(&mut s.local(), "meters");
+    add_meters(
+        &mut s.central(),
+        &[
+            ("m-4", "Four", None, "gas", "m3", None, None),
+            ("m-5", "Five", None, "gas", "m3", None, None),
+        ],
+    );
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    s.set("DOWNLOAD_MAX_ROWS", 4);
+    let run = s.run(&["once"]);
+    assert_meters_refused(
+        &s,
+        &run,
+        "meters: 5 rows to download, more than DOWNLOAD_MAX_ROWS (4); the local table is left as it was",
+        &before,
+    );
+    s.set("DOWNLOAD_MAX_ROWS", 5);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 5);
+}
+
+#[test]
+fn p20_over_download_max_bytes_the_phase_fails_and_the_table_stays() {
+    let mut s = Sandbox::new();
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'm-' || g, 'Meter ' || g, 'electricity', 'kWh', {BIG_CONF}, now()
+             FROM generate_series(1, 100) g"
+        ))
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let bytes: i64 = s
+        .central()
+        .query_one(
+            "SELECT sum(octet_length(ROW(meter_id::text, name::text, location_id::text, meter_type::text,
+                    unit::text, configuration, updated_at)::text)) FROM meters",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    s.set("DOWNLOAD_MAX_BYTES", 100_000);
+    let run = s.run(&["once"]);
+    assert_meters_refused(
+        &s,
+        &run,
+        &format!(
+            "meters: {bytes} bytes to download, more than DOWNLOAD_MAX_BYTES (100000); \
+             the local table is left as it was"
+        ),
+        &[],
+    );
+}
+
+#[test]
+fn p20_a_single_oversized_row_is_refused_before_it_is_sent() {
+    let _heavy = support::heavy_lock();
+    let s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    let before = dump(&mut s.local(), "meters");
+    let (_, rss_small) = once_with_peak_rss(&s);
+    // 20 MB of configuration in one row (it compresses to almost nothing centrally).
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET configuration = jsonb_build_object('blob', repeat('x', 20000000))
+             WHERE meter_id = 'm-2'",
+        )
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let (log, rss) = once_with_peak_rss(&s);
+    let (ok, _, err) = last_log(&s, "meters");
+    let err = err.unwrap_or_default();
+    assert!(
+        !ok && err.starts_with("meters: a row of 200000")
+            && err.ends_with(
+                "bytes, more than the 16777216 bytes one row may have; the local table is left as it was"
+            ),
+        "{err}\n{log}"
+    );
+    assert_eq!(dump(&mut s.local(), "meters"), before);
+    assert!(last_log(&s, "tenant").0, "{log}");
+    eprintln!("oversized row refused: peak RSS {rss} KiB (a cycle without it: {rss_small} KiB)");
+    assert!(
+        rss - rss_small < 8 * 1024,
+        "the 20 MB row was held in memory: {rss} KiB vs {rss_small} KiB"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// This gateway's rows only: the row-level security recipe (deploy/central/rls-recipe.sql)
+// ---------------------------------------------------------------------------------------
+
+const RLS_RECIPE: &str = include_str!("../deploy/central/rls-recipe.sql");
+const GATEWAY_PASSWORD: &str = "gw-Pa55word";
+
+/// 2,000 meters and 20 tenants centrally, the recipe applied, and two gateway roles:
+/// this sandbox's (50 meters: every 40th, and 2 tenants) and another one's (50 other
+/// meters). The daemon logs in as this sandbox's role. Returns (role, other role).
+fn rls_sandbox(s: &mut Sandbox) -> (String, String) {
+    let role = format!("gw_{}", s.central_db);
+    let other = format!("gw_other_{}", s.central_db);
+    let mut c = s.central();
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, configuration, updated_at)
+         SELECT 'm-' || lpad(g::text, 6, '0'), 'Meter ' || g, 'site-' || (g % 97), 'electricity', 'kWh',
+                jsonb_build_object('register', g % 8, 'scale', 0.001), now() - interval '30 days'
+         FROM generate_series(1, 2000) g;
+         INSERT INTO tenant (tenant_id, name, configuration, updated_at)
+         SELECT 't-' || g, 'Tenant ' || g, jsonb_build_object('tariff', g), now()
+         FROM generate_series(1, 20) g;",
+    )
+    .unwrap();
+    c.batch_execute(RLS_RECIPE).unwrap();
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
+         CREATE ROLE {other} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
+         INSERT INTO gateway_meters SELECT '{role}', meter_id FROM meters
+             WHERE right(meter_id, 6)::int % 40 = 0;
+         INSERT INTO gateway_meters SELECT '{other}', meter_id FROM meters
+             WHERE right(meter_id, 6)::int % 40 = 1;
+         INSERT INTO gateway_tenants VALUES ('{role}', 't-1'), ('{role}', 't-2'), ('{other}', 't-3');"
+    ))
+    .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role)
+        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD);
+    (role, other)
+}
+
+/// The central rows assigned to `role`, dumped like [`dump`] (as the superuser).
+fn assigned_dump(s: &Sandbox, table: &str, role: &str) -> Vec<Vec<Option<String>>> {
+    let (assign, key) = match table {
+        "meters" => ("gateway_meters", "meter_id"),
+        _ => ("gateway_tenants", "tenant_id"),
+    };
+    let mut c = s.central();
+    dump(&mut c, table)
+        .into_iter()
+        .filter(|r| {
+            let id = r[0].clone().unwrap();
+            c.query_one(
+                &format!("SELECT count(*) FROM {assign} WHERE gateway_role = $1 AND {key} = $2"),
+                &[&role, &id],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        })
+        .collect()
+}
+
+/// A test-side session on central as `role` (over the Unix socket, which trusts).
+fn central_as(s: &Sandbox, role: &str) -> Client {
+    let cl = s.central_cluster();
+    let mut cfg = postgres::Config::new();
+    cfg.host_path(&cl.socket_dir)
+        .port(cl.port)
+        .user(role)
+        .dbname(&s.central_db);
+    cfg.connect(postgres::NoTls).unwrap()
+}
+
+#[test]
+fn p21_rls_a_gateway_holds_exactly_its_meters_gets_later_assignments_and_keeps_unassigned_ones() {
+    let mut s = Sandbox::new();
+    let (role, _) = rls_sandbox(&mut s);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 50);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        assigned_dump(&s, "meters", &role)
+    );
+    assert_eq!(
+        dump(&mut s.local(), "tenant"),
+        assigned_dump(&s, "tenant", &role)
+    );
+
+    // An old, unchanged meter assigned later arrives within 3 cycles.
+    let d = running(&s);
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO gateway_meters VALUES ('{role}', 'm-000007');
+             INSERT INTO gateway_tenants VALUES ('{role}', 't-9');"
+        ))
+        .unwrap();
+    let c = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meters") == 51
+            && s.local_count("tenant") == 3),
+        "the assigned meter did not arrive:\n{}",
+        d.log_text()
+    );
+    assert!(
+        cycles(&d) <= c + 3,
+        "took more than 3 cycles: {} -> {}",
+        c,
+        cycles(&d)
+    );
+    assert!(d.log_text().contains("new meter m-000007 (Meter 7)"));
+    assert!(d.log_text().contains("new tenant t-9 (Tenant 9)"));
+    drop(d);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        assigned_dump(&s, "meters", &role)
+    );
+
+    // Unassigned: kept locally, and the full reconciliation says why it is missing.
+    s.central()
+        .batch_execute(&format!(
+            "DELETE FROM gateway_meters WHERE gateway_role = '{role}' AND meter_id = 'm-000040'"
+        ))
+        .unwrap();
+    let run = once(&s);
+    assert_eq!(s.local_count("meters"), 51);
+    assert!(
+        run.stderr.lines().any(|l| l.contains("WARN")
+            && l.contains(
+                "1 meters no longer visible to this gateway (unassigned from it, or deleted centrally), kept locally"
+            )
+            && l.ends_with(": m-000040")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings() {
+    let mut s = Sandbox::new();
+    let (role, other) = rls_sandbox(&mut s);
+    let mut gw = central_as(&s, &role);
+
+    // It reads its own meters only.
+    let n: i64 = gw
+        .query_one("SELECT count(*) FROM meters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    let foreign = gw
+        .query(
+            "SELECT m.meter_id FROM meters m WHERE m.meter_id = 'm-000001'",
+            &[],
+        )
+        .unwrap();
+    assert!(foreign.is_empty(), "another gateway's meter is visible");
+    let assigned: i64 = gw
+        .query_one("SELECT count(*) FROM gateway_meters", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(assigned, 50, "it sees its own assignments only");
+
+    // It writes neither meters nor tenant.
+    for sql in [
+        "UPDATE meters SET name = 'x' WHERE meter_id = 'm-000040'",
+        "INSERT INTO meters (meter_id, name, meter_type, unit) VALUES ('evil', 'x', 'x', 'x')",
+        "DELETE FROM meters",
+        "UPDATE tenant SET name = 'x'",
+        "INSERT INTO tenant (tenant_id, name) VALUES ('evil', 'x')",
+        "INSERT INTO gateway_meters VALUES (current_user, 'm-000001')",
+    ] {
+        let e = gw.batch_execute(sql).expect_err(sql);
+        assert_eq!(
+            e.code(),
+            Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {e:?}"
+        );
+    }
+    // Readings for a meter assigned to another gateway are refused by the policy.
+    let e = gw
+        .batch_execute(
+            "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit)
+             VALUES (gen_random_uuid(), 'm-000001', now(), 1, 'kWh')",
+        )
+        .expect_err("a reading for a foreign meter");
+    assert!(
+        format!("{e:?}").contains("violates row-level security policy"),
+        "{e:?}"
+    );
+    // Its own meters' readings are accepted.
+    gw.batch_execute(
+        "INSERT INTO meter_readings (reading_uid, meter_id, \"timestamp\", value, unit)
+         VALUES (gen_random_uuid(), 'm-000080', now(), 1, 'kWh')",
+    )
+    .unwrap();
+    // Nor can it read back readings (billing data), not even its own.
+    let e = gw
+        .query("SELECT value FROM meter_readings", &[])
+        .expect_err("readings are not readable");
+    assert_eq!(
+        e.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    drop(gw);
+    assert!(central_as(&s, &other)
+        .query("SELECT 1 FROM meters WHERE meter_id = 'm-000040'", &[])
+        .unwrap()
+        .is_empty());
+
+    // The daemon, logged in as that role, uploads its readings (ON CONFLICT arbiter,
+    // id sequence) and downloads its meters.
+    s.local()
+        .batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'm-000040', timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => g), g, 'kWh'
+             FROM generate_series(1, 30) g",
+        )
+        .unwrap();
+    once(&s);
+    assert_eq!(s.central_count("meter_readings"), 31);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(s.local_count("meters"), 50);
+}
+
+#[test]
+fn p8_staging_never_writes_a_permanent_table_of_the_same_name() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    // A permanent table named like the staging table, found before pg_temp on the
+    // search path: an unqualified name would stage into it (and leave rows there).
+    s.local()
+        .batch_execute(&format!(
+            "CREATE TABLE public.tmp_meters (meter_id text PRIMARY KEY, name text, location_id text,
+                 meter_type text, unit text, configuration jsonb, updated_at timestamptz);
+             ALTER DATABASE \"{}\" SET search_path = public, pg_temp;",
+            s.local_db
+        ))
+        .unwrap();
+    once(&s);
+    assert_eq!(s.local_count("public.tmp_meters"), 0);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
 }

@@ -283,7 +283,7 @@ fn a_second_migrate_changes_nothing() {
 fn migrate_targets_only_the_named_side() {
     let s = Sandbox::empty();
     s.run(&["migrate", "local"]).assert_ok();
-    assert_eq!(tables(&mut s.local()).len(), 5);
+    assert_eq!(tables(&mut s.local()).len(), 6);
     assert!(tables(&mut s.central()).is_empty());
     s.run(&["migrate", "remote"]).assert_ok();
     assert_eq!(tables(&mut s.central()).len(), 4);
@@ -331,5 +331,5 @@ fn migrate_works_over_the_local_unix_socket() {
     let dir = s.local_cluster().socket_dir.display().to_string();
     s.set("POSTGRES_SYNC_HOST", dir);
     s.run(&["migrate", "local"]).assert_ok();
-    assert_eq!(tables(&mut s.local()).len(), 5);
+    assert_eq!(tables(&mut s.local()).len(), 6);
 }

@@ -1,8 +1,9 @@
 //! SPEC §6: what reaches a gateway. The systemd unit (verified and scored by
 //! systemd-analyze), the example environment file, deploy/install and
-//! deploy/rollback against a directory standing in for a gateway's root, the
-//! Debian package, and (ignored unless run with --ignored, as .ci/cross does after
-//! deploy/build-release) the static aarch64 binary running a full cycle under qemu.
+//! deploy/rollback against a directory standing in for a gateway's root, and
+//! (ignored unless run with --ignored, as .ci/cross does after
+//! deploy/build-release) the static aarch64 binary running a full cycle under
+//! qemu. The Debian package: tests/deb.rs.
 
 mod support;
 
@@ -99,14 +100,23 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     // A configuration error (78) must not restart-loop.
     assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
     assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
+    // Both passwords as credentials, read from $CREDENTIALS_DIRECTORY; no
+    // POSTGRES_*_PASSWORD_FILE in the unit, so that the operator may still set
+    // either variable in meter-sync.env without a conflict.
     assert_eq!(
-        one(&d, "LoadCredential"),
-        "client-password:/etc/meter-sync/client-password"
+        d["LoadCredential"],
+        [
+            "client-password:/etc/meter-sync/client-password",
+            "sync-password:/etc/meter-sync/sync-password"
+        ]
     );
-    assert_eq!(
-        one(&d, "Environment"),
-        "POSTGRES_CLIENT_PASSWORD_FILE=%d/client-password"
-    );
+    assert!(!d.contains_key("Environment"), "{:?}", d.get("Environment"));
+    // A core of the daemon holds the central password and the client key.
+    assert_eq!(one(&d, "LimitCORE"), "0");
+    // The metrics file: /run/meter-sync, 0755, so node_exporter can read it.
+    assert_eq!(one(&d, "RuntimeDirectory"), "meter-sync");
+    assert_eq!(one(&d, "RuntimeDirectoryMode"), "0755");
+    assert_eq!(one(&d, "UMask"), "0077");
     // The daemon's shutdown bound is DB_QUERY_TIMEOUT_MS + DB_CONNECTION_TIMEOUT_MS
     // + about 1 s (30 + 5 + 1 s by default): systemd must not kill it before.
     assert!(seconds(one(&d, "TimeoutStopSec")) > 30 + 5 + 1);
@@ -237,6 +247,8 @@ fn assert_installed(root: &Path) {
         ("etc/meter-sync/meter-sync.env.example", 0o644),
         ("etc/meter-sync/meter-sync.env", 0o640),
         ("etc/meter-sync/client-password", 0o600),
+        ("etc/meter-sync/sync-password", 0o600),
+        ("usr/local/lib/meter-sync", 0o755),
     ];
     for (p, m) in expect {
         let path = root.join(p);
@@ -246,10 +258,6 @@ fn assert_installed(root: &Path) {
             assert_eq!((md.uid(), md.gid()), (0, 0), "owner of {p}");
         }
     }
-    assert_eq!(
-        fs::read(root.join("etc/systemd/system/meter-sync.service")).unwrap(),
-        fs::read(repo(UNIT)).unwrap()
-    );
     assert_eq!(
         fs::read(root.join("etc/meter-sync/meter-sync.env.example")).unwrap(),
         fs::read(repo(ENV_EXAMPLE)).unwrap()
@@ -262,6 +270,16 @@ fn assert_installed(root: &Path) {
         })
         .collect();
     assert!(stray.is_empty(), "temporary files left: {stray:?}");
+}
+
+fn assert_unit(root: &Path, expected: &[u8]) {
+    assert_eq!(
+        String::from_utf8_lossy(
+            &fs::read(root.join("etc/systemd/system/meter-sync.service")).unwrap()
+        ),
+        String::from_utf8_lossy(expected),
+        "installed unit"
+    );
 }
 
 fn walk(d: &Path) -> Vec<PathBuf> {
@@ -311,6 +329,7 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     ));
     assert!(out.contains("meter-sync.env"), "{out}");
     assert_installed(&root);
+    assert_unit(&root, &fs::read(repo(UNIT)).unwrap());
     assert!(same(&installed, &v1));
     assert!(!prev.exists());
     let o = deploy("rollback", &["--root", root.to_str().unwrap()]);
@@ -400,130 +419,6 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
         );
     }
     assert!(!Path::new("/nonexistent-dir-ms").exists());
-}
-
-#[test]
-fn debian_package_contents_and_maintainer_scripts() {
-    let dir = temp_dir("deb");
-    // The host binary stands in for an ARM one, so that this needs no cross
-    // toolchain; `none` spares compressing a debug binary.
-    let out = ok(Command::new(repo("deploy/build-deb")).args([
-        "amd64",
-        "--binary",
-        support::bin(),
-        "--out",
-        dir.to_str().unwrap(),
-        "--compress",
-        "none",
-    ]));
-    let deb = PathBuf::from(out.trim().lines().last().unwrap());
-    assert_eq!(
-        deb,
-        dir.join(format!(
-            "meter-sync_{}_amd64.deb",
-            env!("CARGO_PKG_VERSION")
-        ))
-    );
-
-    let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
-    for field in [
-        "Package: meter-sync".to_string(),
-        format!("Version: {}", env!("CARGO_PKG_VERSION")),
-        "Architecture: amd64".into(),
-        "Maintainer: ".into(),
-        "Description: ".into(),
-    ] {
-        assert!(info.contains(&field), "--info lacks {field:?}: {info}");
-    }
-    for script in ["postinst", "prerm", "postrm", "md5sums"] {
-        assert!(info.contains(script), "--info lacks {script}: {info}");
-    }
-
-    // "-rwxr-xr-x root/root 123 date time ./usr/bin/meter-sync"
-    let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
-    let files: BTreeMap<String, (String, String)> = contents
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6).then(|| (f[5].to_string(), (f[0].to_string(), f[1].to_string())))
-        })
-        .collect();
-    for (p, m) in [
-        ("./usr/bin/meter-sync", "-rwxr-xr-x"),
-        ("./lib/systemd/system/meter-sync.service", "-rw-r--r--"),
-        (
-            "./usr/share/meter-sync/meter-sync.env.example",
-            "-rw-r--r--",
-        ),
-        ("./usr/lib/sysusers.d/meter-sync.conf", "-rw-r--r--"),
-    ] {
-        let (mode, owner) = files
-            .get(p)
-            .unwrap_or_else(|| panic!("{p} not in the package: {contents}"));
-        assert_eq!((mode.as_str(), owner.as_str()), (m, "root/root"), "{p}");
-    }
-    for (p, (mode, owner)) in &files {
-        assert_eq!(owner, "root/root", "{p}");
-        assert!(
-            !p.starts_with("./etc/"),
-            "{p}: operator files are not conffiles"
-        );
-        if mode.starts_with('d') {
-            assert_eq!(mode, "drwxr-xr-x", "{p}");
-        }
-    }
-
-    // Unpack and run the maintainer scripts against the tree (dpkg --root sets
-    // DPKG_ROOT the same way).
-    let root = dir.join("root");
-    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
-    ok(Command::new("dpkg-deb")
-        .arg("-e")
-        .arg(&deb)
-        .arg(dir.join("control")));
-    let unit = fs::read_to_string(root.join("lib/systemd/system/meter-sync.service")).unwrap();
-    assert_eq!(
-        one(&directives(&unit), "ExecStart"),
-        "/usr/bin/meter-sync run"
-    );
-    assert_eq!(
-        fs::read(root.join("usr/bin/meter-sync")).unwrap(),
-        fs::read(support::bin()).unwrap()
-    );
-    fs::create_dir_all(root.join("etc")).unwrap();
-    for f in ["passwd", "group", "shadow", "gshadow"] {
-        fs::write(root.join("etc").join(f), "").unwrap();
-    }
-    let script = |name: &str, arg: &str| {
-        ok(Command::new("sh")
-            .arg(dir.join("control").join(name))
-            .arg(arg)
-            .env("DPKG_ROOT", &root))
-    };
-    script("postinst", "configure");
-    let passwd = fs::read_to_string(root.join("etc/passwd")).unwrap();
-    assert!(
-        passwd.lines().any(|l| l.starts_with("meter-sync:")
-            && l.ends_with(":/nonexistent:/usr/sbin/nologin")),
-        "no system user: {passwd}"
-    );
-    let env = root.join("etc/meter-sync/meter-sync.env");
-    assert_eq!(mode(&env), 0o640);
-    assert_eq!(mode(&root.join("etc/meter-sync/client-password")), 0o600);
-    // An upgrade's configure leaves the operator's files and the user alone.
-    fs::write(&env, "POSTGRES_SYNC_HOST=/run/postgresql\n").unwrap();
-    script("postinst", "configure");
-    assert_eq!(
-        fs::read_to_string(&env).unwrap(),
-        "POSTGRES_SYNC_HOST=/run/postgresql\n"
-    );
-    assert_eq!(fs::read_to_string(root.join("etc/passwd")).unwrap(), passwd);
-    script("prerm", "remove");
-    script("postrm", "remove");
-    assert!(env.exists(), "remove (not purge) deleted the configuration");
-    script("postrm", "purge");
-    assert!(!root.join("etc/meter-sync").exists());
-    let _ = fs::remove_dir_all(dir);
 }
 
 /// The static aarch64 binary, run through qemu-user with only the sandbox's
@@ -740,5 +635,379 @@ fn install_and_rollback_over_ssh() {
     );
     assert_eq!(fs::read(&prev).unwrap(), b);
     assert_installed(&root);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// The operator closed /etc/meter-sync and its files further than the install
+/// creates them: an upgrade keeps them closed.
+#[test]
+fn install_never_loosens_the_modes_of_etc_meter_sync() {
+    let dir = temp_dir("modes");
+    let root = dir.join("gateway");
+    let r = root.to_str().unwrap();
+    let o = deploy("install", &["--binary", support::bin(), "--root", r]);
+    assert!(o.status.success(), "{}", text(&o));
+    let etc = root.join("etc/meter-sync");
+    let set = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    set(&etc, 0o700);
+    set(&etc.join("meter-sync.env"), 0o600);
+    set(&etc.join("client-password"), 0o400);
+    let mut v2 = fs::read(support::bin()).unwrap();
+    v2.push(0);
+    fs::write(dir.join("v2"), &v2).unwrap();
+    let o = deploy(
+        "install",
+        &["--binary", dir.join("v2").to_str().unwrap(), "--root", r],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(mode(&etc), 0o700);
+    assert_eq!(mode(&etc.join("meter-sync.env")), 0o600);
+    assert_eq!(mode(&etc.join("client-password")), 0o400);
+    assert_eq!(mode(&etc.join("sync-password")), 0o600);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// The first bytes of an ELF executable: enough for `od` to read its class
+/// (1 = 32-bit, 2 = 64-bit) and machine (40 = ARM, 183 = AArch64, 62 = x86-64).
+fn elf_header(class: u8, machine: u16) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..4].copy_from_slice(b"\x7fELF");
+    h[4] = class;
+    h[5] = 1; // little-endian
+    h[6] = 1;
+    h[16] = 2; // ET_EXEC
+    h[18..20].copy_from_slice(&machine.to_le_bytes());
+    h
+}
+
+/// A 32-bit userland on a 64-bit kernel (`uname -m` says aarch64 there) must get
+/// the armv7 build: the install reads the ELF class of the root's /bin/sh, through
+/// a merged-/usr symlink and /bin/sh → dash.
+#[test]
+fn install_picks_the_binary_by_the_userland_architecture() {
+    let dir = temp_dir("arch");
+    let root = dir.join("gateway");
+    fs::create_dir_all(root.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink("usr/bin", root.join("bin")).unwrap();
+    std::os::unix::fs::symlink("dash", root.join("usr/bin/sh")).unwrap();
+    // Builds where deploy/build-release puts them, under CARGO_TARGET_DIR.
+    let target = dir.join("target");
+    let build = |triple: &str, tag: u8| {
+        let p = target.join(triple).join("release");
+        fs::create_dir_all(&p).unwrap();
+        let mut b = fs::read(support::bin()).unwrap();
+        b.push(tag);
+        fs::write(p.join("meter-sync"), &b).unwrap();
+        b
+    };
+    let armv7 = build("armv7-unknown-linux-musleabihf", 7);
+    let aarch64 = build("aarch64-unknown-linux-musl", 8);
+    let install = |root: &Path| {
+        run(Command::new(repo("deploy/install"))
+            .args(["--root", root.to_str().unwrap()])
+            .env("CARGO_TARGET_DIR", &target))
+    };
+    let installed = root.join("usr/local/bin/meter-sync");
+    for (class, machine, want, name) in [(1, 40, &armv7, "armv7"), (2, 183, &aarch64, "aarch64")] {
+        fs::write(root.join("usr/bin/dash"), elf_header(class, machine)).unwrap();
+        let o = install(&root);
+        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!("{name} userland")),
+            "{}",
+            text(&o)
+        );
+        assert!(
+            fs::read(&installed).unwrap() == *want,
+            "{name}: wrong binary installed"
+        );
+    }
+    fs::write(root.join("usr/bin/dash"), elf_header(2, 62)).unwrap();
+    let o = install(&root);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("x86_64"), "{}", text(&o));
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// tests/support/fake_systemd.py as `systemctl` and `journalctl` on PATH, for one
+/// stand-in root: it runs the installed unit's ExecStart with its environment and
+/// credentials and reports READY= and STATUS= as systemd would. Stops the daemon
+/// on drop.
+struct FakeSystemd {
+    dir: PathBuf,
+    root: PathBuf,
+}
+
+impl FakeSystemd {
+    fn new(dir: &Path, root: &Path) -> FakeSystemd {
+        let bin = dir.join("fake-bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::create_dir_all(dir.join("fake-state")).unwrap();
+        let script = repo("tests/support/fake_systemd.py");
+        for name in ["systemctl", "journalctl"] {
+            std::os::unix::fs::symlink(&script, bin.join(name)).unwrap();
+        }
+        FakeSystemd {
+            dir: dir.to_path_buf(),
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn env(&self, c: &mut Command) {
+        let path = format!(
+            "{}:{}",
+            self.dir.join("fake-bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        c.env("PATH", path)
+            .env("FAKE_SYSTEMD_DIR", self.dir.join("fake-state"))
+            .env("FAKE_SYSTEMD_ROOT", &self.root);
+    }
+
+    /// deploy/SCRIPT ARGS --root ROOT --systemctl.
+    fn deploy(&self, script: &str, args: &[&str]) -> Output {
+        let mut c = Command::new(repo(&format!("deploy/{script}")));
+        c.args(args)
+            .args(["--root", self.root.to_str().unwrap(), "--systemctl"]);
+        self.env(&mut c);
+        run(&mut c)
+    }
+
+    fn systemctl(&self, args: &[&str]) -> String {
+        let mut c = Command::new("systemctl");
+        c.args(args);
+        self.env(&mut c);
+        text(&run(&mut c)).trim().to_string()
+    }
+
+    fn status_text(&self) -> String {
+        self.systemctl(&["show", "-p", "StatusText", "--value", "meter-sync.service"])
+    }
+}
+
+impl Drop for FakeSystemd {
+    fn drop(&mut self) {
+        self.systemctl(&["stop", "meter-sync.service"]);
+    }
+}
+
+/// A gateway root configured for the sandbox's databases (the central password
+/// in client-password, handed over as a credential), with `fake` as its systemd.
+fn configured_gateway(s: &Sandbox, dir: &Path) -> (PathBuf, FakeSystemd) {
+    let root = dir.join("gateway");
+    let etc = root.join("etc/meter-sync");
+    fs::create_dir_all(&etc).unwrap();
+    let mut env = String::new();
+    for (k, v) in &s.env {
+        if k != "POSTGRES_CLIENT_PASSWORD" {
+            env.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    fs::write(etc.join("meter-sync.env"), env).unwrap();
+    fs::write(etc.join("client-password"), support::CENTRAL_PASSWORD).unwrap();
+    let fake = FakeSystemd::new(dir, &root);
+    (root, fake)
+}
+
+/// A "release" that is the real binary run with extra environment: `--version`
+/// works (the install's first check), the daemon then fails as set up.
+fn broken_release(dir: &Path, name: &str, env: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(
+        &p,
+        format!("#!/bin/sh\n{env} exec {} \"$@\"\n", support::bin()),
+    )
+    .unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// The shipped unit with a line added: a second release's unit, told apart.
+fn unit_variant(dir: &Path, tag: &str) -> (PathBuf, Vec<u8>) {
+    let mut u = fs::read(repo(UNIT)).unwrap();
+    u.extend_from_slice(format!("# {tag}\n").as_bytes());
+    let p = dir.join(format!("unit-{tag}"));
+    fs::write(&p, &u).unwrap();
+    (p, u)
+}
+
+fn install_healthy_v1(fake: &FakeSystemd) {
+    let o = fake.deploy(
+        "install",
+        &["--binary", support::bin(), "--health-timeout", "30"],
+    );
+    assert!(o.status.success(), "v1 is not healthy: {}", text(&o));
+    assert!(text(&o).contains("healthy"), "{}", text(&o));
+    assert!(
+        fake.status_text().starts_with("last cycle ok"),
+        "{}",
+        fake.status_text()
+    );
+}
+
+/// The previous release is back, binary and unit, and running again.
+fn assert_rolled_back_to_v1(root: &Path, fake: &FakeSystemd, new_bin: &Path, new_unit: &[u8]) {
+    let bin = root.join("usr/local/bin");
+    assert_eq!(
+        fs::read(bin.join("meter-sync")).unwrap(),
+        fs::read(support::bin()).unwrap()
+    );
+    assert_unit(root, &fs::read(repo(UNIT)).unwrap());
+    // The failed release is kept as "previous": a second rollback would retry it.
+    assert_eq!(
+        fs::read(bin.join("meter-sync.prev")).unwrap(),
+        fs::read(new_bin).unwrap()
+    );
+    assert_eq!(
+        fs::read(root.join("usr/local/lib/meter-sync/meter-sync.service.prev")).unwrap(),
+        new_unit
+    );
+    assert_eq!(
+        fake.systemctl(&["is-active", "meter-sync.service"]),
+        "active"
+    );
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(30), || fake
+            .status_text()
+            .starts_with("last cycle ok")),
+        "the restored release is not healthy: {}",
+        fake.status_text()
+    );
+}
+
+#[test]
+fn upgrade_to_a_binary_that_exits_78_is_rolled_back() {
+    let s = Sandbox::new();
+    let dir = temp_dir("gate78");
+    let (root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    let v2 = broken_release(&dir, "v2-exits-78", "BATCH_SIZE=lots");
+    let (u2, u2_bytes) = unit_variant(&dir, "release 2");
+    let o = fake.deploy(
+        "install",
+        &[
+            "--binary",
+            v2.to_str().unwrap(),
+            "--unit",
+            u2.to_str().unwrap(),
+        ],
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("not healthy"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    // The journal excerpt says why: the configuration error of the new release.
+    assert!(out.contains("BATCH_SIZE"), "no journal excerpt: {out}");
+    assert_rolled_back_to_v1(&root, &fake, &v2, &u2_bytes);
+    drop(fake);
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
+fn upgrade_that_never_completes_a_cycle_is_rolled_back_after_the_bound() {
+    let s = Sandbox::new();
+    let dir = temp_dir("gatehang");
+    let (root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    // Up and READY, but its local database is never there: no cycle runs.
+    let v2 = broken_release(
+        &dir,
+        "v2-no-cycle",
+        &format!("POSTGRES_SYNC_PORT={}", support::free_port()),
+    );
+    let (u2, u2_bytes) = unit_variant(&dir, "release 2");
+    let t = std::time::Instant::now();
+    let o = fake.deploy(
+        "install",
+        &[
+            "--binary",
+            v2.to_str().unwrap(),
+            "--unit",
+            u2.to_str().unwrap(),
+            "--health-timeout",
+            "6",
+        ],
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("no successful cycle within 6 s"), "{out}");
+    assert!(t.elapsed() >= std::time::Duration::from_secs(6), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    assert_rolled_back_to_v1(&root, &fake, &v2, &u2_bytes);
+    drop(fake);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// deploy/rollback restores the unit the previous release was installed with,
+/// not only its binary, and restarts onto it.
+#[test]
+fn rollback_restores_the_previous_unit_too() {
+    let s = Sandbox::new();
+    let dir = temp_dir("rollunit");
+    let (root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    let mut b = fs::read(support::bin()).unwrap();
+    b.push(0);
+    let v2 = dir.join("v2");
+    fs::write(&v2, &b).unwrap();
+    fs::set_permissions(&v2, fs::Permissions::from_mode(0o755)).unwrap();
+    let (u2, u2_bytes) = unit_variant(&dir, "release 2");
+    let o = fake.deploy(
+        "install",
+        &[
+            "--binary",
+            v2.to_str().unwrap(),
+            "--unit",
+            u2.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_unit(&root, &u2_bytes);
+    let o = fake.deploy("rollback", &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_rolled_back_to_v1(&root, &fake, &v2, &u2_bytes);
+    let calls = fs::read_to_string(dir.join("fake-state/calls")).unwrap();
+    let tail: Vec<&str> = calls.lines().rev().take(3).collect();
+    assert!(
+        calls
+            .lines()
+            .rev()
+            .skip_while(|l| !l.contains("restart"))
+            .nth(1)
+            .is_some_and(|l| l.contains("daemon-reload")),
+        "no daemon-reload before the restart: {tail:?}"
+    );
+    drop(fake);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// deploy/build-release builds into CARGO_TARGET_DIR and reports the binary it
+/// built there (seen before: a rustls build into another directory reported as
+/// the stale 4.99 MiB OpenSSL binary in target/).
+#[test]
+#[ignore = "a full static build from scratch (10+ min on 2 cores): .ci/cross runs it with --ignored"]
+fn build_release_honours_cargo_target_dir() {
+    let dir = temp_dir("buildrel");
+    // Relative, from another working directory: cargo must not see it relative to
+    // the repository.
+    let o = run(Command::new(repo("deploy/build-release"))
+        .arg("aarch64")
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", "tgt")
+        .env("CARGO_ARGS", "--no-default-features --features rustls"));
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let bin = dir.join("tgt/aarch64-unknown-linux-musl/release/meter-sync");
+    let sha = ok(Command::new("sha256sum").arg(&bin));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("aarch64-unknown-linux-musl "))
+        .unwrap_or_else(|| panic!("no result line: {out}"));
+    assert!(
+        line.contains(&sha[..16]),
+        "reported another binary: {line}\n{sha}"
+    );
+    let size = fs::metadata(&bin).unwrap().len();
+    assert!(line.contains(&format!(" {size} bytes")), "{line}");
     let _ = fs::remove_dir_all(dir);
 }

@@ -268,12 +268,23 @@ fn an_ip_address_host_matches_the_ip_san_under_verify_full() {
 }
 
 #[test]
-fn require_accepts_a_self_signed_certificate_that_verify_ca_refuses() {
+fn require_accepts_a_self_signed_certificate_only_without_a_root_file() {
     let c = self_signed_central();
     let mut s = sandbox_against(c);
     s.set("POSTGRES_CLIENT_SSLMODE", "require");
-    migrate_remote(&s).assert_ok();
-    // Not even a bundle is needed.
+    // As in libpq, a root file makes require check the chain like verify-ca.
+    if cfg!(feature = "rustls") {
+        assert_refused(&migrate_remote(&s), &["it is a CA certificate"]);
+    } else {
+        assert_refused(
+            &migrate_remote(&s),
+            &[
+                "not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT",
+                "sslmode=prefer and require verify the chain, as libpq does",
+            ],
+        );
+    }
+    // Without one, require is encryption only.
     s.unset("POSTGRES_CLIENT_SSLROOTCERT");
     migrate_remote(&s).assert_ok();
     s.set("POSTGRES_CLIENT_SSLMODE", "verify-ca")
@@ -290,8 +301,11 @@ fn require_accepts_a_self_signed_certificate_that_verify_ca_refuses() {
             &migrate_remote(&s),
             &["not signed by a CA in POSTGRES_CLIENT_SSLROOTCERT"],
         );
-        // As with libpq, trusting the self-signed certificate itself works.
+        // As with libpq, trusting the self-signed certificate itself works, for
+        // require as for verify-ca.
         s.set("POSTGRES_CLIENT_SSLROOTCERT", self_signed.display());
+        migrate_remote(&s).assert_ok();
+        s.set("POSTGRES_CLIENT_SSLMODE", "require");
         migrate_remote(&s).assert_ok();
     }
 }
@@ -477,4 +491,402 @@ fn malformed_or_mismatched_tls_files_exit_78_naming_the_variable_from_every_comm
             }
         }
     }
+}
+
+/// Signed for localhost by a CA the gateway is not given.
+fn unknown_ca_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            let dir = &c.certs.as_ref().unwrap().dir;
+            issue(
+                dir,
+                "stranger",
+                unrelated_ca(),
+                "localhost",
+                "DNS:localhost,IP:127.0.0.1",
+                30,
+            )
+        })
+    })
+}
+
+/// As [`unknown_ca_central`], and it also takes password logins without TLS.
+fn unknown_ca_plaintext_too_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with(
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            |c| {
+                let dir = &c.certs.as_ref().unwrap().dir;
+                issue(
+                    dir,
+                    "stranger",
+                    unrelated_ca(),
+                    "localhost",
+                    "DNS:localhost,IP:127.0.0.1",
+                    30,
+                )
+            },
+        )
+    })
+}
+
+/// Whether `psql` (libpq) connects to localhost:`port` with `sslmode` and, if
+/// given, `sslrootcert`; with its error text. HOME is an empty directory, so
+/// libpq finds no ~/.postgresql/root.crt (nor a client certificate) of its own.
+fn psql_connects(port: u16, sslmode: &str, root: Option<&Path>, home: &Path) -> (bool, String) {
+    let mut c = Command::new("psql");
+    c.args(["-X", "-w", "-A", "-t", "-c", "SELECT 1"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", home)
+        .env("PGHOST", "localhost")
+        .env("PGPORT", port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .env("PGPASSWORD", CENTRAL_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGSSLMODE", sslmode);
+    if let Some(r) = root {
+        c.env("PGSSLROOTCERT", r);
+    }
+    let out = c
+        .output()
+        .expect("psql (postgresql-client; .ci/setup installs it)");
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1";
+    (ok, String::from_utf8_lossy(&out.stderr).trim().to_string())
+}
+
+/// Whether meter-sync connects to central with the same settings: `status
+/// --json` makes one connection attempt and one round trip.
+fn meter_sync_connects(
+    s: &mut Sandbox,
+    port: u16,
+    sslmode: &str,
+    root: Option<&Path>,
+) -> (bool, String) {
+    s.set("POSTGRES_CLIENT_HOST", "localhost")
+        .set("POSTGRES_CLIENT_PORT", port)
+        .set("POSTGRES_CLIENT_DB", "postgres")
+        .set("POSTGRES_CLIENT_SSLMODE", sslmode);
+    match root {
+        Some(r) => s.set("POSTGRES_CLIENT_SSLROOTCERT", r.display()),
+        None => s.unset("POSTGRES_CLIENT_SSLROOTCERT"),
+    };
+    let r = s.run(&["status", "--json"]);
+    if r.code == Some(78) {
+        // rustls without any system CA certificate refuses verify-* at start.
+        return (false, r.all());
+    }
+    r.assert_ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("status --json");
+    let central = &v["central"];
+    (
+        central["reachable"] == serde_json::Value::Bool(true),
+        central["error"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// Issue 13 item 5: for five server set-ups (and a sixth for prefer's fallback)
+/// and the five sslmodes, with and without a root file, meter-sync connects
+/// exactly when libpq (psql) does.
+#[test]
+fn every_sslmode_against_every_server_connects_exactly_when_libpq_does() {
+    type Setup = (&'static str, fn() -> &'static Cluster);
+    let setups: [Setup; 6] = [
+        ("no TLS", || &shared().0),
+        ("trusted CA", || &shared().1),
+        ("unknown CA", unknown_ca_central),
+        ("other host name", wrong_host_central),
+        ("expired", expired_central),
+        // prefer's second chance: libpq retries without TLS when the handshake fails.
+        (
+            "unknown CA, plaintext too",
+            unknown_ca_plaintext_too_central,
+        ),
+    ];
+    // The root file is always the test CA of the set-up's own cluster: it signed
+    // the served certificate except for the two unknown-CA servers. For "no TLS"
+    // any file will do.
+    let root_of = |c: &Cluster| -> PathBuf {
+        match &c.certs {
+            Some(_) => ca_of(c).0,
+            None => shared().1.certs.as_ref().unwrap().ca.clone(),
+        }
+    };
+    let home = temp_dir("libpq-home");
+    // One thread per set-up: the cells wait on handshakes and process starts.
+    /// (cell label, libpq connects, its error, meter-sync connects, its error)
+    type Cell = (String, bool, String, bool, String);
+    let rows: Vec<Vec<Cell>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = setups
+            .iter()
+            .map(|(name, cluster)| {
+                let home = &home;
+                scope.spawn(move || {
+                    let c = cluster();
+                    let mut s = Sandbox::new();
+                    let mut cells = Vec::new();
+                    for root in [Some(root_of(c)), None] {
+                        for mode in ["disable", "prefer", "require", "verify-ca", "verify-full"] {
+                            let (lib, lib_err) = psql_connects(c.port, mode, root.as_deref(), home);
+                            let (ours, our_err) =
+                                meter_sync_connects(&mut s, c.port, mode, root.as_deref());
+                            let label = format!(
+                                "{:16} {name:26} {mode:12}",
+                                if root.is_some() {
+                                    "sslrootcert set"
+                                } else {
+                                    "no sslrootcert"
+                                }
+                            );
+                            cells.push((label, lib, lib_err, ours, our_err));
+                        }
+                    }
+                    cells
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut table = String::new();
+    let mut disagree = Vec::new();
+    let mut libpq_connects = 0;
+    let word = |b: bool| if b { "connects" } else { "refuses " };
+    for (label, lib, lib_err, ours, our_err) in rows.iter().flatten() {
+        libpq_connects += usize::from(*lib);
+        table.push_str(&format!(
+            "{label} libpq={} meter-sync={}\n",
+            word(*lib),
+            word(*ours)
+        ));
+        if lib != ours {
+            disagree.push(format!(
+                "{label}: libpq {} ({lib_err}), meter-sync {} ({our_err})",
+                word(*lib),
+                word(*ours)
+            ));
+        }
+    }
+    eprintln!("{table}");
+    assert_eq!(rows.iter().flatten().count(), 60);
+    assert!(disagree.is_empty(), "{}\n{table}", disagree.join("\n"));
+    // Not a vacuous agreement: libpq itself both connects and refuses.
+    assert!(libpq_connects > 5 && libpq_connects < 55, "{table}");
+}
+
+/// SCRAM over TLS with `POSTGRES_CLIENT_CHANNEL_BINDING=require` logs in only
+/// with SCRAM-SHA-256-PLUS (tokio-postgres refuses anything else), and the server
+/// checks the binding: so this succeeding proves the backend hands over the right
+/// `tls-server-end-point` hash of the server's certificate.
+#[test]
+fn channel_binding_require_logs_in_with_scram_plus() {
+    let mut s = Sandbox::new();
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    migrate_remote(&s).assert_ok();
+    s.insert_readings(5);
+    let r = s.run(&["once"]);
+    assert!(r.all().contains("uploaded 5"), "{}", r.all());
+    // Under require with a root file, as under verify-full.
+    s.set("POSTGRES_CLIENT_SSLMODE", "require");
+    migrate_remote(&s).assert_ok();
+}
+
+/// A central that asks for the password in clear, as a man in the middle with a
+/// certificate of its own would: only channel_binding=require refuses to answer.
+fn cleartext_password_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        Box::leak(Box::new(Cluster::start_with(
+            Role::Central,
+            "local all all trust\nhostssl all all 127.0.0.1/32 password\n",
+        )))
+    })
+}
+
+#[test]
+fn channel_binding_require_never_answers_a_request_for_the_password_in_clear() {
+    let mut s = sandbox_against(cleartext_password_central());
+    s.set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT");
+    // libpq's default: the password goes out (inside TLS, to whoever holds the key).
+    migrate_remote(&s).assert_ok();
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    assert_refused(&migrate_remote(&s), &["channel binding"]);
+}
+
+/// A man in the middle that terminates the gateway's TLS with a certificate of
+/// its own and opens its own TLS session to the real server, relaying everything
+/// and remembering what the gateway sent. Built with the openssl crate, so only in
+/// the OpenSSL build (the rustls build's binding is proven by
+/// `channel_binding_require_logs_in_with_scram_plus`).
+#[cfg(feature = "native-tls")]
+mod mitm {
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use openssl::ssl::{
+        SslAcceptor, SslConnector, SslFiletype, SslMethod, SslStream, SslVerifyMode,
+    };
+
+    /// PostgreSQL's SSLRequest: length 8, code 80877103.
+    const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 4, 210, 22, 47];
+
+    pub struct Mitm {
+        pub port: u16,
+        /// Everything the gateways sent through it, decrypted.
+        pub from_gateway: Arc<Mutex<Vec<u8>>>,
+    }
+
+    pub fn start(upstream: u16, cert: &Path, key: &Path) -> Mitm {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut acceptor = SslAcceptor::mozilla_intermediate(SslMethod::tls()).unwrap();
+        acceptor.set_certificate_chain_file(cert).unwrap();
+        acceptor
+            .set_private_key_file(key, SslFiletype::PEM)
+            .unwrap();
+        let acceptor = Arc::new(acceptor.build());
+        let from_gateway = Arc::new(Mutex::new(Vec::new()));
+        let log = from_gateway.clone();
+        std::thread::spawn(move || {
+            for gateway in listener.incoming().flatten() {
+                let (acceptor, log) = (acceptor.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let _ = relay(gateway, upstream, &acceptor, &log);
+                });
+            }
+        });
+        Mitm { port, from_gateway }
+    }
+
+    fn relay(
+        mut gateway: TcpStream,
+        upstream: u16,
+        acceptor: &SslAcceptor,
+        log: &Mutex<Vec<u8>>,
+    ) -> std::io::Result<()> {
+        let mut req = [0u8; 8];
+        gateway.read_exact(&mut req)?;
+        if req != SSL_REQUEST {
+            return Ok(());
+        }
+        gateway.write_all(b"S")?;
+        let mut down = acceptor.accept(gateway).map_err(std::io::Error::other)?;
+        let mut server = TcpStream::connect(("127.0.0.1", upstream))?;
+        server.write_all(&SSL_REQUEST)?;
+        let mut answer = [0u8; 1];
+        server.read_exact(&mut answer)?;
+        let mut connector = SslConnector::builder(SslMethod::tls()).unwrap();
+        connector.set_verify(SslVerifyMode::NONE);
+        let mut up = connector
+            .build()
+            .configure()
+            .unwrap()
+            .verify_hostname(false)
+            .connect("localhost", server)
+            .map_err(std::io::Error::other)?;
+        down.get_ref().set_nonblocking(true)?;
+        up.get_ref().set_nonblocking(true)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let a = pump(&mut down, &mut up, &mut buf, Some(log))?;
+            let b = pump(&mut up, &mut down, &mut buf, None)?;
+            if !a && !b {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Moves what `from` has to `to`; false when there was nothing.
+    fn pump(
+        from: &mut SslStream<TcpStream>,
+        to: &mut SslStream<TcpStream>,
+        buf: &mut [u8],
+        log: Option<&Mutex<Vec<u8>>>,
+    ) -> std::io::Result<bool> {
+        let n = match from.read(buf) {
+            Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if let Some(log) = log {
+            log.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+        let mut sent = 0;
+        while sent < n {
+            match to.write(&buf[sent..n]) {
+                Ok(k) => sent += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Issue 13 item 5's attacker: an active man in the middle whose certificate the
+/// gateway accepts (sslmode=require without a root file). Without channel binding
+/// it relays the SCRAM login and holds an authenticated session as the gateway;
+/// with it (prefer, libpq's default, when the server offers SCRAM-SHA-256-PLUS)
+/// the server sees that the gateway bound its login to another certificate and
+/// refuses. Against a server (or a middle) asking for the password in clear, only
+/// `require` keeps the password from the middle.
+#[cfg(feature = "native-tls")]
+#[test]
+fn a_man_in_the_middle_is_stopped_by_channel_binding() {
+    let (cert, key) = issue(
+        pki(),
+        "mitm",
+        unrelated_ca(),
+        "localhost",
+        "DNS:localhost,IP:127.0.0.1",
+        30,
+    );
+    let mut s = Sandbox::new();
+    let central_port = s.central_cluster().port;
+    let m = mitm::start(central_port, &cert, &key);
+    s.set("POSTGRES_CLIENT_PORT", m.port)
+        .set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT");
+    // Without binding the relayed login works: the middle is real.
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "disable");
+    migrate_remote(&s).assert_ok();
+    // With it, the server refuses the login bound to the middle's certificate.
+    for cb in ["prefer", "require"] {
+        s.set("POSTGRES_CLIENT_CHANNEL_BINDING", cb);
+        assert_refused(&migrate_remote(&s), &["channel binding"]);
+    }
+    // With a root file, require refuses the middle's certificate outright.
+    s.set(
+        "POSTGRES_CLIENT_SSLROOTCERT",
+        s.central_cluster().certs.as_ref().unwrap().ca.display(),
+    );
+    assert_refused(&migrate_remote(&s), &["not signed by a CA"]);
+    assert!(!String::from_utf8_lossy(&m.from_gateway.lock().unwrap()).contains(CENTRAL_PASSWORD));
+
+    // A middle in front of a server that asks for the password in clear reads it
+    // under prefer, and never sees it under require.
+    let phisher = mitm::start(cleartext_password_central().port, &cert, &key);
+    let mut s = sandbox_against(cleartext_password_central());
+    s.set("POSTGRES_CLIENT_PORT", phisher.port)
+        .set("POSTGRES_CLIENT_SSLMODE", "require")
+        .unset("POSTGRES_CLIENT_SSLROOTCERT")
+        .set("POSTGRES_CLIENT_CHANNEL_BINDING", "require");
+    assert_refused(&migrate_remote(&s), &["channel binding"]);
+    let seen = || String::from_utf8_lossy(&phisher.from_gateway.lock().unwrap()).into_owned();
+    assert!(!seen().contains(CENTRAL_PASSWORD));
+    s.set("POSTGRES_CLIENT_CHANNEL_BINDING", "prefer");
+    migrate_remote(&s).assert_ok();
+    assert!(
+        seen().contains(CENTRAL_PASSWORD),
+        "the middle read no password"
+    );
 }

@@ -153,7 +153,7 @@ const AIMED: [(Aim, When, Action); 10] = [
 /// synchronous_commit on.
 fn own(role: Role, hba: &str) -> &'static Cluster {
     let c: &'static Cluster = Box::leak(Box::new(Cluster::start_with(role, hba)));
-    c.set_system("synchronous_commit", "on");
+    c.set_and_reload("synchronous_commit", "on");
     c
 }
 
@@ -252,7 +252,7 @@ fn p5_every_reading_arrives_exactly_once_through_kills_crashes_and_cut_links() {
                 4 => {
                     // The local server crashes under the daemon and the collector.
                     crashes += 1;
-                    local.crash();
+                    local.kill_postmaster();
                     thread::sleep(rng.ms(0, 500));
                     local.start_after_crash();
                 }
@@ -264,11 +264,17 @@ fn p5_every_reading_arrives_exactly_once_through_kills_crashes_and_cut_links() {
                     central.restart();
                 }
                 6 => {
-                    // Central crashes.
+                    // Central crashes: its postmaster SIGKILLed, or an immediate stop.
                     restarts += 1;
-                    central.crash();
-                    thread::sleep(rng.ms(0, 500));
-                    central.start_after_crash();
+                    if rng.range(0, 1) == 0 {
+                        central.kill_postmaster();
+                        thread::sleep(rng.ms(0, 500));
+                        central.start_after_crash();
+                    } else {
+                        central.crash();
+                        thread::sleep(rng.ms(0, 500));
+                        central.restart();
+                    }
                 }
                 _ => {}
             }

@@ -831,7 +831,9 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     let run = s.run(&["once"]);
     assert!(!last_upload_log(&s).0);
     let n = slice_statements(&run.stderr);
-    eprintln!("450 readings of a month without a partition: {n} statements to find it is central's fault");
+    eprintln!(
+        "450 readings of a month without a partition: {n} statements to find it is central's fault"
+    );
     assert!((16..=60).contains(&n), "{n} statements:\n{}", run.stderr);
     assert_eq!(quarantined(&mut l), []);
 

@@ -5,32 +5,31 @@ use openssl::x509::X509;
 use tokio_postgres::tls::ChannelBinding;
 use tokio_postgres::Socket;
 
-use super::{Cause, Files};
-use crate::config::SslMode;
+use super::{Cause, Counted, Files, Verify};
 use crate::error::{Error, Kind, Result};
 
 pub const NAME: &str = "OpenSSL via native-tls";
 
-pub type Stream = tokio_native_tls::TlsStream<Socket>;
+pub type Stream = tokio_native_tls::TlsStream<Counted<Socket>>;
 
 pub struct Connector(tokio_native_tls::TlsConnector);
 
 impl Connector {
-    pub fn build(mode: SslMode, files: &Files) -> Result<Connector> {
+    pub fn build(verify: Verify, files: &Files) -> Result<Connector> {
         let mut b = native_tls::TlsConnector::builder();
         b.min_protocol_version(Some(native_tls::Protocol::Tlsv12));
-        match mode {
-            SslMode::Disable | SslMode::Prefer | SslMode::Require => {
+        match verify {
+            Verify::Nothing => {
                 b.danger_accept_invalid_certs(true);
                 b.danger_accept_invalid_hostnames(true);
             }
-            SslMode::VerifyCa => {
+            Verify::Chain => {
                 b.danger_accept_invalid_hostnames(true);
             }
             // OpenSSL checks the DNS names, or the IP addresses when the host is
             // one, of the certificate's subjectAltName (the CN only without DNS SANs,
             // as libpq does).
-            SslMode::VerifyFull => {}
+            Verify::ChainAndName => {}
         }
         if let Some(roots) = &files.roots {
             let certs = X509::stack_from_pem(&roots.bytes)
@@ -87,12 +86,20 @@ impl Connector {
     pub async fn handshake(
         &self,
         host: &str,
-        socket: Socket,
+        socket: Counted<Socket>,
     ) -> std::result::Result<Stream, (Cause, String)> {
         self.0.connect(host, socket).await.map_err(|e| classify(&e))
     }
 }
 
+/// The first certificate of a PEM file, as DER.
+pub fn first_cert_der(pem: &[u8]) -> Option<Vec<u8>> {
+    X509::stack_from_pem(pem).ok()?.first()?.to_der().ok()
+}
+
+/// OpenSSL hashes the server's certificate for `tls-server-end-point` itself
+/// (with the hash of its signature, SHA-256 for MD5 and SHA-1, as RFC 5929 says),
+/// which lets tokio-postgres authenticate with SCRAM-SHA-256-PLUS.
 pub fn channel_binding(s: &Stream) -> ChannelBinding {
     match s.get_ref().tls_server_end_point() {
         Ok(Some(hash)) => ChannelBinding::tls_server_end_point(hash),

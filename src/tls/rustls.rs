@@ -17,18 +17,17 @@ use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureSc
 use tokio_postgres::tls::ChannelBinding;
 use tokio_postgres::Socket;
 
-use super::{Cause, Files};
-use crate::config::SslMode;
+use super::{Cause, Counted, Files, Verify};
 use crate::error::{Error, Kind, Result};
 
 pub const NAME: &str = "rustls with ring";
 
-pub type Stream = tokio_rustls::client::TlsStream<Socket>;
+pub type Stream = tokio_rustls::client::TlsStream<Counted<Socket>>;
 
 pub struct Connector(tokio_rustls::TlsConnector);
 
 impl Connector {
-    pub fn build(mode: SslMode, files: &Files) -> Result<Connector> {
+    pub fn build(verify: Verify, files: &Files) -> Result<Connector> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = match &files.roots {
             Some(f) => {
@@ -65,17 +64,17 @@ impl Connector {
             }
             Ok(Arc::new(store))
         };
-        let verifier: Arc<dyn ServerCertVerifier> = match mode {
-            SslMode::VerifyFull => {
+        let verifier: Arc<dyn ServerCertVerifier> = match verify {
+            Verify::ChainAndName => {
                 WebPkiServerVerifier::builder_with_provider(trust(roots)?, provider.clone())
                     .build()
                     .map_err(|e| Error::new(Kind::Tls, format!("set up TLS: {e}")))?
             }
-            SslMode::VerifyCa => Arc::new(NameBlind {
+            Verify::Chain => Arc::new(NameBlind {
                 roots: Some(trust(roots)?),
                 provider: provider.clone(),
             }),
-            SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(NameBlind {
+            Verify::Nothing => Arc::new(NameBlind {
                 roots: None,
                 provider: provider.clone(),
             }),
@@ -112,7 +111,7 @@ impl Connector {
     pub async fn handshake(
         &self,
         host: &str,
-        socket: Socket,
+        socket: Counted<Socket>,
     ) -> std::result::Result<Stream, (Cause, String)> {
         let name = ServerName::try_from(host.to_string()).map_err(|e| {
             (
@@ -124,11 +123,30 @@ impl Connector {
     }
 }
 
-/// No tls-server-end-point binding: it would need an X.509 parser for the hash
-/// algorithm, and SCRAM without it is what libpq does by default (channel_binding=prefer
-/// falls back).
-pub fn channel_binding(_: &Stream) -> ChannelBinding {
-    ChannelBinding::none()
+/// The first certificate of a PEM file, as DER.
+pub fn first_cert_der(pem: &[u8]) -> Option<Vec<u8>> {
+    let first = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    Some(first.as_ref().to_vec())
+}
+
+/// `tls-server-end-point` (RFC 5929): the hash of the server's certificate with
+/// the hash of its signature algorithm (SHA-256 for MD5 and SHA-1), which lets
+/// tokio-postgres authenticate with SCRAM-SHA-256-PLUS. rustls does not compute
+/// it; sha2 is already in the binary for SCRAM itself (postgres-protocol).
+pub fn channel_binding(s: &Stream) -> ChannelBinding {
+    use sha2::Digest;
+    let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return ChannelBinding::none();
+    };
+    let der = cert.as_ref();
+    let hash = match super::der::end_point_hash(der) {
+        Some(super::der::EndPointHash::Sha224) => sha2::Sha224::digest(der).to_vec(),
+        Some(super::der::EndPointHash::Sha256) => sha2::Sha256::digest(der).to_vec(),
+        Some(super::der::EndPointHash::Sha384) => sha2::Sha384::digest(der).to_vec(),
+        Some(super::der::EndPointHash::Sha512) => sha2::Sha512::digest(der).to_vec(),
+        None => return ChannelBinding::none(),
+    };
+    ChannelBinding::tls_server_end_point(hash)
 }
 
 /// The TLS alert the server sent, if `e` is one.

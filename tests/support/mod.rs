@@ -908,12 +908,20 @@ pub fn heavy_lock() -> std::sync::MutexGuard<'static, ()> {
     L.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+pub mod notify;
+/// Booted systemd containers for tests/systemd.rs and tests/ansible.rs (issue 15b).
+pub mod nspawn;
+
+/// PgBouncer in front of central, and streaming standbys (issue 13a).
+pub mod pgbouncer;
+pub mod replica;
+
 /// Crashes and restarts, for soak tests (SIGKILL of the postmaster, as the OOM
 /// killer or a power cut of the server process would).
 impl Cluster {
     /// SIGKILLs the postmaster and waits until it is gone. Its backends notice and
     /// exit by themselves; nothing is flushed or shut down cleanly.
-    pub fn crash(&self) {
+    pub fn kill_postmaster(&self) {
         let pid_file =
             std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
         let Some(pid) = pid_file
@@ -932,8 +940,9 @@ impl Cluster {
         );
     }
 
-    /// Starts the server after a crash: crash recovery runs first; the start is
-    /// retried while the dead server's backends still hold its shared memory.
+    /// Starts the server after [`Cluster::kill_postmaster`]: crash recovery runs
+    /// first; the start is retried while the dead server's backends still hold its
+    /// shared memory.
     pub fn start_after_crash(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -951,14 +960,5 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-
-    /// `ALTER SYSTEM SET name = value` and a reload.
-    pub fn set_system(&self, name: &str, value: &str) {
-        let mut c = self.admin();
-        // Two round trips: ALTER SYSTEM refuses to run inside a multi-statement batch.
-        c.batch_execute(&format!("ALTER SYSTEM SET {name} = '{value}'"))
-            .unwrap();
-        c.batch_execute("SELECT pg_reload_conf()").unwrap();
     }
 }

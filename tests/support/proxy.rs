@@ -57,6 +57,8 @@ struct Shared {
     refuse: AtomicBool,
     blackhole: AtomicBool,
     delay_ns: AtomicU64,
+    /// Bytes per second per direction and connection; 0: unlimited. See [`Proxy::throttle`].
+    rate: AtomicU64,
     total: AtomicUsize,
     up: AtomicU64,
     down: AtomicU64,
@@ -77,11 +79,12 @@ pub enum Aim {
     /// `meter_readings`, or a simple Query starting with one: the batch has not reached central.
     Insert,
     /// Server to client: a CommandComplete `INSERT 0 n` or `COPY n` with n at least the given
-    /// number (so that one-row upserts of other tables, such as a heartbeat, do not match), or
-    /// `COMMIT`: central has executed the batch (and, in an implicit transaction, committed it).
+    /// number (so that one-row upserts of other tables, such as a heartbeat, do not match):
+    /// central has executed the batch (and, in an implicit transaction, committed it).
     Complete(u64),
-    /// Server to client: the ReadyForQuery with status idle that follows such a CommandComplete:
-    /// the commit's acknowledgement.
+    /// Server to client: the first ReadyForQuery with status idle after such a CommandComplete
+    /// (in an explicit transaction, the one that answers its COMMIT): the commit's
+    /// acknowledgement.
     Commit(u64),
 }
 
@@ -506,13 +509,51 @@ fn deliver(sh: &Shared, conn: &Conn, dir: Dir) {
             let _ = dst.shutdown(Shutdown::Write);
             return;
         }
-        if dst.write_all(&chunk.bytes).is_err() {
+        if write_paced(sh, conn, &mut dst, &chunk.bytes).is_err() {
             conn.kill();
             return;
         }
         sh.counter(dir).fetch_add(chunk.bytes.len() as u64, SeqCst);
         queue = lock(&pipe.queue);
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Bandwidth cap (a slow cellular uplink)
+// ---------------------------------------------------------------------------------------
+
+/// Pieces a throttled chunk is written in, so the cap holds over short windows too.
+const PACE_PIECE: usize = 4 * 1024;
+
+impl Proxy {
+    /// Caps each direction of each connection at `bytes_per_second` (0: no cap), from the
+    /// next chunk on: what a slow uplink does to a long download. Latency is unchanged.
+    pub fn throttle(&self, bytes_per_second: u64) {
+        self.shared.rate.store(bytes_per_second, SeqCst);
+        self.shared.wake_all();
+    }
+}
+
+/// Writes `bytes` at no more than the throttle rate: piece by piece, each followed by the
+/// pause its size costs at that rate. Stops early when the connection is killed.
+fn write_paced(
+    sh: &Shared,
+    conn: &Conn,
+    dst: &mut &TcpStream,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let rate = sh.rate.load(SeqCst);
+    if rate == 0 {
+        return dst.write_all(bytes);
+    }
+    for piece in bytes.chunks(PACE_PIECE) {
+        if sh.halted(conn) {
+            return Err(std::io::Error::from(ErrorKind::ConnectionAborted));
+        }
+        dst.write_all(piece)?;
+        thread::sleep(Duration::from_secs_f64(piece.len() as f64 / rate as f64));
+    }
+    Ok(())
 }
 
 /// Follows the PostgreSQL protocol's framing in one direction, to find the messages aimed
@@ -535,7 +576,7 @@ struct Scan {
     start: Option<usize>,
     /// Prepared statements (name) that insert readings.
     inserts: std::collections::HashMap<Vec<u8>, bool>,
-    /// Rows of the last matching CommandComplete, until its ReadyForQuery.
+    /// Rows inserted in the transaction in progress, until it ends.
     completed: Option<u64>,
 }
 
@@ -667,21 +708,26 @@ impl Scan {
             (Dir::Down, b'C') => {
                 let (tag, _) = cstr(&self.body);
                 let tag = String::from_utf8_lossy(&tag).to_string();
-                let rows = if tag == "COMMIT" {
-                    Some(u64::MAX)
-                } else if tag.starts_with("INSERT ") || tag.starts_with("COPY ") {
-                    tag.rsplit(' ').next().and_then(|n| n.parse().ok())
-                } else {
-                    None
-                };
-                self.completed = rows;
+                let rows: Option<u64> = (tag.starts_with("INSERT ") || tag.starts_with("COPY "))
+                    .then(|| tag.rsplit(' ').next().and_then(|n| n.parse().ok()))
+                    .flatten();
+                if let Some(n) = rows {
+                    self.completed = Some(self.completed.unwrap_or(0).max(n));
+                }
                 rows.map(Aim::Complete)
             }
-            (Dir::Down, b'Z') => {
-                let idle = self.body.first() == Some(&b'I');
-                let done = self.completed.take();
-                done.filter(|_| idle).map(Aim::Commit)
-            }
+            (Dir::Down, b'Z') => match self.body.first() {
+                // Idle again: the transaction that held the insert (implicit, or ended by
+                // COMMIT) has committed.
+                Some(b'I') => self.completed.take().map(Aim::Commit),
+                // Still in the transaction: the commit is yet to come.
+                Some(b'T') => None,
+                // Failed: it will be rolled back.
+                _ => {
+                    self.completed = None;
+                    None
+                }
+            },
             _ => None,
         };
         let event = event?;

@@ -1,0 +1,251 @@
+//! The two downloaded tables and the SQL built from their column lists.
+
+use std::sync::atomic::AtomicBool;
+
+/// One downloaded table: its key and the columns compared and copied (the key
+/// excluded), each with the type it is staged as. Central values are cast to these
+/// types so that the binary COPY format matches whatever central declared
+/// (`text` and `varchar` alike).
+pub struct Table {
+    pub table: &'static str,
+    pub key: &'static str,
+    /// "meter", "tenant": for log lines about one row.
+    pub noun: &'static str,
+    /// "meters", "tenants": for log lines about the table.
+    pub plural: &'static str,
+    pub columns: &'static [(&'static str, &'static str)],
+    /// Set once this process has reconciled the table in full: the first download
+    /// of every process is a full one.
+    pub reconciled: AtomicBool,
+    /// Set once the "central has no change tracking" warning was logged.
+    pub warned_untracked: AtomicBool,
+    /// Central lacks the snapshot functions (before PostgreSQL 13).
+    pub pre_13: AtomicBool,
+}
+
+pub static METERS: Table = Table {
+    table: "meters",
+    key: "meter_id",
+    noun: "meter",
+    plural: "meters",
+    columns: &[
+        ("name", "text"),
+        ("location_id", "text"),
+        ("meter_type", "text"),
+        ("unit", "text"),
+        ("configuration", "jsonb"),
+        ("updated_at", "timestamptz"),
+    ],
+    reconciled: AtomicBool::new(false),
+    warned_untracked: AtomicBool::new(false),
+    pre_13: AtomicBool::new(false),
+};
+
+pub static TENANTS: Table = Table {
+    table: "tenant",
+    key: "tenant_id",
+    noun: "tenant",
+    plural: "tenants",
+    columns: &[
+        ("name", "text"),
+        ("configuration", "jsonb"),
+        ("metadata", "jsonb"),
+        ("updated_at", "timestamptz"),
+    ],
+    reconciled: AtomicBool::new(false),
+    warned_untracked: AtomicBool::new(false),
+    pre_13: AtomicBool::new(false),
+};
+
+/// Which central rows one download asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Every row (a full reconciliation).
+    All,
+    /// Rows whose `change_xid` is at or past this watermark.
+    ChangedSince(u64),
+}
+
+impl Rows {
+    /// The WHERE clause on central. The watermark is a number we parsed, so
+    /// inlining it cannot inject anything; a literal keeps the COPY a single
+    /// unparameterised statement.
+    fn filter(self) -> String {
+        match self {
+            Rows::All => String::new(),
+            Rows::ChangedSince(wm) => format!(" WHERE change_xid >= '{wm}'::xid8"),
+        }
+    }
+}
+
+impl Table {
+    /// Always schema-qualified: a permanent table that happens to carry the same
+    /// name can never be written instead.
+    pub fn staging(&self) -> String {
+        format!("pg_temp.tmp_{}", self.table)
+    }
+
+    fn all_columns(&self) -> impl Iterator<Item = &'static str> + '_ {
+        std::iter::once(self.key).chain(self.columns.iter().map(|c| c.0))
+    }
+
+    fn column_list(&self, prefix: &str) -> String {
+        self.all_columns()
+            .map(|c| format!("{prefix}{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The downloaded columns cast to the staging types, as central selects them.
+    fn central_columns(&self) -> String {
+        std::iter::once(format!("{}::text", self.key))
+            .chain(self.columns.iter().map(|(c, t)| format!("{c}::{t}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// One statement on central that says what a download of `rows` would bring
+    /// and where the next one resumes: the snapshot's xmin and xmax (the
+    /// watermark, and a check that central's transaction counter did not go
+    /// backwards), which database this is, how many rows, their size (the text
+    /// form of the downloaded columns: close to what the binary COPY carries) and
+    /// the largest row; whether row-level security filters what this role sees,
+    /// and whether central has the `change_xid` column. With `tracked` false (a central without migration 0002)
+    /// the snapshot functions are not used at all, so any server version answers.
+    pub fn probe_sql(&self, rows: Rows, tracked: bool) -> String {
+        let snapshot = if tracked {
+            "pg_snapshot_xmin(pg_current_snapshot())::text, \
+             pg_snapshot_xmax(pg_current_snapshot())::text"
+        } else {
+            "NULL::text, NULL::text"
+        };
+        let size = format!("octet_length(ROW({})::text)", self.central_columns());
+        format!(
+            "SELECT {snapshot}, current_database()::text, count(*), \
+                    coalesce(sum({size}), 0)::bigint, coalesce(max({size}), 0)::bigint, \
+                    row_security_active('{table}'), \
+                    EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table}'::regclass \
+                            AND attname = 'change_xid' AND NOT attisdropped) \
+             FROM {table}{filter}",
+            table = self.table,
+            filter = rows.filter()
+        )
+    }
+
+    /// Central's rows, cast to the staging types.
+    pub fn copy_out_sql(&self, rows: Rows) -> String {
+        format!(
+            "COPY (SELECT {} FROM {}{}) TO STDOUT (FORMAT binary)",
+            self.central_columns(),
+            self.table,
+            rows.filter()
+        )
+    }
+
+    /// The staging table lives as long as the connection and is emptied at every
+    /// commit: creating and dropping it every cycle would write a dozen catalog rows
+    /// (and their WAL) to the gateway's flash each minute for nothing. Its rows are
+    /// never WAL-logged. The primary key turns a duplicate id on central (a table
+    /// without its key) into a clear error rather than an arbitrary pick.
+    pub fn create_staging_sql(&self) -> String {
+        let cols = std::iter::once(format!("{} text PRIMARY KEY", self.key))
+            .chain(self.columns.iter().map(|(c, t)| format!("{c} {t}")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({cols}) ON COMMIT DELETE ROWS",
+            self.staging()
+        )
+    }
+
+    pub fn copy_in_sql(&self) -> String {
+        format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            self.staging(),
+            self.column_list("")
+        )
+    }
+
+    /// Compares, writes, and reports in one statement. `diff` is computed from the
+    /// local table as it was before this statement (all CTEs share one snapshot),
+    /// so the changed-field list describes old against new. Unchanged rows are not
+    /// touched at all: no dead tuples, no WAL. Returns one row per new, updated and
+    /// (with `report_gone`, for a full download only: a changes-only download
+    /// stages just the changed rows) locally-only id: (kind, id, name, changed
+    /// fields).
+    pub fn apply_sql(&self, report_gone: bool) -> String {
+        let (table, key, stg) = (self.table, self.key, self.staging());
+        let changed = self
+            .columns
+            .iter()
+            .map(|(c, _)| format!("CASE WHEN l.{c} IS DISTINCT FROM s.{c} THEN '{c}' END"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let set = self
+            .columns
+            .iter()
+            .map(|(c, _)| format!("{c} = s.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let cols = self.column_list("");
+        let s_cols = self.column_list("s.");
+        let gone = if report_gone {
+            format!(
+                "UNION ALL
+                 SELECT 'gone', l.{key}::text, l.name::text, NULL FROM {table} l
+                 WHERE NOT EXISTS (SELECT 1 FROM {stg} s WHERE s.{key} = l.{key})"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "WITH diff AS (
+                 SELECT s.{key} AS id, s.name, l.{key} IS NULL AS is_new,
+                        array_remove(ARRAY[{changed}]::text[], NULL) AS changed
+                 FROM {stg} s LEFT JOIN {table} l ON l.{key} = s.{key}
+             ), ins AS (
+                 INSERT INTO {table} ({cols}, synced_at)
+                 SELECT {s_cols}, now() FROM {stg} s JOIN diff d ON d.id = s.{key}
+                 WHERE d.is_new
+             ), upd AS (
+                 UPDATE {table} l SET {set}, synced_at = now()
+                 FROM {stg} s JOIN diff d ON d.id = s.{key}
+                 WHERE l.{key} = s.{key} AND NOT d.is_new AND cardinality(d.changed) > 0
+             )
+             SELECT 'new' AS kind, id, name, changed FROM diff WHERE is_new
+             UNION ALL
+             SELECT 'updated', id, name, changed FROM diff
+             WHERE NOT is_new AND cardinality(changed) > 0
+             {gone}
+             ORDER BY 1, 2"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_is_always_in_pg_temp() {
+        for t in [&METERS, &TENANTS] {
+            for sql in [t.create_staging_sql(), t.copy_in_sql(), t.apply_sql(true)] {
+                assert!(sql.contains("pg_temp.tmp_"), "{sql}");
+                assert!(
+                    !sql.replace("pg_temp.tmp_", "").contains("tmp_"),
+                    "unqualified staging name in {sql}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_changes_only_download_filters_on_the_watermark() {
+        let sql = METERS.copy_out_sql(Rows::ChangedSince(1234));
+        assert!(sql
+            .ends_with("FROM meters WHERE change_xid >= '1234'::xid8) TO STDOUT (FORMAT binary)"));
+        assert!(!METERS.copy_out_sql(Rows::All).contains("WHERE"));
+        assert!(!METERS.apply_sql(false).contains("'gone'"));
+        assert!(METERS.apply_sql(true).contains("'gone'"));
+    }
+}

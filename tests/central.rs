@@ -1,0 +1,582 @@
+//! Central as a fleet runs it: behind PgBouncer in transaction pooling mode (P22),
+//! with a synchronous standby (durability), and failing over to a promoted
+//! standby (P23).
+
+mod support;
+
+use std::time::Duration;
+
+use support::pgbouncer::{PgBouncer, Settings};
+use support::{shared, wait_until, Client, Cluster, Daemon, Sandbox};
+
+/// Every column of every central reading, as text, sorted by uid: the central
+/// `id` (its own sequence) and `sync_error` aside.
+fn central_readings(c: &mut Client) -> Vec<Vec<Option<String>>> {
+    rows_as_text(
+        c,
+        "SELECT reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, unit::text, \
+                metadata::text, created_at::text, sync_attempts::text \
+         FROM meter_readings ORDER BY reading_uid",
+    )
+}
+
+fn rows_as_text(c: &mut Client, sql: &str) -> Vec<Vec<Option<String>>> {
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
+    c.query(sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get::<_, Option<String>>(i))
+                .collect()
+        })
+        .collect()
+}
+
+/// Inserts `n` readings as the collector would and returns them, every column as
+/// central should end up with it (read back in the same statement, so a daemon
+/// already running cannot upload them before we look).
+fn collect(c: &mut Client, n: usize, offset: i64) -> Vec<Vec<Option<String>>> {
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
+    c.query(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata)
+         SELECT 'meter-' || (g % 50), timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => (g + $2::bigint)::float8),
+                (g * 1.25 + 0.001)::numeric, 'kWh',
+                CASE WHEN g % 7 = 0 THEN jsonb_build_object('seq', g, 'note', 'ü \"q\"') END
+         FROM generate_series(1, $1::bigint) g
+         RETURNING reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, unit::text,
+                   metadata::text, created_at::text, sync_attempts::text",
+        &[&(n as i64), &offset],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (0..r.len()).map(|i| r.get::<_, Option<String>>(i)).collect())
+    .collect()
+}
+
+fn seed_meters_and_tenants(c: &mut Client) {
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, configuration, updated_at)
+         SELECT 'meter-' || g, 'Meter ' || g, 'loc-' || (g % 5), 'electricity', 'kWh',
+                jsonb_build_object('ct', g), timestamptz '2026-01-01 00:00:00+00' + g * interval '1 min'
+         FROM generate_series(0, 49) g;
+         INSERT INTO tenant (tenant_id, name, configuration, metadata, updated_at)
+         SELECT 'tenant-' || g, 'Tenant ' || g, '{\"tariff\": \"A\"}', NULL, timestamptz '2026-02-01 00:00:00+00'
+         FROM generate_series(1, 5) g;",
+    )
+    .unwrap();
+}
+
+const METERS: &str = "SELECT meter_id::text, name::text, location_id::text, meter_type::text, \
+     unit::text, configuration::text, updated_at::text FROM meters ORDER BY meter_id";
+const TENANTS: &str = "SELECT tenant_id::text, name::text, configuration::text, metadata::text, \
+     updated_at::text FROM tenant ORDER BY tenant_id";
+
+fn pending(s: &Sandbox) -> i64 {
+    s.local_count("meter_readings WHERE NOT is_synchronized AND sync_error IS NULL")
+}
+
+/// Lines of a daemon log at level ERROR (any phase that failed logs one).
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains("ERROR")).collect()
+}
+
+/// A gateway's own local database on the shared local cluster, syncing with the
+/// central database `central_db` on `central`, through `port`.
+fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) -> Sandbox {
+    let (local, _) = shared();
+    let name = format!("gw{}_{tag}", std::process::id());
+    local.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, central_db);
+    s.set("POSTGRES_CLIENT_PORT", port);
+    s
+}
+
+fn stop(d: &mut Daemon) {
+    d.signal(libc::SIGTERM);
+    assert!(
+        d.wait_exit(Duration::from_secs(30)).is_some(),
+        "daemon did not stop:\n{}",
+        d.log_text()
+    );
+}
+
+#[test]
+fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
+    let (_, central) = shared();
+    let db = format!("p22_{}", std::process::id());
+    central.create_db(&db);
+    {
+        // A database whose defaults differ from ours: what the daemon needs, it
+        // must set itself, per transaction.
+        let mut a = central.admin();
+        a.batch_execute(&format!(
+            "ALTER DATABASE \"{db}\" SET TimeZone = 'America/New_York'; \
+             ALTER DATABASE \"{db}\" SET DateStyle = 'SQL, DMY'"
+        ))
+        .unwrap();
+    }
+    let pb = PgBouncer::start(central, &Settings::default());
+    let gws: Vec<Sandbox> = ["a", "b", "c"]
+        .iter()
+        .map(|t| gateway(central, &db, pb.port, t))
+        .collect();
+    // Schema changes through PgBouncer too (the remote one is idempotent).
+    for g in &gws {
+        g.migrate();
+    }
+    seed_meters_and_tenants(&mut central.connect(&db));
+
+    // Readings arrive at different times: a's before its daemon starts, b's
+    // while the daemons run, c's in waves.
+    let mut expected = collect(&mut gws[0].local(), 1500, 0);
+    let mut daemons: Vec<Daemon> = gws.iter().map(|g| g.spawn(&["run"])).collect();
+    std::thread::sleep(Duration::from_millis(700));
+    expected.extend(collect(&mut gws[1].local(), 1200, 10_000));
+    for wave in 0..3 {
+        expected.extend(collect(&mut gws[2].local(), 400, 20_000 + wave * 1000));
+        std::thread::sleep(Duration::from_millis(600));
+    }
+    expected.extend(collect(&mut gws[0].local(), 300, 30_000));
+    let total = expected.len() as i64;
+
+    let mut c = central.connect(&db);
+    let meters = rows_as_text(&mut c, METERS);
+    let tenants = rows_as_text(&mut c, TENANTS);
+    let done = wait_until(Duration::from_secs(60), || {
+        gws.iter().all(|g| pending(g) == 0)
+            && gws.iter().all(|g| {
+                rows_as_text(&mut g.local(), METERS) == meters
+                    && rows_as_text(&mut g.local(), TENANTS) == tenants
+            })
+    });
+    // One more full cycle each after everything arrived, so sync_logs has rows
+    // written after the last upload.
+    std::thread::sleep(Duration::from_millis(1500));
+    for d in &mut daemons {
+        stop(d);
+    }
+    let logs: Vec<String> = daemons.iter().map(|d| d.log_text()).collect();
+    assert!(
+        done,
+        "not in line within 60 s: pending {:?}\n{}",
+        gws.iter().map(pending).collect::<Vec<_>>(),
+        logs.join("\n----\n")
+    );
+
+    // Every reading exactly once, every column equal.
+    expected.sort();
+    let got = central_readings(&mut c);
+    assert_eq!(
+        got.len() as i64,
+        total,
+        "central holds {} of {total}",
+        got.len()
+    );
+    assert!(
+        got == expected,
+        "central's readings differ from the collected ones"
+    );
+
+    // No failed phase, no ERROR line.
+    for (g, log) in gws.iter().zip(&logs) {
+        let mut l = g.local();
+        let failed: i64 = l
+            .query_one("SELECT count(*) FROM sync_logs WHERE NOT success", &[])
+            .unwrap()
+            .get(0);
+        let phases: i64 = l
+            .query_one("SELECT count(*) FROM sync_logs", &[])
+            .unwrap()
+            .get(0);
+        assert!(phases >= 6, "only {phases} phases ran:\n{log}");
+        assert_eq!(failed, 0, "{failed} of {phases} phases failed:\n{log}");
+        assert!(error_lines(log).is_empty(), "ERROR lines:\n{log}");
+    }
+    // And it all went through PgBouncer, in transactions on its pool of two.
+    let pools = pb.admin_query("SHOW POOLS");
+    assert!(
+        pools.iter().any(|r| r[0] == db),
+        "PgBouncer never saw {db}: {pools:?}"
+    );
+    let stats = pb.admin_query("SHOW STATS");
+    let xacts: u64 = stats
+        .iter()
+        .find(|r| r[0] == db)
+        .map(|r| r[1].parse().unwrap())
+        .unwrap_or(0);
+    assert!(xacts > 50, "only {xacts} transactions through PgBouncer");
+    let bouncer_log = pb.log_text();
+    assert!(
+        !bouncer_log.contains("unsupported startup parameter"),
+        "{bouncer_log}"
+    );
+}
+
+/// Durability: an upload is acknowledged (and its readings deleted on the
+/// gateway) only once central's synchronous standbys have it, whatever central's
+/// default `synchronous_commit`. Here central names a synchronous standby that is
+/// not connected, and its default is `off` (the test clusters' setting), so a
+/// commit that did not ask for `synchronous_commit = on` would return at once.
+#[test]
+fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it() {
+    let central: &'static Cluster = Box::leak(Box::new(Cluster::start(support::Role::Central)));
+    let (local, _) = shared();
+    let name = format!("dur{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    central.set_and_reload("synchronous_standby_names", "standby_a");
+    // Our statement timeout (a little under this) must not cut the commit's wait
+    // short: PostgreSQL would then report the commit as done.
+    s.set("DB_QUERY_TIMEOUT_MS", 2000)
+        .set("MAX_QUERY_RETRIES", 0);
+    s.insert_readings(300);
+
+    let first = s.run(&["once"]);
+    assert_eq!(
+        pending(&s),
+        300,
+        "readings deleted while on one machine only:\n{}",
+        first.all()
+    );
+    let (ok, err): (bool, Option<String>) = {
+        let r = s
+            .local()
+            .query_one(
+                "SELECT success, error_message FROM sync_logs WHERE sync_type = 'upload' \
+                 ORDER BY id DESC LIMIT 1",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(!ok, "upload reported success:\n{}", first.all());
+    assert!(
+        err.as_deref().unwrap_or("").contains("no answer within"),
+        "{err:?}"
+    );
+
+    // The standby "arrives" (here: central stops asking for one): the waiting
+    // commits complete, and the next cycle finds the readings there already.
+    central.set_and_reload("synchronous_standby_names", "");
+    s.run(&["once"]).assert_ok();
+    assert_eq!(pending(&s), 0);
+    let mut c = s.central();
+    let (n, distinct): (i64, i64) = {
+        let r = c
+            .query_one(
+                "SELECT count(*), count(DISTINCT reading_uid) FROM meter_readings",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((n, distinct), (300, 300));
+}
+
+/// Applies `sql` and records it in the bookkeeping table as `meter-sync migrate`
+/// would have: a central exactly as an earlier release left it.
+fn migrate_central_by_hand(c: &mut Client, version: i32, name: &str, sql: &str) {
+    // FNV-1a 64, as src/migrate.rs checksums.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    c.batch_execute(sql).unwrap();
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS meter_sync_migrations (
+             version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO meter_sync_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+        &[&version, &name, &format!("{h:016x}")],
+    )
+    .unwrap();
+}
+
+/// Lines of a log that warn about the fleet heartbeat (its table missing).
+fn heartbeat_warnings(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("WARN") && (l.contains("gateway_status") || l.contains("heartbeat")))
+        .count()
+}
+
+/// A fleet upgrades its gateways over weeks, and central's migrations are the
+/// operator's to apply: until then, this release runs against a central with the
+/// first release's schema only, and must not fail its cycles for it.
+#[test]
+fn mixed_versions_this_release_against_a_central_not_yet_migrated() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    migrate_central_by_hand(
+        &mut c,
+        1,
+        "0001_initial.sql",
+        include_str!("../migrations/remote/0001_initial.sql"),
+    );
+    // A gateway's role migrates its own database only.
+    s.run(&["migrate", "local"]).assert_ok();
+    seed_meters_and_tenants(&mut c);
+    let mut expected = collect(&mut s.local(), 700, 0);
+    let meters = rows_as_text(&mut c, METERS);
+    let tenants = rows_as_text(&mut c, TENANTS);
+
+    let mut d = s.spawn(&["run"]);
+    let done = wait_until(Duration::from_secs(30), || {
+        pending(&s) == 0
+            && rows_as_text(&mut s.local(), METERS) == meters
+            && rows_as_text(&mut s.local(), TENANTS) == tenants
+    });
+    // A few more cycles: a warning repeated every cycle would show.
+    let cycles = |s: &Sandbox| s.local_count("sync_logs WHERE sync_type = 'tenant'");
+    let seen = cycles(&s);
+    wait_until(Duration::from_secs(20), || cycles(&s) >= seen + 3);
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(done, "not in line within 30 s:\n{log}");
+    expected.sort();
+    assert!(
+        central_readings(&mut c) == expected,
+        "central's readings differ"
+    );
+    assert_eq!(
+        s.local_count("sync_logs WHERE NOT success"),
+        0,
+        "a phase failed:\n{log}"
+    );
+    assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
+    assert!(
+        heartbeat_warnings(&log) <= 1,
+        "the heartbeat warned more than once:\n{log}"
+    );
+    // And it did not migrate central behind the operator's back.
+    let v: i32 = c
+        .query_one("SELECT max(version) FROM meter_sync_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 1);
+}
+
+/// The previous release, built from git history: METER_SYNC_OLD_RELEASE=1 builds
+/// 518b60f (the main this release started from), or name another commit.
+fn old_release_binary() -> std::path::PathBuf {
+    let commit = match std::env::var("METER_SYNC_OLD_RELEASE").as_deref() {
+        Ok("1") => "518b60f".to_string(),
+        Ok(c) if !c.is_empty() => c.to_string(),
+        _ => panic!("set METER_SYNC_OLD_RELEASE=1 (or a commit) to run this test"),
+    };
+    let repo = env!("CARGO_MANIFEST_DIR");
+    // Kept between runs (the build takes minutes); its own target directory, so
+    // this tree's build is not disturbed.
+    let root = std::path::Path::new(repo).join("target/old-release");
+    let src = root.join(format!("src-{commit}"));
+    if !src.join("Cargo.toml").exists() {
+        std::fs::create_dir_all(&src).unwrap();
+        // `git archive` rather than `git worktree add`: no bookkeeping left in the
+        // repository, nothing to prune.
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "git -C '{repo}' archive '{commit}' | tar -x -C '{}'",
+                src.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success(), "git archive {commit}");
+    }
+    let st = std::process::Command::new("nice")
+        .args(["cargo", "build", "--locked", "--bin", "meter-sync"])
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "building {commit} failed");
+    root.join("target/debug/meter-sync")
+}
+
+#[test]
+#[ignore = "builds the previous release from git history (minutes): METER_SYNC_OLD_RELEASE=1 cargo test --test central -- --ignored mixed"]
+fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() {
+    let old = old_release_binary();
+    let s = Sandbox::empty();
+    // The operator migrated central with this release...
+    s.run(&["migrate", "remote"]).assert_ok();
+    let run_old = |args: &[&str]| -> support::Run {
+        let out = std::process::Command::new(&old)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&s.env)
+            .current_dir(&s.dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        support::Run::from(out)
+    };
+    // ...while this gateway still runs the previous one, on its own schema.
+    run_old(&["migrate", "local"]).assert_ok();
+    let mut c = s.central();
+    seed_meters_and_tenants(&mut c);
+    let mut expected = collect(&mut s.local(), 900, 0);
+    let first = run_old(&["once"]);
+    first.assert_ok();
+    expected.extend(collect(&mut s.local(), 100, 5000));
+    let second = run_old(&["once"]);
+    second.assert_ok();
+    let log = format!("{}{}", first.all(), second.all());
+    assert_eq!(pending(&s), 0, "{log}");
+    expected.sort();
+    assert!(
+        central_readings(&mut c) == expected,
+        "central's readings differ:\n{log}"
+    );
+    assert_eq!(
+        rows_as_text(&mut s.local(), METERS),
+        rows_as_text(&mut c, METERS)
+    );
+    assert_eq!(
+        rows_as_text(&mut s.local(), TENANTS),
+        rows_as_text(&mut c, TENANTS)
+    );
+    assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
+}
+
+/// Failover (P23): both hosts listed, the primary crashes mid-drain, the standby
+/// (synchronous, so every acknowledged batch is on it) is promoted. The same
+/// daemon process drains the rest into the new primary: every reading exactly
+/// once, nothing quarantined.
+#[test]
+fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes() {
+    let _heavy = support::heavy_lock();
+    let primary: &'static Cluster = Box::leak(Box::new(Cluster::start_with(
+        support::Role::Central,
+        support::replica::REPLICATING_CENTRAL_HBA,
+    )));
+    let (local, _) = shared();
+    let name = format!("fo{}", std::process::id());
+    local.create_db(&name);
+    primary.create_db(&name);
+    let mut s = Sandbox::on(local, primary, &name, &name);
+    s.migrate();
+    let standby: &'static Cluster = Box::leak(Box::new(primary.standby("standby_a")));
+    // Acknowledged = on both machines (the recipe in docs/central.md).
+    primary.set_and_reload("synchronous_standby_names", "standby_a");
+    primary.wait_replayed("standby_a");
+    s.set("POSTGRES_CLIENT_HOST", "localhost,localhost")
+        .set(
+            "POSTGRES_CLIENT_PORT",
+            format!("{},{}", primary.port, standby.port),
+        )
+        .set("BATCH_SIZE", 50)
+        .set("UPLOAD_PIPELINE_DEPTH", 1)
+        .set("MAX_CONNECTION_RETRIES", 3)
+        .set("DB_QUERY_TIMEOUT_MS", 5000);
+    let mut expected = collect(&mut s.local(), 20_000, 0);
+    let total = expected.len() as i64;
+
+    let mut d = s.spawn(&["run"]);
+    let mut p = primary.connect(&name);
+    let mid = wait_until(Duration::from_secs(60), || {
+        p.query_one("SELECT count(*) FROM meter_readings", &[])
+            .map(|r| r.get::<_, i64>(0) >= 1000)
+            .unwrap_or(false)
+    });
+    assert!(mid, "the drain never started:\n{}", d.log_text());
+    drop(p);
+    primary.crash();
+    let left_at_crash = pending(&s);
+    assert!(
+        left_at_crash > 0,
+        "the drain ended before the crash; make it longer"
+    );
+    // A while without a writable host (the standby refuses: read-only), then it
+    // is promoted.
+    std::thread::sleep(Duration::from_millis(1500));
+    standby.promote();
+    let drained = wait_until(Duration::from_secs(90), || pending(&s) == 0);
+    let still_running = d.wait_exit(Duration::from_millis(10)).is_none();
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(drained, "{} left after the failover:\n{log}", pending(&s));
+    assert!(still_running, "the daemon exited:\n{log}");
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0,
+        "readings were quarantined:\n{log}"
+    );
+    expected.sort();
+    let got = central_readings(&mut standby.connect(&name));
+    assert_eq!(got.len() as i64, total, "{log}");
+    assert!(
+        got == expected,
+        "the new primary's readings differ from the collected ones"
+    );
+}
+
+/// P23: a session whose server turns read-only under it (SQLSTATE 25006, as when
+/// a primary is demoted, or PgBouncer is pointed at a standby) is dropped, and the
+/// reconnect finds the host that accepts writes, rather than the session failing
+/// cycle after cycle. Two writable servers with the same schema (a standby
+/// promoted at once); the first then turns read-only.
+#[test]
+fn p23_a_session_that_meets_a_read_only_server_is_dropped_and_the_writable_host_found() {
+    let a: &'static Cluster = Box::leak(Box::new(Cluster::start_with(
+        support::Role::Central,
+        support::replica::REPLICATING_CENTRAL_HBA,
+    )));
+    let (local, _) = shared();
+    let name = format!("ro{}", std::process::id());
+    local.create_db(&name);
+    a.create_db(&name);
+    let mut s = Sandbox::on(local, a, &name, &name);
+    s.migrate();
+    let b: &'static Cluster = Box::leak(Box::new(a.standby("b")));
+    b.promote();
+    s.set("POSTGRES_CLIENT_HOST", "localhost,localhost")
+        .set("POSTGRES_CLIENT_PORT", format!("{},{}", a.port, b.port));
+    let mut expected = collect(&mut s.local(), 300, 0);
+    let mut d = s.spawn(&["run"]);
+    assert!(wait_until(Duration::from_secs(30), || pending(&s) == 0));
+    let on_a = a
+        .connect(&name)
+        .query_one("SELECT count(*) FROM meter_readings", &[])
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(on_a, 300, "the first writable host is the first listed");
+
+    // a turns read-only: its sessions see it at their next statement.
+    a.set_and_reload("default_transaction_read_only", "on");
+    expected.extend(collect(&mut s.local(), 300, 10_000));
+    let drained = wait_until(Duration::from_secs(30), || pending(&s) == 0);
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(drained, "{} still queued:\n{log}", pending(&s));
+    let read_only_failures = log.lines().filter(|l| l.contains("25006")).count();
+    assert!(
+        read_only_failures <= 1,
+        "25006 {read_only_failures} times:\n{log}"
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0
+    );
+    let mut all = central_readings(&mut a.connect(&name));
+    let on_b = central_readings(&mut b.connect(&name));
+    // b is a copy of a: it holds what a had when promoted (nothing yet) plus what
+    // went to b; every reading is on exactly one of them.
+    all.extend(on_b.iter().cloned());
+    all.sort();
+    expected.sort();
+    assert_eq!(on_b.len(), 300, "{log}");
+    assert!(
+        all == expected,
+        "readings lost or duplicated across the two hosts"
+    );
+}
