@@ -1,7 +1,9 @@
 //! Upload: readings leave the gateway batch by batch, each batch one atomic,
 //! idempotent statement in central, and are deleted locally only after that
-//! statement has committed. Readings central rejects are bisected out and
-//! quarantined locally so that they do not hold up the rest.
+//! statement has committed (or marked, with a resend window). Readings central
+//! rejects are isolated and quarantined locally so that they do not hold up the
+//! rest, unless the refusals show that the fault is central's (`verdict.rs`);
+//! local rows that cannot be read are quarantined too (P25).
 //!
 //! Every value travels as text (`numeric`, `timestamptz` and `jsonb` are cast to
 //! `text` when read and back when written), so nothing passes through a float or a
