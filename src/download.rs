@@ -6,7 +6,7 @@
 //! Central stamps every inserted or updated row with the id of the writing
 //! transaction (`change_xid`, remote migration 0002, set by a trigger). After each
 //! download the gateway stores a watermark locally (`download_watermark`, local
-//! migration 0004): the **xmin of the central snapshot the download read** (the
+//! migration 0003): the **xmin of the central snapshot the download read** (the
 //! oldest transaction still running when it was taken). The next cycle asks only
 //! for rows with `change_xid >= watermark`:
 //!

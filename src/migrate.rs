@@ -26,9 +26,9 @@ pub const LOCAL: &[Migration] = &[
         sql: include_str!("../migrations/local/0002_resend_window.sql"),
     },
     Migration {
-        version: 4,
-        name: "0004_download_watermark.sql",
-        sql: include_str!("../migrations/local/0004_download_watermark.sql"),
+        version: 3,
+        name: "0003_download_watermark.sql",
+        sql: include_str!("../migrations/local/0003_download_watermark.sql"),
     },
 ];
 

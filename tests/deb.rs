@@ -216,6 +216,7 @@ fn apt_install_upgrade_and_purge_on_a_booted_gateway() {
     let mode = |p: &str| c.sh(&format!("stat -c '%a %U:%G' {p}")).trim().to_string();
     assert_eq!(mode("/etc/meter-sync/meter-sync.env"), "640 root:root");
     assert_eq!(mode("/etc/meter-sync/client-password"), "600 root:root");
+    assert_eq!(mode("/etc/meter-sync/sync-password"), "600 root:root");
     assert!(c
         .sh("man -w meter-sync 2>/dev/null || ls /usr/share/man/man1/")
         .contains("meter-sync.1"));

@@ -86,9 +86,13 @@ fn readings_cols(local: bool) -> Vec<Col> {
 }
 
 /// `meters` and `tenant`: local adds `synced_at`.
+/// Local adds `synced_at`; central adds `change_xid`, the stamp the download's
+/// changes-only query uses (remote migration 0002).
 fn with_synced_at(mut v: Vec<Col>, local: bool) -> Vec<Col> {
     if local {
         v.push(("synced_at", TS, "YES", ""));
+    } else {
+        v.push(("change_xid", "xid8", "NO", "pg_current_xact_id()"));
     }
     v
 }
@@ -128,6 +132,7 @@ fn migrate_creates_exactly_the_specified_local_schema() {
     assert_eq!(
         tables(&mut c),
         [
+            "download_watermark",
             "meter_readings",
             "meter_sync_migrations",
             "meters",
@@ -172,6 +177,7 @@ fn migrate_creates_exactly_the_specified_local_schema() {
     assert_eq!(
         keys,
         [
+            ("download_watermark.table_name", "PRIMARY KEY"),
             ("meter_readings.id", "PRIMARY KEY"),
             ("meter_readings.reading_uid", "UNIQUE"),
             ("meters.meter_id", "PRIMARY KEY"),
@@ -221,6 +227,7 @@ fn migrate_creates_exactly_the_specified_central_schema() {
     assert_eq!(
         tables(&mut c),
         [
+            "gateway_status",
             "meter_readings",
             "meter_sync_migrations",
             "meters",
@@ -229,6 +236,25 @@ fn migrate_creates_exactly_the_specified_central_schema() {
     );
     let cols = columns(&mut c);
     check(&cols, "meter_readings", &readings_cols(false));
+    // SPEC §8's fleet heartbeat, column by column.
+    check(
+        &cols,
+        "gateway_status",
+        &[
+            ("gateway_id", "text", "NO", ""),
+            ("version", "text", "YES", ""),
+            ("last_cycle_at", TS, "YES", ""),
+            ("last_cycle_ok", "boolean", "YES", ""),
+            ("last_error", "text", "YES", ""),
+            ("queue_size", "bigint", "YES", ""),
+            ("oldest_pending_at", TS, "YES", ""),
+            ("quarantined", "bigint", "YES", ""),
+            ("cert_expires_at", TS, "YES", ""),
+            ("bytes_up", "bigint", "YES", ""),
+            ("bytes_down", "bigint", "YES", ""),
+            ("updated_at", TS, "YES", ""),
+        ],
+    );
     let uid_default: String = c
         .query_one(
             "SELECT coalesce(column_default, '') FROM information_schema.columns WHERE table_name = 'meter_readings' AND column_name = 'reading_uid'",
@@ -286,7 +312,7 @@ fn migrate_targets_only_the_named_side() {
     assert_eq!(tables(&mut s.local()).len(), 6);
     assert!(tables(&mut s.central()).is_empty());
     s.run(&["migrate", "remote"]).assert_ok();
-    assert_eq!(tables(&mut s.central()).len(), 4);
+    assert_eq!(tables(&mut s.central()).len(), 5);
 }
 
 #[test]

@@ -898,6 +898,7 @@ fn upgrade_to_a_binary_that_exits_78_is_rolled_back() {
     assert!(out.contains("rolled back"), "{out}");
     // The journal excerpt says why: the configuration error of the new release.
     assert!(out.contains("BATCH_SIZE"), "no journal excerpt: {out}");
+    assert!(out.contains("exit status 78"), "{out}");
     assert_rolled_back_to_v1(&root, &fake, &v2, &u2_bytes);
     drop(fake);
     let _ = fs::remove_dir_all(dir);
@@ -1009,5 +1010,26 @@ fn build_release_honours_cargo_target_dir() {
     );
     let size = fs::metadata(&bin).unwrap().len();
     assert!(line.contains(&format!(" {size} bytes")), "{line}");
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// A first install that does not become healthy has nothing to roll back to: it
+/// says so, leaves the release in place and exits 3 (not 1: nothing was restored).
+#[test]
+fn an_unhealthy_first_install_exits_3_and_rolls_nothing_back() {
+    let s = Sandbox::new();
+    let dir = temp_dir("gatefirst");
+    let (root, fake) = configured_gateway(&s, &dir);
+    let broken = broken_release(&dir, "v1-exits-78", "BATCH_SIZE=lots");
+    let o = fake.deploy("install", &["--binary", broken.to_str().unwrap()]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(out.contains("nothing to roll back to"), "{out}");
+    assert_eq!(
+        fs::read(root.join("usr/local/bin/meter-sync")).unwrap(),
+        fs::read(&broken).unwrap()
+    );
+    assert!(!root.join("usr/local/bin/meter-sync.prev").exists());
+    drop(fake);
     let _ = fs::remove_dir_all(dir);
 }

@@ -1,5 +1,5 @@
 //! Where the next download resumes: the local `download_watermark` row of a table
-//! (local migration 0004), and central's answer to the probe that precedes every
+//! (local migration 0003), and central's answer to the probe that precedes every
 //! download.
 
 use std::sync::atomic::{AtomicBool, Ordering};
