@@ -304,6 +304,13 @@ fn aimed_faults_go_off_just_before_or_just_after_their_message() {
     p.arm(Aim::Commit(2), When::Before, Action::Cut, 0);
     assert_eq!(converse(&p), [hello.clone(), complete.clone()].concat());
 
+    // The insert's own ReadyForQuery, after: the client has its whole answer.
+    p.arm(Aim::Done(2), When::After, Action::Cut, 0);
+    assert_eq!(
+        converse(&p),
+        [hello.clone(), complete.clone(), msg(b'Z', b"I")].concat()
+    );
+
     // The insert on its way up, before: central never answers it.
     p.arm(Aim::Insert, When::Before, Action::Cut, 0);
     assert_eq!(converse(&p), hello);
@@ -320,6 +327,6 @@ fn aimed_faults_go_off_just_before_or_just_after_their_message() {
     let mut got = vec![0u8; want.len()];
     s.read_exact(&mut got).unwrap();
     assert_eq!(got, want);
-    assert_eq!(p.fired(), 4);
+    assert_eq!(p.fired(), 5);
     assert!(p.disarm());
 }

@@ -144,8 +144,8 @@ const AIMED: [(Aim, When, Action); 10] = [
     (Aim::Commit(2), When::After, Action::Kill(0)),
     (Aim::Insert, When::After, Action::Cut),
     (Aim::Complete(2), When::Before, Action::Kill(0)),
-    // The window between an explicit transaction's INSERT and its COMMIT, again.
-    (Aim::Complete(2), When::After, Action::Cut),
+    // The window between an explicit transaction's INSERT and its COMMIT.
+    (Aim::Done(2), When::After, Action::Cut),
     (Aim::Insert, When::Before, Action::Kill(0)),
     (Aim::Complete(2), When::After, Action::Kill(0)),
 ];

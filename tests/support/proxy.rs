@@ -82,6 +82,10 @@ pub enum Aim {
     /// number (so that one-row upserts of other tables, such as a heartbeat, do not match):
     /// central has executed the batch (and, in an implicit transaction, committed it).
     Complete(u64),
+    /// Server to client: the ReadyForQuery right after such a CommandComplete, idle or still in
+    /// a transaction: where the client learns that its insert statement is done (inside an
+    /// explicit transaction, before the COMMIT).
+    Done(u64),
     /// Server to client: the first ReadyForQuery with status idle after such a CommandComplete
     /// (in an explicit transaction, the one that answers its COMMIT): the commit's
     /// acknowledgement.
@@ -578,6 +582,8 @@ struct Scan {
     inserts: std::collections::HashMap<Vec<u8>, bool>,
     /// Rows inserted in the transaction in progress, until it ends.
     completed: Option<u64>,
+    /// Rows of an insert's CommandComplete that was the last message.
+    just: Option<u64>,
 }
 
 /// Body bytes kept per message: enough for a statement name and the start of its SQL.
@@ -597,6 +603,7 @@ impl Scan {
             start: None,
             inserts: Default::default(),
             completed: None,
+            just: None,
         }
     }
 
@@ -688,6 +695,7 @@ impl Scan {
                 .to_ascii_uppercase();
             s.starts_with("INSERT INTO METER_READINGS") || s.starts_with("COPY METER_READINGS")
         };
+        let just = self.just.take();
         let event = match (self.dir, self.ty) {
             (Dir::Up, b'P') => {
                 let (name, at) = cstr(&self.body);
@@ -714,14 +722,26 @@ impl Scan {
                 if let Some(n) = rows {
                     self.completed = Some(self.completed.unwrap_or(0).max(n));
                 }
+                self.just = rows;
                 rows.map(Aim::Complete)
             }
             (Dir::Down, b'Z') => match self.body.first() {
                 // Idle again: the transaction that held the insert (implicit, or ended by
                 // COMMIT) has committed.
-                Some(b'I') => self.completed.take().map(Aim::Commit),
+                Some(b'I') => {
+                    let commit = self.completed.take().map(Aim::Commit);
+                    // Both a Done and a Commit (an implicit transaction): the armed aim
+                    // decides which. The guard is dropped before `fire` locks again.
+                    let armed = *lock(&sh.armed);
+                    if let (Some(n), Some(a)) = (just, armed) {
+                        if matches!(a.aim, Aim::Done(_)) {
+                            return self.fire(Aim::Done(n), start, end, sh);
+                        }
+                    }
+                    commit
+                }
                 // Still in the transaction: the commit is yet to come.
-                Some(b'T') => None,
+                Some(b'T') => just.map(Aim::Done),
                 // Failed: it will be rolled back.
                 _ => {
                     self.completed = None;
@@ -730,13 +750,24 @@ impl Scan {
             },
             _ => None,
         };
-        let event = event?;
+        self.fire(event?, start, end, sh)
+    }
+
+    /// Sets the armed fault off if `event` is what it waits for.
+    fn fire(
+        &mut self,
+        event: Aim,
+        start: usize,
+        end: usize,
+        sh: &Shared,
+    ) -> Option<(usize, Action)> {
         let mut armed = lock(&sh.armed);
         let a = (*armed)?;
         let matches = match (a.aim, event) {
             (Aim::Insert, Aim::Insert) => true,
             (Aim::Complete(min), Aim::Complete(rows)) => rows >= min,
             (Aim::Commit(min), Aim::Commit(rows)) => rows >= min,
+            (Aim::Done(min), Aim::Done(rows)) => rows >= min,
             _ => false,
         };
         if !matches {
