@@ -107,6 +107,7 @@ async fn after_turn(
     turn: &Turn,
     heartbeat: &mut Heartbeat,
     m: &mut Metrics,
+    retention: &mut Schedule,
 ) {
     if shutdown.is_requested() {
         write_metrics(cfg, m);
@@ -137,6 +138,11 @@ async fn after_turn(
         send_heartbeat(cfg, conns, shutdown, heartbeat, &beat).await;
     }
     write_metrics(cfg, m);
+    // After STATUS=, the metrics and the heartbeat: housekeeping never delays the
+    // report.
+    if let (Turn::Ran(_), Some(local)) = (turn, conns.local()) {
+        retention.maybe_prune(cfg, local, shutdown).await;
+    }
 }
 
 /// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.
@@ -230,13 +236,9 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
             &turn,
             &mut heartbeat,
             &mut metrics,
+            &mut retention,
         )
         .await;
-        // After STATUS=, the metrics and the heartbeat: housekeeping never delays
-        // the report.
-        if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
-            retention.maybe_prune(cfg, local, &shutdown).await;
-        }
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
@@ -276,11 +278,9 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
         &turn,
         &mut heartbeat,
         &mut metrics,
+        &mut Schedule::default(),
     )
     .await;
-    if let (Turn::Ran(_), Some(local)) = (&turn, conns.local()) {
-        Schedule::default().maybe_prune(cfg, local, &shutdown).await;
-    }
     conns.close();
     match turn {
         Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),

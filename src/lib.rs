@@ -27,6 +27,7 @@
 //! - `metrics`: the Prometheus textfile written after every cycle.
 //! - `retention`: `sync_logs` older than `SYNC_LOGS_RETAIN_DAYS` pruned in small batches.
 //! - `status`: the `status` command.
+//! - `utc`: calendar dates in UTC for log stamps and `status` (a leaf).
 
 #![forbid(unsafe_code)]
 
@@ -50,6 +51,7 @@ mod shutdown;
 mod status;
 mod tls;
 mod upload;
+mod utc;
 
 pub use cli::{parse as parse_args, Command, HELP};
 pub use commands::execute;

@@ -105,7 +105,7 @@ fn stderr_line(level: log::Level, msg: &str) -> String {
     if stderr_is_journal() {
         format!("<{}>{msg}\n", severity(level))
     } else {
-        format!("{} {:<5} {msg}\n", utc_now(), level)
+        format!("{} {:<5} {msg}\n", crate::utc::Utc::now().rfc3339(), level)
     }
 }
 
@@ -194,7 +194,7 @@ impl log::Log for Syslog {
         let line = format!(
             "<{}>{} meter-sync[{}]: {msg}",
             FACILITY_DAEMON * 8 + severity(r.level()),
-            rfc3164_now(),
+            crate::utc::Utc::now().rfc3164(),
             std::process::id()
         );
         let mut sock = self.socket.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,53 +262,6 @@ pub fn init_stderr(level: log::LevelFilter) {
     if log::set_boxed_logger(Box::new(Stderr { level })).is_ok() {
         LOGGER_ON_STDERR.store(true, Ordering::Relaxed);
     }
-}
-
-/// Seconds since the epoch, split into (year, month, day, seconds of the day,
-/// milliseconds) in UTC, without a date crate (Howard Hinnant's civil_from_days).
-fn civil_now() -> (i64, i64, i64, i64, u32) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = now.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, rem, now.subsec_millis())
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-fn utc_now() -> String {
-    let (y, m, d, rem, ms) = civil_now();
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// RFC 3164's `Mmm dd hh:mm:ss` (day padded with a space). UTC: the gateway
-/// has no time zone database to speak of, and journald stamps lines itself.
-fn rfc3164_now() -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let (_, m, d, rem, _) = civil_now();
-    format!(
-        "{} {d:>2} {:02}:{:02}:{:02}",
-        MONTHS[(m - 1) as usize],
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]

@@ -90,7 +90,13 @@ fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) ->
     let name = format!("gw{}_{tag}", std::process::id());
     local.create_db(&name);
     let mut s = Sandbox::on(local, central, &name, central_db);
-    s.set("POSTGRES_CLIENT_PORT", port);
+    // Connecting through PgBouncer includes waiting for one of its two server
+    // connections (the read-write check runs a query): the production default,
+    // not the suite's 3 s meant for unreachable hosts.
+    s.set("POSTGRES_CLIENT_PORT", port)
+        .set("METER_SYNC_GATEWAY_ID", &name)
+        .unset("DB_CONNECTION_TIMEOUT_MS")
+        .unset("MAX_CONNECTION_RETRIES");
     s
 }
 
@@ -194,6 +200,18 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         assert!(phases >= 6, "only {phases} phases ran:\n{log}");
         assert_eq!(failed, 0, "{failed} of {phases} phases failed:\n{log}");
         assert!(error_lines(log).is_empty(), "ERROR lines:\n{log}");
+        // The heartbeat's upsert went through PgBouncer as well (issue 13 item 6).
+        assert_eq!(heartbeat_warnings(log), 0, "{log}");
+        let id = &g.local_db;
+        let row = c
+            .query_opt(
+                "SELECT last_cycle_ok, queue_size FROM gateway_status WHERE gateway_id = $1",
+                &[id],
+            )
+            .unwrap();
+        let row = row.unwrap_or_else(|| panic!("no gateway_status row for {id}:\n{log}"));
+        assert_eq!(row.get::<_, Option<bool>>(0), Some(true), "{id}");
+        assert_eq!(row.get::<_, Option<i64>>(1), Some(0), "{id}");
     }
     // And it all went through PgBouncer, in transactions on its pool of two.
     let pools = pb.admin_query("SHOW POOLS");
@@ -352,9 +370,11 @@ fn mixed_versions_this_release_against_a_central_not_yet_migrated() {
         "a phase failed:\n{log}"
     );
     assert!(error_lines(&log).is_empty(), "ERROR lines:\n{log}");
-    assert!(
-        heartbeat_warnings(&log) <= 1,
-        "the heartbeat warned more than once:\n{log}"
+    // The heartbeat has nowhere to go: skipped, with one warning for the whole run.
+    assert_eq!(
+        heartbeat_warnings(&log),
+        1,
+        "the heartbeat should warn exactly once:\n{log}"
     );
     // And it did not migrate central behind the operator's back.
     let v: i32 = c
@@ -391,14 +411,32 @@ fn old_release_binary() -> std::path::PathBuf {
             .unwrap();
         assert!(st.success(), "git archive {commit}");
     }
-    let st = std::process::Command::new("nice")
+    let mut build = std::process::Command::new("nice");
+    build
         .args(["cargo", "build", "--locked", "--bin", "meter-sync"])
         .current_dir(&src)
-        .env("CARGO_TARGET_DIR", root.join("target"))
-        .status()
-        .unwrap();
+        .env("CARGO_TARGET_DIR", root.join("target"));
+    // The OpenSSL this tree's build already compiled (vendored) serves the old
+    // tree too: compiling it again takes most of the build's time.
+    if let Some(ssl) = vendored_openssl(std::path::Path::new(repo)) {
+        build
+            .env("OPENSSL_NO_VENDOR", "1")
+            .env("OPENSSL_STATIC", "1")
+            .env("OPENSSL_DIR", ssl);
+    }
+    let st = build.status().unwrap();
     assert!(st.success(), "building {commit} failed");
     root.join("target/debug/meter-sync")
+}
+
+/// `target/debug/build/openssl-sys-*/out/openssl-build/install` of this tree, if built.
+fn vendored_openssl(repo: &std::path::Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(repo.join("target/debug/build"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("openssl-sys-"))
+        .map(|e| e.path().join("out/openssl-build/install"))
+        .find(|p| p.join("lib/libssl.a").exists() || p.join("lib64/libssl.a").exists())
 }
 
 #[test]

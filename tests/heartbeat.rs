@@ -425,3 +425,30 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
         .get(0);
     assert_eq!(n, 2);
 }
+
+/// P22 for the heartbeat: through PgBouncer in transaction mode with its stock
+/// settings (pool of 2), every `once` delivers its heartbeat. (A single gateway
+/// keeps landing on the same server connection, so this does not catch a named
+/// statement by itself; the 3-gateway P22 test in tests/central.rs adds the
+/// concurrency, and the upsert uses `execute_typed` by construction.)
+#[test]
+fn the_heartbeat_goes_through_pgbouncer_in_transaction_mode() {
+    use support::pgbouncer::{PgBouncer, Settings};
+    let mut s = Sandbox::new();
+    let pb = PgBouncer::start(s.central_cluster(), &Settings::default());
+    let id = unique("gw-bouncer");
+    s.set("POSTGRES_CLIENT_PORT", pb.port)
+        .set("METER_SYNC_GATEWAY_ID", &id);
+    let mut c = s.central();
+    let mut last = None;
+    for run in 0..3 {
+        s.insert_readings(5);
+        let r = s.run(&["once"]);
+        r.assert_ok();
+        assert!(!r.all().contains("heartbeat"), "run {run}:\n{}", r.all());
+        let row = status_row(&mut c, &id).unwrap_or_else(|| panic!("run {run}: no row"));
+        assert!(row.updated_at > last, "run {run}: {row:?}");
+        assert_eq!(row.last_cycle_ok, Some(true), "run {run}: {row:?}");
+        last = row.updated_at;
+    }
+}

@@ -10,7 +10,8 @@
 //! peak RSS per daemon, rows per partition (the default partition must stay empty).
 //!
 //! Knobs: BENCH_CENTRAL_GATEWAYS (200), BENCH_CENTRAL_BACKLOG (500 readings each),
-//! BENCH_CENTRAL_POOL (10); BENCH_QUICK=1 shrinks to 20 × 200.
+//! BENCH_CENTRAL_POOL (10), BENCH_CENTRAL_SPREAD_S (20: the starts are spread over
+//! this window; 0 starts all at once); BENCH_QUICK=1 shrinks to 20 × 200 over 2 s.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +75,7 @@ pub fn central(_k: &crate::Knobs) -> String {
     let n = num("BENCH_CENTRAL_GATEWAYS", 200, 20);
     let backlog = num("BENCH_CENTRAL_BACKLOG", 500, 200);
     let pool = num("BENCH_CENTRAL_POOL", 10, 10) as u32;
+    let spread = Duration::from_secs(num("BENCH_CENTRAL_SPREAD_S", 20, 2) as u64);
     progress(&format!(
         "central: {n} gateways × {backlog} readings through PgBouncer (pool {pool}) into a partitioned central"
     ));
@@ -151,11 +153,18 @@ pub fn central(_k: &crate::Knobs) -> String {
         })
     };
 
+    // Starts spread over a window, as a fleet's cycles are (each gateway's clock
+    // and interval are its own): all at once, 200 TLS handshakes and SCRAM
+    // exchanges queue in PgBouncer's single thread (see docs/central.md).
     let t0 = Instant::now();
     let children: Vec<_> = gateways
         .iter()
         .enumerate()
         .map(|(i, g)| {
+            let at = spread.mul_f64(i as f64 / n as f64);
+            if let Some(wait) = at.checked_sub(t0.elapsed()) {
+                std::thread::sleep(wait);
+            }
             let mut env = s.env.clone();
             env.insert("POSTGRES_SYNC_DB".into(), g.clone());
             spawn_once(&s, &env, &format!("central-{i}"))
@@ -229,8 +238,9 @@ pub fn central(_k: &crate::Knobs) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "### Central for a fleet: {n} gateways × {} readings → PgBouncer (transaction mode, pool {pool}) → central (max_connections 30, monthly pg_partman partitions)\n",
-        group(backlog)
+        "### Central for a fleet: {n} gateways × {} readings → PgBouncer (transaction mode, pool {pool}) → central (max_connections 30, monthly pg_partman partitions), starts spread over {} s\n",
+        group(backlog),
+        spread.as_secs()
     );
     let _ = writeln!(o, "| figure | value |");
     let _ = writeln!(o, "|---|---:|");

@@ -1,8 +1,12 @@
-//! The default TLS backend: OpenSSL (vendored, compiled in) through native-tls.
+//! The default TLS backend: OpenSSL (vendored, compiled in) through native-tls,
+//! with tokio-postgres' own glue for it, postgres-native-tls (which also supplies
+//! the `tls-server-end-point` channel binding). What this file adds is libpq's
+//! verification per sslmode, the certificate files, and the refusal causes read
+//! from the native-tls error that postgres-native-tls passes through.
 
 use openssl::pkey::PKey;
 use openssl::x509::X509;
-use tokio_postgres::tls::ChannelBinding;
+use tokio_postgres::tls::{ChannelBinding, TlsConnect};
 use tokio_postgres::Socket;
 
 use super::{Cause, Counted, Files, Verify};
@@ -10,9 +14,9 @@ use crate::error::{Error, Kind, Result};
 
 pub const NAME: &str = "OpenSSL via native-tls";
 
-pub type Stream = tokio_native_tls::TlsStream<Counted<Socket>>;
+pub type Stream = postgres_native_tls::TlsStream<Counted<Socket>>;
 
-pub struct Connector(tokio_native_tls::TlsConnector);
+pub struct Connector(native_tls::TlsConnector);
 
 impl Connector {
     pub fn build(verify: Verify, files: &Files) -> Result<Connector> {
@@ -80,7 +84,7 @@ impl Connector {
         let c = b
             .build()
             .map_err(|e| Error::new(Kind::Tls, format!("set up TLS: {e}")))?;
-        Ok(Connector(c.into()))
+        Ok(Connector(c))
     }
 
     pub async fn handshake(
@@ -88,7 +92,10 @@ impl Connector {
         host: &str,
         socket: Counted<Socket>,
     ) -> std::result::Result<Stream, (Cause, String)> {
-        self.0.connect(host, socket).await.map_err(|e| classify(&e))
+        postgres_native_tls::TlsConnector::new(self.0.clone(), host)
+            .connect(socket)
+            .await
+            .map_err(|e| classify(&e))
     }
 }
 
@@ -97,14 +104,11 @@ pub fn first_cert_der(pem: &[u8]) -> Option<Vec<u8>> {
     X509::stack_from_pem(pem).ok()?.first()?.to_der().ok()
 }
 
-/// OpenSSL hashes the server's certificate for `tls-server-end-point` itself
-/// (with the hash of its signature, SHA-256 for MD5 and SHA-1, as RFC 5929 says),
-/// which lets tokio-postgres authenticate with SCRAM-SHA-256-PLUS.
+/// postgres-native-tls asks OpenSSL for the `tls-server-end-point` hash (the
+/// hash of the certificate's signature, SHA-256 for MD5 and SHA-1, as RFC 5929
+/// says), which lets tokio-postgres authenticate with SCRAM-SHA-256-PLUS.
 pub fn channel_binding(s: &Stream) -> ChannelBinding {
-    match s.get_ref().tls_server_end_point() {
-        Ok(Some(hash)) => ChannelBinding::tls_server_end_point(hash),
-        _ => ChannelBinding::none(),
-    }
+    tokio_postgres::tls::TlsStream::channel_binding(s)
 }
 
 /// native-tls keeps OpenSSL's certificate verification result private and only
