@@ -353,12 +353,13 @@ pub async fn drain(
         if restart && inflight.is_empty() && reader.is_none() {
             // The refused readings found so far are decided before the smaller
             // batches read them again (else they would be candidates twice).
-            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
-                failure = failure.or(Some(e));
-            }
             restart = false;
             key = None;
             exhausted = false;
+            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+                failure = failure.or(Some(e));
+                continue;
+            }
         }
         let may_start = may_start && !restart;
         if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
@@ -598,11 +599,7 @@ impl Collect {
         if let Some((_, name)) = missing {
             self.unreadable.push(Unreadable {
                 id,
-                uid: row.try_get::<_, Option<Raw>>(1).ok().flatten().map(|_| {
-                    // The uid is readable (only a NULL one is missing): take it as
-                    // the batch would.
-                    uid_text(row)
-                }),
+                uid: Some(uid_text(row)),
                 why: format!("{name} is NULL"),
             });
             return;
@@ -648,6 +645,7 @@ fn uid_text(row: &Row) -> String {
                 &h[20..32]
             )
         }
+        // NULL (a legacy nullable column) or not a uuid.
         _ => "unknown".into(),
     }
 }
@@ -701,8 +699,6 @@ async fn read_around(
         ));
     }
     let mut c = Collect::new(keys.len());
-    c.seen = keys.len();
-    c.last = keys.last().map(|(id, ts, _)| (ts.clone(), *id));
     let mut todo: Vec<Range<usize>> = Vec::new();
     todo.push(0..keys.len());
     while let Some(range) = todo.pop() {
@@ -969,7 +965,7 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
 /// NOTHING` with the same bytes. 22P03 (binary data central cannot read as its
 /// column type: a central column of another type than SPEC §4's) takes the same
 /// fallback, whose casts convert where a conversion exists. Whatever the fallback
-/// fails with is what the caller sees (a rejected reading is bisected as before).
+/// fails with is what the caller sees (a rejected reading is isolated as before).
 ///
 /// A central that refuses COPY itself (0A000: a table under row-level security,
 /// where PostgreSQL has no COPY FROM) gets every later batch of this drain as the

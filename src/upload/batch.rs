@@ -5,7 +5,7 @@
 //! NULL, any Unicode) and no value costs an allocation of its own.
 //!
 //! The batch is one contiguous buffer of `COPY … (FORMAT binary)` tuples, so that a
-//! whole batch or any run of its rows (a bisected half) is sent as
+//! whole batch or any run of its rows (a slice being isolated) is sent as
 //! header + slice + trailer without copying; the same bytes make the binary arrays
 //! of the fallback `INSERT … ON CONFLICT DO NOTHING`.
 
