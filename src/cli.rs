@@ -20,6 +20,12 @@ pub enum Command {
     CheckConfig,
     /// `requeue [--all | ID...]`: release quarantined readings for the next cycle.
     Requeue(Requeue),
+    /// `resend --since TIMESTAMP`: queue again the retained readings uploaded since
+    /// then (the resend window, `UPLOAD_RETAIN_HOURS`). `since` is normalized to
+    /// `YYYY-MM-DD HH:MM:SS[.ffffff]+HH:MM`.
+    Resend {
+        since: String,
+    },
     Version,
     Help,
 }
@@ -43,6 +49,9 @@ Commands:
   status [--json]            daemon, queue, quarantine and connection status; exit 1 if local is unreachable
   check-config               validate the configuration and print it with secrets redacted
   requeue [--all | ID...]    retry quarantined readings (all, or these local ids) in the next cycle
+  resend --since TIMESTAMP   queue again the retained readings uploaded at or after TIMESTAMP
+                             (UPLOAD_RETAIN_HOURS > 0); TIMESTAMP like 2026-11-30T18:00:00Z,
+                             2026-11-30 18:00+01:00 or 2026-11-30 (no offset: UTC)
   --version                  print the version
   --help                     print this help
 
@@ -112,8 +121,103 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
                 .collect::<Result<Vec<_>, _>>()
                 .map(|ids| Command::Requeue(Requeue::Ids(ids)))
         }
+        "resend" => match rest {
+            [flag, ts] if flag == "--since" => parse_since(ts)
+                .map(|since| Command::Resend { since })
+                .map_err(|e| format!("resend: --since {ts:?}: {e}")),
+            [flag] if flag.starts_with("--since=") => {
+                let ts = &flag["--since=".len()..];
+                parse_since(ts)
+                    .map(|since| Command::Resend { since })
+                    .map_err(|e| format!("resend: --since {ts:?}: {e}"))
+            }
+            _ => Err("resend: give --since TIMESTAMP (for example 2026-11-30T18:00:00Z)".into()),
+        },
         other => Err(format!("unknown command {other:?} (try --help)")),
     }
+}
+
+/// Reads `YYYY-MM-DD[( |T)HH:MM[:SS[.f…]]][Z|±HH[:MM]]` (ISO 8601 / RFC 3339, and
+/// PostgreSQL's own output), checking the calendar, and returns it in one form
+/// PostgreSQL reads the same whatever its DateStyle. No offset means UTC, the
+/// daemon's session time zone. Checked here so that a typo is a usage error
+/// naming the argument, not a database error.
+pub fn parse_since(s: &str) -> Result<String, &'static str> {
+    const SHAPE: &str = "expected YYYY-MM-DD[THH:MM[:SS[.ffffff]]][Z|+HH:MM]";
+    let b = s.trim().as_bytes();
+    let num = |from: usize, len: usize| -> Result<u32, &'static str> {
+        let d = b.get(from..from + len).ok_or(SHAPE)?;
+        if !d.iter().all(u8::is_ascii_digit) {
+            return Err(SHAPE);
+        }
+        Ok(d.iter().fold(0, |n, c| n * 10 + u32::from(c - b'0')))
+    };
+    let sep = |at: usize, c: u8| -> Result<(), &'static str> {
+        (b.get(at) == Some(&c)).then_some(()).ok_or(SHAPE)
+    };
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    sep(4, b'-')?;
+    sep(7, b'-')?;
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month) || day < 1 || day > days[month as usize - 1] {
+        return Err("no such date");
+    }
+    let mut i = 10;
+    let (mut hour, mut minute, mut second, mut frac) = (0, 0, 0, String::new());
+    if matches!(b.get(i), Some(b'T' | b't' | b' ')) {
+        hour = num(i + 1, 2)?;
+        sep(i + 3, b':')?;
+        minute = num(i + 4, 2)?;
+        i += 6;
+        if b.get(i) == Some(&b':') {
+            second = num(i + 1, 2)?;
+            i += 3;
+            if b.get(i) == Some(&b'.') {
+                let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits == 0 || digits > 6 {
+                    return Err("at most 6 digits after the seconds' point");
+                }
+                frac = format!(".{}", &s.trim()[i + 1..i + 1 + digits]);
+                i += 1 + digits;
+            }
+        }
+        if hour > 23 || minute > 59 || second > 59 {
+            return Err("no such time of day");
+        }
+    }
+    let zone = match &b[i..] {
+        [] | [b'Z'] | [b'z'] => "+00:00".to_string(),
+        [sign @ (b'+' | b'-'), rest @ ..] => {
+            let (h, m) = match rest.len() {
+                2 => (num(i + 1, 2)?, 0),
+                4 => (num(i + 1, 2)?, num(i + 3, 2)?),
+                5 if rest[2] == b':' => (num(i + 1, 2)?, num(i + 4, 2)?),
+                _ => return Err(SHAPE),
+            };
+            if h > 15 || m > 59 {
+                return Err("no such UTC offset");
+            }
+            format!("{}{h:02}:{m:02}", *sign as char)
+        }
+        _ => return Err(SHAPE),
+    };
+    Ok(format!(
+        "{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02}{frac}{zone}"
+    ))
 }
 
 #[cfg(test)]
@@ -149,6 +253,57 @@ mod tests {
         );
         assert_eq!(p(&["--version"]), Ok(Command::Version));
         assert_eq!(p(&["once", "--help"]), Ok(Command::Help));
+    }
+
+    #[test]
+    fn resend_takes_a_timestamp() {
+        let since = |s: &str| match p(&["resend", "--since", s]) {
+            Ok(Command::Resend { since }) => Ok(since),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        assert_eq!(
+            since("2026-11-30T18:00:00Z"),
+            Ok("2026-11-30 18:00:00+00:00".into())
+        );
+        assert_eq!(
+            since("2026-11-30 18:00+01:00"),
+            Ok("2026-11-30 18:00:00+01:00".into())
+        );
+        assert_eq!(since("2026-11-30"), Ok("2026-11-30 00:00:00+00:00".into()));
+        assert_eq!(
+            since("2024-02-29T23:59:59.123456-0530"),
+            Ok("2024-02-29 23:59:59.123456-05:30".into())
+        );
+        assert_eq!(
+            since("2026-12-01 09:30:00.5+00"),
+            Ok("2026-12-01 09:30:00.5+00:00".into())
+        );
+        assert_eq!(
+            p(&["resend", "--since=2026-11-30T18:00:00Z"]),
+            Ok(Command::Resend {
+                since: "2026-11-30 18:00:00+00:00".into()
+            })
+        );
+        for bad in [
+            "yesterday",
+            "2026-13-01",
+            "2026-02-29",
+            "2026-11-31",
+            "2026-11-30T24:00",
+            "2026-11-30T18:00:00.1234567Z",
+            "2026-11-30T18:00:00+1",
+            "2026-11-30T18:00:00 UTC",
+            "",
+        ] {
+            let e = since(bad).unwrap_err();
+            assert!(
+                e.starts_with("resend: --since") && !e.contains('\n'),
+                "{bad}: {e}"
+            );
+        }
+        assert!(p(&["resend"]).unwrap_err().contains("--since"));
+        assert!(p(&["resend", "2026-11-30"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What each command does once the configuration is valid and logging runs:
-//! the daemon, one cycle, migrations, status, requeue.
+//! the daemon, one cycle, migrations, status, requeue, resend.
 
 use crate::cli::{Command, Requeue};
 use crate::config::{Config, Side};
@@ -44,6 +44,17 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
             };
             let n = upload::requeue(&db, ids).await?;
             println!("requeued {n} reading(s)");
+            Ok(0)
+        }
+        Command::Resend { since } => {
+            let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            let n = upload::resend(&db, &since).await?;
+            println!("queued {n} retained reading(s) uploaded since {since} again");
+            if cfg.upload_retain.is_zero() {
+                println!(
+                    "note: UPLOAD_RETAIN_HOURS is 0, so uploaded readings are deleted, not retained"
+                );
+            }
             Ok(0)
         }
         // Answered before the configuration is even read.

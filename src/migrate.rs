@@ -21,6 +21,11 @@ pub const LOCAL: &[Migration] = &[
         sql: include_str!("../migrations/local/0001_initial.sql"),
     },
     Migration {
+        version: 2,
+        name: "0002_resend_window.sql",
+        sql: include_str!("../migrations/local/0002_resend_window.sql"),
+    },
+    Migration {
         version: 3,
         name: "0003_download_watermark.sql",
         sql: include_str!("../migrations/local/0003_download_watermark.sql"),

@@ -1,7 +1,9 @@
 //! Upload: readings leave the gateway batch by batch, each batch one atomic,
 //! idempotent statement in central, and are deleted locally only after that
-//! statement has committed. Readings central rejects are bisected out and
-//! quarantined locally so that they do not hold up the rest.
+//! statement has committed (or marked, with a resend window). Readings central
+//! rejects are isolated and quarantined locally so that they do not hold up the
+//! rest, unless the refusals show that the fault is central's (`verdict.rs`);
+//! local rows that cannot be read are quarantined too (P25).
 //!
 //! Every value travels in PostgreSQL's binary format exactly as the local server
 //! sent it (see [`batch`]), so nothing passes through a float, a time type or a text
@@ -13,17 +15,19 @@
 
 mod batch;
 mod pace;
+mod verdict;
 
 use std::future::Future;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
+use futures_util::future::{join_all, BoxFuture};
 use futures_util::stream::{FuturesUnordered, StreamExt, TryStreamExt};
-use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Statement;
+use tokio_postgres::types::{FromSql, ToSql, Type};
+use tokio_postgres::{Row, Statement};
 
 use crate::config::{Config, Side};
 use crate::db::Db;
@@ -31,7 +35,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 use crate::shutdown::Shutdown;
-use batch::{Batch, Builder, Encoded, CENTRAL_COLUMNS};
+use batch::{Batch, Builder, Encoded, Raw, CENTRAL_COLUMNS};
 use pace::{is_size_failure, AfterSizeFailure, Pace, Pipeline};
 
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
@@ -54,7 +58,10 @@ pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
             &[],
         )
         .await?;
-    Ok((row.get(0), row.get(1)))
+    Ok((
+        cell(&row, 0, "count the queue")?,
+        cell(&row, 1, "count the queue")?,
+    ))
 }
 
 /// The local `id`, then the columns central gets ([`CENTRAL_COLUMNS`]), each in the
@@ -65,6 +72,22 @@ pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
 const COLUMNS: &str = "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
      r.\"timestamp\"::timestamptz, r.value::numeric, r.unit::varchar, r.metadata::jsonb, \
      r.created_at::timestamptz, r.sync_attempts::int4";
+
+/// What is always readable about a row, whatever its other columns hold: used to
+/// find the row a selection could not read (see [`read_around`]). The timestamp is
+/// binary (the keyset key), the uid text (for the quarantine message).
+const KEYS: &str = "r.id::int8, r.\"timestamp\"::timestamptz, r.reading_uid::text";
+
+/// Columns of [`COLUMNS`] a reading cannot do without (position in the row, name):
+/// a NULL in one of them (a legacy table with nullable columns) makes the row
+/// unreadable (P25) rather than something to send.
+const REQUIRED: [(usize, &str); 5] = [
+    (1, "reading_uid"),
+    (2, "meter_id"),
+    (3, "timestamp"),
+    (4, "value"),
+    (5, "unit"),
+];
 
 /// The fast path: one statement per batch, so one implicit transaction, all rows or
 /// none. It works unchanged on a table partitioned by `timestamp` (COPY routes each
@@ -83,10 +106,30 @@ const INSERT: &str = "INSERT INTO meter_readings \
                           $5::varchar[], $6::jsonb[], $7::timestamptz[], $8::int4[]) \
      ON CONFLICT (reading_uid, \"timestamp\") DO NOTHING";
 
-const DELETE: &str = "DELETE FROM meter_readings WHERE id = ANY($1)";
+const DELETE: &str = "DELETE FROM meter_readings WHERE id = ANY($1::int8[])";
+
+/// With a resend window (`UPLOAD_RETAIN_HOURS` > 0) an uploaded batch is marked
+/// instead of deleted: the same one statement, after the same central commit.
+const MARK: &str = "UPDATE meter_readings SET is_synchronized = true, synced_at = now() \
+     WHERE id = ANY($1::int8[]) AND NOT is_synchronized";
+
+/// Readings purged per statement once their window is over: small, so that the
+/// collector's inserts never wait long behind the delete.
+const PURGE_BATCH: i64 = 1000;
+/// Purge statements per cycle at most: a backlog of retained readings (the window
+/// was shortened) is worked off over several cycles rather than holding this one.
+const PURGE_ROUNDS: u32 = 20;
 
 const QUARANTINE: &str =
-    "UPDATE meter_readings SET sync_error = $2, sync_attempts = sync_attempts + 1 WHERE id = $1";
+    "UPDATE meter_readings SET sync_error = $2, sync_attempts = sync_attempts + 1 \
+     WHERE id = $1::int8 AND sync_error IS NULL";
+
+/// A local row that cannot be uploaded as it is (P25): what is known of it, and why.
+struct Unreadable {
+    id: i64,
+    uid: Option<String>,
+    why: String,
+}
 
 /// The local statements of one drain, prepared once. Central gets only unnamed
 /// statements (PgBouncer in transaction pooling mode keeps no prepared statement
@@ -94,7 +137,11 @@ const QUARANTINE: &str =
 struct Statements {
     first: Statement,
     after: Statement,
+    keys_first: Statement,
+    keys_after: Statement,
+    by_ids: Statement,
     delete: Statement,
+    mark: Statement,
     quarantine: Statement,
     copy: String,
 }
@@ -102,6 +149,7 @@ struct Statements {
 impl Statements {
     async fn prepare(local: &Db) -> Result<Statements> {
         let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
+        let keys = format!("SELECT {KEYS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
             first: prep(
                 local,
@@ -120,7 +168,29 @@ impl Statements {
                 ),
             )
             .await?,
+            keys_first: prep(
+                local,
+                "prepare key selection",
+                format!("{keys} ORDER BY r.\"timestamp\", r.id LIMIT $1"),
+            )
+            .await?,
+            keys_after: prep(
+                local,
+                "prepare key selection",
+                format!(
+                    "{keys} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) \
+                     ORDER BY r.\"timestamp\", r.id LIMIT $1"
+                ),
+            )
+            .await?,
+            by_ids: prep(
+                local,
+                "prepare selection by id",
+                format!("{select} AND r.id = ANY($1::int8[]) ORDER BY r.\"timestamp\", r.id"),
+            )
+            .await?,
             delete: prep(local, "prepare batch delete", DELETE.into()).await?,
+            mark: prep(local, "prepare batch mark", MARK.into()).await?,
             quarantine: prep(local, "prepare quarantine", QUARANTINE.into()).await?,
             copy: copy_sql(),
         })
@@ -140,8 +210,7 @@ struct Tally {
     delivered: u64,
     /// Of those, readings central already had.
     already: u64,
-    quarantined: u64,
-    /// Insert statements sent, bisection included.
+    /// Insert statements sent, isolation included.
     statements: u64,
 }
 
@@ -150,13 +219,24 @@ impl Tally {
         self.batches += o.batches;
         self.delivered += o.delivered;
         self.already += o.already;
-        self.quarantined += o.quarantined;
         self.statements += o.statements;
     }
 }
 
-/// What every batch needs: both connections, the statements, the retry budget, and
-/// the order of the central statements in flight (for their timeouts).
+/// A single reading central refused, not quarantined yet: whether it will be is
+/// decided once the drain is over (see [`verdict::decide`]).
+struct Candidate {
+    /// (batch number, position in the batch): queue order.
+    order: (u64, usize),
+    id: i64,
+    uid: String,
+    code: String,
+    message: String,
+}
+
+/// What every batch needs: both connections, the statements, the retry budget, the
+/// order of the central statements in flight (for their timeouts), and what the
+/// batches of this drain have found out about central's refusals.
 struct Ctx<'a> {
     local: &'a Db,
     central: &'a Db,
@@ -166,6 +246,20 @@ struct Ctx<'a> {
     /// `UPLOAD_METHOD=copy`, until central refuses COPY for this drain (see
     /// [`insert`]); atomic because the batches in flight share the context.
     copy: AtomicBool,
+    /// Mark uploaded readings instead of deleting them (the resend window).
+    retain: bool,
+    /// Refused single readings, waiting for the drain's decision.
+    candidates: Mutex<Vec<Candidate>>,
+    /// A batch showed central refusing readings alike: the others stop isolating.
+    central_fault: AtomicBool,
+    /// One batch is taken apart at a time, so that when central refuses everything
+    /// the batches behind the first learn it from the first instead of each
+    /// spending its own statements to find out.
+    isolating: tokio::sync::Mutex<()>,
+    /// Readings quarantined in this drain (the cap counts them all).
+    quarantined: AtomicU64,
+    /// Unreadable local rows left queued because the cap was reached.
+    held_local: AtomicU64,
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -184,10 +278,10 @@ struct Ctx<'a> {
 /// was: the batch size is halved, the batches in flight finish, and the queue is
 /// read again from its oldest reading in smaller batches (growing back after
 /// successes, see [`Pace`]). Any other failure, and a rejection that is not about
-/// the rows (a missing table, a permission), ends the drain with that error once the
-/// batches in flight are done: the readings stay queued for the next cycle. Only a
-/// rejection of the data itself is bisected and quarantined (see
-/// [`is_row_rejection`]).
+/// the rows (a missing table), ends the drain with that error once the batches in
+/// flight are done: the readings stay queued for the next cycle. Only a rejection
+/// that may be about the data is isolated and quarantined (see [`is_row_rejection`]
+/// and `verdict.rs`).
 pub async fn drain(
     cfg: &Config,
     local: &mut LockedLocal,
@@ -196,6 +290,7 @@ pub async fn drain(
 ) -> Result<PhaseResult> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
+    purge_retained(local, cfg.upload_retain).await;
     let queued = count_pending(local).await?;
     // At info only when there is something to do: the cycle's start line has the
     // queue size already, and an idle cycle should cost two info lines.
@@ -219,6 +314,12 @@ pub async fn drain(
         retries: cfg.max_query_retries,
         pipe: Pipeline::default(),
         copy: AtomicBool::new(cfg.upload_copy),
+        retain: !cfg.upload_retain.is_zero(),
+        candidates: Mutex::new(Vec::new()),
+        central_fault: AtomicBool::new(false),
+        isolating: tokio::sync::Mutex::new(()),
+        quarantined: AtomicU64::new(0),
+        held_local: AtomicU64::new(0),
     };
     let depth = cfg.upload_pipeline_depth.max(1);
     let mut pace = Pace::resume(cfg.batch_size);
@@ -234,7 +335,7 @@ pub async fn drain(
     let mut key: Option<(Option<Bytes>, i64)> = None;
     let mut exhausted = false;
     let mut rescanned = false;
-    let mut reader: Option<BoxFuture<'_, Result<Batch>>> = None;
+    let mut reader: Option<BoxFuture<'_, Result<Selected>>> = None;
     // Each batch in flight yields what it did, how it ended, and how many readings
     // it had.
     let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>, usize)>> =
@@ -250,12 +351,24 @@ pub async fn drain(
         }
         let may_start = stopped.is_none() && failure.is_none();
         if restart && inflight.is_empty() && reader.is_none() {
+            // The refused readings found so far are decided before the smaller
+            // batches read them again (else they would be candidates twice).
             restart = false;
             key = None;
             exhausted = false;
+            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+                failure = failure.or(Some(e));
+                continue;
+            }
         }
         let may_start = may_start && !restart;
         if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
+            // The refused readings of this pass are decided before the next pass
+            // would read them again.
+            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+                failure = Some(e);
+                continue;
+            }
             // The pass reached the newest reading. One more pass from the oldest
             // picks up readings the collector wrote meanwhile with a timestamp
             // behind the pass (a meter catching up on its buffer). Only one: should
@@ -266,12 +379,7 @@ pub async fn drain(
             rescanned = true;
         }
         if may_start && !exhausted && reader.is_none() && inflight.len() < depth {
-            reader = Some(Box::pin(select_batch(
-                ctx.local,
-                ctx.st,
-                key.clone(),
-                pace.size(),
-            )));
+            reader = Some(Box::pin(select_batch(&ctx, key.clone(), pace.size())));
         }
         if reader.is_none() && inflight.is_empty() {
             break;
@@ -282,16 +390,20 @@ pub async fn drain(
                 match r {
                     // Read at the old size: the restart reads these again.
                     Ok(_) if restart => {}
-                    Ok(rows) if rows.is_empty() => exhausted = true,
-                    Ok(rows) => {
-                        key = rows.last_key();
-                        total.batches += 1;
-                        let ctx = &ctx;
-                        inflight.push(Box::pin(async move {
-                            let n = rows.len();
-                            let (t, r) = deliver(ctx, rows).await;
-                            (t, r, n)
-                        }));
+                    Ok(sel) if sel.seen == 0 => exhausted = true,
+                    Ok(sel) => {
+                        // Past unreadable rows too: one held by the cap stays queued
+                        // and must not be read again in this pass.
+                        key = sel.last;
+                        if !sel.batch.is_empty() {
+                            total.batches += 1;
+                            let (ctx, seq, rows) = (&ctx, total.batches, sel.batch);
+                            inflight.push(Box::pin(async move {
+                                let n = rows.len();
+                                let (t, r) = deliver(ctx, seq, rows).await;
+                                (t, r, n)
+                            }));
+                        }
                     }
                     Err(e) => failure = failure.or(Some(e)),
                 }
@@ -313,6 +425,12 @@ pub async fn drain(
         }
     }
 
+    if failure.is_none() {
+        if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+            failure = Some(e);
+        }
+    }
+    let quarantined = ctx.quarantined.load(Ordering::SeqCst);
     pace.remember();
     let elapsed = start.elapsed();
     log::debug!(
@@ -326,14 +444,14 @@ pub async fn drain(
             "upload: stopped by an error after delivering {} reading(s) in {} batch(es), {} quarantined",
             total.delivered,
             total.batches,
-            total.quarantined
+            quarantined
         );
         return Err(e);
     }
     let remaining = count_pending(local).await?;
     let mut summary = format!(
         "uploaded {} in {} batches, {} quarantined, {} remaining",
-        total.delivered, total.batches, total.quarantined, remaining
+        total.delivered, total.batches, quarantined, remaining
     );
     if total.already > 0 {
         summary.push_str(&format!("; {} were already in central", total.already));
@@ -378,17 +496,36 @@ async fn count_pending(local: &Db) -> Result<i64> {
             &[],
         )
         .await?;
-    Ok(row.get(0))
+    cell(&row, 0, "count queued readings")
+}
+
+/// Column `i` of `row`, or an error naming `what` instead of a panic.
+fn cell<'a, T: FromSql<'a>>(row: &'a Row, i: usize, what: &str) -> Result<T> {
+    row.try_get(i)
+        .map_err(|e| Error::new(Kind::Db, format!("local: {what}: column {i}: {e}")))
+}
+
+/// One selection from the queue.
+struct Selected {
+    /// The readable readings, in queue order.
+    batch: Batch,
+    /// Rows the selection covered, readable or not: 0 means the pass is at its end.
+    seen: usize,
+    /// The keyset position of the last row covered.
+    last: Option<(Option<Bytes>, i64)>,
 }
 
 /// The next batch, oldest `timestamp` first and ties by `id`, after `key` if given,
-/// encoded row by row as it streams in (see [`batch`]).
+/// encoded row by row as it streams in (see [`batch`]). Rows that cannot be read
+/// are quarantined once the selection is in and left out (P25); when the server
+/// cannot even send a row (invalid UTF-8 in a SQL_ASCII database, SQLSTATE 22021),
+/// the whole selection fails and [`read_around`] finds the row.
 async fn select_batch(
-    local: &Db,
-    st: &Statements,
+    ctx: &Ctx<'_>,
     key: Option<(Option<Bytes>, i64)>,
     size: usize,
-) -> Result<Batch> {
+) -> Result<Selected> {
+    let (local, st) = (ctx.local, ctx.st);
     let limit = i64::try_from(size).unwrap_or(i64::MAX);
     let read = async {
         let rows = match &key {
@@ -403,69 +540,419 @@ async fn select_batch(
             }
         };
         let mut rows = std::pin::pin!(rows);
-        let mut b = Builder::with_capacity(size);
+        let mut c = Collect::new(size);
         while let Some(row) = rows.try_next().await? {
-            if let Err(u) = b.push(&row) {
-                return Ok(Err(u));
-            }
+            c.take(&row);
         }
-        Ok(Ok(b))
+        Ok(c)
     };
-    match local.timed("select batch", read).await? {
-        Ok(b) => b
-            .finish()
-            .map_err(|u| Error::new(Kind::Other, format!("local: select batch: {}", u.0))),
-        Err(u) => Err(Error::new(
-            Kind::Other,
-            format!("local: select batch: {}", u.0),
-        )),
+    match local.timed("select batch", read).await {
+        Ok(c) => c.finish(ctx).await,
+        Err(e) if is_unreadable(&e) => read_around(ctx, key, limit, e).await,
+        Err(e) => Err(e),
     }
 }
 
-/// Delivers one batch: inserts it centrally, then deletes it locally. When central
-/// rejects the data, the batch is bisected: each half is tried on its own, halves
-/// that commit are deleted, halves that are rejected are split again, and a single
-/// rejected reading is quarantined. Finding k bad readings among n costs about
-/// 2·k·log2(n) statements, and nothing at all when there are none.
-///
-/// Returns what it did even when it fails part way, so that the totals stay honest.
-async fn deliver(ctx: &Ctx<'_>, batch: Batch) -> (Tally, Result<()>) {
-    let mut t = Tally::default();
-    // Left halves are pushed last so they are tried first: oldest first, still.
-    let mut todo: Vec<Range<usize>> = Vec::new();
-    todo.push(0..batch.len());
-    while let Some(range) = todo.pop() {
-        let rows = range.clone();
-        t.statements += 1;
-        match insert(ctx, &batch, rows.clone()).await {
-            Ok(inserted) => {
-                if let Err(e) = delete(ctx, &batch, rows.clone()).await {
-                    return (t, Err(e));
-                }
-                let n = rows.len() as u64;
-                t.delivered += n;
-                t.already += n.saturating_sub(inserted);
-            }
-            Err(e) if is_row_rejection(&e) => {
-                if rows.len() == 1 {
-                    if let Err(e) = quarantine(ctx, &batch, rows.start, &e).await {
-                        return (t, Err(e));
-                    }
-                    t.quarantined += 1;
-                } else {
-                    let mid = range.start + rows.len() / 2;
-                    log::info!(
-                        "upload: central rejected a batch of {} ({e}); bisecting",
-                        rows.len()
-                    );
-                    todo.push(mid..range.end);
-                    todo.push(range.start..mid);
-                }
-            }
-            Err(e) => return (t, Err(e)),
+/// Rows of a selection sorted into readable ones (encoded into a [`Builder`]) and
+/// unreadable ones (quarantined once the selection is in: the local connection is
+/// busy streaming it until then).
+struct Collect {
+    b: Builder,
+    unreadable: Vec<Unreadable>,
+    /// A row whose id could not be read: it cannot even be set aside.
+    broken: Option<String>,
+    seen: usize,
+    last: Option<(Option<Bytes>, i64)>,
+}
+
+impl Collect {
+    fn new(size: usize) -> Collect {
+        Collect {
+            b: Builder::with_capacity(size),
+            unreadable: Vec::new(),
+            broken: None,
+            seen: 0,
+            last: None,
         }
     }
-    (t, Ok(()))
+
+    fn take(&mut self, row: &Row) {
+        self.seen += 1;
+        let id = match row.try_get::<_, Option<i64>>(0) {
+            Ok(Some(id)) => id,
+            _ => {
+                self.broken = self
+                    .broken
+                    .take()
+                    .or(Some("a reading without a valid id".into()));
+                return;
+            }
+        };
+        let ts = match row.try_get::<_, Option<Raw>>(3) {
+            Ok(Some(Raw(b))) => Some(Bytes::copy_from_slice(b)),
+            _ => None,
+        };
+        self.last = Some((ts, id));
+        let missing = REQUIRED
+            .iter()
+            .find(|(i, _)| !matches!(row.try_get::<_, Option<Raw>>(*i), Ok(Some(_))));
+        if let Some((_, name)) = missing {
+            self.unreadable.push(Unreadable {
+                id,
+                uid: Some(uid_text(row)),
+                why: format!("{name} is NULL"),
+            });
+            return;
+        }
+        if let Err(u) = self.b.push(row) {
+            self.broken = self.broken.take().or(Some(u.0));
+        }
+    }
+
+    async fn finish(self, ctx: &Ctx<'_>) -> Result<Selected> {
+        if let Some(why) = self.broken {
+            return Err(Error::new(
+                Kind::Other,
+                format!("local: select batch: {why}"),
+            ));
+        }
+        for u in &self.unreadable {
+            quarantine_unreadable(ctx, u).await?;
+        }
+        let batch = self
+            .b
+            .finish()
+            .map_err(|u| Error::new(Kind::Other, format!("local: select batch: {}", u.0)))?;
+        Ok(Selected {
+            batch,
+            seen: self.seen,
+            last: self.last,
+        })
+    }
+}
+
+/// The `reading_uid` of a selected row as text (for messages).
+fn uid_text(row: &Row) -> String {
+    match row.try_get::<_, Option<Raw>>(1) {
+        Ok(Some(Raw(b))) if b.len() == 16 => {
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!(
+                "{}-{}-{}-{}-{}",
+                &h[0..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..32]
+            )
+        }
+        // NULL (a legacy nullable column) or not a uuid.
+        _ => "unknown".into(),
+    }
+}
+
+/// A selection that failed because of what a row holds (class 22: the server
+/// cannot convert a value for us), as opposed to a lost connection or a missing
+/// table.
+fn is_unreadable(e: &Error) -> bool {
+    e.kind() == Kind::Db && !e.is_transient() && e.code().is_some_and(|c| c.starts_with("22"))
+}
+
+/// The selection after `key` failed on a row the server cannot send (`err`).
+/// Reads the same rows' keys (numbers, timestamps and uuids, always readable), then
+/// the rows by id, halving the ids that fail, until each unreadable row is found
+/// alone and quarantined. Finding k such rows among n costs about 2·k·log2(n)
+/// local round trips.
+async fn read_around(
+    ctx: &Ctx<'_>,
+    key: Option<(Option<Bytes>, i64)>,
+    limit: i64,
+    err: Error,
+) -> Result<Selected> {
+    log::warn!("upload: {err}; reading the batch in parts to find the rows that cannot be read");
+    let (local, st) = (ctx.local, ctx.st);
+    let rows = match &key {
+        None => {
+            local
+                .timed(
+                    "select batch keys",
+                    local.client().query(&st.keys_first, &[&limit]),
+                )
+                .await?
+        }
+        Some((ts, id)) => {
+            let ts = ts.as_deref().map(Encoded);
+            local
+                .timed(
+                    "select batch keys",
+                    local.client().query(&st.keys_after, &[&limit, &ts, id]),
+                )
+                .await?
+        }
+    };
+    let mut keys: Vec<(i64, Option<Bytes>, Option<String>)> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let ts: Option<Raw> = cell(r, 1, "read a reading's timestamp")?;
+        keys.push((
+            cell(r, 0, "read a reading's id")?,
+            ts.map(|Raw(b)| Bytes::copy_from_slice(b)),
+            cell(r, 2, "read a reading's uid")?,
+        ));
+    }
+    let mut c = Collect::new(keys.len());
+    let mut todo: Vec<Range<usize>> = Vec::new();
+    todo.push(0..keys.len());
+    while let Some(range) = todo.pop() {
+        let ids: Vec<i64> = keys[range.clone()].iter().map(|k| k.0).collect();
+        match local
+            .timed(
+                "select readings by id",
+                local.client().query(&st.by_ids, &[&ids]),
+            )
+            .await
+        {
+            Ok(rows) => {
+                for row in &rows {
+                    c.take(row);
+                }
+            }
+            Err(e) if is_unreadable(&e) && range.len() == 1 => {
+                let (id, _, uid) = &keys[range.start];
+                c.unreadable.push(Unreadable {
+                    id: *id,
+                    uid: uid.clone(),
+                    why: e.to_string(),
+                });
+            }
+            Err(e) if is_unreadable(&e) => {
+                let mid = range.start + range.len() / 2;
+                // Left pushed last, so tried first: the readings stay in queue order.
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    // `take` moved `last` to the last row read; the keyset goes on after the last key.
+    c.seen = keys.len();
+    c.last = keys.last().map(|(id, ts, _)| (ts.clone(), *id));
+    // Parts are consecutive in queue order and taken left to right, and each comes
+    // back sorted: the readings are in queue order.
+    c.finish(ctx).await
+}
+
+/// Quarantines a local row that cannot be uploaded, if the cap allows; the cap
+/// reached, the row stays queued and the phase fails at its end.
+async fn quarantine_unreadable(ctx: &Ctx<'_>, u: &Unreadable) -> Result<()> {
+    let msg = format!("local: reading id {} cannot be read: {}", u.id, u.why);
+    let uid = u.uid.as_deref().unwrap_or("unknown");
+    if !claim_quarantine(ctx) {
+        log::warn!("upload: not quarantined, cap reached: reading_uid {uid}: {msg}");
+        ctx.held_local.fetch_add(1, Ordering::SeqCst);
+        return Ok(());
+    }
+    quarantine(ctx, u.id, uid, &msg).await
+}
+
+/// Takes one place under the cap per cycle, if one is left.
+fn claim_quarantine(ctx: &Ctx<'_>) -> bool {
+    ctx.quarantined
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < verdict::MAX_QUARANTINED_PER_CYCLE).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Delivers one batch (number `seq` of the drain): inserts it centrally, then
+/// deletes it locally. When central rejects the data, [`isolate`] finds out whose
+/// fault it is.
+///
+/// Returns what it did even when it fails part way, so that the totals stay honest.
+async fn deliver(ctx: &Ctx<'_>, seq: u64, batch: Batch) -> (Tally, Result<()>) {
+    let mut t = Tally::default();
+    t.statements += 1;
+    let all = 0..batch.len();
+    let r = match insert(ctx, &batch, all.clone()).await {
+        Ok(inserted) => settle(ctx, &batch, all, inserted, &mut t).await,
+        Err(e) if is_row_rejection(&e) => isolate(ctx, seq, &batch, e, &mut t).await,
+        Err(e) => Err(e),
+    };
+    (t, r)
+}
+
+/// After central committed `rows` of `batch` (`inserted` of them new there):
+/// removes them from the local queue (deleted, or marked for the resend window)
+/// and counts them.
+async fn settle(
+    ctx: &Ctx<'_>,
+    batch: &Batch,
+    rows: Range<usize>,
+    inserted: u64,
+    t: &mut Tally,
+) -> Result<()> {
+    let n = rows.len() as u64;
+    delete(ctx, batch, rows).await?;
+    t.delivered += n;
+    t.already += n.saturating_sub(inserted);
+    Ok(())
+}
+
+/// Central refused `batch` as a whole with `first`, a rejection of data. Splits it
+/// into slices sent together, delivers the slices central accepts, and splits the
+/// refused ones again, the leftmost first, until the refused readings stand alone:
+/// candidates for quarantine, decided at the end of the drain. As soon as the
+/// refused single readings show that central refuses readings alike
+/// ([`verdict::batch_fault`]), it stops: nothing of the batch is quarantined, what
+/// is left stays queued, and the drain fails with the reason.
+///
+/// Finding k bad readings among n costs about 16·k·log16(n) statements in
+/// log16(n) round trips; a central fault costs about 40 statements.
+async fn isolate(
+    ctx: &Ctx<'_>,
+    seq: u64,
+    batch: &Batch,
+    first: Error,
+    t: &mut Tally,
+) -> Result<()> {
+    log::info!(
+        "upload: central refused a batch of {} ({first}); taking it apart",
+        batch.len()
+    );
+    let (statements, delivered) = (t.statements, t.delivered);
+    let r = take_apart(ctx, seq, batch, first, t).await;
+    log::info!(
+        "upload: took a batch of {} apart in {} statement(s): {} delivered, {}",
+        batch.len(),
+        t.statements - statements,
+        t.delivered - delivered,
+        match &r {
+            Ok(n) => format!("{n} refused alone"),
+            Err(_) => "stopped (see below)".into(),
+        }
+    );
+    r.map(|_| ())
+}
+
+/// [`isolate`]'s search; returns how many readings were refused alone.
+async fn take_apart(
+    ctx: &Ctx<'_>,
+    seq: u64,
+    batch: &Batch,
+    first: Error,
+    t: &mut Tally,
+) -> Result<usize> {
+    // The refused single readings of this batch: (position, error), ascending.
+    let mut found: Vec<(usize, Error)> = Vec::new();
+    // Refused ranges still to take apart; the leftmost on top.
+    let mut todo: Vec<(Range<usize>, Error)> = Vec::new();
+    let _one_at_a_time = ctx.isolating.lock().await;
+    if batch.len() == 1 {
+        // Nothing to compare it with here: see verdict::decide.
+        found.push((0, first));
+    } else if ctx.central_fault.load(Ordering::SeqCst) {
+        return Err(Error::new(
+            Kind::Db,
+            format!(
+                "upload: central refused a batch of {} ({first}), and another batch showed \
+                 central refusing readings alike; the batch stays queued",
+                batch.len()
+            ),
+        ));
+    } else {
+        todo.push((0..batch.len(), first));
+    }
+    while let Some((range, err)) = todo.pop() {
+        // Taking a large batch apart can outlast the watchdog's interval.
+        crate::notify::alive();
+        let parts = verdict::slices(range.clone());
+        log::debug!(
+            "upload: central refused {} reading(s) ({err}); trying them in {} slices",
+            range.len(),
+            parts.len()
+        );
+        t.statements += parts.len() as u64;
+        let results = join_all(parts.iter().map(|p| insert(ctx, batch, p.clone()))).await;
+        let mut refused = Vec::new();
+        let mut other: Option<Error> = None;
+        for (p, res) in parts.into_iter().zip(results) {
+            match res {
+                Ok(inserted) => settle(ctx, batch, p, inserted, t).await?,
+                Err(e) if is_row_rejection(&e) && p.len() == 1 => found.push((p.start, e)),
+                Err(e) if is_row_rejection(&e) => refused.push((p, e)),
+                Err(e) => other = other.or(Some(e)),
+            }
+        }
+        if let Some(e) = other {
+            return Err(e);
+        }
+        todo.extend(refused.into_iter().rev());
+        found.sort_by_key(|f| f.0);
+        let codes: Vec<verdict::Refused> = found
+            .iter()
+            .map(|(p, e)| (*p, batch.ids(*p..*p + 1)[0], e.code().unwrap_or_default()))
+            .collect();
+        if verdict::batch_fault(batch.len(), &codes) == verdict::Fault::Central {
+            ctx.central_fault.store(true, Ordering::SeqCst);
+            return Err(Error::new(
+                Kind::Db,
+                format!(
+                    "upload held: central refused {} reading(s) one by one alike, {} of them in a \
+                     row, so the fault is central's, not the readings': {}; nothing quarantined, \
+                     the readings stay queued until central is fixed",
+                    found.len(),
+                    verdict::alike_run(&codes).map_or(found.len(), |r| r.0),
+                    found[0].1
+                ),
+            ));
+        }
+    }
+    for (p, e) in &found {
+        candidate(ctx, (seq, *p), batch.ids(*p..*p + 1)[0], batch.uid(*p), e);
+    }
+    Ok(found.len())
+}
+
+/// Notes a refused single reading for the drain's decision.
+fn candidate(ctx: &Ctx<'_>, order: (u64, usize), id: i64, uid: String, why: &Error) {
+    let mut c = ctx.candidates.lock().unwrap_or_else(|e| e.into_inner());
+    c.push(Candidate {
+        order,
+        id,
+        uid,
+        code: why.code().unwrap_or_default().to_string(),
+        message: why.to_string(),
+    });
+}
+
+/// Decides on the refused readings collected so far ([`verdict::decide`]) and
+/// quarantines those it says, oldest first. Fails with the reason when the rest
+/// must stay queued (no evidence against them, or the cap).
+async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
+    let mut cands = std::mem::take(&mut *ctx.candidates.lock().unwrap_or_else(|e| e.into_inner()));
+    cands.sort_by_key(|c| c.order);
+    let codes: Vec<&str> = cands.iter().map(|c| c.code.as_str()).collect();
+    let decision = verdict::decide(&codes, accepted, ctx.quarantined.load(Ordering::SeqCst));
+    for c in &cands[..decision.quarantine] {
+        if claim_quarantine(ctx) {
+            quarantine(ctx, c.id, &c.uid, &c.message).await?;
+        }
+    }
+    let held_local = ctx.held_local.swap(0, Ordering::SeqCst);
+    let hold = match (decision.hold, held_local) {
+        (Some(h), _) => Some(match cands.first() {
+            Some(c) => format!("upload held: {h}; central said: {}", c.message),
+            None => format!("upload held: {h}"),
+        }),
+        (None, 0) => None,
+        (None, n) => Some(format!(
+            "upload held: quarantine cap reached: at most {} readings are quarantined per \
+             cycle; {n} unreadable local row(s) stay queued for the next cycle",
+            verdict::MAX_QUARANTINED_PER_CYCLE
+        )),
+    };
+    match hold {
+        Some(h) => Err(Error::new(Kind::Db, h)),
+        None => Ok(()),
+    }
 }
 
 /// Inserts `rows` of `batch` centrally in one statement; returns how many were new
@@ -478,7 +965,7 @@ async fn deliver(ctx: &Ctx<'_>, batch: Batch) -> (Tally, Result<()>) {
 /// NOTHING` with the same bytes. 22P03 (binary data central cannot read as its
 /// column type: a central column of another type than SPEC §4's) takes the same
 /// fallback, whose casts convert where a conversion exists. Whatever the fallback
-/// fails with is what the caller sees (a rejected reading is bisected as before).
+/// fails with is what the caller sees (a rejected reading is isolated as before).
 ///
 /// A central that refuses COPY itself (0A000: a table under row-level security,
 /// where PostgreSQL has no COPY FROM) gets every later batch of this drain as the
@@ -588,13 +1075,24 @@ where
     }
 }
 
-/// Deletes exactly `rows` locally: one statement, so one local transaction.
+/// Deletes exactly `rows` locally, or marks them uploaded when there is a resend
+/// window: one statement, so one local transaction.
 async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> {
     let ids: &[i64] = batch.ids(rows.clone());
-    let what = format!("delete uploaded batch of {}", rows.len());
+    let (what, st) = if ctx.retain {
+        (
+            format!("mark uploaded batch of {}", rows.len()),
+            &ctx.st.mark,
+        )
+    } else {
+        (
+            format!("delete uploaded batch of {}", rows.len()),
+            &ctx.st.delete,
+        )
+    };
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
     let n = run(ctx.local, ctx.retries, &what, || {
-        ctx.local.client().execute(&ctx.st.delete, &params)
+        ctx.local.client().execute(st, &params)
     })
     .await?;
     if n != ids.len() as u64 {
@@ -604,14 +1102,9 @@ async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> 
     Ok(())
 }
 
-/// Keeps `r` locally with central's reason, out of the queue until `requeue`.
-async fn quarantine(ctx: &Ctx<'_>, batch: &Batch, i: usize, why: &Error) -> Result<()> {
-    let msg = why.to_string();
-    let id = batch.ids(i..i + 1)[0];
-    log::warn!(
-        "upload: quarantined reading id {id} (reading_uid {}): {msg}",
-        batch.uid(i)
-    );
+/// Keeps reading `id` locally with the reason, out of the queue until `requeue`.
+async fn quarantine(ctx: &Ctx<'_>, id: i64, uid: &str, msg: &str) -> Result<()> {
+    log::warn!("upload: quarantined reading id {id} (reading_uid {uid}): {msg}");
     let params: [&(dyn ToSql + Sync); 2] = [&id, &msg];
     run(
         ctx.local,
@@ -633,24 +1126,30 @@ where
     db.retrying(retries, || db.timed(what, op())).await
 }
 
-/// Whether central rejected the rows themselves, so that some reading in the batch
-/// will be refused however often it is sent: SQLSTATE class 22 (data exception: a
-/// value out of range), 23 (integrity constraint: CHECK, foreign key, NOT NULL),
-/// 44 (WITH CHECK OPTION), 54 (a program limit such as an index row too large), or
-/// P0 (a trigger that raised an exception about a row).
+/// Whether central may have rejected the rows themselves, so that some reading in
+/// the batch would be refused however often it is sent: SQLSTATE class 22 (data
+/// exception: a value out of range), 23 (integrity constraint: CHECK, foreign key,
+/// NOT NULL, a missing partition), 44 (WITH CHECK OPTION), 54 (a program limit such
+/// as an index row too large), P0 (a trigger that raised an exception), and 42501
+/// (insufficient privilege), which is also how row-level security refuses a row
+/// (`new row violates row-level security policy`: a meter reassigned centrally to
+/// another gateway). Such a refusal is isolated; whether it was about the rows or
+/// about central (a missing partition for this month, a new NOT NULL column, a
+/// revoked INSERT privilege refuse every reading alike) is decided from the
+/// answers, see `verdict.rs`.
 ///
-/// Narrower on purpose than "any answer that is not transient": a missing table or
-/// column, a missing privilege, an ON CONFLICT without its unique key (class 42)
-/// refuse every reading alike, and
-/// bisecting those would quarantine the whole queue. They fail the phase instead,
-/// and the readings wait for the operator to fix central.
+/// Narrower on purpose than "any answer that
+/// is not transient": a missing table or column, or an ON CONFLICT without its
+/// unique key (the rest of class 42) refuse every statement before looking at a
+/// row; they fail the phase at once, and the readings wait for the operator.
 pub fn is_row_rejection(e: &Error) -> bool {
     e.kind() == Kind::Db
         && !e.is_transient()
         && e.code().is_some_and(|c| {
-            ["22", "23", "44", "54", "P0"]
-                .iter()
-                .any(|p| c.starts_with(p))
+            c == "42501"
+                || ["22", "23", "44", "54", "P0"]
+                    .iter()
+                    .any(|p| c.starts_with(p))
         })
 }
 
@@ -687,5 +1186,60 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
         }
     };
     log::info!("requeue: released {n} quarantined reading(s)");
+    Ok(n)
+}
+
+/// Deletes retained readings whose resend window (`UPLOAD_RETAIN_HOURS`, counted
+/// from the upload) is over, [`PURGE_BATCH`] at a time and at most [`PURGE_ROUNDS`]
+/// statements per cycle. With no window, whatever an earlier window retained goes.
+/// A failure is logged and left for the next cycle: the purge never holds up the
+/// upload.
+async fn purge_retained(local: &Db, window: std::time::Duration) {
+    let secs = window.as_secs_f64();
+    let mut total = 0u64;
+    for _ in 0..PURGE_ROUNDS {
+        let n = match local
+            .execute(
+                "purge retained readings",
+                "DELETE FROM meter_readings WHERE id IN (
+                     SELECT id FROM meter_readings
+                     WHERE is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at < now() - make_interval(secs => $1::float8)
+                     LIMIT $2)",
+                &[&secs, &PURGE_BATCH],
+            )
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("upload: {e}; retained readings are purged in a later cycle");
+                break;
+            }
+        };
+        total += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        log::info!("upload: purged {total} retained reading(s) past the resend window");
+    }
+}
+
+/// `meter-sync resend --since`: queues again the retained readings uploaded at or
+/// after `since` (a timestamp PostgreSQL reads), for a central restored from a
+/// backup older than them. Central ignores the ones it still has (`ON CONFLICT DO
+/// NOTHING` on `reading_uid`), so each arrives once. Returns how many were queued.
+pub async fn resend(local: &Db, since: &str) -> Result<u64> {
+    let n = local
+        .execute(
+            "queue retained readings again",
+            "UPDATE meter_readings SET is_synchronized = false, synced_at = NULL \
+             WHERE is_synchronized AND synced_at IS NOT NULL \
+               AND synced_at >= $1::text::timestamptz",
+            &[&since],
+        )
+        .await?;
+    log::info!("resend: {n} retained reading(s) uploaded since {since} queued again");
     Ok(n)
 }

@@ -79,6 +79,8 @@ fn readings_cols(local: bool) -> Vec<Col> {
     ];
     if local {
         v.insert(7, ("is_synchronized", "boolean", "NO", "false"));
+        // When central acknowledged it: the resend window (local 0002).
+        v.push(("synced_at", TS, "YES", ""));
     }
     v
 }

@@ -4,7 +4,7 @@
 #[path = "support/proxy.rs"]
 mod proxy;
 
-use proxy::Proxy;
+use proxy::{Action, Aim, Proxy, When};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
@@ -220,4 +220,113 @@ fn drop_closes_connections() {
         t.elapsed()
     );
     assert!(is_closed(&mut s));
+}
+
+/// One PostgreSQL protocol message: type, then length (itself included), then body.
+fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![ty];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// A scripted "server": reads the startup message, answers AuthenticationOk and
+/// ReadyForQuery, then answers every Query with an insert's CommandComplete and
+/// ReadyForQuery, as central does for an implicit-transaction batch.
+fn fake_postgres() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            thread::spawn(move || {
+                let mut len = [0u8; 4];
+                if s.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let mut rest = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+                let _ = s.read_exact(&mut rest);
+                let mut hello = msg(b'R', &0u32.to_be_bytes());
+                hello.extend(msg(b'Z', b"I"));
+                let _ = s.write_all(&hello);
+                loop {
+                    let mut hdr = [0u8; 5];
+                    if s.read_exact(&mut hdr).is_err() {
+                        return;
+                    }
+                    let n = u32::from_be_bytes(hdr[1..].try_into().unwrap()) as usize - 4;
+                    let mut body = vec![0u8; n];
+                    if s.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let mut answer = msg(b'C', b"INSERT 0 5\0");
+                    answer.extend(msg(b'Z', b"I"));
+                    if s.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a startup message and one insert Query; returns what came back until EOF.
+fn converse(p: &Proxy) -> Vec<u8> {
+    let mut s = connect(p);
+    let mut startup = 8u32.to_be_bytes().to_vec();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    s.write_all(&startup).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    s.write_all(&msg(b'Q', b"INSERT INTO meter_readings SELECT 1\0"))
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn aimed_faults_go_off_just_before_or_just_after_their_message() {
+    let p = Proxy::start(fake_postgres());
+    let hello = [msg(b'R', &0u32.to_be_bytes()), msg(b'Z', b"I")].concat();
+    let complete = msg(b'C', b"INSERT 0 5\0");
+
+    // Before the insert's CommandComplete: the client never sees it.
+    p.arm(Aim::Complete(2), When::Before, Action::Cut, 0);
+    assert_eq!(converse(&p), hello);
+    assert_eq!(p.fired(), 1);
+
+    // After it: the client sees it, then the link dies before the ReadyForQuery.
+    p.arm(Aim::Complete(2), When::After, Action::Cut, 0);
+    assert_eq!(converse(&p), [hello.clone(), complete.clone()].concat());
+
+    // The commit's ReadyForQuery, before: everything but it.
+    p.arm(Aim::Commit(2), When::Before, Action::Cut, 0);
+    assert_eq!(converse(&p), [hello.clone(), complete.clone()].concat());
+
+    // The insert's own ReadyForQuery, after: the client has its whole answer.
+    p.arm(Aim::Done(2), When::After, Action::Cut, 0);
+    assert_eq!(
+        converse(&p),
+        [hello.clone(), complete.clone(), msg(b'Z', b"I")].concat()
+    );
+
+    // The insert on its way up, before: central never answers it.
+    p.arm(Aim::Insert, When::Before, Action::Cut, 0);
+    assert_eq!(converse(&p), hello);
+
+    // Too few rows for the aim: nothing happens, and it stays armed.
+    p.arm(Aim::Complete(6), When::Before, Action::Cut, 0);
+    let mut s = connect(&p);
+    let mut startup = 8u32.to_be_bytes().to_vec();
+    startup.extend_from_slice(&196608u32.to_be_bytes());
+    s.write_all(&startup).unwrap();
+    s.write_all(&msg(b'Q', b"INSERT INTO meter_readings SELECT 1\0"))
+        .unwrap();
+    let want = [hello, complete, msg(b'Z', b"I")].concat();
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, want);
+    assert_eq!(p.fired(), 5);
+    assert!(p.disarm());
 }

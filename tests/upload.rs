@@ -606,9 +606,10 @@ fn p7_errors_that_are_not_about_the_rows_never_quarantine() {
     support::insert_readings(&mut l, 12, 0);
     let order = queue_order(&mut l);
     install_poison(&mut c, false);
-    // A missing privilege, a server shutting down, a deadlock: all refuse any row, so
-    // bisecting them would quarantine readings that are perfectly fine.
-    for code in ["42501", "57P01", "40P01"] {
+    // A server shutting down, a deadlock, a missing column: all refuse any row, so
+    // bisecting them would quarantine readings that are perfectly fine. (42501 is
+    // isolated, as row-level security refuses single rows with it: see p24_.)
+    for code in ["57P01", "40P01", "42703"] {
         c.batch_execute("DELETE FROM poison").unwrap();
         poison(&mut c, &order[0], code);
         s.run(&["once"]);
@@ -738,4 +739,520 @@ fn pipelined_batches_share_round_trips() {
     );
     assert!(took[0] >= 4000, "the delay did not apply: {took:?}");
     assert!(took[1] * 2 < took[0], "pipelining saved nothing: {took:?}");
+}
+
+/// Quarantined readings (id order) and their sync_error.
+fn quarantined(c: &mut Client) -> Vec<(i64, String)> {
+    c.query(
+        "SELECT id, sync_error FROM meter_readings WHERE sync_error IS NOT NULL ORDER BY id",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
+
+/// Statements sent to take refused batches apart in a run, from the daemon's
+/// "took a batch of N apart in S statement(s)" lines.
+fn slice_statements(stderr: &str) -> usize {
+    stderr
+        .split(" apart in ")
+        .skip(1)
+        .map(|rest| rest.split(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+/// P24: central's table is partitioned by month and has no partition for this one.
+/// The readings of last month go in, this month's stay queued, none is quarantined,
+/// and the phase fails saying why: also across the batch that holds the boundary.
+#[test]
+fn p24_no_partition_for_this_month_quarantines_nothing() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE TABLE meter_readings (
+             id            bigserial,
+             reading_uid   uuid NOT NULL,
+             meter_id      varchar(255) NOT NULL,
+             \"timestamp\"   timestamptz NOT NULL,
+             value         numeric NOT NULL,
+             unit          varchar(50) NOT NULL,
+             metadata      jsonb,
+             created_at    timestamptz DEFAULT now(),
+             sync_attempts integer NOT NULL DEFAULT 0,
+             sync_error    text,
+             PRIMARY KEY (id, \"timestamp\"),
+             UNIQUE (reading_uid, \"timestamp\")
+         ) PARTITION BY RANGE (\"timestamp\");
+         DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()) - interval '1 month',
+                            date_trunc('month', now()));
+         END $$;",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    // 150 readings of the last day of last month, then 450 of this month: the
+    // second batch of 100 holds the boundary.
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-' || (g % 7), date_trunc('month', now()) - make_interval(secs => 151 - g), g, 'kWh'
+             FROM generate_series(1, 150) g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-' || (g % 7), date_trunc('month', now()) + make_interval(secs => g), g, 'kWh'
+             FROM generate_series(0, 449) g;",
+    )
+    .unwrap();
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("23514") && err.contains("nothing quarantined"),
+        "{err}"
+    );
+    assert!(run.stderr.contains("23514"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 150);
+    assert_eq!(
+        s.local_count(
+            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
+        ),
+        450,
+        "this month's readings stay queued"
+    );
+    assert_eq!(s.local_count("meter_readings"), 450);
+
+    // The next cycle costs a few dozen statements, not one per reading.
+    let run = s.run(&["once"]);
+    assert!(!last_upload_log(&s).0);
+    let n = slice_statements(&run.stderr);
+    eprintln!(
+        "450 readings of a month without a partition: {n} statements to find it is central's fault"
+    );
+    assert!((16..=60).contains(&n), "{n} statements:\n{}", run.stderr);
+    assert_eq!(quarantined(&mut l), []);
+
+    // The operator adds the partition: everything arrives, exactly once.
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
+         END $$;",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 600);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// P24: a NOT NULL column added centrally refuses every reading alike (23502).
+#[test]
+fn p24_a_new_not_null_column_centrally_quarantines_nothing() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 500, 0);
+    c.batch_execute("ALTER TABLE meter_readings ADD COLUMN site text NOT NULL")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok);
+    assert!(err.contains("23502") && err.contains("site"), "{err}");
+    assert!(run.stderr.contains("nothing quarantined"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l), []);
+    assert_eq!(s.local_count("meter_readings"), 500);
+    assert_eq!(s.central_count("meter_readings"), 0);
+
+    c.batch_execute("ALTER TABLE meter_readings DROP COLUMN site")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 500);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// P7 still holds inside P24's rules: one poison reading among good ones, in a
+/// batch of the default size, is quarantined alone.
+#[test]
+fn p24_one_poison_reading_among_good_ones_is_quarantined_alone() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 300, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id = 137")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(q[0].0, 137);
+    assert!(q[0].1.contains("non_negative"), "{}", q[0].1);
+    assert_eq!(s.central_count("meter_readings"), 299);
+    assert_eq!(s.local_count("meter_readings"), 1);
+    assert!(run.stderr.contains("1 quarantined"), "{}", run.stderr);
+}
+
+/// A central role for a gateway, allowed to insert readings of any meter but
+/// `forbidden` (row-level security), with or without the INSERT privilege.
+fn gateway_role(c: &mut Client, role: &str, forbidden: &str, insert: bool) {
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{pw}';
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};
+         ALTER TABLE meter_readings ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY own_meters ON meter_readings FOR INSERT TO {role}
+             WITH CHECK (meter_id <> '{forbidden}');
+         CREATE POLICY read_all ON meter_readings FOR SELECT TO {role} USING (true);",
+        pw = support::CENTRAL_PASSWORD
+    ))
+    .unwrap();
+    if insert {
+        c.batch_execute(&format!("GRANT INSERT ON meter_readings TO {role}"))
+            .unwrap();
+    }
+}
+
+/// P24 and row-level security: a meter reassigned centrally to another gateway
+/// while this one still has readings of it queued. Central refuses just those rows
+/// (42501, "new row violates row-level security policy"): they are quarantined,
+/// the rest arrive.
+#[test]
+fn p24_row_level_security_refusals_quarantine_just_those_rows() {
+    let mut s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    let role = format!("gw_rls_{}", s.central_db);
+    gateway_role(&mut c, &role, "meter-moved", true);
+    s.set("POSTGRES_CLIENT_USER", &role);
+    support::insert_readings(&mut l, 600, 0);
+    // Every tenth reading is of the reassigned meter.
+    l.batch_execute("UPDATE meter_readings SET meter_id = 'meter-moved' WHERE id % 10 = 3")
+        .unwrap();
+
+    let run = s.run(&["once"]);
+    let (ok, records, err) = last_upload_log(&s);
+    assert!(ok, "{err:?}\n{}", run.stderr);
+    assert_eq!(records, 540);
+    assert_eq!(s.central_count("meter_readings"), 540);
+    assert_eq!(
+        s.central_count("meter_readings WHERE meter_id = 'meter-moved'"),
+        0
+    );
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 60);
+    assert!(q.iter().all(|(id, _)| id % 10 == 3), "{q:?}");
+    assert!(
+        q.iter()
+            .all(|(_, e)| e.contains("row-level security") && e.contains("42501")),
+        "{q:?}"
+    );
+    assert_eq!(s.local_count("meter_readings"), 60);
+}
+
+/// P24: a gateway role without the INSERT privilege is refused every reading with
+/// the same 42501: the phase fails, nothing is quarantined.
+#[test]
+fn p24_a_missing_insert_privilege_fails_the_phase_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    let role = format!("gw_noins_{}", s.central_db);
+    gateway_role(&mut c, &role, "meter-moved", false);
+    s.set("POSTGRES_CLIENT_USER", &role);
+    support::insert_readings(&mut l, 300, 0);
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("42501") && err.contains("permission denied"),
+        "{err}"
+    );
+    assert_eq!(quarantined(&mut l), []);
+    assert_eq!(s.local_count("meter_readings"), 300);
+    assert_eq!(s.central_count("meter_readings"), 0);
+
+    c.batch_execute(&format!("GRANT INSERT ON meter_readings TO {role}"))
+        .unwrap();
+    s.run(&["once"]);
+    assert!(last_upload_log(&s).0);
+    assert_eq!(s.central_count("meter_readings"), 300);
+}
+
+/// P24: a reading alone in the queue that central refuses, with nothing else
+/// accepted, is no evidence against the reading: it stays queued. Once other
+/// readings go through beside it, it is quarantined.
+#[test]
+fn p24_a_lone_refused_reading_waits_for_evidence() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 1, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok);
+    assert!(err.unwrap().contains("no evidence"));
+    assert_eq!(quarantined(&mut l), []);
+
+    support::insert_readings(&mut l, 20, 100);
+    s.run(&["once"]).assert_ok();
+    assert_eq!(quarantined(&mut l).len(), 1);
+    assert_eq!(s.central_count("meter_readings"), 20);
+}
+
+/// P24: the cap on quarantines per cycle. 110 readings refused one by one (every
+/// tenth) are quarantined 100 in the first cycle, which fails saying so, and the
+/// rest in the next; the good readings all arrive in the first.
+#[test]
+fn p24_quarantines_per_cycle_are_capped() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 1100, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 10 = 0")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok, "{}", run.stderr);
+    assert!(err.unwrap().contains("cap"));
+    assert_eq!(quarantined(&mut l).len(), 100);
+    assert_eq!(s.central_count("meter_readings"), 990);
+    // The ten left are all the queue holds: with nothing accepted beside them,
+    // there is no evidence against them (they might as well be central's fault).
+    s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    assert!(!ok && err.unwrap().contains("no evidence"));
+    assert_eq!(quarantined(&mut l).len(), 100);
+    // The collector writes on; beside readings that go through, they are judged.
+    support::insert_readings(&mut l, 50, 5000);
+    s.run(&["once"]).assert_ok();
+    assert_eq!(quarantined(&mut l).len(), 110);
+    assert_eq!(s.local_count("meter_readings"), 110);
+    assert_eq!(s.central_count("meter_readings"), 1040);
+}
+
+/// P7 with many poison readings: a broken meter among five (every fifth reading
+/// refused) is not mistaken for central's fault.
+#[test]
+fn p24_a_broken_meter_among_five_is_quarantined_and_the_rest_arrive() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, 200, 0);
+    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 5 = 0")
+        .unwrap();
+    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 40);
+    assert!(q.iter().all(|(id, _)| id % 5 == 0));
+    assert_eq!(s.central_count("meter_readings"), 160);
+}
+
+/// P25: a legacy local table whose `unit` is nullable, with a NULL in one reading.
+/// Reading it must not panic (the release build aborts on a panic, in every cycle):
+/// the reading is quarantined with a clear sync_error and the rest arrive.
+#[test]
+fn p25_a_null_in_a_legacy_nullable_column_is_quarantined_not_a_crash() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN unit DROP NOT NULL;
+         UPDATE meter_readings SET unit = NULL WHERE id = 42;",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None));
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].0, 42);
+    assert!(
+        q[0].1.contains("reading id 42") && q[0].1.contains("unit is NULL"),
+        "{}",
+        q[0].1
+    );
+    assert_eq!(s.central_count("meter_readings"), 99);
+    assert!(run.stderr.contains("1 quarantined"), "{}", run.stderr);
+}
+
+/// P25: a SQL_ASCII local database (no encoding checks on the way in) holding the
+/// Latin-1 byte of "m³" in one unit. The server refuses to send that row to a
+/// UTF-8 client (SQLSTATE 22021) and so fails the whole SELECT of its batch: the
+/// row is found among the others, quarantined, and the other 99 arrive.
+#[test]
+fn p25_invalid_utf8_in_a_sql_ascii_database_is_isolated_and_quarantined() {
+    let (local, central) = support::shared();
+    let name = format!("ascii_{}", std::process::id());
+    local
+        .admin()
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
+        ))
+        .unwrap();
+    central.create_db(&name);
+    let s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "UPDATE meter_readings SET unit = convert_from('\\x6db3'::bytea, 'SQL_ASCII') WHERE id = 57",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None), "{}", run.stderr);
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{}", run.stderr);
+    assert_eq!(q[0].0, 57);
+    assert!(
+        q[0].1.contains("reading id 57 cannot be read") && q[0].1.contains("22021"),
+        "{}",
+        q[0].1
+    );
+    assert_eq!(s.central_count("meter_readings"), 99);
+    assert_eq!(s.local_count("meter_readings"), 1);
+}
+
+/// The resend window (SPEC §8, UPLOAD_RETAIN_HOURS): uploaded readings are kept,
+/// marked, after the central commit; central is restored from a backup older than
+/// the last upload and has lost those readings; `resend --since` queues the
+/// retained ones again and each arrives exactly once, as written.
+#[test]
+fn resend_brings_back_what_a_restored_central_lost_each_exactly_once() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24);
+    let mut l = s.local();
+    let mut c = s.central();
+    let t0: String = l.query_one("SELECT now()::text", &[]).unwrap().get(0);
+    support::insert_readings(&mut l, 100, 0);
+    s.run(&["once"]).assert_ok();
+    // The backup is taken here; then 200 more readings are uploaded.
+    let backup: String = l
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .unwrap()
+        .get(0);
+    support::insert_readings(&mut l, 200, 1000);
+    let written = rows(&mut l, "");
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 300);
+    assert_eq!(
+        s.local_count("meter_readings WHERE is_synchronized AND synced_at IS NOT NULL"),
+        300,
+        "uploaded readings are retained, not deleted"
+    );
+    assert_eq!(s.local_count("meter_readings WHERE NOT is_synchronized"), 0);
+
+    // Central comes back from the backup: the last 200 are gone.
+    c.execute(
+        "DELETE FROM meter_readings WHERE \"timestamp\" > timestamptz '2026-01-01 00:00:00+00' + interval '900 seconds'",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.central_count("meter_readings"), 100);
+
+    let since = chrono_like(&backup);
+    let rs = s.run(&["resend", "--since", &since]);
+    rs.assert_ok();
+    assert!(rs.stdout.contains("queued 200 retained"), "{}", rs.all());
+    s.run(&["once"]).assert_ok();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading back, as written");
+
+    // Resending everything since before the first upload is harmless.
+    let rs = s.run(&["resend", "--since", &chrono_like(&t0)]);
+    assert!(rs.stdout.contains("queued 300 retained"), "{}", rs.all());
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("300 were already in central"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 300);
+}
+
+/// PostgreSQL's `now()::text` ("2026-12-01 09:30:00.123456+00") in the form an
+/// operator would type (RFC 3339).
+fn chrono_like(pg: &str) -> String {
+    format!("{}:00", pg.replacen(' ', "T", 1))
+}
+
+/// Retained readings are purged once their window (counted from the upload) is
+/// over; with the window back at 0 whatever was retained goes. Readings marked
+/// synchronized by something else (no synced_at) are left alone.
+#[test]
+fn retained_readings_are_purged_after_the_window() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 2);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 50, 0);
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized)
+         VALUES ('legacy', '2020-01-01Z', 1, 'kWh', true)",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 51);
+    // Twenty of them were uploaded three hours ago.
+    l.batch_execute(
+        "UPDATE meter_readings SET synced_at = now() - interval '3 hours'
+         WHERE id IN (SELECT id FROM meter_readings WHERE synced_at IS NOT NULL ORDER BY id LIMIT 20)",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(run.stderr.contains("purged 20 retained"), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 31);
+
+    s.unset("UPLOAD_RETAIN_HOURS");
+    support::insert_readings(&mut l, 10, 500);
+    s.run(&["once"]).assert_ok();
+    let left: Vec<String> = l
+        .query("SELECT meter_id::text FROM meter_readings", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["legacy"]);
+    assert_eq!(s.central_count("meter_readings"), 60);
+}
+
+/// `resend`: a bad timestamp is a usage error (64) in one line naming it; an
+/// unreachable local database exits 1.
+#[test]
+fn resend_refuses_a_bad_timestamp_and_reports_an_unreachable_local() {
+    let mut s = Sandbox::new();
+    let r = s.run(&["resend", "--since", "2026-02-30"]);
+    r.assert_code(64);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    assert!(r.stderr.contains("2026-02-30"), "{}", r.stderr);
+    s.run(&["resend"]).assert_code(64);
+    s.set("POSTGRES_SYNC_PORT", support::free_port())
+        .set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["resend", "--since", "2026-11-30T00:00:00Z"])
+        .assert_code(1);
 }

@@ -787,18 +787,35 @@ impl Run {
 }
 
 fn wait_output(mut child: Child, limit: Duration) -> Output {
+    // The pipes are read while the child runs: a child that writes more than a pipe
+    // holds (64 KiB of log lines) would otherwise block on its write forever.
+    fn drain(r: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    let out = drain(child.stdout.take());
+    let err = drain(child.stderr.take());
     let deadline = Instant::now() + limit;
     loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            return Output {
+                status,
+                stdout: out.join().unwrap(),
+                stderr: err.join().unwrap(),
+            };
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
             panic!(
                 "meter-sync did not finish within {limit:?}:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&out.join().unwrap()),
+                String::from_utf8_lossy(&err.join().unwrap())
             );
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -898,3 +915,50 @@ pub mod nspawn;
 /// PgBouncer in front of central, and streaming standbys (issue 13a).
 pub mod pgbouncer;
 pub mod replica;
+
+/// Crashes and restarts, for soak tests (SIGKILL of the postmaster, as the OOM
+/// killer or a power cut of the server process would).
+impl Cluster {
+    /// SIGKILLs the postmaster and waits until it is gone. Its backends notice and
+    /// exit by themselves; nothing is flushed or shut down cleanly.
+    pub fn kill_postmaster(&self) {
+        let pid_file =
+            std::fs::read_to_string(self.data.join("postmaster.pid")).unwrap_or_default();
+        let Some(pid) = pid_file
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        wait_until(
+            Duration::from_secs(10),
+            || unsafe { libc::kill(pid, 0) } != 0,
+        );
+    }
+
+    /// Starts the server after [`Cluster::kill_postmaster`]: crash recovery runs
+    /// first; the start is retried while the dead server's backends still hold its
+    /// shared memory.
+    pub fn start_after_crash(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.start_cmd().output().unwrap();
+            if out.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default();
+                panic!(
+                    "pg_ctl start after a crash failed: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    &log[log.len().saturating_sub(3000)..]
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

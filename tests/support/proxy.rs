@@ -15,6 +15,12 @@
 //! - [`Proxy::cut`] closes with FIN on both sides, not a true RST: SO_LINGER 0 needs an
 //!   unstable std API. The driver still sees EOF on read and EPIPE/ECONNRESET on a later write.
 //! - The upstream connection is opened as soon as a client is accepted, even in a blackhole.
+//!
+//! Aimed faults ([`Proxy::arm`]): on a plaintext PostgreSQL connection (sslmode=disable) the
+//! proxy follows the protocol's message framing in both directions and can cut the link, or
+//! SIGKILL a process, just before or just after a chosen message: the Bind of an insert on its
+//! way to central, the insert's CommandComplete or the commit's ReadyForQuery on their way
+//! back. Random faults rarely land in those windows; these land there every time.
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
@@ -60,6 +66,56 @@ struct Shared {
     conns: Mutex<Vec<Weak<Conn>>>,
     /// Kept so Drop can join every thread and guarantee none outlives the proxy.
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The aimed fault waiting for its message, if any.
+    armed: Mutex<Option<Aimed>>,
+    /// Aimed faults that went off.
+    fired: AtomicUsize,
+}
+
+/// Which message an aimed fault waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aim {
+    /// Client to server: the Bind (extended protocol) of a prepared INSERT or COPY into
+    /// `meter_readings`, or a simple Query starting with one: the batch has not reached central.
+    Insert,
+    /// Server to client: a CommandComplete `INSERT 0 n` or `COPY n` with n at least the given
+    /// number (so that one-row upserts of other tables, such as a heartbeat, do not match):
+    /// central has executed the batch (and, in an implicit transaction, committed it).
+    Complete(u64),
+    /// Server to client: the ReadyForQuery right after such a CommandComplete, idle or still in
+    /// a transaction: where the client learns that its insert statement is done (inside an
+    /// explicit transaction, before the COMMIT).
+    Done(u64),
+    /// Server to client: the first ReadyForQuery with status idle after such a CommandComplete
+    /// (in an explicit transaction, the one that answers its COMMIT): the commit's
+    /// acknowledgement.
+    Commit(u64),
+}
+
+/// Before: the message is not delivered (the action comes first). After: it is delivered, then
+/// the action follows at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum When {
+    Before,
+    After,
+}
+
+/// What an aimed fault does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Kill the connection (both sides see it end).
+    Cut,
+    /// SIGKILL this process (the daemon), then kill the connection.
+    Kill(i32),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Aimed {
+    aim: Aim,
+    when: When,
+    action: Action,
+    /// Matches to let pass before firing.
+    skip: u32,
 }
 
 struct Conn {
@@ -68,6 +124,9 @@ struct Conn {
     dead: AtomicBool,
     to_server: Pipe,
     to_client: Pipe,
+    /// Message framing of each direction, for aimed faults.
+    up_scan: Mutex<Scan>,
+    down_scan: Mutex<Scan>,
 }
 
 /// One direction's queue between its reader and its sender. Splitting reading from sending is
@@ -90,6 +149,8 @@ struct Queue {
 struct Chunk {
     due: Instant,
     bytes: Vec<u8>,
+    /// Done by the sender when it reaches this chunk, before writing its bytes.
+    act: Option<Action>,
 }
 
 #[derive(Clone, Copy)]
@@ -179,6 +240,28 @@ impl Proxy {
     /// tell whether traffic flowed during a fault.
     pub fn bytes_forwarded(&self) -> (u64, u64) {
         (self.shared.up.load(SeqCst), self.shared.down.load(SeqCst))
+    }
+
+    /// Arms one aimed fault: after `skip` matching messages have passed, the next one sets it
+    /// off (see [`Aim`], [`When`], [`Action`]); then it is disarmed. Replaces an armed one.
+    /// Works on plaintext connections only (a TLS connection is passed through untouched).
+    pub fn arm(&self, aim: Aim, when: When, action: Action, skip: u32) {
+        *lock(&self.shared.armed) = Some(Aimed {
+            aim,
+            when,
+            action,
+            skip,
+        });
+    }
+
+    /// Disarms a fault that has not gone off; returns whether one was armed.
+    pub fn disarm(&self) -> bool {
+        lock(&self.shared.armed).take().is_some()
+    }
+
+    /// How many aimed faults have gone off so far.
+    pub fn fired(&self) -> usize {
+        self.shared.fired.load(SeqCst)
     }
 }
 
@@ -303,6 +386,8 @@ fn serve(sh: Arc<Shared>, client: TcpStream, target: SocketAddr) {
         dead: AtomicBool::new(false),
         to_server: Pipe::default(),
         to_client: Pipe::default(),
+        up_scan: Mutex::new(Scan::new(Dir::Up)),
+        down_scan: Mutex::new(Scan::new(Dir::Down)),
     });
     {
         // Checked under the same lock Drop takes, so a connection accepted during Drop is
@@ -352,12 +437,34 @@ fn pump(sh: &Shared, conn: &Conn, dir: Dir) {
             }
         };
         let due = Instant::now() + Duration::from_nanos(sh.delay_ns.load(SeqCst));
+        // An aimed fault splits the chunk where it goes off: the bytes before are sent,
+        // then the action, then the rest.
+        let scan = match dir {
+            Dir::Up => &conn.up_scan,
+            Dir::Down => &conn.down_scan,
+        };
+        let hit = lock(scan).feed(&buf[..n], sh);
         let mut queue = lock(&pipe.queue);
         queue.bytes += n;
-        queue.chunks.push_back(Chunk {
-            due,
-            bytes: buf[..n].to_vec(),
-        });
+        match hit {
+            Some((at, action)) => {
+                queue.chunks.push_back(Chunk {
+                    due,
+                    bytes: buf[..at].to_vec(),
+                    act: None,
+                });
+                queue.chunks.push_back(Chunk {
+                    due,
+                    bytes: buf[at..n].to_vec(),
+                    act: Some(action),
+                });
+            }
+            None => queue.chunks.push_back(Chunk {
+                due,
+                bytes: buf[..n].to_vec(),
+                act: None,
+            }),
+        }
         pipe.cv.notify_all();
         if n == 0 {
             return;
@@ -390,6 +497,17 @@ fn deliver(sh: &Shared, conn: &Conn, dir: Dir) {
         queue.bytes -= chunk.bytes.len();
         pipe.cv.notify_all(); // the reader may be waiting for queue space
         drop(queue);
+        if let Some(action) = chunk.act {
+            if let Action::Kill(pid) = action {
+                // SIGKILL takes effect before the process runs another instruction of its
+                // own, so nothing sent after this is read by it.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            conn.kill();
+            return;
+        }
         if chunk.bytes.is_empty() {
             // Pass the half-close on so the far side sees the same EOF the peer sent.
             let _ = dst.shutdown(Shutdown::Write);
@@ -440,4 +558,233 @@ fn write_paced(
         thread::sleep(Duration::from_secs_f64(piece.len() as f64 / rate as f64));
     }
     Ok(())
+}
+
+/// Follows the PostgreSQL protocol's framing in one direction, to find the messages aimed
+/// faults wait for. Gives up (passes everything through) on TLS.
+struct Scan {
+    dir: Dir,
+    opaque: bool,
+    /// Untyped messages still expected at the start of the client's stream (SSLRequest,
+    /// StartupMessage).
+    untyped: u8,
+    /// The server's stream has begun (its first byte may be the answer to an SSLRequest).
+    began: bool,
+    hdr: Vec<u8>,
+    ty: u8,
+    /// Body bytes still to come of the current message.
+    left: usize,
+    /// The first bytes of the current body.
+    body: Vec<u8>,
+    /// Where the current message started in the chunk being fed, if it did.
+    start: Option<usize>,
+    /// Prepared statements (name) that insert readings.
+    inserts: std::collections::HashMap<Vec<u8>, bool>,
+    /// Rows inserted in the transaction in progress, until it ends.
+    completed: Option<u64>,
+    /// Rows of an insert's CommandComplete that was the last message.
+    just: Option<u64>,
+}
+
+/// Body bytes kept per message: enough for a statement name and the start of its SQL.
+const KEEP: usize = 512;
+
+impl Scan {
+    fn new(dir: Dir) -> Scan {
+        Scan {
+            dir,
+            opaque: false,
+            untyped: 1,
+            began: false,
+            hdr: Vec::new(),
+            ty: 0,
+            left: 0,
+            body: Vec::new(),
+            start: None,
+            inserts: Default::default(),
+            completed: None,
+            just: None,
+        }
+    }
+
+    /// Feeds one chunk; returns where in it to split and what to do, when an armed fault
+    /// goes off.
+    fn feed(&mut self, data: &[u8], sh: &Shared) -> Option<(usize, Action)> {
+        let mut i = 0;
+        while i < data.len() && !self.opaque {
+            if let Dir::Down = self.dir {
+                if !self.began {
+                    self.began = true;
+                    match data[i] {
+                        b'S' => {
+                            self.opaque = true;
+                            return None;
+                        }
+                        b'N' => {
+                            i += 1;
+                            continue;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if self.left == 0 && self.hdr.is_empty() {
+                self.start = Some(i);
+            }
+            let typed = !(matches!(self.dir, Dir::Up) && self.untyped > 0);
+            let need = if typed { 5 } else { 4 };
+            if self.hdr.len() < need {
+                if !typed && self.hdr.is_empty() && data[i] == 0x16 {
+                    // A TLS ClientHello where the startup message should be.
+                    self.opaque = true;
+                    return None;
+                }
+                self.hdr.push(data[i]);
+                i += 1;
+                if self.hdr.len() == need {
+                    let len_bytes: [u8; 4] = self.hdr[need - 4..].try_into().unwrap();
+                    let len = u32::from_be_bytes(len_bytes) as usize;
+                    self.ty = if typed { self.hdr[0] } else { 0 };
+                    self.left = len.saturating_sub(4);
+                    self.body.clear();
+                    if self.left == 0 {
+                        if let Some(hit) = self.message_done(i, sh) {
+                            return Some(hit);
+                        }
+                    }
+                }
+                continue;
+            }
+            let take = self.left.min(data.len() - i);
+            let keep = take.min(KEEP.saturating_sub(self.body.len()));
+            self.body.extend_from_slice(&data[i..i + keep]);
+            i += take;
+            self.left -= take;
+            if self.left == 0 {
+                if let Some(hit) = self.message_done(i, sh) {
+                    return Some(hit);
+                }
+            }
+        }
+        None
+    }
+
+    /// A whole message has been seen, ending at `end` in the current chunk.
+    fn message_done(&mut self, end: usize, sh: &Shared) -> Option<(usize, Action)> {
+        let start = self.start.take().unwrap_or(0);
+        let typed = !(matches!(self.dir, Dir::Up) && self.untyped > 0);
+        self.hdr.clear();
+        if !typed {
+            // SSLRequest and GSSENCRequest are followed by another untyped message.
+            let code = self
+                .body
+                .get(..4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+            if !matches!(code, Some(80877103) | Some(80877104)) {
+                self.untyped -= 1;
+            }
+            return None;
+        }
+        let cstr = |b: &[u8]| -> (Vec<u8>, usize) {
+            let n = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+            (b[..n].to_vec(), (n + 1).min(b.len()))
+        };
+        let inserts_readings = |sql: &[u8]| {
+            let s = String::from_utf8_lossy(sql)
+                .trim_start()
+                .to_ascii_uppercase();
+            s.starts_with("INSERT INTO METER_READINGS") || s.starts_with("COPY METER_READINGS")
+        };
+        let just = self.just.take();
+        let event = match (self.dir, self.ty) {
+            (Dir::Up, b'P') => {
+                let (name, at) = cstr(&self.body);
+                let is = inserts_readings(&self.body[at..]);
+                self.inserts.insert(name, is);
+                None
+            }
+            (Dir::Up, b'B') => {
+                let (_, at) = cstr(&self.body);
+                let (stmt, _) = cstr(&self.body[at..]);
+                self.inserts
+                    .get(&stmt)
+                    .copied()
+                    .unwrap_or(false)
+                    .then_some(Aim::Insert)
+            }
+            (Dir::Up, b'Q') => inserts_readings(&self.body).then_some(Aim::Insert),
+            (Dir::Down, b'C') => {
+                let (tag, _) = cstr(&self.body);
+                let tag = String::from_utf8_lossy(&tag).to_string();
+                let rows: Option<u64> = (tag.starts_with("INSERT ") || tag.starts_with("COPY "))
+                    .then(|| tag.rsplit(' ').next().and_then(|n| n.parse().ok()))
+                    .flatten();
+                if let Some(n) = rows {
+                    self.completed = Some(self.completed.unwrap_or(0).max(n));
+                }
+                self.just = rows;
+                rows.map(Aim::Complete)
+            }
+            (Dir::Down, b'Z') => match self.body.first() {
+                // Idle again: the transaction that held the insert (implicit, or ended by
+                // COMMIT) has committed.
+                Some(b'I') => {
+                    let commit = self.completed.take().map(Aim::Commit);
+                    // Both a Done and a Commit (an implicit transaction): the armed aim
+                    // decides which. The guard is dropped before `fire` locks again.
+                    let armed = *lock(&sh.armed);
+                    if let (Some(n), Some(a)) = (just, armed) {
+                        if matches!(a.aim, Aim::Done(_)) {
+                            return self.fire(Aim::Done(n), start, end, sh);
+                        }
+                    }
+                    commit
+                }
+                // Still in the transaction: the commit is yet to come.
+                Some(b'T') => just.map(Aim::Done),
+                // Failed: it will be rolled back.
+                _ => {
+                    self.completed = None;
+                    None
+                }
+            },
+            _ => None,
+        };
+        self.fire(event?, start, end, sh)
+    }
+
+    /// Sets the armed fault off if `event` is what it waits for.
+    fn fire(
+        &mut self,
+        event: Aim,
+        start: usize,
+        end: usize,
+        sh: &Shared,
+    ) -> Option<(usize, Action)> {
+        let mut armed = lock(&sh.armed);
+        let a = (*armed)?;
+        let matches = match (a.aim, event) {
+            (Aim::Insert, Aim::Insert) => true,
+            (Aim::Complete(min), Aim::Complete(rows)) => rows >= min,
+            (Aim::Commit(min), Aim::Commit(rows)) => rows >= min,
+            (Aim::Done(min), Aim::Done(rows)) => rows >= min,
+            _ => false,
+        };
+        if !matches {
+            return None;
+        }
+        if a.skip > 0 {
+            armed.as_mut().unwrap().skip -= 1;
+            return None;
+        }
+        *armed = None;
+        sh.fired.fetch_add(1, SeqCst);
+        Some((
+            match a.when {
+                When::Before => start,
+                When::After => end,
+            },
+            a.action,
+        ))
+    }
 }
