@@ -553,23 +553,28 @@ mod tests {
         assert_eq!(backoff_cap(100), BACKOFF_MAX);
     }
 
-    /// Against a port nobody listens on, every attempt fails at once, so the time
-    /// spent is the backoff alone: MAX_CONNECTION_RETRIES attempts, each wait at most
-    /// its cap (0.5 s, 1 s, 2 s), and the error is the last attempt's.
-    #[tokio::test(start_paused = true)]
-    async fn connect_backs_off_within_the_caps_and_gives_up_after_the_retries() {
+    /// A configuration whose local database is a port nobody listens on.
+    fn local_on_a_closed_port(retries: u32) -> Config {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let cfg = Config::from_vars([
+        Config::from_vars([
             ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
             ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
             ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
-            ("MAX_CONNECTION_RETRIES".to_string(), "4".to_string()),
+            ("MAX_CONNECTION_RETRIES".to_string(), retries.to_string()),
         ])
-        .unwrap();
+        .unwrap()
+    }
+
+    /// Against a port nobody listens on, every attempt fails at once, so the time
+    /// spent is the backoff alone: MAX_CONNECTION_RETRIES attempts, each wait at most
+    /// its cap (0.5 s, 1 s, 2 s), and the error is the last attempt's.
+    #[tokio::test(start_paused = true)]
+    async fn connect_backs_off_within_the_caps_and_gives_up_after_the_retries() {
+        let cfg = local_on_a_closed_port(4);
         let t = tokio::time::Instant::now();
         let err = match Db::connect_with_retry(&cfg.local, &cfg, &Shutdown::never()).await {
             Ok(_) => panic!("connected to a closed port"),
@@ -589,18 +594,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_shutdown_ends_the_backoff_at_once() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let cfg = Config::from_vars([
-            ("POSTGRES_SYNC_HOST".to_string(), "127.0.0.1".to_string()),
-            ("POSTGRES_SYNC_PORT".to_string(), port.to_string()),
-            ("POSTGRES_CLIENT_HOST".to_string(), "c.example".to_string()),
-            ("MAX_CONNECTION_RETRIES".to_string(), "100".to_string()),
-        ])
-        .unwrap();
+        let cfg = local_on_a_closed_port(100);
         let (trigger, shutdown) = crate::shutdown::channel();
         trigger.trigger();
         let t = tokio::time::Instant::now();

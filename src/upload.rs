@@ -634,20 +634,11 @@ impl Collect {
 /// The `reading_uid` of a selected row as text (for messages).
 fn uid_text(row: &Row) -> String {
     match row.try_get::<_, Option<Raw>>(1) {
-        Ok(Some(Raw(b))) if b.len() == 16 => {
-            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-            format!(
-                "{}-{}-{}-{}-{}",
-                &h[0..8],
-                &h[8..12],
-                &h[12..16],
-                &h[16..20],
-                &h[20..32]
-            )
-        }
-        // NULL (a legacy nullable column) or not a uuid.
-        _ => "unknown".into(),
+        Ok(Some(Raw(b))) => batch::uuid_text(b),
+        // NULL (a legacy nullable column).
+        _ => None,
     }
+    .unwrap_or_else(|| "unknown".into())
 }
 
 /// A selection that failed because of what a row holds (class 22: the server

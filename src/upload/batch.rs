@@ -187,19 +187,9 @@ impl Batch {
 
     /// The `reading_uid` of row `i` as text, for log lines and quarantine messages.
     pub fn uid(&self, i: usize) -> String {
-        match self.field(i, 0) {
-            Some(b) if b.len() == 16 => {
-                let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-                format!(
-                    "{}-{}-{}-{}-{}",
-                    &h[0..8],
-                    &h[8..12],
-                    &h[12..16],
-                    &h[16..20],
-                    &h[20..32]
-                )
-            }
-            _ => "(none)".into(),
+        match self.field(i, 0).and_then(uuid_text) {
+            Some(text) => text,
+            None => "(none)".into(),
         }
     }
 
@@ -268,6 +258,23 @@ impl Batch {
         }
         unreachable!()
     }
+}
+
+/// A uuid's 16 bytes in binary format as its canonical text, for messages; None
+/// for anything else.
+pub fn uuid_text(b: &[u8]) -> Option<String> {
+    if b.len() != 16 {
+        return None;
+    }
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Some(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 #[cfg(test)]
