@@ -5,85 +5,18 @@
 mod support;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use support::notify::Notifications;
 use support::proxy::Proxy;
 use support::{wait_until, Cluster, Role, Sandbox};
 
 const SIGTERM: i32 = 15;
 const SIGINT: i32 = 2;
 
-/// What systemd would receive on NOTIFY_SOCKET, with arrival times.
-struct Notifications {
-    msgs: Arc<Mutex<Vec<(Instant, String)>>>,
-    path: PathBuf,
-}
-
-impl Notifications {
-    fn bind(dir: &Path) -> Notifications {
-        let path = dir.join("notify.sock");
-        let sock = UnixDatagram::bind(&path).unwrap();
-        Notifications::listen(sock, path)
-    }
-
-    fn listen(sock: UnixDatagram, path: PathBuf) -> Notifications {
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let msgs = Arc::new(Mutex::new(Vec::new()));
-        let m = Arc::downgrade(&msgs);
-        thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            // Ends when the test drops its Notifications.
-            while let Some(m) = m.upgrade() {
-                if let Ok(n) = sock.recv(&mut buf) {
-                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    for line in text.lines() {
-                        m.lock().unwrap().push((Instant::now(), line.to_string()));
-                    }
-                }
-            }
-        });
-        Notifications { msgs, path }
-    }
-
-    fn all(&self) -> Vec<(Instant, String)> {
-        self.msgs.lock().unwrap().clone()
-    }
-
-    fn has(&self, pred: impl Fn(&str) -> bool) -> bool {
-        self.all().iter().any(|(_, l)| pred(l))
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
-        assert!(
-            wait_until(limit, || self.has(&pred)),
-            "no {what} within {limit:?}; got {:?}",
-            self.lines()
-        );
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.all().into_iter().map(|(_, l)| l).collect()
-    }
-
-    /// The longest silence between WATCHDOG=1 pings in [from, to], counting the
-    /// edges of the window.
-    fn max_watchdog_gap(&self, from: Instant, to: Instant) -> Duration {
-        let mut last = from;
-        let mut max = Duration::ZERO;
-        for (t, l) in self.all() {
-            if l == "WATCHDOG=1" && t >= from && t <= to {
-                max = max.max(t - last);
-                last = t;
-            }
-        }
-        max.max(to.saturating_duration_since(last))
-    }
-}
-
+/// Points the daemon at the test's NOTIFY_SOCKET with a watchdog.
 fn with_notify(s: &mut Sandbox, n: &Notifications, watchdog_usec: u64) {
     s.set("NOTIFY_SOCKET", n.path.display());
     s.set("WATCHDOG_USEC", watchdog_usec);

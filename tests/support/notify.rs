@@ -17,6 +17,11 @@ impl Notifications {
     pub fn bind(dir: &Path) -> Notifications {
         let path = dir.join("notify.sock");
         let sock = UnixDatagram::bind(&path).unwrap();
+        Notifications::listen(sock, path)
+    }
+
+    /// Records what arrives on an already bound socket (an abstract one, say).
+    pub fn listen(sock: UnixDatagram, path: PathBuf) -> Notifications {
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let msgs = Arc::new(Mutex::new(Vec::new()));
@@ -38,6 +43,22 @@ impl Notifications {
 
     pub fn all(&self) -> Vec<(Instant, String)> {
         self.msgs.lock().unwrap().clone()
+    }
+
+    pub fn has(&self, pred: impl Fn(&str) -> bool) -> bool {
+        self.all().iter().any(|(_, l)| pred(l))
+    }
+
+    pub fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
+        assert!(
+            super::wait_until(limit, || self.has(&pred)),
+            "no {what} within {limit:?}; got {:?}",
+            self.lines()
+        );
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.all().into_iter().map(|(_, l)| l).collect()
     }
 
     /// When `line` first arrived.
