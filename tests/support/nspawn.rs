@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{temp_dir, wait_until};
+use super::host::{temp_dir, wait_until};
 
 /// Packages on top of `--variant=minbase`: an init, the bus systemctl talks over,
 /// sshd and python3 for the Ansible stand-ins.

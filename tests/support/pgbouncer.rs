@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{chown_to_server, free_port, server_user, temp_dir, Cluster, CENTRAL_PASSWORD};
+use super::cluster::{chown_to_server, server_user, Cluster, CENTRAL_PASSWORD};
+use super::host::{free_port, temp_dir};
 
 /// The PgBouncer binary, or None when the package is not installed (`.ci/setup`
 /// installs it).

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use super::{
-    chown_to_server, free_port, pg_cmd, reaper, run_ok, temp_dir, wait_until, Cluster, Role,
-};
+use super::cluster::{chown_to_server, pg_cmd, reaper, Cluster, Role};
+use super::host::{free_port, run_ok, temp_dir, wait_until};
 
 /// pg_hba.conf for a central primary that standbys may replicate from over its
 /// Unix socket.
