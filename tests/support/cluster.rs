@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use super::certs::Certs;
-use super::host::{free_port, run_ok, temp_dir, wait_until};
+use super::host::{free_port, reap_after_exit, run_ok, temp_dir, wait_until};
 
 /// The password of the `postgres` role on every central cluster: tests check that
 /// it never shows up in output.
@@ -130,20 +130,7 @@ pub(super) fn reaper(dir: &Path, data: Option<&Path>) {
         ),
         None => String::new(),
     };
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} rm -rf '{dir}'",
-        pid = std::process::id(),
-        dir = dir.display()
-    );
-    // The reaper outlives us by design; nobody waits for it.
-    #[allow(clippy::zombie_processes)]
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn reaper");
+    reap_after_exit(&format!("{stop} rm -rf '{}'", dir.display()));
 }
 
 pub(super) fn pg_cmd_string(tool: &str) -> String {
