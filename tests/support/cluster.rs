@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use postgres::Client;
 
 use super::certs::Certs;
-use super::host::{free_port, reap_after_exit, run_ok, temp_dir, wait_until};
+use super::host::{free_port, is_root, reap_after_exit, run_ok, temp_dir, wait_until};
 
 /// The password of the `postgres` role on every central cluster: tests check that
 /// it never shows up in output.
@@ -45,11 +45,6 @@ fn pg_bin_dir() -> PathBuf {
         panic!("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin (set PG_BIN_DIR); .ci/run installs them");
     })
     .clone()
-}
-
-fn is_root() -> bool {
-    // SAFETY-free: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// PostgreSQL refuses to run as root; when the tests do, the servers run as this user.

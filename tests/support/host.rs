@@ -6,11 +6,56 @@
 //! PostgreSQL or of the binary.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+/// A file of this repository (the deploy scripts, the unit, the docs).
+pub fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Whether the tests run as root (then servers run as another user, and the
+/// tests that need root run).
+pub fn is_root() -> bool {
+    // SAFETY-free: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Everything a finished command printed, stdout then stderr.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs `cmd` to completion with nothing on stdin; panics only if it cannot start.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+/// Runs `cmd` as [`output`] does; panics with everything it printed unless it
+/// succeeded, and returns everything it printed.
+pub fn ok(cmd: &mut Command) -> String {
+    output_text(&succeeded(cmd))
+}
+
+/// As [`ok`], returning only what it printed on stdout (a path, a version).
+pub fn ok_stdout(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&succeeded(cmd).stdout).into_owned()
+}
+
+fn succeeded(cmd: &mut Command) -> Output {
+    let o = output(cmd);
+    assert!(o.status.success(), "{cmd:?} failed: {}", output_text(&o));
+    o
+}
 
 /// Runs `c` to completion; panics with its output unless it succeeded.
 pub fn run_ok(mut c: Command, what: &str) -> Output {
