@@ -8,6 +8,7 @@
 //! - [`cluster`]: PostgreSQL servers from one initdb'd template, the shared pair,
 //!   crashes and restarts, reapers.
 //! - [`sandbox`]: a test's own databases and the binary run against them.
+//! - [`readings`]: collector-style inserts and readings compared column by column as text.
 //! - [`proxy`]: the TCP fault proxy; [`notify`]: what systemd would receive;
 //!   [`pgbouncer`] and [`replica`]: PgBouncer in front of central, streaming
 //!   standbys (issue 13a); [`nspawn`]: booted systemd containers (issue 15b).
@@ -22,6 +23,7 @@ pub mod notify;
 pub mod nspawn;
 pub mod pgbouncer;
 pub mod proxy;
+pub mod readings;
 pub mod replica;
 pub mod sandbox;
 
@@ -31,7 +33,8 @@ pub use self::{
     certs::{issue, make_ca, Certs},
     cluster::{chown_to_server, shared, Cluster, Role, CENTRAL_PASSWORD},
     host::{free_port, heavy_lock, temp_dir, wait_until},
-    sandbox::{bin, insert_readings, Daemon, Run, Sandbox},
+    readings::insert_readings,
+    sandbox::{bin, Daemon, Run, Sandbox},
 };
 #[allow(unused_imports)]
 pub use postgres::Client;

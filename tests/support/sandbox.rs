@@ -18,6 +18,7 @@ use postgres::Client;
 
 use super::cluster::{shared, Cluster, CENTRAL_PASSWORD};
 use super::host::temp_dir;
+use super::readings::insert_readings;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_meter-sync")
@@ -199,20 +200,6 @@ impl Drop for Sandbox {
 }
 
 static DAEMONS: AtomicUsize = AtomicUsize::new(0);
-
-/// Inserts `n` collector-style readings; `offset` shifts their timestamps so that
-/// successive calls never collide.
-pub fn insert_readings(c: &mut Client, n: usize, offset: i64) {
-    c.execute(
-        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata)
-         SELECT 'meter-' || (g % 200), timestamptz '2026-01-01 00:00:00+00' + make_interval(secs => (g + $2::bigint)::float8),
-                (g * 1.5)::numeric, 'kWh',
-                CASE WHEN g % 10 = 0 THEN jsonb_build_object('seq', g, 'src', 'collector') END
-         FROM generate_series(1, $1::bigint) g",
-        &[&(n as i64), &offset],
-    )
-    .unwrap();
-}
 
 /// A finished run of the binary.
 #[derive(Debug)]
