@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::readings::{rows, Rows, PARTITIONED_READINGS};
+use support::readings::{per_partition, rows, Rows, PARTITIONED_READINGS};
 use support::{Client, Sandbox};
 
 /// The local queue in the order the spec prescribes: oldest timestamp, then id.
@@ -628,15 +628,7 @@ fn p19_upload_works_unchanged_against_a_partitioned_central_table() {
     s.run(&["once"]);
     assert_eq!(rows(&mut c, ""), before);
     assert_eq!(s.local_count("meter_readings"), 0);
-    let per_partition: Vec<(String, i64)> = c
-        .query(
-            "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let per_partition = per_partition(&mut c);
     assert_eq!(
         per_partition,
         [
@@ -734,22 +726,9 @@ fn slice_statements(stderr: &str) -> usize {
 fn p24_no_partition_for_this_month_quarantines_nothing() {
     let s = Sandbox::empty();
     let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
     c.batch_execute(
-        "CREATE TABLE meter_readings (
-             id            bigserial,
-             reading_uid   uuid NOT NULL,
-             meter_id      varchar(255) NOT NULL,
-             \"timestamp\"   timestamptz NOT NULL,
-             value         numeric NOT NULL,
-             unit          varchar(50) NOT NULL,
-             metadata      jsonb,
-             created_at    timestamptz DEFAULT now(),
-             sync_attempts integer NOT NULL DEFAULT 0,
-             sync_error    text,
-             PRIMARY KEY (id, \"timestamp\"),
-             UNIQUE (reading_uid, \"timestamp\")
-         ) PARTITION BY RANGE (\"timestamp\");
-         DO $$ BEGIN
+        "DO $$ BEGIN
              EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
                              FOR VALUES FROM (%L) TO (%L)',
                             date_trunc('month', now()) - interval '1 month',

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::{PgBouncer, Settings};
-use crate::support::readings::PARTITIONED_READINGS;
+use crate::support::readings::{per_partition, PARTITIONED_READINGS};
 use crate::support::{self, Client, Cluster, Role, Sandbox};
 use crate::{group, median, mib, progress, spawn_once, verdict, wait_all};
 
@@ -175,15 +175,7 @@ pub fn central(_k: &crate::Knobs) -> String {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    let parts: Vec<(String, i64)> = c
-        .query(
-            "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let parts = per_partition(&mut c);
     let in_default: i64 = parts
         .iter()
         .filter(|(p, _)| p.ends_with("_default"))

@@ -73,3 +73,16 @@ CREATE TABLE meter_readings (
     CONSTRAINT meter_readings_reading_uid_timestamp_key UNIQUE (reading_uid, \"timestamp\")
 ) PARTITION BY RANGE (\"timestamp\");
 ";
+
+/// How many readings each partition of a partitioned `meter_readings` holds, by
+/// partition name.
+pub fn per_partition(c: &mut Client) -> Vec<(String, i64)> {
+    c.query(
+        "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
+        &[],
+    )
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
+}
