@@ -123,6 +123,12 @@ impl Sandbox {
         self.central.connect(&self.central_db)
     }
 
+    /// A test-side session on the central database as `role` (trust over the
+    /// Unix socket).
+    pub fn central_as(&self, role: &str) -> Client {
+        self.central.connect_as(role, &self.central_db)
+    }
+
     /// The binary with only this sandbox's environment (and PATH), run from a
     /// directory that is not the repository: it must not depend on either.
     pub fn command(&self, args: &[&str]) -> Command {
