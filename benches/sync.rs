@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
+use support::readings::count_and_distinct;
 use support::{Client, Sandbox};
 
 /// Columns the upload carries to central (central assigns its own `id`).
@@ -812,15 +813,7 @@ fn fleet(k: &Knobs) -> String {
     let wall = t0.elapsed().as_secs_f64();
 
     let total = (n * backlog) as i64;
-    let central_rows = s.central_count("meter_readings");
-    let distinct: i64 = s
-        .central()
-        .query_one(
-            "SELECT count(DISTINCT reading_uid) FROM meter_readings",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let (central_rows, distinct) = count_and_distinct(&mut s.central());
     let mut errors = 0;
     let mut first_error = String::new();
     let mut retries = 0;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use support::host::{output_text, repo};
 use support::nspawn::{configure_gateway, Container};
+use support::readings::count_and_distinct;
 use support::{wait_until, Sandbox};
 
 const UNIT: &str = "meter-sync.service";
@@ -323,15 +324,8 @@ fn unit_under_a_real_systemd() {
         0,
         "a partial batch reached central: {uploaded}"
     );
-    let distinct: i64 = s
-        .central()
-        .query_one(
-            "SELECT count(DISTINCT reading_uid) FROM meter_readings",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(distinct, s.central_count("meter_readings"));
+    let (rows, distinct) = count_and_distinct(&mut s.central());
+    assert_eq!(distinct, rows);
     step(
         &t,
         &format!("stopped mid-drain in {stop_s:.2} s, exit 0, {uploaded} uploaded, {left} left"),

@@ -86,3 +86,15 @@ pub fn per_partition(c: &mut Client) -> Vec<(String, i64)> {
     .map(|r| (r.get(0), r.get(1)))
     .collect()
 }
+
+/// How many readings `meter_readings` holds, and how many distinct reading_uids:
+/// equal when none arrived twice.
+pub fn count_and_distinct(c: &mut Client) -> (i64, i64) {
+    let r = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT reading_uid) FROM meter_readings",
+            &[],
+        )
+        .unwrap();
+    (r.get(0), r.get(1))
+}
