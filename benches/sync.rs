@@ -1007,13 +1007,9 @@ fn spawn_once(s: &Sandbox, env: &std::collections::BTreeMap<String, String>, tag
     let f = std::fs::File::create(&log).unwrap();
     let started = Instant::now();
     #[allow(clippy::zombie_processes)]
-    let child = Command::new(support::bin())
+    let child = s
+        .program_with(support::bin(), env)
         .arg("once")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env)
-        .current_dir(&s.dir)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(f)
         .spawn()

@@ -441,15 +441,7 @@ fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() 
     // The operator migrated central with this release...
     s.run(&["migrate", "remote"]).assert_ok();
     let run_old = |args: &[&str]| -> support::Run {
-        let out = std::process::Command::new(&old)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&s.env)
-            .current_dir(&s.dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = s.program(&old).args(args).output().unwrap();
         support::Run::from(out)
     };
     // ...while this gateway still runs the previous one, on its own schema.

@@ -400,15 +400,7 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
 /// The static aarch64 binary, run through qemu-user with only the sandbox's
 /// environment, from the sandbox's directory.
 fn qemu(s: &Sandbox, bin: &Path, args: &[&str]) -> support::Run {
-    let o = output(
-        Command::new("qemu-aarch64-static")
-            .arg(bin)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&s.env)
-            .current_dir(&s.dir),
-    );
+    let o = output(s.program("qemu-aarch64-static").arg(bin).args(args));
     support::Run::from(o)
 }
 

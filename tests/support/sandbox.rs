@@ -9,6 +9,7 @@
 //! repository, so a test proves it depends on neither.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -132,11 +133,27 @@ impl Sandbox {
     /// The binary with only this sandbox's environment (and PATH), run from a
     /// directory that is not the repository: it must not depend on either.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.args(args)
-            .env_clear()
+        let mut c = self.program(bin());
+        c.args(args);
+        c
+    }
+
+    /// `program` (another build of the binary, a wrapper, an emulator) started the
+    /// way [`Sandbox::command`] starts the binary.
+    pub fn program(&self, program: impl AsRef<OsStr>) -> Command {
+        self.program_with(program, &self.env)
+    }
+
+    /// As [`Sandbox::program`], with `env` in place of this sandbox's environment.
+    pub fn program_with(
+        &self,
+        program: impl AsRef<OsStr>,
+        env: &BTreeMap<String, String>,
+    ) -> Command {
+        let mut c = Command::new(program);
+        c.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&self.env)
+            .envs(env)
             .current_dir(&self.dir)
             .stdin(Stdio::null());
         c
