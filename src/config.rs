@@ -171,6 +171,31 @@ impl LogTarget {
     }
 }
 
+/// How each batch goes to central (`UPLOAD_METHOD`, docs/upload.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadMethod {
+    /// Binary COPY per batch, falling back to `INSERT … ON CONFLICT` for a batch
+    /// central partly has.
+    Copy,
+    /// Always the INSERT (the same bytes, as binary arrays).
+    Insert,
+    /// COPY on a direct connection, INSERT through a connection pooler, which
+    /// cannot carry batches pipelined behind a COPY (PgBouncer before 1.21).
+    Auto,
+}
+
+impl UploadMethod {
+    const ALL: [UploadMethod; 3] = [UploadMethod::Auto, UploadMethod::Copy, UploadMethod::Insert];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UploadMethod::Copy => "copy",
+            UploadMethod::Insert => "insert",
+            UploadMethod::Auto => "auto",
+        }
+    }
+}
+
 /// One host to try, with its port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -236,11 +261,7 @@ pub struct Config {
     pub log_target: LogTarget,
     pub syslog_socket: Option<PathBuf>,
     pub upload_pipeline_depth: usize,
-    /// `UPLOAD_METHOD=copy` (default): each batch is one binary COPY, falling back
-    /// to `INSERT … ON CONFLICT` for a batch central partly has; `insert`: always
-    /// the INSERT (same bytes as binary arrays). Through PgBouncer 1.18 in
-    /// transaction pooling, `insert` (docs/upload.md).
-    pub upload_copy: bool,
+    pub upload_method: UploadMethod,
     pub upload_time_budget: Duration,
     /// Zero: delete readings once uploaded. Otherwise keep them (marked
     /// synchronized) this long for `resend`.
@@ -706,7 +727,12 @@ impl Config {
         c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
         let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
         c.readings_in_flight(batch_size, upload_pipeline_depth);
-        let upload_copy = c.choice(ENV_UPLOAD_METHOD, "copy", &["copy", "insert"], |s| s) == "copy";
+        let upload_method = c.choice(
+            ENV_UPLOAD_METHOD,
+            UploadMethod::Auto,
+            &UploadMethod::ALL,
+            UploadMethod::as_str,
+        );
         let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
         let upload_retain_hours = c.int(ENV_UPLOAD_RETAIN_HOURS, 0, 0, 8_760);
         let download_full_every = c.int(ENV_DOWNLOAD_FULL_EVERY_SECONDS, 86_400, 1, 31_536_000);
@@ -745,7 +771,7 @@ impl Config {
             log_target,
             syslog_socket,
             upload_pipeline_depth: upload_pipeline_depth as usize,
-            upload_copy,
+            upload_method,
             upload_time_budget: Duration::from_secs(upload_time_budget),
             upload_retain: Duration::from_secs(upload_retain_hours * 3600),
             download_full_every: Duration::from_secs(download_full_every),
@@ -836,13 +862,19 @@ mod tests {
         assert_eq!(c.download_full_every, Duration::from_secs(86_400));
         assert_eq!(c.sync_logs_retain_days, 30);
         assert!(!c.gateway_id.is_empty());
-        assert!(c.upload_copy);
+        assert_eq!(c.upload_method, UploadMethod::Auto);
     }
 
     #[test]
-    fn upload_method_is_copy_or_insert() {
-        let c = Config::from_vars(vars(&[(ENV_UPLOAD_METHOD, "insert")])).unwrap();
-        assert!(!c.upload_copy);
+    fn upload_method_is_auto_copy_or_insert() {
+        for (v, m) in [
+            ("auto", UploadMethod::Auto),
+            ("copy", UploadMethod::Copy),
+            ("insert", UploadMethod::Insert),
+        ] {
+            let c = Config::from_vars(vars(&[(ENV_UPLOAD_METHOD, v)])).unwrap();
+            assert_eq!(c.upload_method, m);
+        }
         assert_eq!(
             err_vars(&[(ENV_UPLOAD_METHOD, "binary")]),
             vec![ENV_UPLOAD_METHOD]

@@ -25,6 +25,8 @@ pub struct Db {
     /// `SET LOCAL …` for every central transaction (empty for local, whose session
     /// carries its settings from the startup packet).
     settings: String,
+    /// Central answers through a connection pooler (see [`Db::behind_pooler`]).
+    pooled: bool,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -170,7 +172,7 @@ impl Db {
                 log::debug!("{side}: connection closed: {e}");
             }
         });
-        Ok(Db {
+        let mut db = Db {
             client,
             side,
             timeout: cfg.query_timeout,
@@ -178,8 +180,42 @@ impl Db {
                 Side::Local => String::new(),
                 Side::Central => central_settings(cfg),
             },
+            pooled: false,
             driver,
-        })
+        };
+        if side == Side::Central {
+            db.pooled = db.detect_pooler(&what).await?;
+        }
+        Ok(db)
+    }
+
+    /// A pooler cannot announce the key of a backend it has not chosen yet, so it
+    /// sends one of its own: PgBouncer, Odyssey and pgcat all do, while a plain TCP
+    /// relay (a NAT, HAProxy, our tests' fault proxy) passes the server's through.
+    /// One round trip per connection, on the unnamed statement.
+    async fn detect_pooler(&self, what: &str) -> Result<bool> {
+        let row = self
+            .timed(
+                what,
+                self.client.query_typed_one("SELECT pg_backend_pid()", &[]),
+            )
+            .await?;
+        let pid: i32 = row
+            .try_get(0)
+            .map_err(|e| Error::db(self.side, what.to_string(), e))?;
+        let pooled = pid != self.client.backend_key_pid();
+        if pooled {
+            log::debug!("{}: answers through a connection pooler", self.side);
+        }
+        Ok(pooled)
+    }
+
+    /// Central answers through a connection pooler: the backend behind this
+    /// connection may change at every transaction boundary. PgBouncer before 1.21
+    /// hands the backend back to its pool at the first ReadyForQuery after a COPY,
+    /// so nothing may be pipelined behind a COPY there (docs/upload.md).
+    pub fn behind_pooler(&self) -> bool {
+        self.pooled
     }
 
     /// Connects with up to `MAX_CONNECTION_RETRIES` attempts. After failed attempt
