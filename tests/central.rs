@@ -111,8 +111,28 @@ fn stop(d: &mut Daemon) {
 
 #[test]
 fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
+    three_gateways_through_pgbouncer("p22", &Settings::default());
+}
+
+/// The same with PgBouncer handing out its two server connections in turn
+/// (`server_round_robin`, both opened from the start): consecutive transactions of
+/// one gateway land on different backends, so anything that outlives its
+/// transaction (a named prepared statement, a session `SET`) fails every time
+/// instead of only when the pool happens to be contended.
+#[test]
+fn p22_every_transaction_may_meet_another_backend() {
+    three_gateways_through_pgbouncer(
+        "p22rr",
+        &Settings {
+            extra: "server_round_robin = 1\nmin_pool_size = 2\n".into(),
+            ..Settings::default()
+        },
+    );
+}
+
+fn three_gateways_through_pgbouncer(tag: &str, settings: &Settings) {
     let (_, central) = shared();
-    let db = format!("p22_{}", std::process::id());
+    let db = format!("{tag}_{}", std::process::id());
     central.create_db(&db);
     {
         // A database whose defaults differ from ours: what the daemon needs, it
@@ -124,10 +144,10 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         ))
         .unwrap();
     }
-    let pb = PgBouncer::start(central, &Settings::default());
+    let pb = PgBouncer::start(central, settings);
     let gws: Vec<Sandbox> = ["a", "b", "c"]
         .iter()
-        .map(|t| gateway(central, &db, pb.port, t))
+        .map(|t| gateway(central, &db, pb.port, &format!("{tag}{t}")))
         .collect();
     // Schema changes through PgBouncer too (the remote one is idempotent).
     for g in &gws {
