@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Transaction};
 
 use crate::config::{Config, DbConfig, Side};
@@ -16,6 +16,12 @@ use crate::shutdown::Shutdown;
 /// First backoff cap; it doubles per failed attempt up to [`BACKOFF_MAX`].
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// A statement's parameters, for the local side (central takes none: see
+/// `Db::named_statements_allowed`).
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
 /// One open connection and the task that drives it.
 pub struct Db {
@@ -298,9 +304,9 @@ impl Db {
     /// A statement with a parameter list goes through tokio-postgres's named
     /// prepared statements (`s0`, `s1`, … per process): three messages with a Sync
     /// each, which under transaction pooling land on different server connections
-    /// (`prepared statement "s35" does not exist`). On central, use the `_typed`
-    /// methods (the unnamed statement) instead; this refuses loudly rather than
-    /// failing one phase in twenty behind PgBouncer.
+    /// (`prepared statement "s35" does not exist`). On central, use tokio-postgres's
+    /// `query_typed`/`execute_typed` (the unnamed statement) instead; this refuses
+    /// loudly rather than failing one phase in twenty behind PgBouncer.
     fn named_statements_allowed(&self, what: &str, params: usize) -> Result<()> {
         if self.side == Side::Central && params > 0 {
             return Err(Error::new(
@@ -312,70 +318,41 @@ impl Db {
         Ok(())
     }
 
-    /// A query; on central it must be without parameters (see the `_typed` methods).
-    pub async fn query(
+    /// A query; on central it must be without parameters (see `named_statements_allowed`).
+    pub async fn query(&self, what: &str, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let (local, central) = (
+            self.client.query(sql, params),
+            self.client.query_typed(sql, &[]),
+        );
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    pub async fn query_one(&self, what: &str, sql: &str, params: Params<'_>) -> Result<Row> {
+        let local = self.client.query_one(sql, params);
+        let central = self.client.query_typed_one(sql, &[]);
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    pub async fn execute(&self, what: &str, sql: &str, params: Params<'_>) -> Result<u64> {
+        let local = self.client.execute(sql, params);
+        let central = self.client.execute_typed(sql, &[]);
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    /// Runs `local` on a local connection, `central` (the same statement on the
+    /// unnamed statement) on central; neither is sent before it is awaited.
+    async fn on_side<T>(
         &self,
         what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self.query_typed(what, sql, &[]).await;
+        params: usize,
+        local: impl Future<Output = PgResult<T>>,
+        central: impl Future<Output = PgResult<T>>,
+    ) -> Result<T> {
+        self.named_statements_allowed(what, params)?;
+        match self.side {
+            Side::Local => self.timed(what, local).await,
+            Side::Central => self.timed(what, central).await,
         }
-        self.timed(what, self.client.query(sql, params)).await
-    }
-
-    pub async fn query_one(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self
-                .timed(what, self.client.query_typed_one(sql, &[]))
-                .await;
-        }
-        self.timed(what, self.client.query_one(sql, params)).await
-    }
-
-    pub async fn execute(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self.execute_typed(what, sql, &[]).await;
-        }
-        self.timed(what, self.client.execute(sql, params)).await
-    }
-
-    /// A query on the unnamed statement: parse, bind, execute in one message
-    /// sequence with one Sync, so it works through PgBouncer in transaction mode.
-    /// The parameters carry their types; result columns must be built-in types (a
-    /// custom type would make tokio-postgres look it up with a named statement).
-    pub async fn query_typed(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>> {
-        self.timed(what, self.client.query_typed(sql, params)).await
-    }
-
-    /// As [`Db::query_typed`], for a statement whose rows are not wanted.
-    pub async fn execute_typed(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64> {
-        self.timed(what, self.client.execute_typed(sql, params))
-            .await
     }
 
     /// Simple-protocol statements (no parameters, no prepared statement).
