@@ -45,25 +45,29 @@ fn openssl(dir: &Path, args: &[&str]) {
     run_ok(c, &format!("openssl {}", args.join(" ")));
 }
 
+/// `openssl req` with a new unencrypted RSA key in `key` and the request for
+/// `/CN=cn` in `out` (with `-x509` among `extra`: a self-signed certificate).
+fn new_key_and_request(dir: &Path, key: &str, out: &str, cn: &str, extra: &[&str]) {
+    let subj = format!("/CN={cn}");
+    let mut args = vec![
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", out, "-subj", &subj,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+}
+
 /// A self-signed CA: returns (cert path, key path).
 pub fn make_ca(dir: &Path, name: &str, cn: &str) -> (PathBuf, PathBuf) {
     let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
-    openssl(
+    new_key_and_request(
         dir,
+        &key,
+        &crt,
+        cn,
         &[
-            "req",
             "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &crt,
             "-days",
             "3650",
-            "-subj",
-            &format!("/CN={cn}"),
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -89,21 +93,7 @@ pub fn issue(
         format!("{name}.csr"),
         format!("{name}.ext"),
     );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={cn}"),
-        ],
-    );
+    new_key_and_request(dir, &key, &csr, cn, &[]);
     let mut ext_text = String::from("basicConstraints=CA:FALSE\n");
     if !san.is_empty() {
         ext_text.push_str(&format!("subjectAltName={san}\n"));

@@ -268,13 +268,16 @@ impl Cluster {
         }
     }
 
+    /// `pg_ctl stop` in shutdown `mode` (fast, immediate), waiting until it is down.
+    pub(super) fn stop_cmd(&self, mode: &str) -> Command {
+        let mut c = pg_cmd("pg_ctl");
+        c.arg("-D").arg(&self.data).args(["-m", mode, "-w", "stop"]);
+        c
+    }
+
     /// Stops the server (fast shutdown: sessions are ended, nothing is lost).
     pub fn stop(&self) {
-        let mut c = pg_cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "fast", "-w", "stop"]);
-        run_ok(c, "pg_ctl stop");
+        run_ok(self.stop_cmd("fast"), "pg_ctl stop");
     }
 
     /// Starts it again on the same port.
@@ -321,11 +324,11 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let mut c = pg_cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = c.stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self
+            .stop_cmd("immediate")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&self.root);
     }
 }

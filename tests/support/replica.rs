@@ -107,10 +107,6 @@ impl Cluster {
     /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint,
     /// no last WAL sent to standbys).
     pub fn crash(&self) {
-        let mut c = pg_cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        run_ok(c, "pg_ctl stop -m immediate");
+        run_ok(self.stop_cmd("immediate"), "pg_ctl stop -m immediate");
     }
 }
