@@ -107,12 +107,17 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
                 statement_timeout(cfg).as_millis()
             ));
         }
-        Side::Central => {
+        Side::Central if db.hosts.len() > 1 => {
             // With several hosts listed, the first that accepts writes: a standby
             // (or a primary demoted by a failover) is skipped, as libpq does with
-            // target_session_attrs=read-write.
+            // target_session_attrs=read-write. With one host there is nothing to
+            // choose, and the check would cost a round trip that, through a pooler,
+            // waits for a free server inside the connect timeout: a fleet reconnecting
+            // at once through PgBouncer then timed out and reconnected in a loop.
+            // A write that meets a read-only server still drops the session (25006).
             c.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
         }
+        Side::Central => {}
     }
     if !db.is_unix_socket() {
         // Keepalive finds a dead peer while we wait on it without a query in
@@ -525,6 +530,25 @@ mod tests {
         let l = pg_config(&cfg.local, &cfg);
         let opts = l.get_options().unwrap();
         assert!(opts.contains("TimeZone=UTC") && opts.contains("statement_timeout=27000"));
+    }
+
+    /// One host: nothing to choose, so no read-write check at connect (through a
+    /// pooler it would wait for a free server inside the connect timeout).
+    #[test]
+    fn one_central_host_is_not_asked_whether_it_accepts_writes() {
+        let cfg = Config::from_vars(
+            [
+                ("POSTGRES_SYNC_HOST", "127.0.0.1"),
+                ("POSTGRES_CLIENT_HOST", "central.example"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let c = pg_config(&cfg.central, &cfg);
+        assert_eq!(
+            c.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::Any
+        );
     }
 
     #[test]
