@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::pgbouncer::{PgBouncer, Settings};
+use support::readings::count_and_distinct;
 use support::{shared, wait_until, Client, Cluster, Daemon, Sandbox};
 
 /// Every column of every central reading, as text, sorted by uid: the central
@@ -309,17 +310,7 @@ fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it
     central.set_and_reload("synchronous_standby_names", "");
     s.run(&["once"]).assert_ok();
     assert_eq!(pending(&s), 0);
-    let mut c = s.central();
-    let (n, distinct): (i64, i64) = {
-        let r = c
-            .query_one(
-                "SELECT count(*), count(DISTINCT reading_uid) FROM meter_readings",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!((n, distinct), (300, 300));
+    assert_eq!(count_and_distinct(&mut s.central()), (300, 300));
 }
 
 /// Applies `sql` and records it in the bookkeeping table as `meter-sync migrate`
@@ -473,15 +464,7 @@ fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() 
     // The operator migrated central with this release...
     s.run(&["migrate", "remote"]).assert_ok();
     let run_old = |args: &[&str]| -> support::Run {
-        let out = std::process::Command::new(&old)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&s.env)
-            .current_dir(&s.dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = s.program(&old).args(args).output().unwrap();
         support::Run::from(out)
     };
     // ...while this gateway still runs the previous one, on its own schema.
