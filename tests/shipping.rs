@@ -18,8 +18,9 @@ use support::{temp_dir, Sandbox};
 
 const UNIT: &str = "systemd/meter-sync.service";
 const ENV_EXAMPLE: &str = "deploy/meter-sync.env.example";
-/// The exposure score `systemd-analyze security` gives the unit, as the README
-/// states it; a weaker unit fails here until the README is corrected too.
+/// The exposure score `systemd-analyze security` gives the unit, as
+/// docs/operating.md states it; a weaker unit fails here until the doc is
+/// corrected too.
 const SECURITY_SCORE_MAX: f64 = 1.1;
 
 /// Directive values of a unit file, by name (a name may repeat).

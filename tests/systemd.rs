@@ -100,7 +100,7 @@ fn unit_under_a_real_systemd() {
     let c = Container::boot("unit", |_| {});
     step(&t, "container booted");
 
-    // README "Deploying to a gateway", step 3: a first install enables the unit
+    // docs/deploying.md "The first install, step by step", step 3: a first install enables the unit
     // and, with nothing configured, does not start it.
     let o = deploy(&c, "install", &["--binary", support::bin()]);
     assert!(o.status.success(), "first install: {}", output_text(&o));

@@ -433,7 +433,7 @@ pub fn gateway_env(s: &super::Sandbox, extra: &[(&str, String)]) -> String {
     env.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
 }
 
-/// Writes what the README's "Configure" step has the operator write, into a
+/// Writes what the "Configure" step of docs/deploying.md has the operator write, into a
 /// gateway root: meter-sync.env (keeping its mode), the central CA, the password.
 pub fn configure_gateway(root: &Path, s: &super::Sandbox, extra: &[(&str, String)]) {
     let etc = root.join("etc/meter-sync");
