@@ -339,32 +339,51 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     }
     let _ = writeln!(
         o,
-        "\nCentral CPU: user + system time of the central server's exited processes (the postmaster's \
-         cutime + cstime in /proc, i.e. the backends that served the run, autovacuum workers included), \
-         taken just before the run and once its backends have exited.\n"
+        "\nCentral CPU: user + system time of the central server's processes: those that exited (the \
+         postmaster's cutime + cstime in /proc, i.e. the backends that served the run, autovacuum workers \
+         included) and those still running (WAL writer, checkpointer, background writer), taken just \
+         before the run and once its backends have exited. Local server CPU likewise.\n"
     );
     o
 }
 
-/// CPU time of the processes `cluster`'s postmaster has reaped so far (its backends
-/// once they exit): `cutime + cstime` of /proc/<postmaster>/stat.
+/// CPU time of `cluster`'s server processes so far: the backends its postmaster has
+/// reaped (`cutime + cstime` of /proc/<postmaster>/stat, i.e. the backends that served
+/// finished connections), plus `utime + stime` of its processes still running (WAL
+/// writer, background writer, checkpointer, …). The second part matters for a fair
+/// comparison: with `synchronous_commit = off` (the pipe's session) the WAL writer
+/// writes much of the WAL in the background, where the daemon's `SET LOCAL
+/// synchronous_commit = on` makes each committing backend write it itself.
 fn server_cpu(cluster: &support::Cluster) -> Duration {
     // A backend exits and is reaped a moment after its client closed the connection.
     std::thread::sleep(Duration::from_millis(300));
-    let pid = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
+    let pid: u32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
         .ok()
-        .and_then(|t| t.lines().next().map(|l| l.trim().to_string()))
-        .unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; cutime and cstime are fields 16 and 17.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or(0);
+    // Fields after the parenthesised command name: state is 0, ppid 1, utime 11,
+    // stime 12, cutime 13, cstime 14.
+    let fields = |pid: &str| -> Vec<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        rest.split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect()
+    };
+    let f = fields(&pid.to_string());
+    let mut ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let c = fields(&name);
+        if pid != 0 && c.get(1).copied() == Some(u64::from(pid)) {
+            ticks += c.get(11).copied().unwrap_or(0) + c.get(12).copied().unwrap_or(0);
+        }
+    }
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
     Duration::from_micros(ticks * 1_000_000 / tick)
 }
 
