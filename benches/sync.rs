@@ -57,6 +57,10 @@ struct Knobs {
     fleet_backlog: usize,
     /// BENCH_PROFILE=1: pg_stat_statements on both servers, top statements printed.
     profile: bool,
+    /// BENCH_PIN=1: in the drain section, the central server on CPU 1 and everything
+    /// else (local server, daemon, psql pipe) on CPU 0, as if central were its own
+    /// machine.
+    pin: bool,
     /// BENCH_BYTES_ROWS: readings drained through the byte-counting proxy.
     bytes_rows: usize,
 }
@@ -98,6 +102,7 @@ impl Knobs {
             fleet: num("BENCH_FLEET", 50, 5),
             fleet_backlog: num("BENCH_FLEET_BACKLOG", 10_000, 1_000),
             profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
+            pin: std::env::var("BENCH_PIN").is_ok_and(|v| v == "1"),
             bytes_rows: num("BENCH_BYTES_ROWS", 20_000, 5_000),
         }
     }
@@ -207,6 +212,16 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         .unwrap();
     let work = format!("{pristine}_run");
     s.set("POSTGRES_SYNC_DB", &work);
+    if k.pin {
+        // On one machine the local server's work competes with central's for the
+        // same cores, which the pipe's light local side hardly does; pinned, each
+        // side has its own core, as a gateway and its central have.
+        pin_server(s.central_cluster(), 1);
+        pin_server(s.local_cluster(), 0);
+        // The daemon and both psql processes are started from here and inherit it.
+        pin(0, 0);
+        progress("drain: central server pinned to CPU 1, the rest to CPU 0");
+    }
 
     let mut variants: Vec<(String, Option<usize>)> = vec![("COPY".into(), None)];
     variants.extend(k.batches.iter().map(|b| (format!("b{b}"), Some(*b))));
@@ -273,6 +288,10 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     }
     if k.profile {
         eprintln!("{}", top_statements(&s));
+    }
+    if k.pin {
+        // The sections after this one run unpinned.
+        unpin_self();
     }
     for (i, (_, batch)) in variants.iter().enumerate() {
         if let Some(b) = batch {
@@ -385,6 +404,56 @@ fn server_cpu(cluster: &support::Cluster) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros(ticks * 1_000_000 / tick)
+}
+
+/// Runs process `pid` (0: this one) and the threads it starts from now on on `cpu` only.
+fn pin(pid: i32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the pointer and size are of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            fail(&format!(
+                "BENCH_PIN: cannot pin process {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+}
+
+/// Lets this process run on every CPU again.
+fn unpin_self() {
+    // SAFETY: as in `pin`; sysconf has no preconditions.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins `cluster`'s postmaster and its running children to `cpu`; backends it forks
+/// later inherit the affinity.
+fn pin_server(cluster: &support::Cluster, cpu: usize) {
+    let pid: i32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or_else(|| fail("BENCH_PIN: no postmaster.pid"));
+    pin(pid, cpu);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(child) = name.parse() {
+                pin(child, cpu);
+            }
+        }
+    }
 }
 
 /// A fresh copy of the pristine backlog as the daemon's local database, an empty central
