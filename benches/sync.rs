@@ -23,6 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::proxy::Proxy;
+use support::readings::count_and_distinct;
 use support::{Client, Sandbox};
 
 /// Columns the upload carries to central (central assigns its own `id`).
@@ -812,15 +813,7 @@ fn fleet(k: &Knobs) -> String {
     let wall = t0.elapsed().as_secs_f64();
 
     let total = (n * backlog) as i64;
-    let central_rows = s.central_count("meter_readings");
-    let distinct: i64 = s
-        .central()
-        .query_one(
-            "SELECT count(DISTINCT reading_uid) FROM meter_readings",
-            &[],
-        )
-        .unwrap()
-        .get(0);
+    let (central_rows, distinct) = count_and_distinct(&mut s.central());
     let mut errors = 0;
     let mut first_error = String::new();
     let mut retries = 0;
@@ -1014,13 +1007,9 @@ fn spawn_once(s: &Sandbox, env: &std::collections::BTreeMap<String, String>, tag
     let f = std::fs::File::create(&log).unwrap();
     let started = Instant::now();
     #[allow(clippy::zombie_processes)]
-    let child = Command::new(support::bin())
+    let child = s
+        .program_with(support::bin(), env)
         .arg("once")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env)
-        .current_dir(&s.dir)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(f)
         .spawn()

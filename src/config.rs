@@ -63,6 +63,40 @@ variables! {
 /// `client-password` and `sync-password`. Not ours to set, so not in [`ALL_VARS`].
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 
+/// A variable's closed set of values: `ALL` in the order errors list them, and
+/// each value's spelling in the environment.
+trait Choice: Copy + 'static {
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+}
+
+/// An enum whose values are spelled as given, with its [`Choice`].
+macro_rules! choices {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vm])* $v,)+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$v => $s,)+
+                }
+            }
+        }
+
+        impl Choice for $name {
+            const ALL: &'static [$name] = &[$($name::$v),+];
+
+            fn name(self) -> &'static str {
+                self.as_str()
+            }
+        }
+    };
+}
+
 /// A password: its `Debug` and `Display` print `***`, so it cannot leak through a
 /// log line, an error or a panic message by accident.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -92,82 +126,51 @@ impl fmt::Display for Secret {
     }
 }
 
-/// libpq's `sslmode` names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    Disable,
-    Prefer,
-    Require,
-    VerifyCa,
-    VerifyFull,
-}
-
-impl SslMode {
-    const ALL: [SslMode; 5] = [
-        SslMode::Disable,
-        SslMode::Prefer,
-        SslMode::Require,
-        SslMode::VerifyCa,
-        SslMode::VerifyFull,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
+choices! {
+    /// libpq's `sslmode` names.
+    pub enum SslMode {
+        Disable = "disable",
+        Prefer = "prefer",
+        Require = "require",
+        VerifyCa = "verify-ca",
+        VerifyFull = "verify-full",
     }
 }
 
-/// libpq's `channel_binding`: whether SCRAM authentication binds itself to the
-/// TLS connection (SCRAM-SHA-256-PLUS with `tls-server-end-point`), so that a
-/// man in the middle can neither relay the login nor ask for the password in clear.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChannelBinding {
-    /// Never bind.
-    Disable,
-    /// Bind when the server offers SCRAM-SHA-256-PLUS over TLS; else any method.
-    Prefer,
-    /// Only SCRAM-SHA-256-PLUS: no cleartext or md5 password, no SCRAM without
-    /// binding, no login without authentication, no plaintext connection.
-    Require,
-}
-
-impl ChannelBinding {
-    const ALL: [ChannelBinding; 3] = [
-        ChannelBinding::Disable,
-        ChannelBinding::Prefer,
-        ChannelBinding::Require,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChannelBinding::Disable => "disable",
-            ChannelBinding::Prefer => "prefer",
-            ChannelBinding::Require => "require",
-        }
+choices! {
+    /// libpq's `channel_binding`: whether SCRAM authentication binds itself to the
+    /// TLS connection (SCRAM-SHA-256-PLUS with `tls-server-end-point`), so that a
+    /// man in the middle can neither relay the login nor ask for the password in clear.
+    pub enum ChannelBinding {
+        /// Never bind.
+        Disable = "disable",
+        /// Bind when the server offers SCRAM-SHA-256-PLUS over TLS; else any method.
+        Prefer = "prefer",
+        /// Only SCRAM-SHA-256-PLUS: no cleartext or md5 password, no SCRAM without
+        /// binding, no login without authentication, no plaintext connection.
+        Require = "require",
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogTarget {
-    Syslog,
-    Stderr,
-    Auto,
+choices! {
+    pub enum LogTarget {
+        Syslog = "syslog",
+        Stderr = "stderr",
+        Auto = "auto",
+    }
 }
 
-impl LogTarget {
-    const ALL: [LogTarget; 3] = [LogTarget::Syslog, LogTarget::Stderr, LogTarget::Auto];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            LogTarget::Syslog => "syslog",
-            LogTarget::Stderr => "stderr",
-            LogTarget::Auto => "auto",
-        }
+choices! {
+    /// How each batch goes to central (`UPLOAD_METHOD`, docs/upload.md).
+    pub enum UploadMethod {
+        /// COPY on a direct connection, INSERT through a connection pooler, which
+        /// cannot carry batches pipelined behind a COPY (PgBouncer before 1.21).
+        Auto = "auto",
+        /// Binary COPY per batch, falling back to `INSERT … ON CONFLICT` for a
+        /// batch central partly has.
+        Copy = "copy",
+        /// Always the INSERT (the same bytes, as binary arrays).
+        Insert = "insert",
     }
 }
 
@@ -236,11 +239,7 @@ pub struct Config {
     pub log_target: LogTarget,
     pub syslog_socket: Option<PathBuf>,
     pub upload_pipeline_depth: usize,
-    /// `UPLOAD_METHOD=copy` (default): each batch is one binary COPY, falling back
-    /// to `INSERT … ON CONFLICT` for a batch central partly has; `insert`: always
-    /// the INSERT (same bytes as binary arrays). Through PgBouncer 1.18 in
-    /// transaction pooling, `insert` (docs/upload.md).
-    pub upload_copy: bool,
+    pub upload_method: UploadMethod,
     pub upload_time_budget: Duration,
     /// Zero: delete readings once uploaded. Otherwise keep them (marked
     /// synchronized) this long for `resend`.
@@ -373,6 +372,10 @@ impl Checker {
     }
 
     /// One of `choices` by its name.
+    fn pick<T: Choice>(&mut self, var: &'static str, default: T) -> T {
+        self.choice(var, default, T::ALL, T::name)
+    }
+
     fn choice<T: Copy>(
         &mut self,
         var: &'static str,
@@ -609,12 +612,7 @@ impl Config {
             dbname: c.string(ENV_SYNC_DB, "postgres"),
             user: c.string(ENV_SYNC_USER, "postgres"),
             password: c.password(ENV_SYNC_PASSWORD, ENV_SYNC_PASSWORD_FILE, "sync-password"),
-            sslmode: c.choice(
-                ENV_SYNC_SSLMODE,
-                SslMode::Disable,
-                &SslMode::ALL,
-                SslMode::as_str,
-            ),
+            sslmode: c.pick(ENV_SYNC_SSLMODE, SslMode::Disable),
             sslrootcert: None,
             sslcert: None,
             sslkey: None,
@@ -632,23 +630,13 @@ impl Config {
                 ENV_CLIENT_PASSWORD_FILE,
                 "client-password",
             ),
-            sslmode: c.choice(
-                ENV_CLIENT_SSLMODE,
-                SslMode::VerifyFull,
-                &SslMode::ALL,
-                SslMode::as_str,
-            ),
+            sslmode: c.pick(ENV_CLIENT_SSLMODE, SslMode::VerifyFull),
             sslrootcert: c.readable_file(ENV_CLIENT_SSLROOTCERT),
             sslcert: c.readable_file(ENV_CLIENT_SSLCERT),
             sslkey: c.readable_file(ENV_CLIENT_SSLKEY),
             // libpq's default, and the one that works through PgBouncer, which does
             // not offer SCRAM-SHA-256-PLUS (docs/security.md).
-            channel_binding: c.choice(
-                ENV_CLIENT_CHANNEL_BINDING,
-                ChannelBinding::Prefer,
-                &ChannelBinding::ALL,
-                ChannelBinding::as_str,
-            ),
+            channel_binding: c.pick(ENV_CLIENT_CHANNEL_BINDING, ChannelBinding::Prefer),
         };
         if central.channel_binding == ChannelBinding::Require && central.sslmode == SslMode::Disable
         {
@@ -696,17 +684,12 @@ impl Config {
             ],
             level_name,
         );
-        let log_target = c.choice(
-            ENV_LOG_TARGET,
-            LogTarget::Auto,
-            &LogTarget::ALL,
-            LogTarget::as_str,
-        );
+        let log_target = c.pick(ENV_LOG_TARGET, LogTarget::Auto);
         let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
         c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
         let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
         c.readings_in_flight(batch_size, upload_pipeline_depth);
-        let upload_copy = c.choice(ENV_UPLOAD_METHOD, "copy", &["copy", "insert"], |s| s) == "copy";
+        let upload_method = c.pick(ENV_UPLOAD_METHOD, UploadMethod::Auto);
         let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
         let upload_retain_hours = c.int(ENV_UPLOAD_RETAIN_HOURS, 0, 0, 8_760);
         let download_full_every = c.int(ENV_DOWNLOAD_FULL_EVERY_SECONDS, 86_400, 1, 31_536_000);
@@ -745,7 +728,7 @@ impl Config {
             log_target,
             syslog_socket,
             upload_pipeline_depth: upload_pipeline_depth as usize,
-            upload_copy,
+            upload_method,
             upload_time_budget: Duration::from_secs(upload_time_budget),
             upload_retain: Duration::from_secs(upload_retain_hours * 3600),
             download_full_every: Duration::from_secs(download_full_every),
@@ -836,17 +819,29 @@ mod tests {
         assert_eq!(c.download_full_every, Duration::from_secs(86_400));
         assert_eq!(c.sync_logs_retain_days, 30);
         assert!(!c.gateway_id.is_empty());
-        assert!(c.upload_copy);
+        assert_eq!(c.upload_method, UploadMethod::Auto);
+    }
+
+    /// Sets `var` to each of `T`'s values in turn and reads it back through `get`;
+    /// a near miss is refused naming `var`. Returns the spellings, for the caller
+    /// to compare with the documented ones.
+    fn takes_every<T: Choice + PartialEq + fmt::Debug>(
+        var: &'static str,
+        get: fn(&Config) -> T,
+        near_miss: &str,
+    ) -> Vec<&'static str> {
+        for &v in T::ALL {
+            let c = Config::from_vars(vars(&[(var, v.name())])).unwrap();
+            assert_eq!(get(&c), v, "{var}={}", v.name());
+        }
+        assert_eq!(err_vars(&[(var, near_miss)]), vec![var]);
+        T::ALL.iter().map(|v| v.name()).collect()
     }
 
     #[test]
-    fn upload_method_is_copy_or_insert() {
-        let c = Config::from_vars(vars(&[(ENV_UPLOAD_METHOD, "insert")])).unwrap();
-        assert!(!c.upload_copy);
-        assert_eq!(
-            err_vars(&[(ENV_UPLOAD_METHOD, "binary")]),
-            vec![ENV_UPLOAD_METHOD]
-        );
+    fn upload_method_is_auto_copy_or_insert() {
+        let names = takes_every(ENV_UPLOAD_METHOD, |c| c.upload_method, "binary");
+        assert_eq!(names, ["auto", "copy", "insert"]);
     }
 
     #[test]
@@ -1025,19 +1020,10 @@ mod tests {
 
     #[test]
     fn sslmodes_use_libpq_names() {
-        for (s, m) in [
-            ("disable", SslMode::Disable),
-            ("prefer", SslMode::Prefer),
-            ("require", SslMode::Require),
-            ("verify-ca", SslMode::VerifyCa),
-            ("verify-full", SslMode::VerifyFull),
-        ] {
-            let c = Config::from_vars(vars(&[(ENV_CLIENT_SSLMODE, s)])).unwrap();
-            assert_eq!(c.central.sslmode, m);
-        }
+        let names = takes_every(ENV_CLIENT_SSLMODE, |c| c.central.sslmode, "verify_full");
         assert_eq!(
-            err_vars(&[(ENV_CLIENT_SSLMODE, "verify_full")]),
-            vec![ENV_CLIENT_SSLMODE]
+            names,
+            ["disable", "prefer", "require", "verify-ca", "verify-full"]
         );
     }
 
@@ -1045,18 +1031,12 @@ mod tests {
     fn channel_binding_uses_libpq_names_and_needs_tls_to_be_required() {
         let c = Config::from_vars(vars(&[])).unwrap();
         assert_eq!(c.central.channel_binding, ChannelBinding::Prefer);
-        for (s, b) in [
-            ("disable", ChannelBinding::Disable),
-            ("prefer", ChannelBinding::Prefer),
-            ("require", ChannelBinding::Require),
-        ] {
-            let c = Config::from_vars(vars(&[(ENV_CLIENT_CHANNEL_BINDING, s)])).unwrap();
-            assert_eq!(c.central.channel_binding, b);
-        }
-        assert_eq!(
-            err_vars(&[(ENV_CLIENT_CHANNEL_BINDING, "required")]),
-            vec![ENV_CLIENT_CHANNEL_BINDING]
+        let names = takes_every(
+            ENV_CLIENT_CHANNEL_BINDING,
+            |c| c.central.channel_binding,
+            "required",
         );
+        assert_eq!(names, ["disable", "prefer", "require"]);
         assert_eq!(
             err_vars(&[
                 (ENV_CLIENT_CHANNEL_BINDING, "require"),

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::config::{Config, Side};
 use crate::db::Db;
+use crate::download::{self, Downloaded};
 use crate::error::{Error, Kind, Result};
 use crate::lock::{self, Acquired, LockHolder, LockedLocal};
 use crate::report::{CycleReport, Phase, PhaseOutcome, PhaseResult};
@@ -40,11 +41,7 @@ impl Connections {
     /// middle of a cycle goes through the same lock, so it cannot slip past another
     /// process that took the lock meanwhile.
     pub async fn ensure_local(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<(), NoLocal> {
-        if self.local.as_ref().is_some_and(|db| db.is_closed()) {
-            log::warn!("local: connection lost; reconnecting");
-            self.local = None;
-        }
-        if self.local.is_some() {
+        if still_open(&mut self.local, Side::Local, |db| db.is_closed()) {
             return Ok(());
         }
         if self.unreachable.contains(&Side::Local) {
@@ -69,11 +66,7 @@ impl Connections {
     /// Makes sure the central connection is open, reconnecting with backoff (see
     /// [`Db::connect_with_retry`]) if it is absent or was lost.
     async fn ensure_central(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<()> {
-        if self.central.as_ref().is_some_and(|db| db.is_closed()) {
-            log::warn!("central: connection lost; reconnecting");
-            self.central = None;
-        }
-        if self.central.is_some() {
+        if still_open(&mut self.central, Side::Central, Db::is_closed) {
             return Ok(());
         }
         if self.unreachable.contains(&Side::Central) {
@@ -125,6 +118,16 @@ impl Connections {
         self.local = None;
         self.central = None;
     }
+}
+
+/// Whether the connection in `slot` is still open; a lost one is forgotten (and
+/// said), so that the caller reconnects.
+fn still_open<T>(slot: &mut Option<T>, side: Side, closed: impl Fn(&T) -> bool) -> bool {
+    if slot.as_ref().is_some_and(&closed) {
+        log::warn!("{side}: connection lost; reconnecting");
+        *slot = None;
+    }
+    slot.is_some()
 }
 
 fn unreachable_now(side: Side) -> Error {
@@ -218,8 +221,8 @@ async fn run_phase(
     };
     match phase {
         Phase::Upload => crate::upload::drain(cfg, local, central, shutdown).await,
-        Phase::Meters => crate::download::sync_meters(cfg, local, central).await,
-        Phase::Tenant => crate::download::sync_tenants(cfg, local, central).await,
+        Phase::Meters => download::sync_table(Downloaded::Meters, cfg, local, central).await,
+        Phase::Tenant => download::sync_table(Downloaded::Tenants, cfg, local, central).await,
     }
 }
 

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Transaction};
 
 use crate::config::{Config, DbConfig, Side};
@@ -17,6 +17,12 @@ use crate::shutdown::Shutdown;
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// A statement's parameters, for the local side (central takes none: see
+/// `Db::named_statements_allowed`).
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
+
 /// One open connection and the task that drives it.
 pub struct Db {
     client: Client,
@@ -25,6 +31,8 @@ pub struct Db {
     /// `SET LOCAL …` for every central transaction (empty for local, whose session
     /// carries its settings from the startup packet).
     settings: String,
+    /// Central answers through a connection pooler (see [`Db::behind_pooler`]).
+    pooled: bool,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -99,12 +107,17 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
                 statement_timeout(cfg).as_millis()
             ));
         }
-        Side::Central => {
+        Side::Central if db.hosts.len() > 1 => {
             // With several hosts listed, the first that accepts writes: a standby
             // (or a primary demoted by a failover) is skipped, as libpq does with
-            // target_session_attrs=read-write.
+            // target_session_attrs=read-write. With one host there is nothing to
+            // choose, and the check would cost a round trip that, through a pooler,
+            // waits for a free server inside the connect timeout: a fleet reconnecting
+            // at once through PgBouncer then timed out and reconnected in a loop.
+            // A write that meets a read-only server still drops the session (25006).
             c.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
         }
+        Side::Central => {}
     }
     if !db.is_unix_socket() {
         // Keepalive finds a dead peer while we wait on it without a query in
@@ -170,7 +183,7 @@ impl Db {
                 log::debug!("{side}: connection closed: {e}");
             }
         });
-        Ok(Db {
+        let mut db = Db {
             client,
             side,
             timeout: cfg.query_timeout,
@@ -178,8 +191,42 @@ impl Db {
                 Side::Local => String::new(),
                 Side::Central => central_settings(cfg),
             },
+            pooled: false,
             driver,
-        })
+        };
+        if side == Side::Central {
+            db.pooled = db.detect_pooler(&what).await?;
+        }
+        Ok(db)
+    }
+
+    /// A pooler cannot announce the key of a backend it has not chosen yet, so it
+    /// sends one of its own: PgBouncer, Odyssey and pgcat all do, while a plain TCP
+    /// relay (a NAT, HAProxy, our tests' fault proxy) passes the server's through.
+    /// One round trip per connection, on the unnamed statement.
+    async fn detect_pooler(&self, what: &str) -> Result<bool> {
+        let row = self
+            .timed(
+                what,
+                self.client.query_typed_one("SELECT pg_backend_pid()", &[]),
+            )
+            .await?;
+        let pid: i32 = row
+            .try_get(0)
+            .map_err(|e| Error::db(self.side, what.to_string(), e))?;
+        let pooled = pid != self.client.backend_key_pid();
+        if pooled {
+            log::debug!("{}: answers through a connection pooler", self.side);
+        }
+        Ok(pooled)
+    }
+
+    /// Central answers through a connection pooler: the backend behind this
+    /// connection may change at every transaction boundary. PgBouncer before 1.21
+    /// hands the backend back to its pool at the first ReadyForQuery after a COPY,
+    /// so nothing may be pipelined behind a COPY there (docs/upload.md).
+    pub fn behind_pooler(&self) -> bool {
+        self.pooled
     }
 
     /// Connects with up to `MAX_CONNECTION_RETRIES` attempts. After failed attempt
@@ -262,9 +309,9 @@ impl Db {
     /// A statement with a parameter list goes through tokio-postgres's named
     /// prepared statements (`s0`, `s1`, … per process): three messages with a Sync
     /// each, which under transaction pooling land on different server connections
-    /// (`prepared statement "s35" does not exist`). On central, use the `_typed`
-    /// methods (the unnamed statement) instead; this refuses loudly rather than
-    /// failing one phase in twenty behind PgBouncer.
+    /// (`prepared statement "s35" does not exist`). On central, use tokio-postgres's
+    /// `query_typed`/`execute_typed` (the unnamed statement) instead; this refuses
+    /// loudly rather than failing one phase in twenty behind PgBouncer.
     fn named_statements_allowed(&self, what: &str, params: usize) -> Result<()> {
         if self.side == Side::Central && params > 0 {
             return Err(Error::new(
@@ -276,70 +323,41 @@ impl Db {
         Ok(())
     }
 
-    /// A query; on central it must be without parameters (see the `_typed` methods).
-    pub async fn query(
+    /// A query; on central it must be without parameters (see `named_statements_allowed`).
+    pub async fn query(&self, what: &str, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let (local, central) = (
+            self.client.query(sql, params),
+            self.client.query_typed(sql, &[]),
+        );
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    pub async fn query_one(&self, what: &str, sql: &str, params: Params<'_>) -> Result<Row> {
+        let local = self.client.query_one(sql, params);
+        let central = self.client.query_typed_one(sql, &[]);
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    pub async fn execute(&self, what: &str, sql: &str, params: Params<'_>) -> Result<u64> {
+        let local = self.client.execute(sql, params);
+        let central = self.client.execute_typed(sql, &[]);
+        self.on_side(what, params.len(), local, central).await
+    }
+
+    /// Runs `local` on a local connection, `central` (the same statement on the
+    /// unnamed statement) on central; neither is sent before it is awaited.
+    async fn on_side<T>(
         &self,
         what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self.query_typed(what, sql, &[]).await;
+        params: usize,
+        local: impl Future<Output = PgResult<T>>,
+        central: impl Future<Output = PgResult<T>>,
+    ) -> Result<T> {
+        self.named_statements_allowed(what, params)?;
+        match self.side {
+            Side::Local => self.timed(what, local).await,
+            Side::Central => self.timed(what, central).await,
         }
-        self.timed(what, self.client.query(sql, params)).await
-    }
-
-    pub async fn query_one(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Row> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self
-                .timed(what, self.client.query_typed_one(sql, &[]))
-                .await;
-        }
-        self.timed(what, self.client.query_one(sql, params)).await
-    }
-
-    pub async fn execute(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<u64> {
-        self.named_statements_allowed(what, params.len())?;
-        if self.side == Side::Central {
-            return self.execute_typed(what, sql, &[]).await;
-        }
-        self.timed(what, self.client.execute(sql, params)).await
-    }
-
-    /// A query on the unnamed statement: parse, bind, execute in one message
-    /// sequence with one Sync, so it works through PgBouncer in transaction mode.
-    /// The parameters carry their types; result columns must be built-in types (a
-    /// custom type would make tokio-postgres look it up with a named statement).
-    pub async fn query_typed(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>> {
-        self.timed(what, self.client.query_typed(sql, params)).await
-    }
-
-    /// As [`Db::query_typed`], for a statement whose rows are not wanted.
-    pub async fn execute_typed(
-        &self,
-        what: &str,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<u64> {
-        self.timed(what, self.client.execute_typed(sql, params))
-            .await
     }
 
     /// Simple-protocol statements (no parameters, no prepared statement).
@@ -512,6 +530,25 @@ mod tests {
         let l = pg_config(&cfg.local, &cfg);
         let opts = l.get_options().unwrap();
         assert!(opts.contains("TimeZone=UTC") && opts.contains("statement_timeout=27000"));
+    }
+
+    /// One host: nothing to choose, so no read-write check at connect (through a
+    /// pooler it would wait for a free server inside the connect timeout).
+    #[test]
+    fn one_central_host_is_not_asked_whether_it_accepts_writes() {
+        let cfg = Config::from_vars(
+            [
+                ("POSTGRES_SYNC_HOST", "127.0.0.1"),
+                ("POSTGRES_CLIENT_HOST", "central.example"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+        .unwrap();
+        let c = pg_config(&cfg.central, &cfg);
+        assert_eq!(
+            c.get_target_session_attrs(),
+            tokio_postgres::config::TargetSessionAttrs::Any
+        );
     }
 
     #[test]

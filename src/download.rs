@@ -67,11 +67,11 @@
 mod table;
 mod watermark;
 
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{CopyOutStream, Transaction};
 
@@ -123,22 +123,27 @@ impl Settings {
     }
 }
 
-/// Downloads central `meters` into local `meters` (P8).
-pub async fn sync_meters(
-    cfg: &Config,
-    local: &mut LockedLocal,
-    central: &mut Db,
-) -> Result<PhaseResult> {
-    sync(&METERS, &Settings::of(cfg), local, central).await
+/// The tables the download keeps in line with central's.
+#[derive(Clone, Copy, Debug)]
+pub enum Downloaded {
+    /// Central `meters` into local `meters` (P8).
+    Meters,
+    /// Central `tenant` into local `tenant` (P9).
+    Tenants,
 }
 
-/// Downloads central `tenant` into local `tenant` (P9).
-pub async fn sync_tenants(
+/// Downloads one table (see [`sync`]).
+pub async fn sync_table(
+    which: Downloaded,
     cfg: &Config,
     local: &mut LockedLocal,
     central: &mut Db,
 ) -> Result<PhaseResult> {
-    sync(&TENANTS, &Settings::of(cfg), local, central).await
+    let table = match which {
+        Downloaded::Meters => &METERS,
+        Downloaded::Tenants => &TENANTS,
+    };
+    sync(table, &Settings::of(cfg), local, central).await
 }
 
 /// What this cycle's download of a table will be.
@@ -509,15 +514,7 @@ async fn stage(
     let mut sink = pin!(sink);
     let mut stream = pin!(stream);
     let mut bytes = 0u64;
-    loop {
-        let next = tokio::time::timeout(central_limit, stream.next());
-        let chunk = match crate::notify::while_bounded(next).await {
-            Err(_) => return Err(Error::timeout(c, what_in, central_limit)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::db(c, what_in, e)),
-            Ok(Some(Ok(chunk))) => chunk,
-        };
-        crate::notify::alive();
+    while let Some(chunk) = next_alive(c, &what_in, central_limit, &mut stream).await? {
         bytes += chunk.len() as u64;
         if bytes > max_bytes {
             return Err(Error::new(
@@ -536,6 +533,29 @@ async fn stage(
     timed(l, limit, &what_out, sink.as_mut().finish()).await
 }
 
+/// The next item of a stream from `side` within `limit`, feeding the watchdog
+/// while it waits and when it arrives (progress, however slow); `None` at its end.
+async fn next_alive<T, S>(
+    side: Side,
+    what: &str,
+    limit: Duration,
+    stream: &mut Pin<&mut S>,
+) -> Result<Option<T>>
+where
+    S: Stream<Item = std::result::Result<T, tokio_postgres::Error>>,
+{
+    let next = tokio::time::timeout(limit, stream.next());
+    match crate::notify::while_bounded(next).await {
+        Err(_) => Err(Error::timeout(side, what, limit)),
+        Ok(None) => Ok(None),
+        Ok(Some(Err(e))) => Err(Error::db(side, what, e)),
+        Ok(Some(Ok(item))) => {
+            crate::notify::alive();
+            Ok(Some(item))
+        }
+    }
+}
+
 /// Runs the compare-and-write statement and collects its report, streaming the
 /// returned rows so that a first sync of a large table is not held in memory.
 /// The statement itself feeds the watchdog while it runs (it is bounded by the
@@ -548,15 +568,7 @@ async fn apply(t: &Table, tx: &Transaction<'_>, limit: Duration, full: bool) -> 
     let rows = timed(l, limit, &what, tx.query_raw(sql.as_str(), no_params)).await?;
     let mut rows = pin!(rows);
     let mut report = Report::default();
-    loop {
-        let next = tokio::time::timeout(limit, rows.next());
-        let row = match crate::notify::while_bounded(next).await {
-            Err(_) => return Err(Error::timeout(l, what, limit)),
-            Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(Error::db(l, what, e)),
-            Ok(Some(Ok(row))) => row,
-        };
-        crate::notify::alive();
+    while let Some(row) = next_alive(l, &what, limit, &mut rows).await? {
         let kind: &str = row.get(0);
         let changed: Option<Vec<String>> = row.get(3);
         report.add(t, kind, row.get(1), row.get(2), changed.unwrap_or_default());

@@ -14,40 +14,27 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
+/// One migration file: its version, its name, and its text compiled in.
+macro_rules! migration {
+    ($side:literal, $version:literal, $name:literal) => {
+        Migration {
+            version: $version,
+            name: $name,
+            sql: include_str!(concat!("../migrations/", $side, "/", $name)),
+        }
+    };
+}
+
 pub const LOCAL: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial.sql",
-        sql: include_str!("../migrations/local/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_resend_window.sql",
-        sql: include_str!("../migrations/local/0002_resend_window.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_download_watermark.sql",
-        sql: include_str!("../migrations/local/0003_download_watermark.sql"),
-    },
+    migration!("local", 1, "0001_initial.sql"),
+    migration!("local", 2, "0002_resend_window.sql"),
+    migration!("local", 3, "0003_download_watermark.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[
-    Migration {
-        version: 1,
-        name: "0001_initial.sql",
-        sql: include_str!("../migrations/remote/0001_initial.sql"),
-    },
-    Migration {
-        version: 2,
-        name: "0002_change_tracking.sql",
-        sql: include_str!("../migrations/remote/0002_change_tracking.sql"),
-    },
-    Migration {
-        version: 3,
-        name: "0003_gateway_status.sql",
-        sql: include_str!("../migrations/remote/0003_gateway_status.sql"),
-    },
+    migration!("remote", 1, "0001_initial.sql"),
+    migration!("remote", 2, "0002_change_tracking.sql"),
+    migration!("remote", 3, "0003_gateway_status.sql"),
 ];
 
 /// The bookkeeping table, in the same schema as the tables it describes.

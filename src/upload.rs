@@ -29,7 +29,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Row, Statement};
 
-use crate::config::{Config, Side};
+use crate::config::{Config, Side, UploadMethod};
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
@@ -313,7 +313,7 @@ pub async fn drain(
         st: &st,
         retries: cfg.max_query_retries,
         pipe: Pipeline::default(),
-        copy: AtomicBool::new(cfg.upload_copy),
+        copy: AtomicBool::new(use_copy(cfg.upload_method, central)),
         retain: !cfg.upload_retain.is_zero(),
         candidates: Mutex::new(Vec::new()),
         central_fault: AtomicBool::new(false),
@@ -985,6 +985,29 @@ async fn insert(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64>
             insert_on_conflict(ctx, batch, rows).await
         }
         other => other,
+    }
+}
+
+/// `UPLOAD_METHOD=auto` takes COPY unless central answers through a connection
+/// pooler: PgBouncer before 1.21 returns the server connection to its pool at the
+/// first ReadyForQuery after a COPY ends, while the batches pipelined behind it are
+/// still on their way (they then meet another client's session, or time out).
+/// INSERTs pipeline through any pooler. Said once per process, at info.
+fn use_copy(method: UploadMethod, central: &Db) -> bool {
+    match method {
+        UploadMethod::Copy => true,
+        UploadMethod::Insert => false,
+        UploadMethod::Auto if !central.behind_pooler() => true,
+        UploadMethod::Auto => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                log::info!(
+                    "upload: central answers through a connection pooler; batches go as \
+                     pipelined INSERTs, not COPY (UPLOAD_METHOD=auto)"
+                )
+            });
+            false
+        }
     }
 }
 

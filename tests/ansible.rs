@@ -16,32 +16,15 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::host::{ok, output_text, repo};
 use support::nspawn::{configure_gateway, Container};
 use support::{temp_dir, wait_until, Sandbox};
 
 const UNIT: &str = "meter-sync.service";
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = cmd.stdin(Stdio::null()).output().unwrap();
-    assert!(o.status.success(), "{cmd:?}: {}", text(&o));
-    text(&o)
-}
 
 /// A gateway of the fleet: its container, databases and sshd port.
 struct Gateway {
@@ -95,7 +78,11 @@ fn gateway(name: &str, key_pub: &str, v1: &Path) -> Gateway {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(o.status.success(), "{name}: deploy/install: {}", text(&o));
+    assert!(
+        o.status.success(),
+        "{name}: deploy/install: {}",
+        output_text(&o)
+    );
     let s = Sandbox::empty();
     configure_gateway(&c.root, &s, &[]);
     c.sh(
@@ -198,7 +185,7 @@ fn rollout_in_waves_stops_at_a_failed_gateway_and_rolls_it_back() {
         .stdin(Stdio::null())
         .output()
         .expect("ansible-playbook (pip install ansible-core)");
-    let log = text(&o);
+    let log = output_text(&o);
     fs::write(dir.join("ansible.log"), &log).unwrap();
     eprintln!(
         "ansible: rollout took {:.0} s; its output:\n{log}",

@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use support::pgbouncer::{PgBouncer, Settings};
+use support::readings::count_and_distinct;
 use support::{shared, wait_until, Client, Cluster, Daemon, Sandbox};
 
 /// Every column of every central reading, as text, sorted by uid: the central
@@ -96,10 +97,7 @@ fn gateway(central: &'static Cluster, central_db: &str, port: u16, tag: &str) ->
     s.set("POSTGRES_CLIENT_PORT", port)
         .set("METER_SYNC_GATEWAY_ID", &name)
         .unset("DB_CONNECTION_TIMEOUT_MS")
-        .unset("MAX_CONNECTION_RETRIES")
-        // PgBouncer 1.18 loses track of a binary COPY whose data follows the
-        // statement without waiting for CopyInResponse (docs/upload.md).
-        .set("UPLOAD_METHOD", "insert");
+        .unset("MAX_CONNECTION_RETRIES");
     s
 }
 
@@ -114,8 +112,28 @@ fn stop(d: &mut Daemon) {
 
 #[test]
 fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
+    three_gateways_through_pgbouncer("p22", &Settings::default());
+}
+
+/// The same with PgBouncer handing out its two server connections in turn
+/// (`server_round_robin`, both opened from the start): consecutive transactions of
+/// one gateway land on different backends, so anything that outlives its
+/// transaction (a named prepared statement, a session `SET`) fails every time
+/// instead of only when the pool happens to be contended.
+#[test]
+fn p22_every_transaction_may_meet_another_backend() {
+    three_gateways_through_pgbouncer(
+        "p22rr",
+        &Settings {
+            extra: "server_round_robin = 1\nmin_pool_size = 2\n".into(),
+            ..Settings::default()
+        },
+    );
+}
+
+fn three_gateways_through_pgbouncer(tag: &str, settings: &Settings) {
     let (_, central) = shared();
-    let db = format!("p22_{}", std::process::id());
+    let db = format!("{tag}_{}", std::process::id());
     central.create_db(&db);
     {
         // A database whose defaults differ from ours: what the daemon needs, it
@@ -127,10 +145,10 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         ))
         .unwrap();
     }
-    let pb = PgBouncer::start(central, &Settings::default());
+    let pb = PgBouncer::start(central, settings);
     let gws: Vec<Sandbox> = ["a", "b", "c"]
         .iter()
-        .map(|t| gateway(central, &db, pb.port, t))
+        .map(|t| gateway(central, &db, pb.port, &format!("{tag}{t}")))
         .collect();
     // Schema changes through PgBouncer too (the remote one is idempotent).
     for g in &gws {
@@ -203,6 +221,12 @@ fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
         assert!(phases >= 6, "only {phases} phases ran:\n{log}");
         assert_eq!(failed, 0, "{failed} of {phases} phases failed:\n{log}");
         assert!(error_lines(log).is_empty(), "ERROR lines:\n{log}");
+        // With the default UPLOAD_METHOD=auto: PgBouncer 1.18 cannot carry batches
+        // pipelined behind a COPY, so the daemon must have seen the pooler.
+        assert!(
+            log.contains("central answers through a connection pooler"),
+            "the pooler was not detected:\n{log}"
+        );
         // The heartbeat's upsert went through PgBouncer as well (issue 13 item 6).
         assert_eq!(heartbeat_warnings(log), 0, "{log}");
         let id = &g.local_db;
@@ -286,17 +310,7 @@ fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it
     central.set_and_reload("synchronous_standby_names", "");
     s.run(&["once"]).assert_ok();
     assert_eq!(pending(&s), 0);
-    let mut c = s.central();
-    let (n, distinct): (i64, i64) = {
-        let r = c
-            .query_one(
-                "SELECT count(*), count(DISTINCT reading_uid) FROM meter_readings",
-                &[],
-            )
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!((n, distinct), (300, 300));
+    assert_eq!(count_and_distinct(&mut s.central()), (300, 300));
 }
 
 /// Applies `sql` and records it in the bookkeeping table as `meter-sync migrate`
@@ -450,15 +464,7 @@ fn mixed_versions_the_previous_release_against_a_central_migrated_by_this_one() 
     // The operator migrated central with this release...
     s.run(&["migrate", "remote"]).assert_ok();
     let run_old = |args: &[&str]| -> support::Run {
-        let out = std::process::Command::new(&old)
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(&s.env)
-            .current_dir(&s.dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let out = s.program(&old).args(args).output().unwrap();
         support::Run::from(out)
     };
     // ...while this gateway still runs the previous one, on its own schema.

@@ -13,32 +13,15 @@ mod support;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::host::{ok_stdout, output_text, repo};
 use support::nspawn::{configure_gateway, Container};
 use support::{temp_dir, wait_until, Sandbox};
 
 const UNIT: &str = "meter-sync.service";
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "-1");
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = cmd.stdin(Stdio::null()).output().unwrap();
-    assert!(o.status.success(), "{cmd:?}: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// deploy/build-deb on `binary`, into `out`; returns the .deb's path.
 fn build_deb(binary: &Path, out: &Path, version: Option<&str>) -> PathBuf {
@@ -51,7 +34,7 @@ fn build_deb(binary: &Path, out: &Path, version: Option<&str>) -> PathBuf {
     if let Some(v) = version {
         c.args(["--version", v]);
     }
-    let deb = PathBuf::from(ok(&mut c).trim().lines().last().unwrap());
+    let deb = PathBuf::from(ok_stdout(&mut c).trim().lines().last().unwrap());
     assert!(deb.exists(), "{} missing", deb.display());
     deb
 }
@@ -69,15 +52,15 @@ fn package_is_lintian_clean_and_complete() {
         .arg(&deb)
         .output()
         .expect("lintian (apt-get install lintian)");
-    let tags: Vec<String> = text(&o)
+    let tags: Vec<String> = output_text(&o)
         .lines()
         .filter(|l| l.starts_with("E:") || l.starts_with("W:") || l.starts_with("P:"))
         .map(String::from)
         .collect();
     assert!(tags.is_empty(), "lintian: {tags:#?}");
-    assert!(o.status.success(), "lintian failed: {}", text(&o));
+    assert!(o.status.success(), "lintian failed: {}", output_text(&o));
 
-    let info = ok(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    let info = ok_stdout(Command::new("dpkg-deb").arg("--info").arg(&deb));
     for field in [
         "Package: meter-sync".to_string(),
         format!("Version: {VERSION}"),
@@ -96,7 +79,7 @@ fn package_is_lintian_clean_and_complete() {
     );
 
     // "-rwxr-xr-x 0/0 123 date time ./usr/bin/meter-sync"
-    let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    let contents = ok_stdout(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     let files: BTreeMap<String, String> = contents
         .lines()
         .filter_map(|l| {
@@ -129,9 +112,9 @@ fn package_is_lintian_clean_and_complete() {
     assert!(!files.keys().any(|p| p.contains("password")), "{contents}");
 
     let x = dir.join("x");
-    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x));
+    ok_stdout(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x));
     let ctl = dir.join("control");
-    ok(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctl));
+    ok_stdout(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&ctl));
     assert_eq!(
         fs::read_to_string(ctl.join("conffiles")).unwrap().trim(),
         "/etc/meter-sync/meter-sync.env"
@@ -152,7 +135,7 @@ fn package_is_lintian_clean_and_complete() {
     assert_eq!(strip(&unit), strip(&ours));
     assert!(unit.contains("ExecStart=/usr/bin/meter-sync run"), "{unit}");
     // The man page is the help text's.
-    let man = ok(Command::new("sh").arg("-c").arg(format!(
+    let man = ok_stdout(Command::new("sh").arg("-c").arg(format!(
         "zcat '{}'",
         x.join("usr/share/man/man1/meter-sync.1.gz").display()
     )))

@@ -1269,17 +1269,6 @@ fn assigned_dump(s: &Sandbox, table: &str, role: &str) -> Vec<Vec<Option<String>
         .collect()
 }
 
-/// A test-side session on central as `role` (over the Unix socket, which trusts).
-fn central_as(s: &Sandbox, role: &str) -> Client {
-    let cl = s.central_cluster();
-    let mut cfg = postgres::Config::new();
-    cfg.host_path(&cl.socket_dir)
-        .port(cl.port)
-        .user(role)
-        .dbname(&s.central_db);
-    cfg.connect(postgres::NoTls).unwrap()
-}
-
 #[test]
 fn p21_rls_a_gateway_holds_exactly_its_meters_gets_later_assignments_and_keeps_unassigned_ones() {
     let mut s = Sandbox::new();
@@ -1347,7 +1336,7 @@ fn p21_rls_a_gateway_holds_exactly_its_meters_gets_later_assignments_and_keeps_u
 fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings() {
     let mut s = Sandbox::new();
     let (role, other) = rls_sandbox(&mut s);
-    let mut gw = central_as(&s, &role);
+    let mut gw = s.central_as(&role);
 
     // It reads its own meters only.
     let n: i64 = gw
@@ -1410,7 +1399,8 @@ fn p21_rls_a_gateway_role_has_least_privilege_and_uploads_only_its_own_readings(
         Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
     );
     drop(gw);
-    assert!(central_as(&s, &other)
+    assert!(s
+        .central_as(&other)
         .query("SELECT 1 FROM meters WHERE meter_id = 'm-000040'", &[])
         .unwrap()
         .is_empty());

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
-use support::{issue, temp_dir, wait_until, Client, Cluster, Sandbox};
+use support::{issue, temp_dir, wait_until, Client, Sandbox};
 
 /// A name no other test of this process uses (roles are cluster-wide).
 fn unique(tag: &str) -> String {
@@ -45,18 +45,6 @@ fn central_role(s: &Sandbox, name: &str) {
 fn log_in_as(s: &mut Sandbox, role: &str) {
     s.set("POSTGRES_CLIENT_USER", role)
         .set("POSTGRES_CLIENT_PASSWORD", ROLE_PASSWORD);
-}
-
-/// A test-side session on the sandbox's central database as `role` (trust over
-/// the Unix socket).
-fn central_as(s: &Sandbox, role: &str) -> Client {
-    let c: &Cluster = s.central_cluster();
-    let mut cfg = postgres::Config::new();
-    cfg.host_path(&c.socket_dir)
-        .port(c.port)
-        .user(role)
-        .dbname(&s.central_db);
-    cfg.connect(postgres::NoTls).unwrap()
 }
 
 /// One gateway_status row, every column.
@@ -366,7 +354,7 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
     assert_eq!(b_after.last_cycle_at, b_before.last_cycle_at);
 
     // Nor by hand: a sees only its own row, and cannot change, delete or add b's.
-    let mut as_a = central_as(&s, &a);
+    let mut as_a = s.central_as(&a);
     let visible: Vec<String> = as_a
         .query("SELECT gateway_id FROM gateway_status", &[])
         .unwrap()
@@ -419,7 +407,8 @@ fn with_the_rls_recipe_a_gateway_cannot_touch_another_gateways_row() {
             "CREATE ROLE \"{monitor}\" LOGIN IN ROLE meter_sync_monitor"
         ))
         .unwrap();
-    let n: i64 = central_as(&s, &monitor)
+    let n: i64 = s
+        .central_as(&monitor)
         .query_one("SELECT count(*) FROM gateway_status", &[])
         .unwrap()
         .get(0);

@@ -19,14 +19,11 @@ fn metrics_file_is_world_readable_under_umask_0077() {
     fs::create_dir_all(&dir).unwrap();
     let path = dir.join("meter-sync.prom");
     s.set("METRICS_TEXTFILE", path.display());
-    let status = std::process::Command::new("sh")
+    let status = s
+        .program("sh")
         .arg("-c")
         .arg("umask 077; exec \"$0\" once")
         .arg(support::bin())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(&s.env)
-        .current_dir(&s.dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

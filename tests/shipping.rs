@@ -11,45 +11,17 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
+use support::host::{is_root, ok, output, output_text, repo};
 use support::{temp_dir, Sandbox};
 
 const UNIT: &str = "systemd/meter-sync.service";
 const ENV_EXAMPLE: &str = "deploy/meter-sync.env.example";
-/// The exposure score `systemd-analyze security` gives the unit, as the README
-/// states it; a weaker unit fails here until the README is corrected too.
+/// The exposure score `systemd-analyze security` gives the unit, as
+/// docs/operating.md states it; a weaker unit fails here until the doc is
+/// corrected too.
 const SECURITY_SCORE_MAX: f64 = 1.1;
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    out
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let o = run(cmd);
-    assert!(o.status.success(), "{cmd:?} failed: {}", text(&o));
-    text(&o)
-}
-
-fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// Directive values of a unit file, by name (a name may repeat).
 fn directives(unit: &str) -> BTreeMap<String, Vec<String>> {
@@ -143,11 +115,11 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
 fn unit_verifies_and_scores() {
     let dir = temp_dir("unit");
     let unit = unit_for_analysis(&dir);
-    let o = run(Command::new("systemd-analyze").arg("verify").arg(&unit));
+    let o = output(Command::new("systemd-analyze").arg("verify").arg(&unit));
     assert!(
-        o.status.success() && text(&o).trim().is_empty(),
+        o.status.success() && output_text(&o).trim().is_empty(),
         "systemd-analyze verify: {}",
-        text(&o)
+        output_text(&o)
     );
     let out = ok(Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
@@ -295,7 +267,7 @@ fn walk(d: &Path) -> Vec<PathBuf> {
 }
 
 fn deploy(script: &str, args: &[&str]) -> Output {
-    run(Command::new(repo(&format!("deploy/{script}"))).args(args))
+    output(Command::new(repo(&format!("deploy/{script}"))).args(args))
 }
 
 #[test]
@@ -313,8 +285,8 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     let prev = root.join("usr/local/bin/meter-sync.prev");
     let same = |a: &Path, b: &Path| fs::read(a).unwrap() == fs::read(b).unwrap();
     let r = |o: Output| {
-        assert!(o.status.success(), "{}", text(&o));
-        text(&o)
+        assert!(o.status.success(), "{}", output_text(&o));
+        output_text(&o)
     };
 
     // First install: nothing to roll back to yet.
@@ -334,7 +306,7 @@ fn install_upgrade_and_rollback_into_a_root_directory() {
     assert!(!prev.exists());
     let o = deploy("rollback", &["--root", root.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(text(&o).contains("no "), "{}", text(&o));
+    assert!(output_text(&o).contains("no "), "{}", output_text(&o));
     assert!(
         same(&installed, &v1),
         "a failed rollback changed the binary"
@@ -412,9 +384,14 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
         ("build-release", vec!["mips"]),
     ] {
         let o = deploy(script, &args);
-        assert_eq!(o.status.code(), Some(2), "{script} {args:?}: {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{script} {args:?}: {}",
+            output_text(&o)
+        );
         assert!(
-            !text(&o).trim().is_empty(),
+            !output_text(&o).trim().is_empty(),
             "{script} {args:?} said nothing"
         );
     }
@@ -424,13 +401,7 @@ fn deploy_scripts_refuse_bad_arguments_in_one_line() {
 /// The static aarch64 binary, run through qemu-user with only the sandbox's
 /// environment, from the sandbox's directory.
 fn qemu(s: &Sandbox, bin: &Path, args: &[&str]) -> support::Run {
-    let o = run(Command::new("qemu-aarch64-static")
-        .arg(bin)
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(&s.env)
-        .current_dir(&s.dir));
+    let o = output(s.program("qemu-aarch64-static").arg(bin).args(args));
     support::Run::from(o)
 }
 
@@ -613,10 +584,12 @@ fn install_and_rollback_over_ssh() {
     b.push(0);
     fs::write(&v2, &b).unwrap();
     let via_ssh = |script: &str, args: &[&str]| {
-        let o = run(Command::new(repo(&format!("deploy/{script}")))
-            .args(args)
-            .env("SSH", sshd.ssh_command()));
-        assert!(o.status.success(), "{script} {args:?}: {}", text(&o));
+        let o = output(
+            Command::new(repo(&format!("deploy/{script}")))
+                .args(args)
+                .env("SSH", sshd.ssh_command()),
+        );
+        assert!(o.status.success(), "{script} {args:?}: {}", output_text(&o));
     };
     let r = root.to_str().unwrap();
     via_ssh(
@@ -650,7 +623,7 @@ fn install_never_loosens_the_modes_of_etc_meter_sync() {
     let root = dir.join("gateway");
     let r = root.to_str().unwrap();
     let o = deploy("install", &["--binary", support::bin(), "--root", r]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let etc = root.join("etc/meter-sync");
     let set = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
     set(&etc, 0o700);
@@ -663,7 +636,7 @@ fn install_never_loosens_the_modes_of_etc_meter_sync() {
         "install",
         &["--binary", dir.join("v2").to_str().unwrap(), "--root", r],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     assert_eq!(mode(&etc), 0o700);
     assert_eq!(mode(&etc.join("meter-sync.env")), 0o600);
     assert_eq!(mode(&etc.join("client-password")), 0o400);
@@ -707,19 +680,21 @@ fn install_picks_the_binary_by_the_userland_architecture() {
     let armv7 = build("armv7-unknown-linux-musleabihf", 7);
     let aarch64 = build("aarch64-unknown-linux-musl", 8);
     let install = |root: &Path| {
-        run(Command::new(repo("deploy/install"))
-            .args(["--root", root.to_str().unwrap()])
-            .env("CARGO_TARGET_DIR", &target))
+        output(
+            Command::new(repo("deploy/install"))
+                .args(["--root", root.to_str().unwrap()])
+                .env("CARGO_TARGET_DIR", &target),
+        )
     };
     let installed = root.join("usr/local/bin/meter-sync");
     for (class, machine, want, name) in [(1, 40, &armv7, "armv7"), (2, 183, &aarch64, "aarch64")] {
         fs::write(root.join("usr/bin/dash"), elf_header(class, machine)).unwrap();
         let o = install(&root);
-        assert!(o.status.success(), "{name}: {}", text(&o));
+        assert!(o.status.success(), "{name}: {}", output_text(&o));
         assert!(
-            text(&o).contains(&format!("{name} userland")),
+            output_text(&o).contains(&format!("{name} userland")),
             "{}",
-            text(&o)
+            output_text(&o)
         );
         assert!(
             fs::read(&installed).unwrap() == *want,
@@ -728,8 +703,8 @@ fn install_picks_the_binary_by_the_userland_architecture() {
     }
     fs::write(root.join("usr/bin/dash"), elf_header(2, 62)).unwrap();
     let o = install(&root);
-    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("x86_64"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(output_text(&o).contains("x86_64"), "{}", output_text(&o));
     let _ = fs::remove_dir_all(dir);
 }
 
@@ -774,14 +749,14 @@ impl FakeSystemd {
         c.args(args)
             .args(["--root", self.root.to_str().unwrap(), "--systemctl"]);
         self.env(&mut c);
-        run(&mut c)
+        output(&mut c)
     }
 
     fn systemctl(&self, args: &[&str]) -> String {
         let mut c = Command::new("systemctl");
         c.args(args);
         self.env(&mut c);
-        text(&run(&mut c)).trim().to_string()
+        output_text(&output(&mut c)).trim().to_string()
     }
 
     fn status_text(&self) -> String {
@@ -840,8 +815,8 @@ fn install_healthy_v1(fake: &FakeSystemd) {
         "install",
         &["--binary", support::bin(), "--health-timeout", "30"],
     );
-    assert!(o.status.success(), "v1 is not healthy: {}", text(&o));
-    assert!(text(&o).contains("healthy"), "{}", text(&o));
+    assert!(o.status.success(), "v1 is not healthy: {}", output_text(&o));
+    assert!(output_text(&o).contains("healthy"), "{}", output_text(&o));
     assert!(
         fake.status_text().starts_with("last cycle ok"),
         "{}",
@@ -896,7 +871,7 @@ fn upgrade_to_a_binary_that_exits_78_is_rolled_back() {
             u2.to_str().unwrap(),
         ],
     );
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("not healthy"), "{out}");
     assert!(out.contains("rolled back"), "{out}");
@@ -933,7 +908,7 @@ fn upgrade_that_never_completes_a_cycle_is_rolled_back_after_the_bound() {
             "6",
         ],
     );
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("no successful cycle within 6 s"), "{out}");
     assert!(t.elapsed() >= std::time::Duration::from_secs(6), "{out}");
@@ -966,10 +941,10 @@ fn rollback_restores_the_previous_unit_too() {
             u2.to_str().unwrap(),
         ],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     assert_unit(&root, &u2_bytes);
     let o = fake.deploy("rollback", &[]);
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     assert_rolled_back_to_v1(&root, &fake, &v2, &u2_bytes);
     let calls = fs::read_to_string(dir.join("fake-state/calls")).unwrap();
     let tail: Vec<&str> = calls.lines().rev().take(3).collect();
@@ -995,12 +970,14 @@ fn build_release_honours_cargo_target_dir() {
     let dir = temp_dir("buildrel");
     // Relative, from another working directory: cargo must not see it relative to
     // the repository.
-    let o = run(Command::new(repo("deploy/build-release"))
-        .arg("aarch64")
-        .current_dir(&dir)
-        .env("CARGO_TARGET_DIR", "tgt")
-        .env("CARGO_ARGS", "--no-default-features --features rustls"));
-    let out = text(&o);
+    let o = output(
+        Command::new(repo("deploy/build-release"))
+            .arg("aarch64")
+            .current_dir(&dir)
+            .env("CARGO_TARGET_DIR", "tgt")
+            .env("CARGO_ARGS", "--no-default-features --features rustls"),
+    );
+    let out = output_text(&o);
     assert!(o.status.success(), "{out}");
     let bin = dir.join("tgt/aarch64-unknown-linux-musl/release/meter-sync");
     let sha = ok(Command::new("sha256sum").arg(&bin));
@@ -1026,7 +1003,7 @@ fn an_unhealthy_first_install_exits_3_and_rolls_nothing_back() {
     let (root, fake) = configured_gateway(&s, &dir);
     let broken = broken_release(&dir, "v1-exits-78", "BATCH_SIZE=lots");
     let o = fake.deploy("install", &["--binary", broken.to_str().unwrap()]);
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(3), "{out}");
     assert!(out.contains("nothing to roll back to"), "{out}");
     assert_eq!(

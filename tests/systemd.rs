@@ -12,26 +12,15 @@ mod support;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use support::host::{output_text, repo};
 use support::nspawn::{configure_gateway, Container};
+use support::readings::count_and_distinct;
 use support::{wait_until, Sandbox};
 
 const UNIT: &str = "meter-sync.service";
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// deploy/install or deploy/rollback against the container's live system.
 fn deploy(c: &Container, script: &str, args: &[&str]) -> Output {
@@ -111,11 +100,16 @@ fn unit_under_a_real_systemd() {
     let c = Container::boot("unit", |_| {});
     step(&t, "container booted");
 
-    // README "Deploying to a gateway", step 3: a first install enables the unit
+    // docs/deploying.md "The first install, step by step", step 3: a first install enables the unit
     // and, with nothing configured, does not start it.
     let o = deploy(&c, "install", &["--binary", support::bin()]);
-    assert!(o.status.success(), "first install: {}", text(&o));
-    assert_eq!(c.prop(UNIT, "ActiveState"), "inactive", "{}", text(&o));
+    assert!(o.status.success(), "first install: {}", output_text(&o));
+    assert_eq!(
+        c.prop(UNIT, "ActiveState"),
+        "inactive",
+        "{}",
+        output_text(&o)
+    );
     assert_eq!(
         c.sh(&format!("systemctl is-enabled {UNIT}")).trim(),
         "enabled"
@@ -202,7 +196,7 @@ fn unit_under_a_real_systemd() {
     assert!(
         as_nobody.status.success(),
         "another user cannot read {metrics}: {}",
-        text(&as_nobody)
+        output_text(&as_nobody)
     );
     assert!(String::from_utf8_lossy(&as_nobody.stdout).contains("meter_sync_cycles_total"));
     assert_eq!(
@@ -242,12 +236,12 @@ fn unit_under_a_real_systemd() {
     b.push(0);
     fs::write(&v2, &b).unwrap();
     let o = deploy(&c, "install", &["--binary", v2.to_str().unwrap()]);
-    assert!(o.status.success(), "upgrade: {}", text(&o));
+    assert!(o.status.success(), "upgrade: {}", output_text(&o));
     assert_ne!(
         c.prop(UNIT, "MainPID"),
         pid,
         "upgrade did not restart: {}",
-        text(&o)
+        output_text(&o)
     );
     assert_eq!(c.prop(UNIT, "ActiveState"), "active");
     assert!(
@@ -278,7 +272,12 @@ fn unit_under_a_real_systemd() {
             "10",
         ],
     );
-    assert_eq!(o.status.code(), Some(1), "not rolled back: {}", text(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "not rolled back: {}",
+        output_text(&o)
+    );
     assert!(
         fs::read(c.root.join("usr/local/bin/meter-sync")).unwrap() == b,
         "the gateway does not run the release it should"
@@ -288,7 +287,7 @@ fn unit_under_a_real_systemd() {
             .prop(UNIT, "StatusText")
             .starts_with("last cycle ok")),
         "the restored release does not cycle: {}",
-        text(&o)
+        output_text(&o)
     );
     step(
         &t,
@@ -325,15 +324,8 @@ fn unit_under_a_real_systemd() {
         0,
         "a partial batch reached central: {uploaded}"
     );
-    let distinct: i64 = s
-        .central()
-        .query_one(
-            "SELECT count(DISTINCT reading_uid) FROM meter_readings",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(distinct, s.central_count("meter_readings"));
+    let (rows, distinct) = count_and_distinct(&mut s.central());
+    assert_eq!(distinct, rows);
     step(
         &t,
         &format!("stopped mid-drain in {stop_s:.2} s, exit 0, {uploaded} uploaded, {left} left"),
@@ -376,7 +368,7 @@ fn unit_under_a_real_systemd() {
     assert!(
         !o.status.success(),
         "a bad configuration started: {}",
-        text(&o)
+        output_text(&o)
     );
     std::thread::sleep(Duration::from_secs(4)); // four RestartSec= periods
     assert_eq!(c.prop(UNIT, "ExecMainStatus"), "78");

@@ -18,7 +18,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,21 +25,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::proxy::{Action, Aim, Proxy, When};
+use support::readings::{to_rows, Rows, FULL_ROW};
 use support::{Client, Cluster, Role, Sandbox};
-
-const FULL_ROW: &str = "reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, \
-     unit::text, metadata::text, created_at::text, sync_attempts::text";
-
-type Rows = BTreeMap<String, Vec<Option<String>>>;
-
-fn to_rows(rows: &[postgres::Row]) -> Rows {
-    rows.iter()
-        .map(|r| {
-            let uid: String = r.get(0);
-            (uid, (1..8).map(|i| r.get::<_, Option<String>>(i)).collect())
-        })
-        .collect()
-}
 
 /// xorshift64*: reproducible from the printed seed, no dependency.
 struct Rng(u64);

@@ -4,31 +4,8 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-
+use support::readings::{per_partition, rows, Rows, PARTITIONED_READINGS};
 use support::{Client, Sandbox};
-
-/// Every column both sides share, as the text PostgreSQL prints for it: two rows
-/// are equal when every value is (numeric scale, microseconds, jsonb null vs NULL).
-const FULL_ROW: &str = "reading_uid::text, meter_id::text, \"timestamp\"::text, value::text, \
-     unit::text, metadata::text, created_at::text, sync_attempts::text";
-
-type Rows = BTreeMap<String, Vec<Option<String>>>;
-
-/// Full rows keyed by reading_uid.
-fn rows(c: &mut Client, filter: &str) -> Rows {
-    c.query(
-        &format!("SELECT {FULL_ROW} FROM meter_readings {filter}"),
-        &[],
-    )
-    .unwrap()
-    .iter()
-    .map(|r| {
-        let uid: String = r.get(0);
-        (uid, (1..8).map(|i| r.get::<_, Option<String>>(i)).collect())
-    })
-    .collect()
-}
 
 /// The local queue in the order the spec prescribes: oldest timestamp, then id.
 fn queue_order(c: &mut Client) -> Vec<String> {
@@ -628,22 +605,9 @@ fn p7_errors_that_are_not_about_the_rows_never_quarantine() {
 fn p19_upload_works_unchanged_against_a_partitioned_central_table() {
     let s = Sandbox::empty();
     let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
     c.batch_execute(
-        "CREATE TABLE meter_readings (
-             id            bigserial,
-             reading_uid   uuid NOT NULL,
-             meter_id      varchar(255) NOT NULL,
-             \"timestamp\"   timestamptz NOT NULL,
-             value         numeric NOT NULL,
-             unit          varchar(50) NOT NULL,
-             metadata      jsonb,
-             created_at    timestamptz DEFAULT now(),
-             sync_attempts integer NOT NULL DEFAULT 0,
-             sync_error    text,
-             PRIMARY KEY (id, \"timestamp\"),
-             UNIQUE (reading_uid, \"timestamp\")
-         ) PARTITION BY RANGE (\"timestamp\");
-         CREATE TABLE meter_readings_2026_01 PARTITION OF meter_readings
+        "CREATE TABLE meter_readings_2026_01 PARTITION OF meter_readings
              FOR VALUES FROM ('2026-01-01Z') TO ('2026-01-02Z');
          CREATE TABLE meter_readings_2026_01_02 PARTITION OF meter_readings
              FOR VALUES FROM ('2026-01-02Z') TO ('2026-02-01Z');
@@ -664,15 +628,7 @@ fn p19_upload_works_unchanged_against_a_partitioned_central_table() {
     s.run(&["once"]);
     assert_eq!(rows(&mut c, ""), before);
     assert_eq!(s.local_count("meter_readings"), 0);
-    let per_partition: Vec<(String, i64)> = c
-        .query(
-            "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let per_partition = per_partition(&mut c);
     assert_eq!(
         per_partition,
         [
@@ -770,22 +726,9 @@ fn slice_statements(stderr: &str) -> usize {
 fn p24_no_partition_for_this_month_quarantines_nothing() {
     let s = Sandbox::empty();
     let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
     c.batch_execute(
-        "CREATE TABLE meter_readings (
-             id            bigserial,
-             reading_uid   uuid NOT NULL,
-             meter_id      varchar(255) NOT NULL,
-             \"timestamp\"   timestamptz NOT NULL,
-             value         numeric NOT NULL,
-             unit          varchar(50) NOT NULL,
-             metadata      jsonb,
-             created_at    timestamptz DEFAULT now(),
-             sync_attempts integer NOT NULL DEFAULT 0,
-             sync_error    text,
-             PRIMARY KEY (id, \"timestamp\"),
-             UNIQUE (reading_uid, \"timestamp\")
-         ) PARTITION BY RANGE (\"timestamp\");
-         DO $$ BEGIN
+        "DO $$ BEGIN
              EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
                              FOR VALUES FROM (%L) TO (%L)',
                             date_trunc('month', now()) - interval '1 month',

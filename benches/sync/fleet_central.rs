@@ -19,30 +19,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::{PgBouncer, Settings};
+use crate::support::readings::{per_partition, PARTITIONED_READINGS};
 use crate::support::{self, Client, Cluster, Role, Sandbox};
 use crate::{group, median, mib, progress, spawn_once, verdict, wait_all};
 
-/// Central's `meter_readings`, declaratively partitioned by month before the first
-/// migration runs (the migration's `CREATE TABLE IF NOT EXISTS` then leaves it be).
-/// The unique key includes the partition key, as PostgreSQL requires; so does the
-/// primary key.
-const PARTITIONED: &str = "
+/// Central's `meter_readings` ([`PARTITIONED_READINGS`]) partitioned by month by
+/// pg_partman.
+const PARTMAN: &str = "
 CREATE SCHEMA partman;
 CREATE EXTENSION pg_partman SCHEMA partman;
-CREATE TABLE meter_readings (
-    id            bigserial,
-    reading_uid   uuid NOT NULL,
-    meter_id      varchar(255) NOT NULL,
-    \"timestamp\"   timestamptz NOT NULL,
-    value         numeric NOT NULL,
-    unit          varchar(50) NOT NULL,
-    metadata      jsonb,
-    created_at    timestamptz DEFAULT now(),
-    sync_attempts integer NOT NULL DEFAULT 0,
-    sync_error    text,
-    PRIMARY KEY (id, \"timestamp\"),
-    CONSTRAINT meter_readings_reading_uid_timestamp_key UNIQUE (reading_uid, \"timestamp\")
-) PARTITION BY RANGE (\"timestamp\");
 SELECT partman.create_parent('public.meter_readings', 'timestamp', 'native', 'monthly',
                              p_premake := 6, p_start_partition := '2025-12-01');
 ";
@@ -87,7 +72,9 @@ pub fn central(_k: &crate::Knobs) -> String {
     central.restart();
     let db = "fleet";
     central.create_db(db);
-    central.connect(db).batch_execute(PARTITIONED).unwrap();
+    let mut c = central.connect(db);
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
+    c.batch_execute(PARTMAN).unwrap();
 
     let pb = PgBouncer::start(
         central,
@@ -188,15 +175,7 @@ pub fn central(_k: &crate::Knobs) -> String {
             .unwrap();
         (r.get(0), r.get(1))
     };
-    let parts: Vec<(String, i64)> = c
-        .query(
-            "SELECT tableoid::regclass::text, count(*) FROM meter_readings GROUP BY 1 ORDER BY 1",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let parts = per_partition(&mut c);
     let in_default: i64 = parts
         .iter()
         .filter(|(p, _)| p.ends_with("_default"))

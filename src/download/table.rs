@@ -89,6 +89,12 @@ impl Table {
         std::iter::once(self.key).chain(self.columns.iter().map(|c| c.0))
     }
 
+    /// `f` of each compared column (the key not included), comma-separated.
+    fn each_column(&self, f: impl Fn(&str) -> String) -> String {
+        let parts: Vec<String> = self.columns.iter().map(|(c, _)| f(c)).collect();
+        parts.join(", ")
+    }
+
     fn column_list(&self, prefix: &str) -> String {
         self.all_columns()
             .map(|c| format!("{prefix}{c}"))
@@ -186,18 +192,9 @@ impl Table {
     /// fields).
     pub fn apply_sql(&self, report_gone: bool) -> String {
         let (table, key, stg) = (self.table, self.key, self.staging());
-        let changed = self
-            .columns
-            .iter()
-            .map(|(c, _)| format!("CASE WHEN l.{c} IS DISTINCT FROM s.{c} THEN '{c}' END"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let set = self
-            .columns
-            .iter()
-            .map(|(c, _)| format!("{c} = s.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let changed =
+            self.each_column(|c| format!("CASE WHEN l.{c} IS DISTINCT FROM s.{c} THEN '{c}' END"));
+        let set = self.each_column(|c| format!("{c} = s.{c}"));
         let cols = self.column_list("");
         let s_cols = self.column_list("s.");
         let gone = if report_gone {

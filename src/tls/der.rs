@@ -43,17 +43,17 @@ const VERSION: u8 = 0xa0;
 #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
 const OID: u8 = 0x06;
 
-/// The contents of the certificate's outer SEQUENCE and of its tbsCertificate.
+/// The contents of the element at the start of `input` if it has tag `want`, and
+/// what follows the element.
+fn tagged(input: &[u8], want: u8) -> Option<(&[u8], &[u8])> {
+    let (tag, contents, rest) = element(input)?;
+    (tag == want).then_some((contents, rest))
+}
+
+/// The contents of the certificate's tbsCertificate, and what follows it.
 fn parts(cert: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (tag, outer, _) = element(cert)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, tbs, after_tbs) = element(outer)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    Some((tbs, after_tbs))
+    let (outer, _) = tagged(cert, SEQUENCE)?;
+    tagged(outer, SEQUENCE)
 }
 
 /// The certificate's notAfter, or None if `cert` is not a DER certificate.
@@ -67,10 +67,7 @@ pub fn not_after(cert: &[u8]) -> Option<SystemTime> {
     }
     let (_, _, rest) = element(rest)?; // signature AlgorithmIdentifier
     let (_, _, rest) = element(rest)?; // issuer
-    let (tag, validity, _) = element(rest)?;
-    if tag != SEQUENCE {
-        return None;
-    }
+    let (validity, _) = tagged(rest, SEQUENCE)?;
     let (_, _, after_not_before) = element(validity)?;
     let (tag, time, _) = element(after_not_before)?;
     parse_time(tag, time)
@@ -133,14 +130,8 @@ pub enum EndPointHash {
 #[cfg_attr(not(feature = "rustls"), allow(dead_code))]
 pub fn end_point_hash(cert: &[u8]) -> Option<EndPointHash> {
     let (_, after_tbs) = parts(cert)?;
-    let (tag, alg, _) = element(after_tbs)?;
-    if tag != SEQUENCE {
-        return None;
-    }
-    let (tag, oid, _) = element(alg)?;
-    if tag != OID {
-        return None;
-    }
+    let (alg, _) = tagged(after_tbs, SEQUENCE)?;
+    let (oid, _) = tagged(alg, OID)?;
     // 1.2.840.113549.1.1.x (PKCS #1 RSA) and 1.2.840.10045.4.x (ECDSA).
     const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
     const ECDSA_SHA1: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01];

@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::{
+    verify_tls12_signature, verify_tls13_signature, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
@@ -184,6 +186,10 @@ fn classify(e: &std::io::Error) -> (Cause, String) {
     (cause, tls.to_string())
 }
 
+type Cert<'a> = CertificateDer<'a>;
+type Dss = DigitallySignedStruct;
+type Signature = std::result::Result<HandshakeSignatureValid, rustls::Error>;
+
 /// The verifiers that never look at the name. With `roots` (verify-ca) the chain
 /// must lead to a trusted CA and be valid now; without (prefer, require) any
 /// certificate is accepted: encryption without authentication. The handshake
@@ -192,6 +198,12 @@ fn classify(e: &std::io::Error) -> (Cause, String) {
 struct NameBlind {
     roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
+}
+
+impl NameBlind {
+    fn algorithms(&self) -> &WebPkiSupportedAlgorithms {
+        &self.provider.signature_verification_algorithms
+    }
 }
 
 impl ServerCertVerifier for NameBlind {
@@ -212,42 +224,20 @@ impl ServerCertVerifier for NameBlind {
             roots,
             intermediates,
             now,
-            self.provider.signature_verification_algorithms.all,
+            self.algorithms().all,
         )?;
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+    fn verify_tls12_signature(&self, msg: &[u8], cert: &Cert<'_>, dss: &Dss) -> Signature {
+        verify_tls12_signature(msg, cert, dss, self.algorithms())
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+    fn verify_tls13_signature(&self, msg: &[u8], cert: &Cert<'_>, dss: &Dss) -> Signature {
+        verify_tls13_signature(msg, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.algorithms().supported_schemes()
     }
 }

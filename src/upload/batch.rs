@@ -114,7 +114,7 @@ pub struct Unreadable(pub String);
 impl Builder {
     pub fn with_capacity(rows: usize) -> Builder {
         Builder {
-            // About 100 bytes a reading (README: binary COPY size); grows if needed.
+            // About 100 bytes a reading (docs/upload.md: binary COPY size); grows if needed.
             buf: BytesMut::with_capacity(rows.min(1 << 16) * 112),
             starts: Vec::with_capacity(rows + 1),
             ids: Vec::with_capacity(rows),

@@ -51,7 +51,7 @@ impl Notifications {
 
     pub fn wait_for(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
         assert!(
-            super::wait_until(limit, || self.has(&pred)),
+            super::host::wait_until(limit, || self.has(&pred)),
             "no {what} within {limit:?}; got {:?}",
             self.lines()
         );

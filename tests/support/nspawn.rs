@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{temp_dir, wait_until};
+use super::host::{reap_after_exit, temp_dir, wait_until};
 
 /// Packages on top of `--variant=minbase`: an init, the bus systemctl talks over,
 /// sshd and python3 for the Ansible stand-ins.
@@ -406,22 +406,12 @@ fn find_leader(nspawn: i32) -> Option<i32> {
 /// Once the test process is gone: kill the container (its nspawn is our child
 /// and dies with us; the init may linger), unmount, delete.
 fn reaper(dir: &Path, root: &Path) {
-    let script = format!(
-        "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; sleep 1; \
-         [ -f '{dir}/leader' ] && kill -9 \"$(cat '{dir}/leader')\" 2>/dev/null; \
+    reap_after_exit(&format!(
+        "sleep 1; [ -f '{dir}/leader' ] && kill -9 \"$(cat '{dir}/leader')\" 2>/dev/null; \
          sleep 1; umount -l '{root}' 2>/dev/null; rm -rf '{dir}'",
-        pid = std::process::id(),
         root = root.display(),
         dir = dir.display(),
-    );
-    #[allow(clippy::zombie_processes)]
-    Command::new("setsid")
-        .args(["sh", "-c", &script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn container reaper");
+    ));
 }
 
 /// The environment file of a gateway whose local database is `s`'s local one
@@ -443,7 +433,7 @@ pub fn gateway_env(s: &super::Sandbox, extra: &[(&str, String)]) -> String {
     env.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
 }
 
-/// Writes what the README's "Configure" step has the operator write, into a
+/// Writes what the "Configure" step of docs/deploying.md has the operator write, into a
 /// gateway root: meter-sync.env (keeping its mode), the central CA, the password.
 pub fn configure_gateway(root: &Path, s: &super::Sandbox, extra: &[(&str, String)]) {
     let etc = root.join("etc/meter-sync");

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{chown_to_server, free_port, server_user, temp_dir, Cluster, CENTRAL_PASSWORD};
+use super::cluster::{chown_to_server, server_user, Cluster, CENTRAL_PASSWORD};
+use super::host::{free_port, reap_after_exit, temp_dir};
 
 /// The PgBouncer binary, or None when the package is not installed (`.ci/setup`
 /// installs it).
@@ -151,21 +152,11 @@ impl PgBouncer {
     /// Kills PgBouncer once this test process is gone, however it ended.
     fn reaper(&self) {
         let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        let script = format!(
-            "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
-             kill $(cat '{dir}/pgbouncer.pid' 2>/dev/null) {pid} 2>/dev/null; \
+        reap_after_exit(&format!(
+            "kill $(cat '{dir}/pgbouncer.pid' 2>/dev/null) {pid} 2>/dev/null; \
              sleep 1; rm -rf '{dir}'",
-            me = std::process::id(),
             dir = self.dir.display()
-        );
-        #[allow(clippy::zombie_processes)]
-        Command::new("setsid")
-            .args(["sh", "-c", &script])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reaper");
+        ));
     }
 
     /// Its log (connections, errors it saw from either side).

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
-use super::{
-    chown_to_server, free_port, pg_cmd, reaper, run_ok, temp_dir, wait_until, Cluster, Role,
-};
+use super::cluster::{chown_to_server, pg_cmd, reaper, Cluster, Role};
+use super::host::{free_port, run_ok, temp_dir, wait_until};
 
 /// pg_hba.conf for a central primary that standbys may replicate from over its
 /// Unix socket.
@@ -108,10 +107,6 @@ impl Cluster {
     /// Stops the server as a crash would (`-m immediate`: no shutdown checkpoint,
     /// no last WAL sent to standbys).
     pub fn crash(&self) {
-        let mut c = pg_cmd("pg_ctl");
-        c.arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "-w", "stop"]);
-        run_ok(c, "pg_ctl stop -m immediate");
+        run_ok(self.stop_cmd("immediate"), "pg_ctl stop -m immediate");
     }
 }

@@ -647,6 +647,14 @@ impl Client {
         copy_in::copy_in_all(self.inner(), query, data).await
     }
 
+    /// meter-sync addition: the process id the server announced in BackendKeyData at
+    /// startup. A direct connection announces its backend's `pg_backend_pid()`; a
+    /// connection pooler (PgBouncer, Odyssey, pgcat) announces a key of its own, since
+    /// the backend behind it changes from transaction to transaction.
+    pub fn backend_key_pid(&self) -> i32 {
+        self.process_id
+    }
+
     /// Executes a `COPY TO STDOUT` statement, returning a stream of the resulting data.
     ///
     /// PostgreSQL does not support parameters in `COPY` statements, so this method does not take any.
