@@ -697,6 +697,22 @@ fn pipelined_batches_share_round_trips() {
     assert!(took[1] * 2 < took[0], "pipelining saved nothing: {took:?}");
 }
 
+/// `n` readings queued on the sandbox's gateway, of which those matching `poison`
+/// (a condition on the local row) carry a value that central, given a new
+/// `CHECK (value >= 0)`, refuses. Returns the local connection.
+fn poisoned(s: &Sandbox, n: usize, poison: &str) -> Client {
+    let mut l = s.local();
+    support::insert_readings(&mut l, n, 0);
+    l.batch_execute(&format!(
+        "UPDATE meter_readings SET value = -1 WHERE {poison}"
+    ))
+    .unwrap();
+    s.central()
+        .batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
+        .unwrap();
+    l
+}
+
 /// Quarantined readings (id order) and their sync_error.
 fn quarantined(c: &mut Client) -> Vec<(i64, String)> {
     c.query(
@@ -828,13 +844,7 @@ fn p24_a_new_not_null_column_centrally_quarantines_nothing() {
 #[test]
 fn p24_one_poison_reading_among_good_ones_is_quarantined_alone() {
     let s = Sandbox::new();
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 300, 0);
-    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id = 137")
-        .unwrap();
-    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
-        .unwrap();
+    let mut l = poisoned(&s, 300, "id = 137");
 
     let run = s.run(&["once"]);
     run.assert_ok();
@@ -941,13 +951,7 @@ fn p24_a_missing_insert_privilege_fails_the_phase_and_quarantines_nothing() {
 #[test]
 fn p24_a_lone_refused_reading_waits_for_evidence() {
     let s = Sandbox::new();
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 1, 0);
-    l.batch_execute("UPDATE meter_readings SET value = -1")
-        .unwrap();
-    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
-        .unwrap();
+    let mut l = poisoned(&s, 1, "true");
     s.run(&["once"]);
     let (ok, _, err) = last_upload_log(&s);
     assert!(!ok);
@@ -966,13 +970,7 @@ fn p24_a_lone_refused_reading_waits_for_evidence() {
 #[test]
 fn p24_quarantines_per_cycle_are_capped() {
     let s = Sandbox::new();
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 1100, 0);
-    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 10 = 0")
-        .unwrap();
-    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
-        .unwrap();
+    let mut l = poisoned(&s, 1100, "id % 10 = 0");
     let run = s.run(&["once"]);
     let (ok, _, err) = last_upload_log(&s);
     assert!(!ok, "{}", run.stderr);
@@ -998,13 +996,7 @@ fn p24_quarantines_per_cycle_are_capped() {
 #[test]
 fn p24_a_broken_meter_among_five_is_quarantined_and_the_rest_arrive() {
     let s = Sandbox::new();
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 200, 0);
-    l.batch_execute("UPDATE meter_readings SET value = -1 WHERE id % 5 = 0")
-        .unwrap();
-    c.batch_execute("ALTER TABLE meter_readings ADD CONSTRAINT non_negative CHECK (value >= 0)")
-        .unwrap();
+    let mut l = poisoned(&s, 200, "id % 5 = 0");
     let run = s.run(&["once"]);
     run.assert_ok();
     let q = quarantined(&mut l);
