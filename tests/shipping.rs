@@ -424,7 +424,11 @@ fn readings(c: &mut support::Client, table: &str) -> Vec<String> {
 #[test]
 #[ignore = "needs deploy/build-release aarch64 and qemu-user-static: .ci/cross runs it with --ignored"]
 fn aarch64_binary_runs_a_full_cycle_under_qemu() {
-    let bin = repo("target/aarch64-unknown-linux-musl/release/meter-sync");
+    // Where deploy/build-release puts it: under CARGO_TARGET_DIR when that is set
+    // (a relative one is the repository's, as .ci/cross runs from there).
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo("target"), |d| repo("").join(d));
+    let bin = target.join("aarch64-unknown-linux-musl/release/meter-sync");
     assert!(
         bin.exists(),
         "{} missing: run deploy/build-release aarch64",
