@@ -57,6 +57,10 @@ struct Knobs {
     fleet_backlog: usize,
     /// BENCH_PROFILE=1: pg_stat_statements on both servers, top statements printed.
     profile: bool,
+    /// BENCH_PIN=1: in the drain section, the central server on CPU 1 and everything
+    /// else (local server, daemon, psql pipe) on CPU 0, as if central were its own
+    /// machine.
+    pin: bool,
     /// BENCH_BYTES_ROWS: readings drained through the byte-counting proxy.
     bytes_rows: usize,
 }
@@ -98,6 +102,7 @@ impl Knobs {
             fleet: num("BENCH_FLEET", 50, 5),
             fleet_backlog: num("BENCH_FLEET_BACKLOG", 10_000, 1_000),
             profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
+            pin: std::env::var("BENCH_PIN").is_ok_and(|v| v == "1"),
             bytes_rows: num("BENCH_BYTES_ROWS", 20_000, 5_000),
         }
     }
@@ -207,6 +212,16 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         .unwrap();
     let work = format!("{pristine}_run");
     s.set("POSTGRES_SYNC_DB", &work);
+    if k.pin {
+        // On one machine the local server's work competes with central's for the
+        // same cores, which the pipe's light local side hardly does; pinned, each
+        // side has its own core, as a gateway and its central have.
+        pin_server(s.central_cluster(), 1);
+        pin_server(s.local_cluster(), 0);
+        // The daemon and both psql processes are started from here and inherit it.
+        pin(0, 0);
+        progress("drain: central server pinned to CPU 1, the rest to CPU 0");
+    }
 
     let mut variants: Vec<(String, Option<usize>)> = vec![("COPY".into(), None)];
     variants.extend(k.batches.iter().map(|b| (format!("b{b}"), Some(*b))));
@@ -274,6 +289,10 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     if k.profile {
         eprintln!("{}", top_statements(&s));
     }
+    if k.pin {
+        // The sections after this one run unpinned.
+        unpin_self();
+    }
     for (i, (_, batch)) in variants.iter().enumerate() {
         if let Some(b) = batch {
             rss_out.push((*b, rss[i]));
@@ -339,33 +358,102 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     }
     let _ = writeln!(
         o,
-        "\nCentral CPU: user + system time of the central server's exited processes (the postmaster's \
-         cutime + cstime in /proc, i.e. the backends that served the run, autovacuum workers included), \
-         taken just before the run and once its backends have exited.\n"
+        "\nCentral CPU: user + system time of the central server's processes: those that exited (the \
+         postmaster's cutime + cstime in /proc, i.e. the backends that served the run, autovacuum workers \
+         included) and those still running (WAL writer, checkpointer, background writer), taken just \
+         before the run and once its backends have exited. Local server CPU likewise.\n"
     );
     o
 }
 
-/// CPU time of the processes `cluster`'s postmaster has reaped so far (its backends
-/// once they exit): `cutime + cstime` of /proc/<postmaster>/stat.
+/// CPU time of `cluster`'s server processes so far: the backends its postmaster has
+/// reaped (`cutime + cstime` of /proc/<postmaster>/stat, i.e. the backends that served
+/// finished connections), plus `utime + stime` of its processes still running (WAL
+/// writer, background writer, checkpointer, …). The second part matters for a fair
+/// comparison: with `synchronous_commit = off` (the pipe's session) the WAL writer
+/// writes much of the WAL in the background, where the daemon's `SET LOCAL
+/// synchronous_commit = on` makes each committing backend write it itself.
 fn server_cpu(cluster: &support::Cluster) -> Duration {
     // A backend exits and is reaped a moment after its client closed the connection.
     std::thread::sleep(Duration::from_millis(300));
-    let pid = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
+    let pid: u32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
         .ok()
-        .and_then(|t| t.lines().next().map(|l| l.trim().to_string()))
-        .unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; cutime and cstime are fields 16 and 17.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or(0);
+    // Fields after the parenthesised command name: state is 0, ppid 1, utime 11,
+    // stime 12, cutime 13, cstime 14.
+    let fields = |pid: &str| -> Vec<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        rest.split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect()
+    };
+    let f = fields(&pid.to_string());
+    let mut ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let c = fields(&name);
+        if pid != 0 && c.get(1).copied() == Some(u64::from(pid)) {
+            ticks += c.get(11).copied().unwrap_or(0) + c.get(12).copied().unwrap_or(0);
+        }
+    }
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
     Duration::from_micros(ticks * 1_000_000 / tick)
+}
+
+/// Runs process `pid` (0: this one) and the threads it starts from now on on `cpu` only.
+fn pin(pid: i32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the pointer and size are of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            fail(&format!(
+                "BENCH_PIN: cannot pin process {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+}
+
+/// Lets this process run on every CPU again.
+fn unpin_self() {
+    // SAFETY: as in `pin`; sysconf has no preconditions.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for cpu in 0..libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Pins `cluster`'s postmaster and its running children to `cpu`; backends it forks
+/// later inherit the affinity.
+fn pin_server(cluster: &support::Cluster, cpu: usize) {
+    let pid: i32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .unwrap_or_else(|| fail("BENCH_PIN: no postmaster.pid"));
+    pin(pid, cpu);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(child) = name.parse() {
+                pin(child, cpu);
+            }
+        }
+    }
 }
 
 /// A fresh copy of the pristine backlog as the daemon's local database, an empty central

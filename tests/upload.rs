@@ -1191,3 +1191,59 @@ fn resend_refuses_a_bad_timestamp_and_reports_an_unreachable_local() {
     s.run(&["resend", "--since", "2026-11-30T00:00:00Z"])
         .assert_code(1);
 }
+
+/// P15 while a refused batch is taken apart (P24): every round of slices is a round
+/// trip, and over a slow uplink a batch with poison readings spread through it takes
+/// many, longer than the watchdog's interval all told. The daemon must keep feeding
+/// the watchdog meanwhile (at least every half of WATCHDOG_USEC), or systemd would
+/// kill it in the middle of every such cycle. Two things feed it there: the wait for
+/// each central round trip (`Pipeline::timed`) and each round of slices
+/// (`take_apart`); either alone suffices at this round trip, with neither the
+/// watchdog is silent for the whole isolation (8 s when tried).
+#[test]
+fn the_watchdog_is_fed_while_a_refused_batch_is_taken_apart() {
+    let _heavy = support::heavy_lock();
+    let mut s = Sandbox::new();
+    let target = format!("127.0.0.1:{}", s.central_cluster().port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    proxy.delay(std::time::Duration::from_millis(150));
+    let n = support::notify::Notifications::bind(&s.dir);
+    let watchdog = std::time::Duration::from_secs(2);
+    s.set("POSTGRES_CLIENT_PORT", proxy.port())
+        .set("NOTIFY_SOCKET", n.path.display())
+        .set("WATCHDOG_USEC", watchdog.as_micros())
+        .set("BATCH_SIZE", 1000)
+        .set("DB_QUERY_TIMEOUT_MS", 30_000);
+    // Twelve poison readings, each in a slice of its own at the first split (83 is
+    // more than 1000/16): 1 + 12 + 12 rounds of slices, 25 round trips of 300 ms.
+    poisoned(&s, 1000, "id % 83 = 0");
+
+    let d = s.spawn(&["run"]);
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(120), || d
+            .log_text()
+            .contains("cycle finished:")),
+        "the first cycle never finished:\n{}",
+        d.log_text()
+    );
+    let end = std::time::Instant::now();
+    let log = d.log_text();
+    let ready = n.first("READY=1").expect("READY=1 was sent");
+    let gap = n.max_watchdog_gap(ready, end);
+    let took = end - ready;
+    eprintln!("cycle of {took:?} over a 300 ms round trip; longest watchdog silence {gap:?}");
+    assert!(
+        log.contains("took a batch of 1000 apart in")
+            && log.contains("988 delivered, 12 refused alone"),
+        "{log}"
+    );
+    assert_eq!(s.central_count("meter_readings"), 988);
+    assert!(
+        took > 2 * watchdog,
+        "the isolation was not long enough to prove anything: {took:?}"
+    );
+    assert!(
+        gap <= watchdog / 2,
+        "watchdog silent for {gap:?} while a batch was taken apart, more than half of WATCHDOG_USEC ({watchdog:?}):\n{log}"
+    );
+}

@@ -203,3 +203,51 @@ fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued
         .get(0);
     assert_eq!(queued, 4, "nothing quarantined, everything still queued");
 }
+
+/// The drain's second pass (P6): a reading the collector writes during the drain with
+/// a timestamp behind the pass (a meter catching up on its buffer) is still uploaded
+/// in the same cycle, although the second pass now runs only when the queue holds a
+/// reading newer than every one the first pass read. Here the "collector" is a local
+/// trigger that writes one such reading when the first uploaded batch is deleted.
+#[test]
+fn a_reading_written_behind_the_pass_during_the_drain_is_uploaded_in_the_same_cycle() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 100);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 500, 0);
+    l.batch_execute(
+        "CREATE TABLE late_written (at timestamptz);
+         CREATE FUNCTION write_late() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NOT EXISTS (SELECT 1 FROM late_written) THEN
+                 INSERT INTO late_written VALUES (now());
+                 INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+                 VALUES ('late-meter', '2020-06-01 00:00:00+00', 1, 'kWh');
+             END IF;
+             RETURN NULL;
+         END $$;
+         CREATE TRIGGER write_late AFTER DELETE ON meter_readings
+             FOR EACH ROW EXECUTE FUNCTION write_late();",
+    )
+    .unwrap();
+
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(
+        run.all().contains("upload: 500 reading(s) queued"),
+        "{}",
+        run.all()
+    );
+    assert_eq!(upload_ok(&s), Some((true, 501)), "{}", run.all());
+    assert_eq!(s.central_count("meter_readings"), 501);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    let late: i64 = s
+        .central()
+        .query_one(
+            "SELECT count(*) FROM meter_readings WHERE meter_id = 'late-meter'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(late, 1);
+}
