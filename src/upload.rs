@@ -135,10 +135,10 @@ struct Unreadable {
 /// statements (PgBouncer in transaction pooling mode keeps no prepared statement
 /// from one transaction to the next).
 struct Statements {
-    first: Statement,
-    after: Statement,
-    keys_first: Statement,
-    keys_after: Statement,
+    /// Whole readings, a batch at a time.
+    rows: Keyset,
+    /// Only the keys (id, uid), to take a batch apart without reading it whole.
+    keys: Keyset,
     by_ids: Statement,
     delete: Statement,
     mark: Statement,
@@ -146,43 +146,36 @@ struct Statements {
     copy: String,
 }
 
+/// The queue in upload order, a page at a time: `first` from the oldest reading,
+/// `after` from just past a given (timestamp, id). Keyset pagination, so the next
+/// batch can be read while earlier ones are still in flight.
+struct Keyset {
+    first: Statement,
+    after: Statement,
+}
+
+impl Keyset {
+    async fn prepare(local: &Db, what: &str, select: &str) -> Result<Keyset> {
+        let order = "ORDER BY r.\"timestamp\", r.id LIMIT $1";
+        Ok(Keyset {
+            first: prep(local, what, format!("{select} {order}")).await?,
+            after: prep(
+                local,
+                what,
+                format!("{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) {order}"),
+            )
+            .await?,
+        })
+    }
+}
+
 impl Statements {
     async fn prepare(local: &Db) -> Result<Statements> {
         let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
         let keys = format!("SELECT {KEYS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
-            first: prep(
-                local,
-                "prepare batch selection",
-                format!("{select} ORDER BY r.\"timestamp\", r.id LIMIT $1"),
-            )
-            .await?,
-            // Keyset pagination: the next batch starts after the last one read, so
-            // it can be read while earlier batches are still in flight.
-            after: prep(
-                local,
-                "prepare batch selection",
-                format!(
-                    "{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) \
-                     ORDER BY r.\"timestamp\", r.id LIMIT $1"
-                ),
-            )
-            .await?,
-            keys_first: prep(
-                local,
-                "prepare key selection",
-                format!("{keys} ORDER BY r.\"timestamp\", r.id LIMIT $1"),
-            )
-            .await?,
-            keys_after: prep(
-                local,
-                "prepare key selection",
-                format!(
-                    "{keys} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) \
-                     ORDER BY r.\"timestamp\", r.id LIMIT $1"
-                ),
-            )
-            .await?,
+            rows: Keyset::prepare(local, "prepare batch selection", &select).await?,
+            keys: Keyset::prepare(local, "prepare key selection", &keys).await?,
             by_ids: prep(
                 local,
                 "prepare selection by id",
@@ -573,12 +566,12 @@ async fn select_batch(
         let rows = match &key {
             None => {
                 let params: [&(dyn ToSql + Sync); 1] = [&limit];
-                local.client().query_raw(&st.first, params).await?
+                local.client().query_raw(&st.rows.first, params).await?
             }
             Some((ts, id)) => {
                 let ts = ts.as_deref().map(Encoded);
                 let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, id];
-                local.client().query_raw(&st.after, params).await?
+                local.client().query_raw(&st.rows.after, params).await?
             }
         };
         let mut rows = std::pin::pin!(rows);
@@ -712,7 +705,7 @@ async fn read_around(
             local
                 .timed(
                     "select batch keys",
-                    local.client().query(&st.keys_first, &[&limit]),
+                    local.client().query(&st.keys.first, &[&limit]),
                 )
                 .await?
         }
@@ -721,7 +714,7 @@ async fn read_around(
             local
                 .timed(
                     "select batch keys",
-                    local.client().query(&st.keys_after, &[&limit, &ts, id]),
+                    local.client().query(&st.keys.after, &[&limit, &ts, id]),
                 )
                 .await?
         }
