@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Transaction};
 
-use crate::config::{Config, DbConfig, Side};
+use crate::config::{Config, DbConfig, Side, UploadMethod};
 use crate::error::{Error, Kind, Result};
 use crate::shutdown::Shutdown;
 
@@ -194,7 +194,8 @@ impl Db {
             pooled: false,
             driver,
         };
-        if side == Side::Central {
+        // Only `UPLOAD_METHOD=auto` needs the answer; the others save the round trip.
+        if side == Side::Central && cfg.upload_method == UploadMethod::Auto {
             db.pooled = db.detect_pooler(&what).await?;
         }
         Ok(db)
@@ -221,7 +222,8 @@ impl Db {
         Ok(pooled)
     }
 
-    /// Central answers through a connection pooler: the backend behind this
+    /// Central answers through a connection pooler (asked only under
+    /// `UPLOAD_METHOD=auto`, false otherwise): the backend behind this
     /// connection may change at every transaction boundary. PgBouncer before 1.21
     /// hands the backend back to its pool at the first ReadyForQuery after a COPY,
     /// so nothing may be pipelined behind a COPY there (docs/upload.md).

@@ -824,6 +824,19 @@ fn install_healthy_v1(fake: &FakeSystemd) {
     );
 }
 
+/// `deploy/install` of release `bin` with its unit `unit` onto the gateway `fake`,
+/// with `extra` arguments.
+fn install_release(fake: &FakeSystemd, bin: &Path, unit: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "--binary",
+        bin.to_str().unwrap(),
+        "--unit",
+        unit.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    fake.deploy("install", &args)
+}
+
 /// The previous release is back, binary and unit, and running again.
 fn assert_rolled_back_to_v1(root: &Path, fake: &FakeSystemd, new_bin: &Path, new_unit: &[u8]) {
     let bin = root.join("usr/local/bin");
@@ -862,15 +875,7 @@ fn upgrade_to_a_binary_that_exits_78_is_rolled_back() {
     install_healthy_v1(&fake);
     let v2 = broken_release(&dir, "v2-exits-78", "BATCH_SIZE=lots");
     let (u2, u2_bytes) = unit_variant(&dir, "release 2");
-    let o = fake.deploy(
-        "install",
-        &[
-            "--binary",
-            v2.to_str().unwrap(),
-            "--unit",
-            u2.to_str().unwrap(),
-        ],
-    );
+    let o = install_release(&fake, &v2, &u2, &[]);
     let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("not healthy"), "{out}");
@@ -897,17 +902,7 @@ fn upgrade_that_never_completes_a_cycle_is_rolled_back_after_the_bound() {
     );
     let (u2, u2_bytes) = unit_variant(&dir, "release 2");
     let t = std::time::Instant::now();
-    let o = fake.deploy(
-        "install",
-        &[
-            "--binary",
-            v2.to_str().unwrap(),
-            "--unit",
-            u2.to_str().unwrap(),
-            "--health-timeout",
-            "6",
-        ],
-    );
+    let o = install_release(&fake, &v2, &u2, &["--health-timeout", "6"]);
     let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("no successful cycle within 6 s"), "{out}");
@@ -932,15 +927,7 @@ fn rollback_restores_the_previous_unit_too() {
     fs::write(&v2, &b).unwrap();
     fs::set_permissions(&v2, fs::Permissions::from_mode(0o755)).unwrap();
     let (u2, u2_bytes) = unit_variant(&dir, "release 2");
-    let o = fake.deploy(
-        "install",
-        &[
-            "--binary",
-            v2.to_str().unwrap(),
-            "--unit",
-            u2.to_str().unwrap(),
-        ],
-    );
+    let o = install_release(&fake, &v2, &u2, &[]);
     assert!(o.status.success(), "{}", output_text(&o));
     assert_unit(&root, &u2_bytes);
     let o = fake.deploy("rollback", &[]);

@@ -110,6 +110,30 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
     assert!(!log.contains("quarantined reading"), "{log}");
 }
 
+/// Makes the sandbox's gateway log in to central as a role whose
+/// `statement_timeout` is `timeout`, into a `meter_readings` whose insert
+/// statements each run `slow` (PL/pgSQL, with the inserted rows as `new_rows`)
+/// first. Returns an administrator's connection to central.
+fn slow_central(s: &mut Sandbox, timeout: &str, slow: &str) -> Client {
+    let role = format!("gw_{}", s.central_db);
+    let mut admin = s.central();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
+             ALTER ROLE {role} SET statement_timeout = '{timeout}';
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN {slow}; RETURN NULL; END $$;
+             CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
+                 REFERENCING NEW TABLE AS new_rows
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_ingest();"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role);
+    admin
+}
+
 /// A gateway role whose central `statement_timeout` a 1,000-reading batch exceeds
 /// (a statement trigger that takes 4 ms per row) and a 250-reading batch does not:
 /// the batches that fail are halved, not retried unchanged, and the queue drains in
@@ -121,26 +145,12 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
 #[test]
 fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_drains() {
     let mut s = Sandbox::new();
-    let role = format!("gw_{}", s.central_db);
-    let mut admin = s.central();
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
-             ALTER ROLE {role} SET statement_timeout = '1800ms';
-             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
-             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
-             CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 PERFORM pg_sleep((SELECT count(*) FROM new_rows) * 0.004);
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
-                 REFERENCING NEW TABLE AS new_rows
-                 FOR EACH STATEMENT EXECUTE FUNCTION slow_ingest();"
-        ))
-        .unwrap();
-    s.set("POSTGRES_CLIENT_USER", &role)
-        .set("BATCH_SIZE", 1000)
+    let mut admin = slow_central(
+        &mut s,
+        "1800ms",
+        "PERFORM pg_sleep((SELECT count(*) FROM new_rows) * 0.004)",
+    );
+    s.set("BATCH_SIZE", 1000)
         .set("UPLOAD_PIPELINE_DEPTH", 8)
         .set("DB_QUERY_TIMEOUT_MS", 2000);
     let mut l = s.local();
@@ -169,24 +179,9 @@ fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_d
 #[test]
 fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued() {
     let mut s = Sandbox::new();
-    let role = format!("gw_{}", s.central_db);
-    let mut admin = s.central();
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{CENTRAL_PASSWORD}';
-             ALTER ROLE {role} SET statement_timeout = '900ms';
-             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
-             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
-             CREATE FUNCTION stuck_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN PERFORM pg_sleep(3); RETURN NULL; END $$;
-             CREATE TRIGGER stuck_ingest AFTER INSERT ON meter_readings
-                 FOR EACH STATEMENT EXECUTE FUNCTION stuck_ingest();"
-        ))
-        .unwrap();
+    slow_central(&mut s, "900ms", "PERFORM pg_sleep(3)");
     // 900 ms is also what the daemon sets per transaction for a 1 s query timeout.
-    s.set("POSTGRES_CLIENT_USER", &role)
-        .set("BATCH_SIZE", 4)
-        .set("DB_QUERY_TIMEOUT_MS", 1000);
+    s.set("BATCH_SIZE", 4).set("DB_QUERY_TIMEOUT_MS", 1000);
     support::insert_readings(&mut s.local(), 4, 0);
     let run = s.run(&["once"]);
     let log = run.all();
