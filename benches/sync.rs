@@ -280,23 +280,14 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         }
     }
     // Each daemon run against the mean of the pipe runs before and after it.
-    let around = |v: &[f64], rep: usize| (v[rep] + v[rep + 1]) / 2.0;
-    let mut ratios: Vec<Vec<f64>> = rates
-        .iter()
-        .map(|r| {
-            (0..k.reps)
-                .map(|rep| r[rep] / around(&rates[0], rep))
-                .collect()
-        })
-        .collect();
-    let mut central_ratios: Vec<Vec<f64>> = central_us
-        .iter()
-        .map(|u| {
-            (0..k.reps)
-                .map(|rep| u[rep] / around(&central_us[0], rep))
-                .collect()
-        })
-        .collect();
+    let against_pipe = |v: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let around = |rep: usize| (v[0][rep] + v[0][rep + 1]) / 2.0;
+        v.iter()
+            .map(|x| (0..k.reps).map(|rep| x[rep] / around(rep)).collect())
+            .collect()
+    };
+    let mut ratios = against_pipe(&rates);
+    let mut central_ratios = against_pipe(&central_us);
     // The pipe is the baseline itself.
     ratios[0] = vec![1.0; k.reps];
     central_ratios[0] = vec![1.0; k.reps];

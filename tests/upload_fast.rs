@@ -36,22 +36,10 @@ fn upload_ok(s: &Sandbox) -> Option<(bool, i32)> {
 /// unique key, and that batch, and only it, goes again by INSERT … ON CONFLICT.
 #[test]
 fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
-    let mut s = Sandbox::new();
-    s.set("BATCH_SIZE", 50).set("UPLOAD_PIPELINE_DEPTH", 8);
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 400, 0);
-    let before = rows(&mut l);
     // Readings 101–150 (the third batch) and one reading of the seventh batch are
     // already central.
-    already_central(&mut l, &mut c, |i| (100..150).contains(&i) || i == 321);
-
-    let run = s.run(&["once"]);
-    let log = run.all();
-    assert_eq!(upload_ok(&s), Some((true, 400)), "{log}");
-    assert_eq!(rows(&mut c), before, "every reading once, as written");
-    assert_eq!(s.local_count("meter_readings"), 0);
-    assert!(log.contains("51 were already in central"), "{log}");
+    let log = resend(50, 8, 400, |i| (100..150).contains(&i) || i == 321);
+    assert!(log.contains("; 51 were already in central"), "{log}");
     assert_eq!(
         log.matches("again with ON CONFLICT DO NOTHING").count(),
         2,
@@ -65,20 +53,8 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
 /// part rolls back the three before it, so that the batch falls back whole.
 #[test]
 fn a_batch_in_several_copies_arrives_whole_and_falls_back_whole() {
-    let mut s = Sandbox::new();
-    s.set("BATCH_SIZE", 1000).set("UPLOAD_PIPELINE_DEPTH", 4);
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 2600, 0);
-    let before = rows(&mut l);
     // In the second batch's fourth COPY (positions 1750–1999).
-    already_central(&mut l, &mut c, |i| i == 1900);
-
-    let run = s.run(&["once"]);
-    let log = run.all();
-    assert_eq!(upload_ok(&s), Some((true, 2600)), "{log}");
-    assert_eq!(rows(&mut c), before, "every reading once, as written");
-    assert_eq!(s.local_count("meter_readings"), 0);
+    let log = resend(1000, 4, 2600, |i| i == 1900);
     assert!(log.contains("; 1 were already in central"), "{log}");
     assert_eq!(
         log.matches("sending these 1000 reading(s) again with ON CONFLICT DO NOTHING")
@@ -86,6 +62,27 @@ fn a_batch_in_several_copies_arrives_whole_and_falls_back_whole() {
         1,
         "the second batch, whole, and only it falls back: {log}"
     );
+}
+
+/// One cycle over `n` readings in batches of `batch` at `depth`, after the readings
+/// at the positions `pick` chooses were copied to central (see [`already_central`]).
+/// Asserts that every reading arrived once, as written, and left the queue; returns
+/// the log.
+fn resend(batch: usize, depth: usize, n: usize, pick: impl Fn(usize) -> bool) -> String {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", batch)
+        .set("UPLOAD_PIPELINE_DEPTH", depth);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, n, 0);
+    let before = rows(&mut l);
+    already_central(&mut l, &mut c, pick);
+
+    let log = s.run(&["once"]).all();
+    assert_eq!(upload_ok(&s), Some((true, n as i32)), "{log}");
+    assert_eq!(rows(&mut c), before, "every reading once, as written");
+    assert_eq!(s.local_count("meter_readings"), 0);
+    log
 }
 
 /// Copies the local readings at the positions `pick` chooses (in upload order) to
