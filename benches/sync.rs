@@ -225,21 +225,22 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
 
     let mut variants: Vec<(String, Option<usize>)> = vec![("COPY".into(), None)];
     variants.extend(k.batches.iter().map(|b| (format!("b{b}"), Some(*b))));
-    // rates[variant][rep], rss[variant] (max over reps)
+    // [variant][rep]: readings/s, client CPU s, central and local server CPU µs per
+    // reading; rss[variant] is the max over reps.
     let mut rates = vec![Vec::new(); variants.len()];
-    let mut ratios = vec![Vec::new(); variants.len()];
     let mut rss = vec![0u64; variants.len()];
     let mut cpus = vec![Vec::new(); variants.len()];
-    // Central server CPU per reading (µs), and its ratio to the COPY pipe's in the round.
     let mut central_us = vec![Vec::new(); variants.len()];
-    let mut central_ratios = vec![Vec::new(); variants.len()];
-    // Local server CPU per reading (µs): the daemon's keyset selects and deletes
-    // against the pipe's one sequential COPY out.
+    // The local server's CPU: the daemon's keyset selects and deletes against the
+    // pipe's one sequential COPY out.
     let mut local_us = vec![Vec::new(); variants.len()];
-    for rep in 0..k.reps {
-        let mut base_central = 0.0;
-        let mut base = 0.0;
+    // One pipe run more after the last round, so that every daemon run has a pipe
+    // run on each side of it: on a shared machine the speed drifts over a round.
+    for rep in 0..=k.reps {
         for (i, (label, batch)) in variants.iter().enumerate() {
+            if rep == k.reps && batch.is_some() {
+                continue;
+            }
             restore(&s, &pristine, &work);
             let central0 = server_cpu(s.central_cluster());
             let local0 = server_cpu(s.local_cluster());
@@ -264,28 +265,32 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             );
             let central = (server_cpu(s.central_cluster()) - central0).as_secs_f64();
             let us = central * 1e6 / n as f64;
-            if batch.is_none() {
-                base_central = us;
-            }
             central_us[i].push(us);
             let local = (server_cpu(s.local_cluster()) - local0).as_secs_f64();
             local_us[i].push(local * 1e6 / n as f64);
-            central_ratios[i].push(us / base_central);
             let rate = n as f64 / secs;
-            if batch.is_none() {
-                base = rate;
-            }
             rates[i].push(rate);
-            ratios[i].push(rate / base);
             progress(&format!(
-                "drain rep {}/{}: {label}: {secs:.1} s (client CPU {cpu:.1} s, central {us:.1} µs/reading = {:.2}x COPY's), {rate:.0} readings/s, {:.2}x COPY",
+                "drain round {}/{}: {label}: {secs:.1} s (client CPU {cpu:.1} s, central {us:.1} µs/reading = {:.2}x this round's COPY), {rate:.0} readings/s, {:.2}x this round's COPY",
                 rep + 1,
                 k.reps,
-                us / base_central,
-                rate / base
+                us / central_us[0][rep],
+                rate / rates[0][rep]
             ));
         }
     }
+    // Each daemon run against the mean of the pipe runs before and after it.
+    let against_pipe = |v: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let around = |rep: usize| (v[0][rep] + v[0][rep + 1]) / 2.0;
+        v.iter()
+            .map(|x| (0..k.reps).map(|rep| x[rep] / around(rep)).collect())
+            .collect()
+    };
+    let mut ratios = against_pipe(&rates);
+    let mut central_ratios = against_pipe(&central_us);
+    // The pipe is the baseline itself.
+    ratios[0] = vec![1.0; k.reps];
+    central_ratios[0] = vec![1.0; k.reps];
     if k.profile {
         eprintln!("{}", top_statements(&s));
     }
@@ -358,7 +363,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     }
     let _ = writeln!(
         o,
-        "\nCentral CPU: user + system time of the central server's processes: those that exited (the \
+        "\nEach ratio is a round's daemon run against the mean of the pipe runs just before and just \
+         after it (that round's and the next one's; one more pipe run closes the last round): the \
+         machine's speed drifts within a round. The pipe's row is the median of all its runs.\n\nCentral CPU: user + system time of the central server's processes: those that exited (the \
          postmaster's cutime + cstime in /proc, i.e. the backends that served the run, autovacuum workers \
          included) and those still running (WAL writer, checkpointer, background writer), taken just \
          before the run and once its backends have exited. Local server CPU likewise.\n"

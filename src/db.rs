@@ -55,7 +55,7 @@ fn central_settings(cfg: &Config) -> String {
         "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
          SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
          SET LOCAL synchronous_commit = on",
-        statement_timeout(cfg).as_millis(),
+        statement_timeout(cfg.query_timeout).as_millis(),
         idle_timeout(cfg).as_millis()
     )
 }
@@ -104,7 +104,7 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
                 "-c TimeZone=UTC -c DateStyle=ISO -c idle_in_transaction_session_timeout={} \
                  -c statement_timeout={}",
                 idle_timeout(cfg).as_millis(),
-                statement_timeout(cfg).as_millis()
+                statement_timeout(cfg.query_timeout).as_millis()
             ));
         }
         Side::Central if db.hosts.len() > 1 => {
@@ -144,8 +144,7 @@ fn idle_timeout(cfg: &Config) -> Duration {
 /// long as the statement would have taken. Streams that legitimately last longer
 /// (download's COPY, migrations) lift it with `SET LOCAL statement_timeout = 0`;
 /// their every wait is bounded on our side instead.
-pub fn statement_timeout(cfg: &Config) -> Duration {
-    let q = cfg.query_timeout;
+pub fn statement_timeout(q: Duration) -> Duration {
     q.saturating_sub((q / 10).max(Duration::from_millis(100)))
         .max(q / 2)
 }
@@ -569,7 +568,6 @@ mod tests {
 
     #[test]
     fn the_statement_timeout_is_a_little_under_the_query_timeout() {
-        let mut cfg = two_central_hosts();
         for (q, st) in [
             (30_000, 27_000),
             (1000, 900),
@@ -577,8 +575,11 @@ mod tests {
             (150, 75),
             (100, 50),
         ] {
-            cfg.query_timeout = Duration::from_millis(q);
-            assert_eq!(statement_timeout(&cfg), Duration::from_millis(st), "{q}");
+            assert_eq!(
+                statement_timeout(Duration::from_millis(q)),
+                Duration::from_millis(st),
+                "{q}"
+            );
         }
     }
 

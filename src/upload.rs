@@ -1061,18 +1061,63 @@ fn needs_fallback(e: &Error) -> bool {
     e.kind() == Kind::Db && matches!(e.code(), Some("23505" | "22P03"))
 }
 
-/// `rows` of `batch` as one binary `COPY … FROM STDIN`, sent with its data in one
-/// go so that it pipelines behind the batches before it (vendor/README.md).
+/// `rows` of `batch` as binary `COPY … FROM STDIN` in one transaction, sent with
+/// its data in one go so that it pipelines behind the batches before it
+/// (vendor/README.md); as several COPYs of [`copy_parts`].
+///
+/// Each of n parts gets 1/n of the transaction's statement timeout, so that a batch
+/// too slow for central fails with 57014 (and is halved) before our own timeout
+/// gives the connection up, as a single COPY does.
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
+    let parts = copy_parts(rows.clone());
+    let share = (parts.len() > 1).then(|| {
+        let each = crate::db::statement_timeout(ctx.central.timeout()) / parts.len() as u32;
+        format!("SET LOCAL statement_timeout = {}", each.as_millis().max(1))
+    });
     central_call(ctx, &what, || {
-        ctx.central.in_transaction(
-            ctx.central
-                .client()
-                .copy_in_all(&ctx.st.copy, batch.copy_data(rows.clone())),
-        )
+        let client = ctx.central.client();
+        let data = parts.iter().map(|r| batch.copy_data(r.clone())).collect();
+        // Both requests go out on the first poll, in this order (see
+        // `Db::in_transaction`): no round trip between them.
+        let statement = futures_util::future::try_join(
+            async {
+                match &share {
+                    Some(set) => client.batch_execute(set).await,
+                    None => Ok(()),
+                }
+            },
+            client.copy_in_all(&ctx.st.copy, data),
+        );
+        ctx.central
+            .in_transaction(async { statement.await.map(|(_, n)| n) })
     })
     .await
+}
+
+/// Rows per COPY statement for a batch of up to [`CHUNKED_UP_TO`] rows.
+const COPY_PART: usize = 250;
+/// Batches above this go as one COPY.
+const CHUNKED_UP_TO: usize = 2000;
+
+/// How the rows of one batch are split into COPY statements of its transaction.
+///
+/// Why split at all: PostgreSQL up to 16 buffers up to 1000 rows of a COPY, each in a
+/// slot that pins the table's row type in the statement's resource owner, and with
+/// every entry the same, each pin and unpin searches through the ones before it:
+/// the cost grows with the square of the rows one COPY buffers. In a COPY of 1000
+/// rows that was about a tenth of central's CPU (perf on PostgreSQL 15,
+/// docs/upload.md); in four COPYs of 250 it is a quarter of that, for three more
+/// statements of about 50 µs each. A COPY of more than 1000 rows reuses its 1000
+/// slots, so past [`CHUNKED_UP_TO`] one COPY is cheaper than parts.
+fn copy_parts(rows: Range<usize>) -> Vec<Range<usize>> {
+    if rows.len() <= COPY_PART || rows.len() > CHUNKED_UP_TO {
+        return vec![rows];
+    }
+    (rows.start..rows.end)
+        .step_by(COPY_PART)
+        .map(|s| s..(s + COPY_PART).min(rows.end))
+        .collect()
 }
 
 async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
@@ -1296,4 +1341,29 @@ pub async fn resend(local: &Db, since: &str) -> Result<u64> {
         .await?;
     log::info!("resend: {n} retained reading(s) uploaded since {since} queued again");
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_parts_cover_the_rows_in_order_and_split_only_mid_sized_batches() {
+        let eighths: Vec<(usize, usize)> = (0..8).map(|i| (i * 250, (i + 1) * 250)).collect();
+        for (rows, want) in [
+            (0..100, vec![(0, 100)]),
+            (0..250, vec![(0, 250)]),
+            (0..1000, vec![(0, 250), (250, 500), (500, 750), (750, 1000)]),
+            (10..611, vec![(10, 260), (260, 510), (510, 611)]),
+            (0..2000, eighths),
+            (0..2001, vec![(0, 2001)]),
+            (0..5000, vec![(0, 5000)]),
+        ] {
+            let got: Vec<(usize, usize)> = copy_parts(rows.clone())
+                .iter()
+                .map(|r| (r.start, r.end))
+                .collect();
+            assert_eq!(got, want, "{rows:?}");
+        }
+    }
 }

@@ -7,20 +7,9 @@ mod support;
 
 use support::{Client, Sandbox, CENTRAL_PASSWORD};
 
-/// Every central row and column, as text, keyed by reading_uid (central's own `id` aside).
-fn central_rows(c: &mut Client) -> Vec<String> {
-    c.query(
-        "SELECT concat_ws('|', reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
-         FROM meter_readings ORDER BY reading_uid",
-        &[],
-    )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
-}
-
-fn local_rows(c: &mut Client) -> Vec<String> {
+/// Every row and column both sides share, as text, in reading_uid order (central's
+/// own `id` aside).
+fn rows(c: &mut Client) -> Vec<String> {
     c.query(
         "SELECT concat_ws('|', reading_uid, meter_id, \"timestamp\", value, unit, metadata, created_at, sync_attempts)
          FROM meter_readings ORDER BY reading_uid",
@@ -47,14 +36,58 @@ fn upload_ok(s: &Sandbox) -> Option<(bool, i32)> {
 /// unique key, and that batch, and only it, goes again by INSERT … ON CONFLICT.
 #[test]
 fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
-    let mut s = Sandbox::new();
-    s.set("BATCH_SIZE", 50).set("UPLOAD_PIPELINE_DEPTH", 8);
-    let mut l = s.local();
-    let mut c = s.central();
-    support::insert_readings(&mut l, 400, 0);
-    let before = local_rows(&mut l);
     // Readings 101–150 (the third batch) and one reading of the seventh batch are
     // already central.
+    let log = resend(50, 8, 400, |i| (100..150).contains(&i) || i == 321);
+    assert!(log.contains("; 51 were already in central"), "{log}");
+    assert_eq!(
+        log.matches("again with ON CONFLICT DO NOTHING").count(),
+        2,
+        "exactly the two batches holding re-sent readings fall back: {log}"
+    );
+    assert!(!log.contains("quarantined reading"), "{log}");
+}
+
+/// A batch of 1000 goes as four COPYs of 250 in one transaction (upload.rs,
+/// `copy_parts`): every part arrives, and a reading central already has in the last
+/// part rolls back the three before it, so that the batch falls back whole.
+#[test]
+fn a_batch_in_several_copies_arrives_whole_and_falls_back_whole() {
+    // In the second batch's fourth COPY (positions 1750–1999).
+    let log = resend(1000, 4, 2600, |i| i == 1900);
+    assert!(log.contains("; 1 were already in central"), "{log}");
+    assert_eq!(
+        log.matches("sending these 1000 reading(s) again with ON CONFLICT DO NOTHING")
+            .count(),
+        1,
+        "the second batch, whole, and only it falls back: {log}"
+    );
+}
+
+/// One cycle over `n` readings in batches of `batch` at `depth`, after the readings
+/// at the positions `pick` chooses were copied to central (see [`already_central`]).
+/// Asserts that every reading arrived once, as written, and left the queue; returns
+/// the log.
+fn resend(batch: usize, depth: usize, n: usize, pick: impl Fn(usize) -> bool) -> String {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", batch)
+        .set("UPLOAD_PIPELINE_DEPTH", depth);
+    let mut l = s.local();
+    let mut c = s.central();
+    support::insert_readings(&mut l, n, 0);
+    let before = rows(&mut l);
+    already_central(&mut l, &mut c, pick);
+
+    let log = s.run(&["once"]).all();
+    assert_eq!(upload_ok(&s), Some((true, n as i32)), "{log}");
+    assert_eq!(rows(&mut c), before, "every reading once, as written");
+    assert_eq!(s.local_count("meter_readings"), 0);
+    log
+}
+
+/// Copies the local readings at the positions `pick` chooses (in upload order) to
+/// central, as an earlier run that died before its local delete would have left them.
+fn already_central(l: &mut Client, c: &mut Client, pick: impl Fn(usize) -> bool) {
     let copied: Vec<(String, String)> = l
         .query(
             "SELECT reading_uid::text, \"timestamp\"::text FROM meter_readings ORDER BY \"timestamp\", id",
@@ -64,7 +97,7 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .enumerate()
-        .filter(|(i, _)| (100..150).contains(i) || *i == 321)
+        .filter(|(i, _)| pick(*i))
         .map(|(_, v)| v)
         .collect();
     for (uid, ts) in &copied {
@@ -91,23 +124,6 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
         )
         .unwrap();
     }
-
-    let run = s.run(&["once"]);
-    let log = run.all();
-    assert_eq!(upload_ok(&s), Some((true, 400)), "{log}");
-    assert_eq!(
-        central_rows(&mut c),
-        before,
-        "every reading once, as written"
-    );
-    assert_eq!(s.local_count("meter_readings"), 0);
-    assert!(log.contains("51 were already in central"), "{log}");
-    assert_eq!(
-        log.matches("again with ON CONFLICT DO NOTHING").count(),
-        2,
-        "exactly the two batches holding re-sent readings fall back: {log}"
-    );
-    assert!(!log.contains("quarantined reading"), "{log}");
 }
 
 /// Makes the sandbox's gateway log in to central as a role whose
@@ -155,12 +171,12 @@ fn batches_too_large_for_centrals_statement_timeout_are_halved_until_the_queue_d
         .set("DB_QUERY_TIMEOUT_MS", 2000);
     let mut l = s.local();
     support::insert_readings(&mut l, 1000, 0);
-    let before = local_rows(&mut l);
+    let before = rows(&mut l);
 
     let run = s.run(&["once"]);
     let log = run.all();
     assert_eq!(upload_ok(&s), Some((true, 1000)), "{log}");
-    assert_eq!(central_rows(&mut admin), before);
+    assert_eq!(rows(&mut admin), before);
     assert_eq!(s.local_count("meter_readings"), 0);
     assert!(
         log.contains("statement timeout"),

@@ -636,15 +636,16 @@ impl Client {
         copy_in::copy_in(self.inner(), statement).await
     }
 
-    /// meter-sync addition: executes a `COPY ... FROM STDIN` statement with all of its
-    /// `data` at once, without waiting for the server between the statement and the
-    /// data, on the unnamed statement and in one implicit transaction; returns the
-    /// number of rows copied. See `copy_in::copy_in_all`.
-    pub async fn copy_in_all<B>(&self, query: &str, data: B) -> Result<u64, Error>
+    /// meter-sync addition: executes a `COPY ... FROM STDIN` statement once per part
+    /// of `parts`, with all of the data at once, without waiting for the server
+    /// between the statements and the data, on the unnamed statement and in one
+    /// implicit transaction; returns the number of rows copied. See
+    /// `copy_in::copy_in_all`.
+    pub async fn copy_in_all<B>(&self, query: &str, parts: Vec<B>) -> Result<u64, Error>
     where
         B: Buf + Send + 'static,
     {
-        copy_in::copy_in_all(self.inner(), query, data).await
+        copy_in::copy_in_all(self.inner(), query, parts).await
     }
 
     /// meter-sync addition: the process id the server announced in BackendKeyData at

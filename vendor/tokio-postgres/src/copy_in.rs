@@ -228,23 +228,28 @@ where
 /// all known up front, sent in one go without waiting for the server's
 /// `CopyInResponse`, so that copies pipeline like ordinary queries.
 ///
-/// The messages are Parse and Bind of the unnamed statement, Execute, one CopyData,
-/// CopyDone and a single Sync. Everything up to the Sync is one implicit transaction
-/// (all of the data or none), and the unnamed statement does not outlive it, which
-/// is what a transaction-pooling PgBouncer needs. Exactly one ReadyForQuery comes
-/// back in every case, so the connection's request bookkeeping stays in step: if the
+/// The statement is executed once per element of `parts` (each a whole COPY stream,
+/// header to trailer): Parse of the unnamed statement, then for each part Bind,
+/// Execute, one CopyData and CopyDone, and a single Sync after the last. Everything
+/// up to the Sync is one implicit transaction (all of the data or none) unless an
+/// explicit one is open, and the unnamed statement does not outlive it, which is
+/// what a transaction-pooling PgBouncer needs. Exactly one ReadyForQuery comes back
+/// in every case, so the connection's request bookkeeping stays in step: if a
 /// statement fails before copy mode (a missing table, a permission), the server
-/// discards the rest up to the Sync, CopyData and CopyDone included; if it fails
-/// during the copy (a duplicate key), it also discards up to that Sync. Sending data
+/// discards the rest up to the Sync, the remaining parts included; if it fails
+/// during a copy (a duplicate key), it also discards up to that Sync. Sending data
 /// before `CopyInResponse` is allowed by the protocol; the server reads messages in
-/// order. It returns once ReadyForQuery confirms the commit.
-pub async fn copy_in_all<B>(client: &InnerClient, query: &str, data: B) -> Result<u64, Error>
+/// order. It returns the rows copied by all parts once ReadyForQuery confirms the
+/// end of the exchange.
+pub async fn copy_in_all<B>(client: &InnerClient, query: &str, parts: Vec<B>) -> Result<u64, Error>
 where
     B: Buf + Send + 'static,
 {
-    debug!("executing pipelined copy in {query}");
-    let head = client.with_buf(|buf| {
-        frontend::parse("", query, std::iter::empty(), buf).map_err(Error::parse)?;
+    debug!("executing pipelined copy in {query} ({} part(s))", parts.len());
+    if parts.is_empty() {
+        return Ok(0);
+    }
+    let portal = |buf: &mut BytesMut| -> Result<(), Error> {
         frontend::bind(
             "",
             "",
@@ -258,20 +263,34 @@ where
             frontend::BindError::Conversion(e) => Error::encode(std::io::Error::other(e)),
             frontend::BindError::Serialization(e) => Error::encode(e),
         })?;
-        frontend::execute("", 0, buf).map_err(Error::encode)?;
-        Ok::<_, Error>(buf.split().freeze())
-    })?;
-    let data: Box<dyn Buf + Send> = Box::new(data);
-    let data = CopyData::new(data).map_err(Error::encode)?;
-
-    let (mut sender, receiver) = mpsc::channel(3);
-    for m in [
-        CopyInMessage::Message(FrontendMessage::Raw(head)),
-        CopyInMessage::Message(FrontendMessage::CopyData(data)),
-        CopyInMessage::Done,
-    ] {
-        sender.try_send(m).map_err(|_| Error::closed())?;
+        frontend::execute("", 0, buf).map_err(Error::encode)
+    };
+    let n = parts.len();
+    // Parse, Bind and Execute; after each part but the last, CopyDone, Bind and
+    // Execute of the next; after the last, CopyDone and Sync (`CopyInMessage::Done`).
+    let (mut sender, receiver) = mpsc::channel(2 * n + 1);
+    for (i, part) in parts.into_iter().enumerate() {
+        let head = client.with_buf(|buf| {
+            if i == 0 {
+                frontend::parse("", query, std::iter::empty(), buf).map_err(Error::parse)?;
+            } else {
+                frontend::copy_done(buf);
+            }
+            portal(buf)?;
+            Ok::<_, Error>(buf.split().freeze())
+        })?;
+        let data: Box<dyn Buf + Send> = Box::new(part);
+        let data = CopyData::new(data).map_err(Error::encode)?;
+        for m in [
+            CopyInMessage::Message(FrontendMessage::Raw(head)),
+            CopyInMessage::Message(FrontendMessage::CopyData(data)),
+        ] {
+            sender.try_send(m).map_err(|_| Error::closed())?;
+        }
     }
+    sender
+        .try_send(CopyInMessage::Done)
+        .map_err(|_| Error::closed())?;
     drop(sender);
     let mut responses = client.send(RequestMessages::CopyIn(CopyInReceiver::new(receiver)))?;
 
@@ -279,18 +298,21 @@ where
         Message::ParseComplete => {}
         _ => return Err(Error::unexpected_message()),
     }
-    match responses.next().await? {
-        Message::BindComplete => {}
-        _ => return Err(Error::unexpected_message()),
+    let mut rows = 0;
+    for _ in 0..n {
+        match responses.next().await? {
+            Message::BindComplete => {}
+            _ => return Err(Error::unexpected_message()),
+        }
+        match responses.next().await? {
+            Message::CopyInResponse(_) => {}
+            _ => return Err(Error::unexpected_message()),
+        }
+        rows += match responses.next().await? {
+            Message::CommandComplete(body) => extract_row_affected(&body)?,
+            _ => return Err(Error::unexpected_message()),
+        };
     }
-    match responses.next().await? {
-        Message::CopyInResponse(_) => {}
-        _ => return Err(Error::unexpected_message()),
-    }
-    let rows = match responses.next().await? {
-        Message::CommandComplete(body) => extract_row_affected(&body)?,
-        _ => return Err(Error::unexpected_message()),
-    };
     // The implicit transaction commits at the Sync, after CommandComplete: a
     // deferred constraint can still fail it there. Only ReadyForQuery says it
     // committed (unlike `CopyInSink::finish`, which returns at CommandComplete).
