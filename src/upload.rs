@@ -1095,28 +1095,43 @@ async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     .await
 }
 
-/// Rows per COPY statement for a batch of up to [`CHUNKED_UP_TO`] rows.
-const COPY_PART: usize = 250;
-/// Batches above this go as one COPY.
-const CHUNKED_UP_TO: usize = 2000;
+/// At most this many rows per COPY statement for a batch of [`CHUNKED_FROM`] to
+/// [`CHUNKED_UP_TO`] rows.
+const COPY_PART_MAX: usize = 400;
+/// Smaller batches go as one COPY: two statements would cost more than they save.
+const CHUNKED_FROM: usize = 600;
+/// Larger batches go as one COPY too.
+const CHUNKED_UP_TO: usize = 1400;
 
-/// How the rows of one batch are split into COPY statements of its transaction.
+/// How the rows of one batch are split into COPY statements of its transaction:
+/// into equal parts of at most [`COPY_PART_MAX`] rows for a batch of
+/// [`CHUNKED_FROM`]–[`CHUNKED_UP_TO`] rows (three of 333–334 for 1000), else one.
 ///
 /// Why split at all: PostgreSQL up to 16 buffers up to 1000 rows of a COPY, each in a
 /// slot that pins the table's row type in the statement's resource owner, and with
 /// every entry the same, each pin and unpin searches through the ones before it:
-/// the cost grows with the square of the rows one COPY buffers. In a COPY of 1000
-/// rows that was about a tenth of central's CPU (perf on PostgreSQL 15,
-/// docs/upload.md); in four COPYs of 250 it is a quarter of that, for three more
-/// statements of about 50 µs each. A COPY of more than 1000 rows reuses its 1000
-/// slots, so past [`CHUNKED_UP_TO`] one COPY is cheaper than parts.
+/// the cost grows with the square of the rows one COPY buffers, about 1.3 ms for a
+/// COPY of 1000 rows on PostgreSQL 15, against about 0.2 ms for a COPY statement
+/// itself (docs/upload.md, "Why a batch of 1000 is three COPYs"). Below
+/// [`CHUNKED_FROM`] rows the square is too small to pay for a statement more; a COPY
+/// of more than 1000 rows reuses its 1000 slots, so past [`CHUNKED_UP_TO`] the
+/// statements parts add cost more than they save.
 fn copy_parts(rows: Range<usize>) -> Vec<Range<usize>> {
-    if rows.len() <= COPY_PART || rows.len() > CHUNKED_UP_TO {
+    let n = rows.len();
+    if !(CHUNKED_FROM..=CHUNKED_UP_TO).contains(&n) {
         return vec![rows];
     }
-    (rows.start..rows.end)
-        .step_by(COPY_PART)
-        .map(|s| s..(s + COPY_PART).min(rows.end))
+    let parts = n.div_ceil(COPY_PART_MAX);
+    // The first n % parts parts take one row more.
+    let (size, longer) = (n / parts, n % parts);
+    let mut start = rows.start;
+    (0..parts)
+        .map(|i| {
+            let end = start + size + usize::from(i < longer);
+            let part = start..end;
+            start = end;
+            part
+        })
         .collect()
 }
 
@@ -1349,14 +1364,18 @@ mod tests {
 
     #[test]
     fn copy_parts_cover_the_rows_in_order_and_split_only_mid_sized_batches() {
-        let eighths: Vec<(usize, usize)> = (0..8).map(|i| (i * 250, (i + 1) * 250)).collect();
         for (rows, want) in [
             (0..100, vec![(0, 100)]),
-            (0..250, vec![(0, 250)]),
-            (0..1000, vec![(0, 250), (250, 500), (500, 750), (750, 1000)]),
-            (10..611, vec![(10, 260), (260, 510), (510, 611)]),
-            (0..2000, eighths),
-            (0..2001, vec![(0, 2001)]),
+            (0..400, vec![(0, 400)]),
+            (0..599, vec![(0, 599)]),
+            (0..600, vec![(0, 300), (300, 600)]),
+            (0..1000, vec![(0, 334), (334, 667), (667, 1000)]),
+            (10..1210, vec![(10, 410), (410, 810), (810, 1210)]),
+            (
+                0..1400,
+                vec![(0, 350), (350, 700), (700, 1050), (1050, 1400)],
+            ),
+            (0..1401, vec![(0, 1401)]),
             (0..5000, vec![(0, 5000)]),
         ] {
             let got: Vec<(usize, usize)> = copy_parts(rows.clone())

@@ -48,12 +48,12 @@ fn a_resent_batch_falls_back_to_on_conflict_and_every_reading_arrives_once() {
     assert!(!log.contains("quarantined reading"), "{log}");
 }
 
-/// A batch of 1000 goes as four COPYs of 250 in one transaction (upload.rs,
+/// A batch of 1000 goes as three COPYs of 333–334 in one transaction (upload.rs,
 /// `copy_parts`): every part arrives, and a reading central already has in the last
-/// part rolls back the three before it, so that the batch falls back whole.
+/// part rolls back the two before it, so that the batch falls back whole.
 #[test]
 fn a_batch_in_several_copies_arrives_whole_and_falls_back_whole() {
-    // In the second batch's fourth COPY (positions 1750–1999).
+    // In the second batch's third COPY (positions 1667–1999).
     let log = resend(1000, 4, 2600, |i| i == 1900);
     assert!(log.contains("; 1 were already in central"), "{log}");
     assert_eq!(
