@@ -49,8 +49,8 @@ struct Knobs {
     slow_rows_serial: usize,
     /// BENCH_DEPTHS: UPLOAD_PIPELINE_DEPTH values for the slow link.
     depths: Vec<usize>,
-    /// BENCH_SLOW_BATCH: BATCH_SIZE over the slow link (1000 and up to 2000 send each
-    /// batch as several COPYs, which must pipeline as well).
+    /// BENCH_SLOW_BATCH: BATCH_SIZE over the slow link (600–1400 send each batch as
+    /// several COPYs, which must pipeline as well).
     slow_batch: usize,
     /// BENCH_METERS: meters central holds for the download memory figure.
     meters: usize,
@@ -387,34 +387,48 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
 fn server_cpu(cluster: &support::Cluster) -> Duration {
     // A backend exits and is reaped a moment after its client closed the connection.
     std::thread::sleep(Duration::from_millis(300));
-    let pid: u32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-        .unwrap_or(0);
-    // Fields after the parenthesised command name: state is 0, ppid 1, utime 11,
-    // stime 12, cutime 13, cstime 14.
-    let fields = |pid: &str| -> Vec<u64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        rest.split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect()
+    let Some((postmaster, children)) = server_processes(cluster) else {
+        return Duration::ZERO;
     };
-    let f = fields(&pid.to_string());
-    let mut ticks = f.get(13).copied().unwrap_or(0) + f.get(14).copied().unwrap_or(0);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let c = fields(&name);
-        if pid != 0 && c.get(1).copied() == Some(u64::from(pid)) {
-            ticks += c.get(11).copied().unwrap_or(0) + c.get(12).copied().unwrap_or(0);
-        }
+    let f = stat_fields(postmaster);
+    let field = |f: &[u64], i: usize| f.get(i).copied().unwrap_or(0);
+    let mut ticks = field(&f, 13) + field(&f, 14);
+    for child in children {
+        let c = stat_fields(child);
+        ticks += field(&c, 11) + field(&c, 12);
     }
     // SAFETY: sysconf has no preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_micros(ticks * 1_000_000 / tick)
+}
+
+/// The numeric fields of /proc/<pid>/stat after the parenthesised command name:
+/// state is 0 (parsed as 0), ppid 1, utime 11, stime 12, cutime 13, cstime 14.
+fn stat_fields(pid: i32) -> Vec<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    rest.split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect()
+}
+
+/// `cluster`'s postmaster and the processes it runs now, if it is up.
+fn server_processes(cluster: &support::Cluster) -> Option<(i32, Vec<i32>)> {
+    let postmaster: i32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()?;
+    let children = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| stat_fields(pid).get(1).copied() == Some(postmaster as u64))
+        .collect();
+    Some((postmaster, children))
 }
 
 /// Runs process `pid` (0: this one) and the threads it starts from now on on `cpu` only.
@@ -447,23 +461,10 @@ fn unpin_self() {
 /// Pins `cluster`'s postmaster and its running children to `cpu`; backends it forks
 /// later inherit the affinity.
 fn pin_server(cluster: &support::Cluster, cpu: usize) {
-    let pid: i32 = std::fs::read_to_string(cluster.data.join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-        .unwrap_or_else(|| fail("BENCH_PIN: no postmaster.pid"));
-    pin(pid, cpu);
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let stat = std::fs::read_to_string(format!("/proc/{name}/stat")).unwrap_or_default();
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(pid) {
-            if let Ok(child) = name.parse() {
-                pin(child, cpu);
-            }
-        }
+    let (postmaster, children) =
+        server_processes(cluster).unwrap_or_else(|| fail("BENCH_PIN: no postmaster.pid"));
+    for pid in std::iter::once(postmaster).chain(children) {
+        pin(pid, cpu);
     }
 }
 

@@ -144,7 +144,7 @@ fn idle_timeout(cfg: &Config) -> Duration {
 /// long as the statement would have taken. Streams that legitimately last longer
 /// (download's COPY, migrations) lift it with `SET LOCAL statement_timeout = 0`;
 /// their every wait is bounded on our side instead.
-pub fn statement_timeout(q: Duration) -> Duration {
+fn statement_timeout(q: Duration) -> Duration {
     q.saturating_sub((q / 10).max(Duration::from_millis(100)))
         .max(q / 2)
 }
@@ -419,7 +419,26 @@ impl Db {
         &self,
         statement: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     ) -> std::result::Result<T, tokio_postgres::Error> {
-        let begin = format!("BEGIN; {}", self.settings);
+        self.in_transaction_of(1, statement).await
+    }
+
+    /// [`Db::in_transaction`] for a `statement` that runs `statements` statements
+    /// (upload's COPY in parts): each gets an equal share of the statement timeout,
+    /// so that together they are still cancelled by the server (57014) before our
+    /// own timeout gives up on the connection, as one statement would be.
+    pub async fn in_transaction_of<T>(
+        &self,
+        statements: u32,
+        statement: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> std::result::Result<T, tokio_postgres::Error> {
+        let mut begin = format!("BEGIN; {}", self.settings);
+        if statements > 1 {
+            let share = statement_timeout(self.timeout) / statements;
+            begin.push_str(&format!(
+                "; SET LOCAL statement_timeout = {}",
+                share.as_millis().max(1)
+            ));
+        }
         let (b, n, c) = futures_util::future::join3(
             self.client.batch_execute(&begin),
             statement,

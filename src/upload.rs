@@ -1063,34 +1063,17 @@ fn needs_fallback(e: &Error) -> bool {
 
 /// `rows` of `batch` as binary `COPY … FROM STDIN` in one transaction, sent with
 /// its data in one go so that it pipelines behind the batches before it
-/// (vendor/README.md); as several COPYs of [`copy_parts`].
-///
-/// Each of n parts gets 1/n of the transaction's statement timeout, so that a batch
-/// too slow for central fails with 57014 (and is halved) before our own timeout
-/// gives the connection up, as a single COPY does.
+/// (vendor/README.md); as several COPYs of [`copy_parts`], each with its share of
+/// the statement timeout ([`Db::in_transaction_of`]).
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
-    let parts = copy_parts(rows.clone());
-    let share = (parts.len() > 1).then(|| {
-        let each = crate::db::statement_timeout(ctx.central.timeout()) / parts.len() as u32;
-        format!("SET LOCAL statement_timeout = {}", each.as_millis().max(1))
-    });
+    let parts = copy_parts(rows);
     central_call(ctx, &what, || {
-        let client = ctx.central.client();
         let data = parts.iter().map(|r| batch.copy_data(r.clone())).collect();
-        // Both requests go out on the first poll, in this order (see
-        // `Db::in_transaction`): no round trip between them.
-        let statement = futures_util::future::try_join(
-            async {
-                match &share {
-                    Some(set) => client.batch_execute(set).await,
-                    None => Ok(()),
-                }
-            },
-            client.copy_in_all(&ctx.st.copy, data),
-        );
-        ctx.central
-            .in_transaction(async { statement.await.map(|(_, n)| n) })
+        ctx.central.in_transaction_of(
+            parts.len() as u32,
+            ctx.central.client().copy_in_all(&ctx.st.copy, data),
+        )
     })
     .await
 }

@@ -198,21 +198,17 @@ fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued
     slow_central(&mut s, "900ms", "PERFORM pg_sleep(3)");
     // 900 ms is also what the daemon sets per transaction for a 1 s query timeout.
     s.set("BATCH_SIZE", 4).set("DB_QUERY_TIMEOUT_MS", 1000);
-    support::insert_readings(&mut s.local(), 4, 0);
+    s.insert_readings(4);
     let run = s.run(&["once"]);
     let log = run.all();
     assert_eq!(upload_ok(&s).map(|r| r.0), Some(false), "{log}");
     assert!(log.contains("already at 1 reading per batch"), "{log}");
     assert_eq!(s.central_count("meter_readings"), 0);
-    let queued: i64 = s
-        .local()
-        .query_one(
-            "SELECT count(*) FROM meter_readings WHERE sync_error IS NULL AND NOT is_synchronized",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(queued, 4, "nothing quarantined, everything still queued");
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NULL AND NOT is_synchronized"),
+        4,
+        "nothing quarantined, everything still queued"
+    );
 }
 
 /// The drain's second pass (P6): a reading the collector writes during the drain with
@@ -252,13 +248,8 @@ fn a_reading_written_behind_the_pass_during_the_drain_is_uploaded_in_the_same_cy
     assert_eq!(upload_ok(&s), Some((true, 501)), "{}", run.all());
     assert_eq!(s.central_count("meter_readings"), 501);
     assert_eq!(s.local_count("meter_readings"), 0);
-    let late: i64 = s
-        .central()
-        .query_one(
-            "SELECT count(*) FROM meter_readings WHERE meter_id = 'late-meter'",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    assert_eq!(late, 1);
+    assert_eq!(
+        s.central_count("meter_readings WHERE meter_id = 'late-meter'"),
+        1
+    );
 }

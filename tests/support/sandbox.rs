@@ -200,20 +200,22 @@ impl Sandbox {
         insert_readings(&mut self.local(), n, 0);
     }
 
-    /// Count of rows in a table of the local database.
-    pub fn local_count(&self, table: &str) -> i64 {
-        self.local()
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .unwrap()
-            .get(0)
+    /// Count of rows in `from` in the local database: a table, or a table and a
+    /// `WHERE` clause.
+    pub fn local_count(&self, from: &str) -> i64 {
+        count(&mut self.local(), from)
     }
 
-    pub fn central_count(&self, table: &str) -> i64 {
-        self.central()
-            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
-            .unwrap()
-            .get(0)
+    /// As [`Sandbox::local_count`], in the central database.
+    pub fn central_count(&self, from: &str) -> i64 {
+        count(&mut self.central(), from)
     }
+}
+
+fn count(c: &mut Client, from: &str) -> i64 {
+    c.query_one(&format!("SELECT count(*) FROM {from}"), &[])
+        .unwrap()
+        .get(0)
 }
 
 impl Drop for Sandbox {
