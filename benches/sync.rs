@@ -831,7 +831,7 @@ fn size() -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "### Release binary size (profile: opt-level z, LTO, stripped)\n"
+        "### Release binary size (profile: opt-level s, LTO, stripped)\n"
     );
     let _ = writeln!(o, "| target | bytes | MiB | file(1) says |");
     let _ = writeln!(o, "|---|---:|---:|---|");
