@@ -64,6 +64,10 @@ struct Knobs {
     /// else (local server, daemon, psql pipe) on CPU 0, as if central were its own
     /// machine.
     pin: bool,
+    /// BENCH_LOCAL_FSYNC=1: in the drain section, the local server flushes its WAL at
+    /// every commit that asks for it (`fsync`, `synchronous_commit = on`), as a
+    /// gateway's does; the test clusters skip both. Its WAL flushes are counted.
+    durable_local: bool,
     /// BENCH_BYTES_ROWS: readings drained through the byte-counting proxy.
     bytes_rows: usize,
 }
@@ -107,6 +111,7 @@ impl Knobs {
             fleet_backlog: num("BENCH_FLEET_BACKLOG", 10_000, 1_000),
             profile: std::env::var("BENCH_PROFILE").is_ok_and(|v| v == "1"),
             pin: std::env::var("BENCH_PIN").is_ok_and(|v| v == "1"),
+            durable_local: std::env::var("BENCH_LOCAL_FSYNC").is_ok_and(|v| v == "1"),
             bytes_rows: num("BENCH_BYTES_ROWS", 20_000, 5_000),
         }
     }
@@ -227,6 +232,11 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         progress("drain: central server pinned to CPU 1, the rest to CPU 0");
     }
 
+    if k.durable_local {
+        local_durable(&s, true);
+        progress("drain: local server flushes its WAL at every synchronous commit");
+    }
+
     let mut variants: Vec<(String, Option<usize>)> = vec![("COPY".into(), None)];
     variants.extend(k.batches.iter().map(|b| (format!("b{b}"), Some(*b))));
     // [variant][rep]: readings/s, client CPU s, central and local server CPU µs per
@@ -238,6 +248,8 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     // The local server's CPU: the daemon's keyset selects and deletes against the
     // pipe's one sequential COPY out.
     let mut local_us = vec![Vec::new(); variants.len()];
+    // BENCH_LOCAL_FSYNC: the local server's WAL flushes per 1,000 readings.
+    let mut flushes = vec![Vec::new(); variants.len()];
     // One pipe run more after the last round, so that every daemon run has a pipe
     // run on each side of it: on a shared machine the speed drifts over a round.
     for rep in 0..=k.reps {
@@ -248,6 +260,7 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             restore(&s, &pristine, &work);
             let central0 = server_cpu(s.central_cluster());
             let local0 = server_cpu(s.local_cluster());
+            let flushes0 = local_wal_flushes(&s);
             let (secs, cpu) = match batch {
                 None => copy_pipe(&s, &work),
                 Some(b) => {
@@ -272,6 +285,7 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             central_us[i].push(us);
             let local = (server_cpu(s.local_cluster()) - local0).as_secs_f64();
             local_us[i].push(local * 1e6 / n as f64);
+            flushes[i].push((local_wal_flushes(&s) - flushes0) as f64 * 1000.0 / n as f64);
             let rate = n as f64 / secs;
             rates[i].push(rate);
             progress(&format!(
@@ -301,6 +315,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     if k.pin {
         // The sections after this one run unpinned.
         unpin_self();
+    }
+    if k.durable_local {
+        local_durable(&s, false);
     }
     for (i, (_, batch)) in variants.iter().enumerate() {
         if let Some(b) = batch {
@@ -374,7 +391,43 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
          included) and those still running (WAL writer, checkpointer, background writer), taken just \
          before the run and once its backends have exited. Local server CPU likewise.\n"
     );
+    if k.durable_local {
+        let per: Vec<String> = variants
+            .iter()
+            .zip(&flushes)
+            .map(|((label, _), f)| format!("{label} {:.1}", median(f)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "Local server with `fsync = on`, `synchronous_commit = on` (BENCH_LOCAL_FSYNC=1): its WAL \
+             flushes per 1,000 readings (pg_stat_wal.wal_sync, median): {}.\n",
+            per.join(", ")
+        );
+    }
     o
+}
+
+/// The local server as a gateway runs it (`durable`: every commit that asks waits for
+/// its WAL flush) or as the test clusters do (neither fsync nor synchronous commit).
+fn local_durable(s: &Sandbox, durable: bool) {
+    let mut a = s.local_cluster().admin();
+    let set = if durable { "= on" } else { "TO DEFAULT" };
+    for sql in [
+        format!("ALTER SYSTEM SET fsync {set}"),
+        format!("ALTER SYSTEM SET synchronous_commit {set}"),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        a.batch_execute(&sql).unwrap();
+    }
+}
+
+/// WAL flushes the local server has done so far (counted only with `fsync = on`).
+fn local_wal_flushes(s: &Sandbox) -> i64 {
+    s.local_cluster()
+        .admin()
+        .query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+        .unwrap()
+        .get(0)
 }
 
 /// CPU time of `cluster`'s server processes so far: the backends its postmaster has

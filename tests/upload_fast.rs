@@ -253,3 +253,63 @@ fn a_reading_written_behind_the_pass_during_the_drain_is_uploaded_in_the_same_cy
         1
     );
 }
+
+/// The local delete of a batch central has committed does not wait for the
+/// gateway's WAL flush (a lost delete is a re-send, P4): against a local server
+/// that flushes at every commit that asks for it, as a gateway's does, draining
+/// 60 batches costs far fewer WAL flushes than 60.
+#[test]
+fn deleting_uploaded_batches_does_not_wait_for_the_local_wal_flush() {
+    use support::{Cluster, Role};
+    let local: &'static Cluster = Box::leak(Box::new(Cluster::start(Role::Local)));
+    let (_, central) = support::shared();
+    let name = format!("flush_{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    // As a gateway's server runs (the test clusters' own settings skip both).
+    let mut admin = local.admin();
+    for sql in [
+        "ALTER SYSTEM SET fsync = on",
+        "ALTER SYSTEM SET synchronous_commit = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).unwrap();
+    }
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    const BATCHES: i64 = 60;
+    let n = BATCHES as usize * 20;
+    s.insert_readings(n);
+    s.set("BATCH_SIZE", 20);
+    // WAL flushes of the whole server: counted once the backends that did them
+    // have exited and reported (PostgreSQL 14+).
+    let flushes = |s: &Sandbox| -> i64 {
+        let mut c = s.local();
+        assert!(
+            support::wait_until(std::time::Duration::from_secs(10), || {
+                c.query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'meter-sync%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                    == 0
+            }),
+            "meter-sync's local session outlived the process"
+        );
+        c.query_one("SELECT wal_sync FROM pg_stat_wal", &[])
+            .unwrap()
+            .get(0)
+    };
+    let before = flushes(&s);
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(s.central_count("meter_readings"), n as i64, "{}", run.all());
+    assert_eq!(s.local_count("meter_readings"), 0, "{}", run.all());
+    let spent = flushes(&s) - before;
+    assert!(
+        spent < BATCHES / 2,
+        "{spent} local WAL flushes for {BATCHES} deleted batches:\n{}",
+        run.all()
+    );
+}
