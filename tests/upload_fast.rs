@@ -266,11 +266,15 @@ fn deleting_uploaded_batches_does_not_wait_for_the_local_wal_flush() {
     let name = format!("flush_{}", std::process::id());
     local.create_db(&name);
     central.create_db(&name);
-    // As a gateway's server runs (the test clusters' own settings skip both).
+    // As a gateway's server runs (the test clusters' own settings skip both). The
+    // WAL writer flushes what asynchronous commits leave once per wal_writer_delay:
+    // every 10 s, its count does not grow with how long the drain takes on a
+    // loaded machine.
     let mut admin = local.admin();
     for sql in [
         "ALTER SYSTEM SET fsync = on",
         "ALTER SYSTEM SET synchronous_commit = on",
+        "ALTER SYSTEM SET wal_writer_delay = '10s'",
         "SELECT pg_reload_conf()",
     ] {
         admin.batch_execute(sql).unwrap();
