@@ -366,12 +366,22 @@ fn clientcert_verify_full_refuses_a_gateway_without_a_certificate_and_accepts_on
     migrate_remote(&s).assert_ok();
 
     // A certificate from a CA the server does not trust is no better than none.
+    // Its alert says "unknown CA" when read; when our first write meets the closed
+    // connection before that (a race on a loaded machine), the message still names
+    // the certificate's variable.
     let (cert, key) = issue(&dir, "stranger", unrelated_ca(), "postgres", "", 30);
     s.set("POSTGRES_CLIENT_SSLCERT", cert.display())
         .set("POSTGRES_CLIENT_SSLKEY", key.display());
+    let r = migrate_remote(&s);
     assert_refused(
-        &migrate_remote(&s),
-        &["the server refused the gateway's client certificate in POSTGRES_CLIENT_SSLCERT (TLS alert: unknown CA)"],
+        &r,
+        &["refused the gateway's client certificate in POSTGRES_CLIENT_SSLCERT"],
+    );
+    let all = r.all();
+    assert!(
+        all.contains("(TLS alert: unknown CA)")
+            || all.contains("the server closed the connection right after the TLS handshake"),
+        "{all}"
     );
 }
 
