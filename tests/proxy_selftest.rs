@@ -169,8 +169,11 @@ fn delay_is_latency_not_a_bandwidth_cap() {
         total >= Duration::from_millis(200),
         "pipelined only {total:?}"
     );
+    // One after another they would take ten round trips (2 s); the margin over one
+    // is for the ten writes and their sleeps on a loaded machine, where this
+    // bound, at 350 ms, failed now and then.
     assert!(
-        total < Duration::from_millis(350),
+        total < Duration::from_millis(1000),
         "pipelined took {total:?}"
     );
     for (i, chunk) in back.chunks(16).enumerate() {
