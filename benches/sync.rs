@@ -260,7 +260,7 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             restore(&s, &pristine, &work);
             let central0 = server_cpu(s.central_cluster());
             let local0 = server_cpu(s.local_cluster());
-            let flushes0 = local_wal_flushes(&s);
+            let flushes0 = k.durable_local.then(|| local_wal_flushes(&s));
             let (secs, cpu) = match batch {
                 None => copy_pipe(&s, &work),
                 Some(b) => {
@@ -285,7 +285,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
             central_us[i].push(us);
             let local = (server_cpu(s.local_cluster()) - local0).as_secs_f64();
             local_us[i].push(local * 1e6 / n as f64);
-            flushes[i].push((local_wal_flushes(&s) - flushes0) as f64 * 1000.0 / n as f64);
+            if let Some(f0) = flushes0 {
+                flushes[i].push((local_wal_flushes(&s) - f0) as f64 * 1000.0 / n as f64);
+            }
             let rate = n as f64 / secs;
             rates[i].push(rate);
             progress(&format!(
@@ -410,14 +412,9 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
 /// The local server as a gateway runs it (`durable`: every commit that asks waits for
 /// its WAL flush) or as the test clusters do (neither fsync nor synchronous commit).
 fn local_durable(s: &Sandbox, durable: bool) {
-    let mut a = s.local_cluster().admin();
-    let set = if durable { "= on" } else { "TO DEFAULT" };
-    for sql in [
-        format!("ALTER SYSTEM SET fsync {set}"),
-        format!("ALTER SYSTEM SET synchronous_commit {set}"),
-        "SELECT pg_reload_conf()".into(),
-    ] {
-        a.batch_execute(&sql).unwrap();
+    let value = if durable { "on" } else { "off" };
+    for name in ["fsync", "synchronous_commit"] {
+        s.local_cluster().set_and_reload(name, value);
     }
 }
 
@@ -884,7 +881,7 @@ fn size() -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "### Release binary size (profile: opt-level s, LTO, stripped)\n"
+        "### Release binary size (Cargo.toml's release profile: LTO, stripped)\n"
     );
     let _ = writeln!(o, "| target | bytes | MiB | file(1) says |");
     let _ = writeln!(o, "|---|---:|---:|---|");

@@ -270,14 +270,12 @@ fn deleting_uploaded_batches_does_not_wait_for_the_local_wal_flush() {
     // WAL writer flushes what asynchronous commits leave once per wal_writer_delay:
     // every 10 s, its count does not grow with how long the drain takes on a
     // loaded machine.
-    let mut admin = local.admin();
-    for sql in [
-        "ALTER SYSTEM SET fsync = on",
-        "ALTER SYSTEM SET synchronous_commit = on",
-        "ALTER SYSTEM SET wal_writer_delay = '10s'",
-        "SELECT pg_reload_conf()",
+    for (name, value) in [
+        ("fsync", "on"),
+        ("synchronous_commit", "on"),
+        ("wal_writer_delay", "10s"),
     ] {
-        admin.batch_execute(sql).unwrap();
+        local.set_and_reload(name, value);
     }
     let mut s = Sandbox::on(local, central, &name, &name);
     s.migrate();
