@@ -328,10 +328,17 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
     }
 
     let mut o = String::new();
-    let _ = writeln!(
+    let central_version: String = s
+        .central()
+        .query_one("SHOW server_version", &[])
+        .map(|r| r.get(0))
+        .unwrap_or_default();
+    let _ =
+        writeln!(
         o,
-        "### Drain {} readings, local → central (TLS), median of {}\n",
+        "### Drain {} readings, local → central (PostgreSQL {central_version}, {}), median of {}\n",
         group(n),
+        if s.central_cluster().serves_tls() { "TLS" } else { "without TLS" },
         k.reps
     );
     let _ = writeln!(
@@ -544,12 +551,16 @@ fn copy_pipe(s: &Sandbox, work: &str) -> (f64, f64) {
         "host=127.0.0.1 port={} dbname={work} user=postgres",
         env["POSTGRES_SYNC_PORT"]
     );
+    // TLS as the daemon's connection: verify-full, or none to a central built without it.
+    let tls = match env.get("POSTGRES_CLIENT_SSLROOTCERT") {
+        Some(ca) if s.central_cluster().serves_tls() => {
+            format!("sslmode=verify-full sslrootcert={ca}")
+        }
+        _ => "sslmode=disable".to_string(),
+    };
     let dst = format!(
-        "host={} port={} dbname={} user=postgres sslmode=verify-full sslrootcert={}",
-        env["POSTGRES_CLIENT_HOST"],
-        env["POSTGRES_CLIENT_PORT"],
-        env["POSTGRES_CLIENT_DB"],
-        env["POSTGRES_CLIENT_SSLROOTCERT"]
+        "host={} port={} dbname={} user=postgres {tls}",
+        env["POSTGRES_CLIENT_HOST"], env["POSTGRES_CLIENT_PORT"], env["POSTGRES_CLIENT_DB"],
     );
     let script = format!(
         "psql -X -q -v ON_ERROR_STOP=1 '{src}' -c 'COPY (SELECT {cols} FROM meter_readings) TO STDOUT (FORMAT binary)' \

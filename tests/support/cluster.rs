@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use postgres::Client;
@@ -47,6 +47,32 @@ fn pg_bin_dir() -> PathBuf {
     .clone()
 }
 
+/// The binaries a server of `role` runs: `CENTRAL_PG_BIN_DIR` for central when set
+/// (another PostgreSQL version, for a benchmark against it: see bench/run), else
+/// the same as every other server's.
+fn bin_dir(role: Role) -> PathBuf {
+    match (role, std::env::var_os("CENTRAL_PG_BIN_DIR")) {
+        (Role::Central, Some(d)) => PathBuf::from(d),
+        _ => pg_bin_dir(),
+    }
+}
+
+/// Whether the server in `bin` was built with OpenSSL (and `CENTRAL_PG_TLS` is not
+/// `0`): without, central serves plain TCP (SCRAM still) and sandboxes set
+/// `POSTGRES_CLIENT_SSLMODE=disable`.
+fn has_tls(bin: &Path) -> bool {
+    if std::env::var("CENTRAL_PG_TLS").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    match Command::new(bin.join("pg_config"))
+        .arg("--configure")
+        .output()
+    {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).contains("ssl"),
+        _ => true,
+    }
+}
+
 /// PostgreSQL refuses to run as root; when the tests do, the servers run as this user.
 pub(super) fn server_user() -> Option<&'static str> {
     if !is_root() {
@@ -67,9 +93,9 @@ pub(super) fn server_user() -> Option<&'static str> {
     })
 }
 
-/// Runs a server binary (initdb, pg_ctl) as the server user.
-pub(super) fn pg_cmd(tool: &str) -> Command {
-    let path = pg_bin_dir().join(tool);
+/// Runs a server binary (initdb, pg_ctl) from `bin` as the server user.
+pub(super) fn pg_cmd(bin: &Path, tool: &str) -> Command {
+    let path = bin.join(tool);
     match server_user() {
         Some(u) => {
             let mut c = Command::new("runuser");
@@ -92,14 +118,18 @@ pub fn chown_to_server(path: &Path) {
     }
 }
 
-/// The initdb'd template every cluster is copied from.
-fn template() -> &'static Path {
-    static T: OnceLock<PathBuf> = OnceLock::new();
-    T.get_or_init(|| {
+/// The initdb'd template every cluster of `bin` is copied from.
+fn template(bin: &Path) -> PathBuf {
+    static T: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let mut made = T.lock().unwrap();
+    if let Some((_, data)) = made.iter().find(|(b, _)| b == bin) {
+        return data.clone();
+    }
+    let data = {
         let root = temp_dir("template");
         chown_to_server(&root);
         let data = root.join("data");
-        let mut c = pg_cmd("initdb");
+        let mut c = pg_cmd(bin, "initdb");
         c.arg("-D").arg(&data).args([
             "-U",
             "postgres",
@@ -109,18 +139,20 @@ fn template() -> &'static Path {
             "--no-sync",
         ]);
         run_ok(c, "initdb");
-        reaper(&root, None);
+        reaper(bin, &root, None);
         data
-    })
+    };
+    made.push((bin.to_path_buf(), data.clone()));
+    data
 }
 
 /// Starts a background process that, once this test process is gone, stops the
-/// server in `dir/data` (if any) and removes `dir`.
-pub(super) fn reaper(dir: &Path, data: Option<&Path>) {
+/// server in `dir/data` (if any, run from `bin`) and removes `dir`.
+pub(super) fn reaper(bin: &Path, dir: &Path, data: Option<&Path>) {
     let stop = match data {
         Some(d) => format!(
             "{} -D '{}' stop -m immediate -w >/dev/null 2>&1;",
-            pg_cmd_string("pg_ctl"),
+            pg_cmd_string(bin, "pg_ctl"),
             d.display()
         ),
         None => String::new(),
@@ -128,8 +160,8 @@ pub(super) fn reaper(dir: &Path, data: Option<&Path>) {
     reap_after_exit(&format!("{stop} rm -rf '{}'", dir.display()));
 }
 
-pub(super) fn pg_cmd_string(tool: &str) -> String {
-    let path = pg_bin_dir().join(tool);
+pub(super) fn pg_cmd_string(bin: &Path, tool: &str) -> String {
+    let path = bin.join(tool);
     match server_user() {
         Some(u) => format!("runuser -u {u} -- {}", path.display()),
         None => path.display().to_string(),
@@ -154,6 +186,8 @@ pub struct Cluster {
     pub socket_dir: PathBuf,
     pub port: u16,
     pub certs: Option<Certs>,
+    /// The server binaries it runs (see [`bin_dir`]).
+    pub bin: PathBuf,
 }
 
 impl Cluster {
@@ -170,17 +204,19 @@ impl Cluster {
             Role::Central => "central",
         });
         let data = root.join("data");
+        let bin = bin_dir(role);
         run_ok(
             {
                 let mut c = Command::new("cp");
-                c.arg("-a").arg(template()).arg(&data);
+                c.arg("-a").arg(template(&bin)).arg(&data);
                 c
             },
             "copy template",
         );
         let socket_dir = root.join("sock");
         std::fs::create_dir_all(&socket_dir).unwrap();
-        let certs = (role == Role::Central).then(|| Certs::generate(&root.join("certs")));
+        let certs =
+            (role == Role::Central && has_tls(&bin)).then(|| Certs::generate(&root.join("certs")));
         let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
              synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\n\
@@ -196,6 +232,10 @@ impl Cluster {
                     c.ca.display()
                 ));
                 "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n"
+            }
+            None if role == Role::Central => {
+                conf.push_str("password_encryption = 'scram-sha-256'\n");
+                "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n"
             }
             None => "local all all trust\nhost all all 127.0.0.1/32 trust\n",
         };
@@ -216,7 +256,7 @@ impl Cluster {
             std::fs::set_permissions(&c.server_key, std::fs::Permissions::from_mode(0o600))
                 .unwrap();
         }
-        reaper(&root, Some(&data));
+        reaper(&bin, &root, Some(&data));
         let mut cl = Cluster {
             role,
             root,
@@ -224,6 +264,7 @@ impl Cluster {
             socket_dir,
             port: 0,
             certs,
+            bin,
         };
         cl.port = free_port();
         cl.pg_ctl_start();
@@ -237,9 +278,15 @@ impl Cluster {
         cl
     }
 
+    /// Whether this is a central that serves TLS: all do but one whose binaries
+    /// were built without OpenSSL ([`has_tls`]).
+    pub fn serves_tls(&self) -> bool {
+        self.role == Role::Central && has_tls(&self.bin)
+    }
+
     /// `pg_ctl start` on this cluster's port.
     pub(super) fn start_cmd(&self) -> Command {
-        let mut c = pg_cmd("pg_ctl");
+        let mut c = pg_cmd(&self.bin, "pg_ctl");
         c.arg("-D")
             .arg(&self.data)
             .arg("-l")
@@ -270,7 +317,7 @@ impl Cluster {
 
     /// `pg_ctl stop` in shutdown `mode` (fast, immediate), waiting until it is down.
     pub(super) fn stop_cmd(&self, mode: &str) -> Command {
-        let mut c = pg_cmd("pg_ctl");
+        let mut c = pg_cmd(&self.bin, "pg_ctl");
         c.arg("-D").arg(&self.data).args(["-m", mode, "-w", "stop"]);
         c
     }

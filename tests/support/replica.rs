@@ -23,7 +23,7 @@ impl Cluster {
         let socket_dir = root.join("sock");
         std::fs::create_dir_all(&socket_dir).unwrap();
         chown_to_server(&root);
-        let mut c = pg_cmd("pg_basebackup");
+        let mut c = pg_cmd(&self.bin, "pg_basebackup");
         c.arg("-D")
             .arg(&data)
             .arg("-h")
@@ -49,7 +49,7 @@ impl Cluster {
         .unwrap();
         drop(f);
         chown_to_server(&root);
-        reaper(&root, Some(&data));
+        reaper(&self.bin, &root, Some(&data));
         let mut standby = Cluster {
             role: Role::Central,
             root,
@@ -57,6 +57,7 @@ impl Cluster {
             socket_dir,
             port: free_port(),
             certs: None,
+            bin: self.bin.clone(),
         };
         standby.pg_ctl_start();
         let mut s = standby.admin();
@@ -89,7 +90,7 @@ impl Cluster {
 
     /// `pg_ctl promote`: this standby becomes a primary that accepts writes.
     pub fn promote(&self) {
-        let mut c = pg_cmd("pg_ctl");
+        let mut c = pg_cmd(&self.bin, "pg_ctl");
         c.arg("-D").arg(&self.data).args(["-w", "promote"]);
         run_ok(c, "pg_ctl promote");
     }

@@ -81,6 +81,10 @@ impl Sandbox {
         if let Some(c) = &central.certs {
             set("POSTGRES_CLIENT_SSLROOTCERT", c.ca.display().to_string());
         }
+        if !central.serves_tls() {
+            // A central built without OpenSSL (CENTRAL_PG_BIN_DIR, for a benchmark).
+            set("POSTGRES_CLIENT_SSLMODE", "disable".into());
+        }
         set("LOG_TARGET", "stderr".into());
         set("LOG_LEVEL", "info".into());
         set("SYNC_INTERVAL_SECONDS", "1".into());
