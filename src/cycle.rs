@@ -139,8 +139,15 @@ fn unreachable_now(side: Side) -> Error {
 }
 
 /// Runs the three phases in order. Never fails as a whole: each phase's error is
-/// in its outcome. The caller began the cycle ([`Connections::begin_cycle`]).
-pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> CycleReport {
+/// in its outcome. The caller began the cycle ([`Connections::begin_cycle`]) and
+/// passes the queue's size if it counted it just before, so that the upload does
+/// not count it again (on a week's backlog a count is a scan of the whole queue).
+pub async fn run(
+    cfg: &Config,
+    conns: &mut Connections,
+    shutdown: &Shutdown,
+    mut queued: Option<i64>,
+) -> CycleReport {
     let start = Instant::now();
     let mut phases = Vec::with_capacity(Phase::ALL.len());
     for phase in Phase::ALL {
@@ -149,7 +156,12 @@ pub async fn run(cfg: &Config, conns: &mut Connections, shutdown: &Shutdown) -> 
         }
         crate::notify::alive();
         let t = Instant::now();
-        let result = run_phase(phase, cfg, conns, shutdown).await;
+        let counted = if matches!(phase, Phase::Upload) {
+            queued.take()
+        } else {
+            None
+        };
+        let result = run_phase(phase, cfg, conns, shutdown, counted).await;
         let duration = t.elapsed();
         let outcome = match result {
             Ok(r) => {
@@ -203,6 +215,7 @@ async fn run_phase(
     cfg: &Config,
     conns: &mut Connections,
     shutdown: &Shutdown,
+    queued: Option<i64>,
 ) -> Result<PhaseResult> {
     conns
         .ensure_local(cfg, shutdown)
@@ -220,7 +233,7 @@ async fn run_phase(
         unreachable!("both connections were just ensured");
     };
     match phase {
-        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown).await,
+        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown, queued).await,
         Phase::Meters => download::sync_table(Downloaded::Meters, cfg, local, central).await,
         Phase::Tenant => download::sync_table(Downloaded::Tenants, cfg, local, central).await,
     }

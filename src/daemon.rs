@@ -68,16 +68,15 @@ impl Gateway {
     async fn turn(&mut self, cfg: &Config, shutdown: &Shutdown) -> Turn {
         self.conns.begin_cycle();
         self.heartbeat.cycle_started();
-        tokio::select! {
-            ready = prepare(cfg, &mut self.conns, shutdown) => {
-                if let Err(t) = ready {
-                    return t;
-                }
-            }
+        let queued = tokio::select! {
+            ready = prepare(cfg, &mut self.conns, shutdown) => match ready {
+                Ok(queued) => queued,
+                Err(t) => return t,
+            },
             _ = shutdown.requested() => return Turn::Abandoned,
-        }
+        };
         let turn = tokio::select! {
-            report = cycle::run(cfg, &mut self.conns, shutdown) => Turn::Ran(report),
+            report = cycle::run(cfg, &mut self.conns, shutdown, queued) => Turn::Ran(report),
             _ = grace_expired(shutdown, shutdown_grace(cfg)) => Turn::Abandoned,
         };
         if let Turn::Ran(report) = &turn {
@@ -128,12 +127,12 @@ impl Gateway {
 }
 
 /// Opens the local connection with the cycle lock (see [`Connections::ensure_local`])
-/// and logs the queue size.
+/// and logs the queue size, which it returns for the upload (None if uncounted).
 async fn prepare(
     cfg: &Config,
     conns: &mut Connections,
     shutdown: &Shutdown,
-) -> std::result::Result<(), Turn> {
+) -> std::result::Result<Option<i64>, Turn> {
     conns
         .ensure_local(cfg, shutdown)
         .await
@@ -142,18 +141,21 @@ async fn prepare(
             NoLocal::Busy(holder) => Turn::Busy(holder),
         })?;
     let Some(local) = conns.local() else {
-        return Ok(());
+        return Ok(None);
     };
     match crate::upload::queue_counts(local).await {
-        Ok((pending, quarantined)) => log::info!(
-            "cycle started; queue: {pending} reading(s) waiting, {quarantined} quarantined"
-        ),
+        Ok((pending, quarantined)) => {
+            log::info!(
+                "cycle started; queue: {pending} reading(s) waiting, {quarantined} quarantined"
+            );
+            Ok(Some(pending))
+        }
         Err(e) => {
             log::warn!("cycle started; queue size unknown: {e}");
             conns.drop_if_lost(&e);
+            Ok(None)
         }
     }
-    Ok(())
 }
 
 /// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.

@@ -194,6 +194,9 @@ async fn prep(db: &Db, what: &str, sql: String) -> Result<Statement> {
     db.timed(what, db.client().prepare(&sql)).await
 }
 
+/// Why a drain stopped early with readings still queued.
+const BUDGET_SPENT: &str = "time budget spent";
+
 /// What the drain has done so far.
 #[derive(Default)]
 struct Tally {
@@ -275,16 +278,25 @@ struct Ctx<'a> {
 /// flight are done: the readings stay queued for the next cycle. Only a rejection
 /// that may be about the data is isolated and quarantined (see [`is_row_rejection`]
 /// and `verdict.rs`).
+///
+/// `queued` is the queue's size if the cycle counted it as it started; the drain
+/// counts it only when not, and afterwards only when it stopped at its time budget
+/// (each count is a scan of the whole queue, seconds on a gateway with a week's
+/// backlog; the heartbeat and the metrics file count it after the cycle anyway).
 pub async fn drain(
     cfg: &Config,
     local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
+    queued: Option<i64>,
 ) -> Result<PhaseResult> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
     purge_retained(local, cfg.upload_retain).await;
-    let queued = count_pending(local).await?;
+    let queued = match queued {
+        Some(n) => n,
+        None => count_pending(local).await?,
+    };
     // At info only when there is something to do: the cycle's start line has the
     // queue size already, and an idle cycle should cost two info lines.
     let level = if queued > 0 {
@@ -342,7 +354,7 @@ pub async fn drain(
             if shutdown.is_requested() {
                 stopped = Some("shutdown requested");
             } else if start.elapsed() >= cfg.upload_time_budget {
-                stopped = Some("time budget spent");
+                stopped = Some(BUDGET_SPENT);
             }
         }
         let may_start = stopped.is_none() && failure.is_none();
@@ -454,17 +466,22 @@ pub async fn drain(
         );
         return Err(e);
     }
-    let remaining = count_pending(local).await?;
     let mut summary = format!(
-        "uploaded {} in {} batches, {} quarantined, {} remaining",
-        total.delivered, total.batches, quarantined, remaining
+        "uploaded {} in {} batches, {} quarantined",
+        total.delivered, total.batches, quarantined
     );
     if total.already > 0 {
         summary.push_str(&format!("; {} were already in central", total.already));
     }
-    if let Some(why) = stopped {
-        log::info!("upload: {why}; {remaining} reading(s) left for the next cycle");
-        summary.push_str(&format!("; stopped: {why}"));
+    match stopped {
+        Some(why) if why == BUDGET_SPENT => {
+            let remaining = count_pending(local).await?;
+            log::info!("upload: {why}; {remaining} reading(s) left for the next cycle");
+            summary.push_str(&format!("; stopped: {why}, {remaining} remaining"));
+        }
+        // No count on the way out: the stop has a deadline.
+        Some(why) => summary.push_str(&format!("; stopped: {why}")),
+        None => {}
     }
     Ok(PhaseResult {
         records: total.delivered,

@@ -254,6 +254,29 @@ fn a_reading_written_behind_the_pass_during_the_drain_is_uploaded_in_the_same_cy
     );
 }
 
+/// Counting the queue is a scan of all of it (seconds on a gateway with a week's
+/// backlog), so a cycle that drains it counts it twice: as it starts (the start
+/// line, which the upload reuses) and after it (heartbeat and metrics file), not
+/// again at the upload's start and end.
+#[test]
+fn a_cycle_that_drains_its_queue_counts_it_once_before_and_once_after() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 100).set("LOG_LEVEL", "debug");
+    s.insert_readings(500);
+
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let log = run.all();
+    assert!(log.contains("upload: 500 reading(s) queued"), "{log}");
+    assert_eq!(s.local_count("meter_readings"), 0);
+    // The driver logs every statement it prepares at debug.
+    let counts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("preparing query") && l.contains("count(*)"))
+        .collect();
+    assert_eq!(counts.len(), 2, "{counts:#?}");
+}
+
 /// The local delete of a batch central has committed does not wait for the
 /// gateway's WAL flush (a lost delete is a re-send, P4): against a local server
 /// that flushes at every commit that asks for it, as a gateway's does, draining
