@@ -188,6 +188,8 @@ pub struct Cluster {
     pub certs: Option<Certs>,
     /// The server binaries it runs (see [`bin_dir`]).
     pub bin: PathBuf,
+    /// A central serving TLS: all but one whose binaries lack OpenSSL ([`has_tls`]).
+    pub(super) tls: bool,
 }
 
 impl Cluster {
@@ -215,8 +217,8 @@ impl Cluster {
         );
         let socket_dir = root.join("sock");
         std::fs::create_dir_all(&socket_dir).unwrap();
-        let certs =
-            (role == Role::Central && has_tls(&bin)).then(|| Certs::generate(&root.join("certs")));
+        let tls = role == Role::Central && has_tls(&bin);
+        let certs = tls.then(|| Certs::generate(&root.join("certs")));
         let mut conf = format!(
             "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n\
              synchronous_commit = off\nfull_page_writes = off\nmax_connections = 300\nshared_buffers = 32MB\n\
@@ -265,6 +267,7 @@ impl Cluster {
             port: 0,
             certs,
             bin,
+            tls,
         };
         cl.port = free_port();
         cl.pg_ctl_start();
@@ -281,7 +284,7 @@ impl Cluster {
     /// Whether this is a central that serves TLS: all do but one whose binaries
     /// were built without OpenSSL ([`has_tls`]).
     pub fn serves_tls(&self) -> bool {
-        self.role == Role::Central && has_tls(&self.bin)
+        self.tls
     }
 
     /// `pg_ctl start` on this cluster's port.

@@ -58,6 +58,8 @@ impl Cluster {
             port: free_port(),
             certs: None,
             bin: self.bin.clone(),
+            // Its configuration is the primary's copy, TLS included.
+            tls: self.serves_tls(),
         };
         standby.pg_ctl_start();
         let mut s = standby.admin();
