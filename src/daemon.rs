@@ -121,7 +121,9 @@ impl Gateway {
         }
         write_metrics(cfg, m);
         if let (Turn::Ran(_), Some(local)) = (turn, conns.local()) {
-            self.retention.maybe_prune(cfg, local, shutdown).await;
+            if let Some(e) = self.retention.maybe_prune(cfg, local, shutdown).await {
+                conns.drop_if_lost(&e);
+            }
         }
     }
 }

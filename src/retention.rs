@@ -13,7 +13,7 @@
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::lock::LockedLocal;
 use crate::shutdown::Shutdown;
 
@@ -38,11 +38,18 @@ impl Schedule {
     }
 
     /// Runs a pass if one is due. Failures are logged (a warning: the cycle
-    /// itself went fine) and retried at the next cycle.
-    pub async fn maybe_prune(&mut self, cfg: &Config, local: &LockedLocal, shutdown: &Shutdown) {
+    /// itself went fine) and retried at the next cycle; the error is returned so
+    /// that the caller drops a connection it lost (a timed-out round trip leaves
+    /// the connection unusable, and the next cycle would wait on it again).
+    pub async fn maybe_prune(
+        &mut self,
+        cfg: &Config,
+        local: &LockedLocal,
+        shutdown: &Shutdown,
+    ) -> Option<Error> {
         let now = Instant::now();
         if cfg.sync_logs_retain_days == 0 || !self.due(now) {
-            return;
+            return None;
         }
         match prune(local, cfg.sync_logs_retain_days, shutdown).await {
             Ok((deleted, backlog)) => {
@@ -53,10 +60,12 @@ impl Schedule {
                     cfg.sync_logs_retain_days,
                     if backlog { "; more next cycle" } else { "" }
                 );
+                None
             }
             Err(e) => {
                 self.last = Some(now);
                 log::warn!("sync_logs retention: {e}");
+                Some(e)
             }
         }
     }
