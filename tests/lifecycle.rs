@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::notify::Notifications;
-use support::proxy::Proxy;
+use support::proxy::{Action, Aim, Proxy, When};
 use support::{wait_until, Cluster, Role, Sandbox};
 
 const SIGTERM: i32 = 15;
@@ -425,6 +425,65 @@ fn p18_blackholed_link_bounded_and_watchdog_fed() {
         "watchdog silent for {gap:?} while a round trip hung"
     );
     proxy.pass();
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+}
+
+/// P18: a local link that goes silent while the daemon prunes sync_logs after a
+/// cycle costs one query timeout. The timed-out connection is dropped, so the next
+/// cycle does not wait on it again: it reconnects and finds the link down.
+#[test]
+fn a_link_silent_during_housekeeping_is_dropped_not_waited_on_again() {
+    let _g = support::heavy_lock();
+    let mut s = Sandbox::new();
+    let proxy = Proxy::start(
+        format!("127.0.0.1:{}", s.local_cluster().port)
+            .parse()
+            .unwrap(),
+    );
+    s.set("POSTGRES_SYNC_PORT", proxy.port());
+    s.set("DB_QUERY_TIMEOUT_MS", 1500);
+    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
+    s.set("MAX_CONNECTION_RETRIES", 1);
+    // The first cycle's housekeeping prunes sync_logs (SYNC_LOGS_RETAIN_DAYS 30).
+    proxy.arm(
+        Aim::Statement("DELETE FROM sync_logs"),
+        When::Before,
+        Action::Blackhole,
+        0,
+    );
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(15), || d
+            .log_text()
+            .contains("sync_logs retention")),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log_text()
+            .contains("cycle skipped")),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let after = &log[log.find("sync_logs retention").unwrap()..];
+    assert!(
+        !after.contains("queue size unknown"),
+        "the next cycle waited on the dead connection again:\n{log}"
+    );
+    proxy.pass();
+    let finished = log.matches("cycle finished").count();
+    assert!(
+        wait_until(Duration::from_secs(15), || d
+            .log_text()
+            .matches("cycle finished")
+            .count()
+            > finished),
+        "{}",
+        d.log_text()
+    );
     d.signal(SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
 }

@@ -90,6 +90,8 @@ pub enum Aim {
     /// (in an explicit transaction, the one that answers its COMMIT): the commit's
     /// acknowledgement.
     Commit(u64),
+    /// Client to server: a Parse or simple Query whose SQL contains this text.
+    Statement(&'static str),
 }
 
 /// Before: the message is not delivered (the action comes first). After: it is delivered, then
@@ -107,6 +109,8 @@ pub enum Action {
     Cut,
     /// SIGKILL this process (the daemon), then kill the connection.
     Kill(i32),
+    /// Hold every chunk from here on, this one included, as [`Proxy::blackhole`] does.
+    Blackhole,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -448,11 +452,14 @@ fn pump(sh: &Shared, conn: &Conn, dir: Dir) {
         queue.bytes += n;
         match hit {
             Some((at, action)) => {
-                queue.chunks.push_back(Chunk {
-                    due,
-                    bytes: buf[..at].to_vec(),
-                    act: None,
-                });
+                // An empty chunk would be an EOF.
+                if at > 0 {
+                    queue.chunks.push_back(Chunk {
+                        due,
+                        bytes: buf[..at].to_vec(),
+                        act: None,
+                    });
+                }
                 queue.chunks.push_back(Chunk {
                     due,
                     bytes: buf[at..n].to_vec(),
@@ -497,6 +504,13 @@ fn deliver(sh: &Shared, conn: &Conn, dir: Dir) {
         queue.bytes -= chunk.bytes.len();
         pipe.cv.notify_all(); // the reader may be waiting for queue space
         drop(queue);
+        if let Some(Action::Blackhole) = chunk.act {
+            sh.blackhole.store(true, SeqCst);
+            queue = lock(&pipe.queue);
+            queue.bytes += chunk.bytes.len();
+            queue.chunks.push_front(Chunk { act: None, ..chunk });
+            continue;
+        }
         if let Some(action) = chunk.act {
             if let Action::Kill(pid) = action {
                 // SIGKILL takes effect before the process runs another instruction of its
@@ -695,6 +709,22 @@ impl Scan {
                 .to_ascii_uppercase();
             s.starts_with("INSERT INTO METER_READINGS") || s.starts_with("COPY METER_READINGS")
         };
+        if matches!((self.dir, self.ty), (Dir::Up, b'P' | b'Q')) {
+            let armed = *lock(&sh.armed);
+            if let Some(Aimed {
+                aim: Aim::Statement(text),
+                ..
+            }) = armed
+            {
+                let sql = match self.ty {
+                    b'P' => &self.body[cstr(&self.body).1..],
+                    _ => &self.body[..],
+                };
+                if String::from_utf8_lossy(sql).contains(text) {
+                    return self.fire(Aim::Statement(text), start, end, sh);
+                }
+            }
+        }
         let just = self.just.take();
         let event = match (self.dir, self.ty) {
             (Dir::Up, b'P') => {
@@ -768,6 +798,7 @@ impl Scan {
             (Aim::Complete(min), Aim::Complete(rows)) => rows >= min,
             (Aim::Commit(min), Aim::Commit(rows)) => rows >= min,
             (Aim::Done(min), Aim::Done(rows)) => rows >= min,
+            (Aim::Statement(want), Aim::Statement(seen)) => want == seen,
             _ => false,
         };
         if !matches {
