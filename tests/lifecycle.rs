@@ -375,12 +375,9 @@ fn p11_lock_is_retaken_after_a_local_reconnect() {
     assert!(running(), "{}", d.log_text());
 }
 
-/// P18 + P15: a local link that goes silent (the proxy holds every packet, no
-/// RST). The round trip in flight is given up after DB_QUERY_TIMEOUT_MS, the
-/// cycle ends, and the watchdog is fed all the while.
-#[test]
-fn p18_blackholed_link_bounded_and_watchdog_fed() {
-    let _g = support::heavy_lock();
+/// A sandbox whose local connection goes through a proxy, with short timeouts: a
+/// query is given up after 1.5 s, a connection attempt after 1 s, and not retried.
+fn local_via_proxy() -> (Sandbox, Proxy) {
     let mut s = Sandbox::new();
     let proxy = Proxy::start(
         format!("127.0.0.1:{}", s.local_cluster().port)
@@ -391,6 +388,16 @@ fn p18_blackholed_link_bounded_and_watchdog_fed() {
     s.set("DB_QUERY_TIMEOUT_MS", 1500);
     s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
     s.set("MAX_CONNECTION_RETRIES", 1);
+    (s, proxy)
+}
+
+/// P18 + P15: a local link that goes silent (the proxy holds every packet, no
+/// RST). The round trip in flight is given up after DB_QUERY_TIMEOUT_MS, the
+/// cycle ends, and the watchdog is fed all the while.
+#[test]
+fn p18_blackholed_link_bounded_and_watchdog_fed() {
+    let _g = support::heavy_lock();
+    let (mut s, proxy) = local_via_proxy();
     let n = Notifications::bind(&s.dir);
     with_notify(&mut s, &n, 2_000_000);
     let mut d = s.spawn(&["run"]);
@@ -435,16 +442,7 @@ fn p18_blackholed_link_bounded_and_watchdog_fed() {
 #[test]
 fn a_link_silent_during_housekeeping_is_dropped_not_waited_on_again() {
     let _g = support::heavy_lock();
-    let mut s = Sandbox::new();
-    let proxy = Proxy::start(
-        format!("127.0.0.1:{}", s.local_cluster().port)
-            .parse()
-            .unwrap(),
-    );
-    s.set("POSTGRES_SYNC_PORT", proxy.port());
-    s.set("DB_QUERY_TIMEOUT_MS", 1500);
-    s.set("DB_CONNECTION_TIMEOUT_MS", 1000);
-    s.set("MAX_CONNECTION_RETRIES", 1);
+    let (s, proxy) = local_via_proxy();
     // The first cycle's housekeeping prunes sync_logs (SYNC_LOGS_RETAIN_DAYS 30).
     proxy.arm(
         Aim::Statement("DELETE FROM sync_logs"),
