@@ -451,20 +451,8 @@ fn a_link_silent_during_housekeeping_is_dropped_not_waited_on_again() {
         0,
     );
     let mut d = s.spawn(&["run"]);
-    assert!(
-        wait_until(Duration::from_secs(15), || d
-            .log_text()
-            .contains("sync_logs retention")),
-        "{}",
-        d.log_text()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), || d
-            .log_text()
-            .contains("cycle skipped")),
-        "{}",
-        d.log_text()
-    );
+    d.wait_log("sync_logs retention", Duration::from_secs(15));
+    d.wait_log("cycle skipped", Duration::from_secs(10));
     let log = d.log_text();
     let after = &log[log.find("sync_logs retention").unwrap()..];
     assert!(
