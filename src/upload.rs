@@ -194,8 +194,21 @@ async fn prep(db: &Db, what: &str, sql: String) -> Result<Statement> {
     db.timed(what, db.client().prepare(&sql)).await
 }
 
-/// Why a drain stopped early with readings still queued.
-const BUDGET_SPENT: &str = "time budget spent";
+/// Why a drain stopped before the end of the queue, with readings still queued.
+enum Stop {
+    Shutdown,
+    /// `UPLOAD_TIME_BUDGET_SECONDS` spent.
+    Budget,
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stop::Shutdown => "shutdown requested",
+            Stop::Budget => "time budget spent",
+        })
+    }
+}
 
 /// What the drain has done so far.
 #[derive(Default)]
@@ -334,7 +347,7 @@ pub async fn drain(
 
     let mut total = Tally::default();
     let mut failure: Option<Error> = None;
-    let mut stopped: Option<&str> = None;
+    let mut stopped: Option<Stop> = None;
     // Where the next selection starts: after the last reading read. None starts from
     // the oldest reading, which is how each pass begins.
     let mut key: Option<(Option<Bytes>, i64)> = None;
@@ -352,9 +365,9 @@ pub async fn drain(
     loop {
         if stopped.is_none() && failure.is_none() {
             if shutdown.is_requested() {
-                stopped = Some("shutdown requested");
+                stopped = Some(Stop::Shutdown);
             } else if start.elapsed() >= cfg.upload_time_budget {
-                stopped = Some(BUDGET_SPENT);
+                stopped = Some(Stop::Budget);
             }
         }
         let may_start = stopped.is_none() && failure.is_none();
@@ -474,13 +487,13 @@ pub async fn drain(
         summary.push_str(&format!("; {} were already in central", total.already));
     }
     match stopped {
-        Some(why) if why == BUDGET_SPENT => {
+        Some(why @ Stop::Budget) => {
             let remaining = count_pending(local).await?;
             log::info!("upload: {why}; {remaining} reading(s) left for the next cycle");
             summary.push_str(&format!("; stopped: {why}, {remaining} remaining"));
         }
         // No count on the way out: the stop has a deadline.
-        Some(why) => summary.push_str(&format!("; stopped: {why}")),
+        Some(why @ Stop::Shutdown) => summary.push_str(&format!("; stopped: {why}")),
         None => {}
     }
     Ok(PhaseResult {
