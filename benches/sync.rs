@@ -333,12 +333,15 @@ fn drain(k: &Knobs, rss_out: &mut Vec<(usize, u64)>) -> String {
         .query_one("SHOW server_version", &[])
         .map(|r| r.get(0))
         .unwrap_or_default();
-    let _ =
-        writeln!(
+    let tls = if s.central_cluster().serves_tls() {
+        "TLS"
+    } else {
+        "without TLS"
+    };
+    let _ = writeln!(
         o,
-        "### Drain {} readings, local → central (PostgreSQL {central_version}, {}), median of {}\n",
+        "### Drain {} readings, local → central (PostgreSQL {central_version}, {tls}), median of {}\n",
         group(n),
-        if s.central_cluster().serves_tls() { "TLS" } else { "without TLS" },
         k.reps
     );
     let _ = writeln!(
@@ -551,12 +554,11 @@ fn copy_pipe(s: &Sandbox, work: &str) -> (f64, f64) {
         "host=127.0.0.1 port={} dbname={work} user=postgres",
         env["POSTGRES_SYNC_PORT"]
     );
-    // TLS as the daemon's connection: verify-full, or none to a central built without it.
+    // TLS as the daemon's connection: verify-full, or none to a central built without
+    // it (the sandbox names a root certificate only for a central that serves TLS).
     let tls = match env.get("POSTGRES_CLIENT_SSLROOTCERT") {
-        Some(ca) if s.central_cluster().serves_tls() => {
-            format!("sslmode=verify-full sslrootcert={ca}")
-        }
-        _ => "sslmode=disable".to_string(),
+        Some(ca) => format!("sslmode=verify-full sslrootcert={ca}"),
+        None => "sslmode=disable".to_string(),
     };
     let dst = format!(
         "host={} port={} dbname={} user=postgres {tls}",

@@ -146,7 +146,7 @@ pub async fn run(
     cfg: &Config,
     conns: &mut Connections,
     shutdown: &Shutdown,
-    mut queued: Option<i64>,
+    queued: Option<i64>,
 ) -> CycleReport {
     let start = Instant::now();
     let mut phases = Vec::with_capacity(Phase::ALL.len());
@@ -156,11 +156,7 @@ pub async fn run(
         }
         crate::notify::alive();
         let t = Instant::now();
-        let counted = if matches!(phase, Phase::Upload) {
-            queued.take()
-        } else {
-            None
-        };
+        let counted = queued.filter(|_| matches!(phase, Phase::Upload));
         let result = run_phase(phase, cfg, conns, shutdown, counted).await;
         let duration = t.elapsed();
         let outcome = match result {
