@@ -709,29 +709,23 @@ impl Scan {
                 .to_ascii_uppercase();
             s.starts_with("INSERT INTO METER_READINGS") || s.starts_with("COPY METER_READINGS")
         };
-        if matches!((self.dir, self.ty), (Dir::Up, b'P' | b'Q')) {
+        // The armed statement, if this SQL contains its text.
+        let names_armed = |sql: &[u8]| {
             let armed = *lock(&sh.armed);
-            if let Some(Aimed {
-                aim: Aim::Statement(text),
-                ..
-            }) = armed
-            {
-                let sql = match self.ty {
-                    b'P' => &self.body[cstr(&self.body).1..],
-                    _ => &self.body[..],
-                };
-                if String::from_utf8_lossy(sql).contains(text) {
-                    return self.fire(Aim::Statement(text), start, end, sh);
+            match armed?.aim {
+                Aim::Statement(text) if String::from_utf8_lossy(sql).contains(text) => {
+                    Some(Aim::Statement(text))
                 }
+                _ => None,
             }
-        }
+        };
         let just = self.just.take();
         let event = match (self.dir, self.ty) {
             (Dir::Up, b'P') => {
                 let (name, at) = cstr(&self.body);
-                let is = inserts_readings(&self.body[at..]);
-                self.inserts.insert(name, is);
-                None
+                let sql = &self.body[at..];
+                self.inserts.insert(name, inserts_readings(sql));
+                names_armed(sql)
             }
             (Dir::Up, b'B') => {
                 let (_, at) = cstr(&self.body);
@@ -742,7 +736,8 @@ impl Scan {
                     .unwrap_or(false)
                     .then_some(Aim::Insert)
             }
-            (Dir::Up, b'Q') => inserts_readings(&self.body).then_some(Aim::Insert),
+            (Dir::Up, b'Q') => names_armed(&self.body)
+                .or_else(|| inserts_readings(&self.body).then_some(Aim::Insert)),
             (Dir::Down, b'C') => {
                 let (tag, _) = cstr(&self.body);
                 let tag = String::from_utf8_lossy(&tag).to_string();
