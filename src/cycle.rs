@@ -113,9 +113,11 @@ impl Connections {
         }
     }
 
-    /// Closes both connections (dropping a client sends Terminate).
-    pub fn close(&mut self) {
-        self.local = None;
+    /// Closes both connections, the local one after giving the cycle lock back.
+    pub async fn close(&mut self) {
+        if let Some(local) = self.local.take() {
+            local.release().await;
+        }
         self.central = None;
     }
 }

@@ -250,7 +250,7 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
         }
     }
     crate::notify::stopping();
-    gw.conns.close();
+    gw.conns.close().await;
     log::info!("meter-sync stopped");
     Ok(())
 }
@@ -273,7 +273,7 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
         Turn::Ran(_) | Turn::LocalDown(_) | Turn::Abandoned => {}
     }
     gw.after_turn(cfg, &shutdown, &turn).await;
-    gw.conns.close();
+    gw.conns.close().await;
     match turn {
         Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),
         Turn::LocalDown(e) => Err(e),

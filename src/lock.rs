@@ -5,10 +5,11 @@
 //! a `&mut LockedLocal`.
 
 use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::error::Result;
+use crate::error::{Result, Side};
 use crate::shutdown::Shutdown;
 
 /// The key of the session-level advisory lock: "metersyn" in ASCII. Advisory locks
@@ -18,9 +19,37 @@ const CYCLE_LOCK_KEY: i64 = 0x6d65_7465_7273_796e;
 
 /// A local connection whose session holds the cycle lock. The lock is held for as
 /// long as this connection lives (the daemon keeps it between cycles; `status`
-/// calls that "running") and the server releases it the moment the connection
-/// dies, however the process ended.
+/// calls that "running"). A process that ends on purpose gives it back
+/// ([`LockedLocal::release`]); for one that dies, the server releases it once its
+/// backend has noticed the closed connection.
 pub struct LockedLocal(Db);
+
+/// How long a process on its way out waits for the lock's release to be confirmed:
+/// a silent link must not hold up a stop for a whole `DB_QUERY_TIMEOUT_MS`, and the
+/// server releases the lock by itself once it notices the connection gone.
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
+
+impl LockedLocal {
+    /// Gives the cycle lock back and closes the connection. Closing alone leaves the
+    /// release to the server's backend, which notices the closed socket only after
+    /// this process may have exited: a `meter-sync once` started right after this
+    /// one ended would find the lock still held and refuse to run.
+    pub async fn release(self) {
+        // A simple query: one round trip, where a parameter would take two.
+        let sql = format!("SELECT pg_advisory_unlock({CYCLE_LOCK_KEY})");
+        let unlock = self.client().batch_execute(&sql);
+        if let Err(e) = crate::db::timed(
+            Side::Local,
+            RELEASE_WAIT,
+            "give the cycle lock back",
+            unlock,
+        )
+        .await
+        {
+            log::debug!("{e}; the server releases the lock when the connection closes");
+        }
+    }
+}
 
 impl Deref for LockedLocal {
     type Target = Db;

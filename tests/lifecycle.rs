@@ -391,6 +391,28 @@ fn local_via_proxy() -> (Sandbox, Proxy) {
     (s, proxy)
 }
 
+/// P11: a `once` that ends gives the cycle lock back before it exits, so a `once`
+/// started right after it runs. The local link delays every packet by 50 ms here,
+/// the closed socket's EOF included: a lock left for the server to release when it
+/// notices the disconnect is still held after the process has exited.
+#[test]
+fn once_gives_the_cycle_lock_back_before_it_exits() {
+    let (s, proxy) = local_via_proxy();
+    proxy.delay(Duration::from_millis(50));
+    // Connected beforehand: the look at pg_locks must come well within the 50 ms.
+    let mut local = s.local();
+    s.run(&["once"]).assert_ok();
+    let held: i64 = local
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 0, "the cycle lock outlived the process that held it");
+    s.run(&["once"]).assert_ok();
+}
+
 /// P18 + P15: a local link that goes silent (the proxy holds every packet, no
 /// RST). The round trip in flight is given up after DB_QUERY_TIMEOUT_MS, the
 /// cycle ends, and the watchdog is fed all the while.
