@@ -99,7 +99,9 @@ impl Gateway {
             Some(local) => match crate::heartbeat::queue_state(local).await {
                 Ok(q) => Some(q),
                 Err(e) => {
-                    log::debug!("queue after the cycle unknown: {e}");
+                    // Said, not debug: a link that went silent right after the cycle
+                    // shows here first, and the connection is dropped for it.
+                    log::warn!("queue after the cycle unknown: {e}");
                     conns.drop_if_lost(&e);
                     None
                 }

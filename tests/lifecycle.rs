@@ -415,7 +415,9 @@ fn once_gives_the_cycle_lock_back_before_it_exits() {
 
 /// P18 + P15: a local link that goes silent (the proxy holds every packet, no
 /// RST). The round trip in flight is given up after DB_QUERY_TIMEOUT_MS, the
-/// cycle ends, and the watchdog is fed all the while.
+/// cycle ends, and the watchdog is fed all the while. The silence may meet the
+/// next cycle or the queue count right after this one (CI met the latter once,
+/// when that timeout was logged at debug only): either way it is said.
 #[test]
 fn p18_blackholed_link_bounded_and_watchdog_fed() {
     let _g = support::heavy_lock();
