@@ -404,7 +404,9 @@ fn once_gives_the_cycle_lock_back_before_it_exits() {
     s.run(&["once"]).assert_ok();
     let held: i64 = local
         .query_one(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+            // This database's only: the other tests' daemons share the cluster.
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[],
         )
         .unwrap()
