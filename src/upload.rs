@@ -162,7 +162,9 @@ impl Keyset {
             after: prep(
                 local,
                 what,
-                format!("{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) {order}"),
+                format!(
+                    "{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3::int8) {order}"
+                ),
             )
             .await?,
         })
@@ -324,6 +326,7 @@ pub async fn drain(
             summary: "nothing to upload".into(),
         });
     }
+    check_central_key(central).await?;
     let st = Statements::prepare(local).await?;
     let ctx = Ctx {
         local,
@@ -1294,11 +1297,18 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
                 .await?
         }
         Some(ids) => {
+            // `requeue 7 7` releases one reading, and is no warning.
+            let ids: Vec<i64> = ids
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let n = local
                 .execute(
                     "requeue quarantined readings",
                     "UPDATE meter_readings SET sync_error = NULL \
-                     WHERE sync_error IS NOT NULL AND id = ANY($1)",
+                     WHERE sync_error IS NOT NULL AND id = ANY($1::int8[])",
                     &[&ids],
                 )
                 .await?;
@@ -1316,6 +1326,42 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
     Ok(n)
 }
 
+/// Fails the phase, readings queued, when central's `meter_readings` lacks the unique
+/// key on (`reading_uid`, `timestamp`). COPY never needs it, so without this a table
+/// an operator created by hand without it would take every resent batch (after a
+/// crash between central's commit and the local delete, or `resend`) a second time,
+/// silently; the fallback's `ON CONFLICT` needs exactly that key. Once per connection.
+async fn check_central_key(central: &Db) -> Result<()> {
+    if central.upload_table_checked() {
+        return Ok(());
+    }
+    let row = central
+        .query_one(
+            "check central's unique key",
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_index i
+                 WHERE i.indrelid = 'meter_readings'::regclass
+                   AND i.indisunique AND i.indpred IS NULL AND i.indnkeyatts = 2
+                   AND ARRAY(SELECT a.attname::text
+                             FROM pg_attribute a
+                             WHERE a.attrelid = i.indrelid
+                               AND a.attnum = ANY ((i.indkey::int2[])[0:1])
+                             ORDER BY 1) = ARRAY['reading_uid', 'timestamp'])",
+            &[],
+        )
+        .await?;
+    if !cell::<bool>(&row, 0, "check central's unique key")? {
+        return Err(Error::new(
+            Kind::Other,
+            "central: meter_readings has no unique key on (reading_uid, \"timestamp\"); \
+             uploads wait, since without it a reading sent twice would be stored twice \
+             (docs/central.md)",
+        ));
+    }
+    central.mark_upload_table_checked();
+    Ok(())
+}
+
 /// Deletes retained readings whose resend window (`UPLOAD_RETAIN_HOURS`, counted
 /// from the upload) is over, [`PURGE_BATCH`] at a time and at most [`PURGE_ROUNDS`]
 /// statements per cycle. With no window, whatever an earlier window retained goes.
@@ -1328,11 +1374,16 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
         let n = match local
             .execute(
                 "purge retained readings",
+                // The condition twice: a row that `resend` queues again while this
+                // waits for its lock is re-checked against the outer one only
+                // (PostgreSQL's EvalPlanQual), and must then stay.
                 "DELETE FROM meter_readings WHERE id IN (
                      SELECT id FROM meter_readings
                      WHERE is_synchronized AND synced_at IS NOT NULL
                        AND synced_at < now() - make_interval(secs => $1::float8)
-                     LIMIT $2)",
+                     LIMIT $2)
+                   AND is_synchronized AND synced_at IS NOT NULL
+                   AND synced_at < now() - make_interval(secs => $1::float8)",
                 &[&secs, &PURGE_BATCH],
             )
             .await
