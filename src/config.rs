@@ -484,7 +484,10 @@ impl Checker {
         }
         // Not echoed: what does not look like a host is often a connection string
         // or URL with its password in it, and this line goes to the journal.
-        if let Some(i) = hosts.iter().position(|h| !h.is_empty() && !plausible_host(h)) {
+        if let Some(i) = hosts
+            .iter()
+            .position(|h| !h.is_empty() && !plausible_host(h))
+        {
             let which = if hosts.len() > 1 {
                 format!("entry {} of its list", i + 1)
             } else {
@@ -990,6 +993,7 @@ mod tests {
             raw: BTreeMap::new(),
             errors: Vec::new(),
             shown: BTreeMap::new(),
+            unreadable: Vec::new(),
         };
         assert_eq!(
             c.gateway_id(Some("0123abcd".into()), Some("host".into())),
@@ -1047,7 +1051,14 @@ mod tests {
             (ENV_UPLOAD_PIPELINE_DEPTH, "1")
         ]))
         .is_ok());
-        let errs = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12501")])).unwrap_err();
+        // Unset, the depth fits the batch size (SPEC §3 allows it up to 100000).
+        let c = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12501")])).unwrap();
+        assert_eq!(c.upload_pipeline_depth, 7);
+        let errs = Config::from_vars(vars(&[
+            (ENV_BATCH_SIZE, "12501"),
+            (ENV_UPLOAD_PIPELINE_DEPTH, "8"),
+        ]))
+        .unwrap_err();
         assert_eq!(errs.len(), 1);
         let msg = errs[0].to_string();
         assert!(

@@ -3,8 +3,8 @@
 //! and the operation in every error.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
