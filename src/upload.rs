@@ -891,7 +891,8 @@ async fn settle(
 /// is left stays queued, and the drain fails with the reason.
 ///
 /// Finding k bad readings among n costs about 16·k·log16(n) statements in
-/// log16(n) round trips; a central fault costs about 40 statements.
+/// log16(n) round trips; a central fault costs about 55 statements (16 of them to
+/// ask about the newest readings, see [`refuses_the_newest`]).
 async fn isolate(
     ctx: &Ctx<'_>,
     seq: u64,
