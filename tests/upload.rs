@@ -813,6 +813,96 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     assert_eq!(s.local_count("meter_readings"), 0);
 }
 
+/// P24 when the collector writes each meter's readings as a block: 30 readings of
+/// meter-a on the last day of last month, then 100 of meter-a this month, then 100
+/// of meter-b this month 30 s after meter-a's. In queue order (timestamp, id) this
+/// month's readings alternate between the two blocks of ids (31, 131, 32, 132, …),
+/// so no two refused readings have consecutive ids. Central has no partition for
+/// this month: last month's readings arrive, none is quarantined, this month's stay
+/// queued and the phase fails saying why. (Found in review: 100 were quarantined.)
+#[test]
+fn p24_no_partition_with_interleaved_ids_quarantines_nothing() {
+    let mut s = Sandbox::empty();
+    s.set("BATCH_SIZE", 100);
+    let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()) - interval '1 month',
+                            date_trunc('month', now()));
+         END $$;",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-a', date_trunc('month', now()) - make_interval(secs => 60 * (31 - g)), g, 'kWh'
+             FROM generate_series(1, 30) g ORDER BY g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-a', date_trunc('month', now()) + make_interval(secs => 60 * g), g, 'kWh'
+             FROM generate_series(0, 99) g ORDER BY g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-b', date_trunc('month', now()) + make_interval(secs => 60 * g + 30), g, 'kWh'
+             FROM generate_series(0, 99) g ORDER BY g;",
+    )
+    .unwrap();
+    // The premise: this month's readings interleave two blocks of ids.
+    let ids: Vec<i64> = l
+        .query(
+            "SELECT id FROM meter_readings WHERE \"timestamp\" >= date_trunc('month', now())
+             ORDER BY \"timestamp\", id LIMIT 4",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [31, 131, 32, 132]);
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("23514") && err.contains("nothing quarantined"),
+        "{err}\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("nothing quarantined") && run.stderr.contains("23514"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
+    assert!(run.stderr.contains("0 quarantined"), "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(
+        s.local_count(
+            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
+        ),
+        200,
+        "this month's readings stay queued"
+    );
+    assert_eq!(s.local_count("meter_readings"), 200);
+
+    // The operator adds the partition: everything arrives, exactly once.
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
+         END $$;",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 230);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
 /// P24: a NOT NULL column added centrally refuses every reading alike (23502).
 #[test]
 fn p24_a_new_not_null_column_centrally_quarantines_nothing() {
@@ -991,6 +1081,30 @@ fn p24_quarantines_per_cycle_are_capped() {
     assert_eq!(quarantined(&mut l).len(), 110);
     assert_eq!(s.local_count("meter_readings"), 110);
     assert_eq!(s.central_count("meter_readings"), 1040);
+}
+
+/// P24: poison readings left over past the cap stand in a row at the head of the
+/// next cycle's queue, whole batches of them refused alike, like central refusing
+/// everything. The newest readings, which central takes, tell them apart: they are
+/// quarantined (up to the cap), not held as central's fault, and the queue behind
+/// them moves. (What consecutive ids used to protect.)
+#[test]
+fn p24_leftovers_past_the_cap_are_not_taken_for_centrals_fault() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 50);
+    let mut l = poisoned(&s, 2000, "id % 10 = 0");
+    let run = s.run(&["once"]);
+    assert!(!last_upload_log(&s).0, "{}", run.stderr);
+    assert_eq!(quarantined(&mut l).len(), 100);
+    assert_eq!(s.central_count("meter_readings"), 1800);
+
+    support::insert_readings(&mut l, 50, 5000);
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(!run.stderr.contains("central's"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l).len(), 200, "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 1850);
+    assert_eq!(s.local_count("meter_readings"), 200);
 }
 
 /// P7 with many poison readings: a broken meter among five (every fifth reading
