@@ -205,7 +205,10 @@ fn plan(t: &Table, s: &Settings, local: Local) -> Plan {
         remember,
     };
     match local {
-        Local::NoTable => full("no local download_watermark table", false),
+        Local::NoTable => full(
+            "no local download_watermark table, or one without migration 0004",
+            false,
+        ),
         Local::None => full("no watermark yet", true),
         Local::Saved(_) if !t.reconciled.load(Ordering::Relaxed) => {
             full("first download since start", true)
