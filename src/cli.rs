@@ -173,7 +173,8 @@ pub fn parse_since(s: &str) -> Result<String, &'static str> {
         30,
         31,
     ];
-    if !(1..=12).contains(&month) || day < 1 || day > days[month as usize - 1] {
+    // PostgreSQL counts 1 BC before 0001: there is no year 0000.
+    if year == 0 || !(1..=12).contains(&month) || day < 1 || day > days[month as usize - 1] {
         return Err("no such date");
     }
     let mut i = 10;

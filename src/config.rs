@@ -282,10 +282,16 @@ struct Checker {
     raw: BTreeMap<String, String>,
     errors: Vec<ConfigError>,
     shown: BTreeMap<&'static str, String>,
+    /// Variables whose value is not UTF-8: reported once, then treated as unset
+    /// without a second error for the same mistake.
+    unreadable: Vec<&'static str>,
 }
 
 impl Checker {
     fn fail(&mut self, var: &'static str, problem: impl Into<String>) {
+        if self.unreadable.contains(&var) {
+            return;
+        }
         self.errors.push(ConfigError {
             var,
             problem: problem.into(),
@@ -476,6 +482,26 @@ impl Checker {
         if hosts.iter().any(String::is_empty) && hosts.len() > 1 {
             self.fail(host_var, "has an empty entry in its list");
         }
+        // Not echoed: what does not look like a host is often a connection string
+        // or URL with its password in it, and this line goes to the journal.
+        if let Some(i) = hosts
+            .iter()
+            .position(|h| !h.is_empty() && !plausible_host(h))
+        {
+            let which = if hosts.len() > 1 {
+                format!("entry {} of its list", i + 1)
+            } else {
+                "its value".to_string()
+            };
+            self.fail(
+                host_var,
+                format!(
+                    "{which} is not a host name, IP address or socket directory (value not shown); \
+                     give the host alone: a connection string or URL does not go here, and the \
+                     password has its own variable"
+                ),
+            );
+        }
         if !many && hosts.len() > 1 {
             self.fail(host_var, "takes one host (a list is for central only)");
         }
@@ -551,6 +577,26 @@ impl Checker {
     }
 }
 
+/// The variable's name as this module spells it, if it is one the configuration reads.
+fn known_var(name: &str) -> Option<&'static str> {
+    ALL_VARS
+        .iter()
+        .chain([&ENV_CREDENTIALS_DIRECTORY])
+        .find(|v| **v == name)
+        .copied()
+}
+
+/// A host name, an IPv4 or IPv6 address (with a `%zone`), or an absolute socket
+/// directory. A directory may hold spaces, but not `=`: "/run/postgresql
+/// password=…" is libpq's keyword form, not a path.
+fn plausible_host(h: &str) -> bool {
+    if h.starts_with('/') {
+        return !h.contains('=');
+    }
+    h.chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-_:%".contains(c))
+}
+
 /// The OS error without Rust's "(os error 2)" decoration.
 fn io_reason(e: &std::io::Error) -> String {
     match e.kind() {
@@ -574,7 +620,22 @@ pub type FileCheck<'a> = &'a dyn Fn(&DbConfig) -> Vec<ConfigError>;
 impl Config {
     /// Reads the process environment; `check_files` parses certificate and key files.
     pub fn from_env(check_files: FileCheck<'_>) -> Result<Config, Vec<ConfigError>> {
-        Config::load(std::env::vars(), check_files)
+        // `std::env::vars` panics on a value that is not UTF-8, printing the value:
+        // one of ours is refused by name instead, anybody else's is none of ours.
+        let mut unreadable = Vec::new();
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let k = k.into_string().ok()?;
+                match v.into_string() {
+                    Ok(v) => Some((k, v)),
+                    Err(_) => {
+                        unreadable.extend(known_var(&k));
+                        None
+                    }
+                }
+            })
+            .collect();
+        Config::load_checked(vars, unreadable, check_files)
     }
 
     /// Reads any set of variables (tests hand in a map instead of mutating the process
@@ -590,14 +651,30 @@ impl Config {
         vars: I,
         check_files: FileCheck<'_>,
     ) -> Result<Config, Vec<ConfigError>> {
+        Config::load_checked(vars, Vec::new(), check_files)
+    }
+
+    /// [`Config::load`], with the variables whose value could not be read as UTF-8.
+    fn load_checked<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+        unreadable: Vec<&'static str>,
+        check_files: FileCheck<'_>,
+    ) -> Result<Config, Vec<ConfigError>> {
         let known: BTreeMap<String, String> = vars
             .into_iter()
-            .filter(|(k, _)| ALL_VARS.contains(&k.as_str()) || k == ENV_CREDENTIALS_DIRECTORY)
+            .filter(|(k, _)| known_var(k).is_some())
             .collect();
         let mut c = Checker {
             raw: BTreeMap::new(),
-            errors: Vec::new(),
+            errors: unreadable
+                .iter()
+                .map(|&var| ConfigError {
+                    var,
+                    problem: "is not valid UTF-8 (value not shown)".into(),
+                })
+                .collect(),
             shown: BTreeMap::new(),
+            unreadable,
         };
         // Only strings are deserialized, so envy can fail only on input that is not
         // a variable list at all; should it, say so rather than run on defaults.
@@ -687,7 +764,10 @@ impl Config {
         let log_target = c.pick(ENV_LOG_TARGET, LogTarget::Auto);
         let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
         c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
-        let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, 8, 1, 256);
+        // Unset, the depth is 8, or as many batches as fit in flight: every BATCH_SIZE
+        // of the range runs with the defaults. Set, it is taken as given or refused.
+        let fitting_depth = (MAX_READINGS_IN_FLIGHT / batch_size).clamp(1, 8);
+        let upload_pipeline_depth = c.int(ENV_UPLOAD_PIPELINE_DEPTH, fitting_depth, 1, 256);
         c.readings_in_flight(batch_size, upload_pipeline_depth);
         let upload_method = c.pick(ENV_UPLOAD_METHOD, UploadMethod::Auto);
         let upload_time_budget = c.int(ENV_UPLOAD_TIME_BUDGET_SECONDS, 300, 1, 86_400);
@@ -696,18 +776,14 @@ impl Config {
         let download_max_rows = c.int(ENV_DOWNLOAD_MAX_ROWS, 100_000, 1, 100_000_000);
         let download_max_bytes = c.int(ENV_DOWNLOAD_MAX_BYTES, 64 * 1024 * 1024, 1024, 1 << 40);
         let sync_logs_retain_days = c.int(ENV_SYNC_LOGS_RETAIN_DAYS, 30, 0, 36_500);
+        // Its directory is checked by the commands that write it
+        // ([`Config::metrics_directory_problem`]): /run/meter-sync exists only while
+        // the unit runs, and `status` is wanted most when it does not.
         let metrics_textfile = c.get(ENV_METRICS_TEXTFILE).map(str::to_string).map(|p| {
-            let path = PathBuf::from(&p);
-            let dir_ok = path
-                .parent()
-                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir());
-            if !dir_ok || p.ends_with('/') {
-                c.fail(
-                    ENV_METRICS_TEXTFILE,
-                    format!("{p} is not a file path in an existing directory"),
-                );
+            if p.ends_with('/') || PathBuf::from(&p).file_name().is_none() {
+                c.fail(ENV_METRICS_TEXTFILE, format!("{p} is not a file path"));
             }
-            path
+            PathBuf::from(p)
         });
         c.show(ENV_METRICS_TEXTFILE, shown_path(&metrics_textfile));
 
@@ -737,6 +813,24 @@ impl Config {
             sync_logs_retain_days: sync_logs_retain_days as u32,
             metrics_textfile,
             shown: c.shown,
+        })
+    }
+
+    /// `METRICS_TEXTFILE` in a directory that does not exist (now): `run` and `once`
+    /// refuse to start on it, `check-config` only says so.
+    pub fn metrics_directory_problem(&self) -> Option<ConfigError> {
+        let path = self.metrics_textfile.as_ref()?;
+        let dir = path.parent()?;
+        if dir.as_os_str().is_empty() || dir.is_dir() {
+            return None;
+        }
+        Some(ConfigError {
+            var: ENV_METRICS_TEXTFILE,
+            problem: format!(
+                "{}: the directory {} does not exist",
+                path.display(),
+                dir.display()
+            ),
         })
     }
 
@@ -899,6 +993,7 @@ mod tests {
             raw: BTreeMap::new(),
             errors: Vec::new(),
             shown: BTreeMap::new(),
+            unreadable: Vec::new(),
         };
         assert_eq!(
             c.gateway_id(Some("0123abcd".into()), Some("host".into())),
@@ -956,7 +1051,14 @@ mod tests {
             (ENV_UPLOAD_PIPELINE_DEPTH, "1")
         ]))
         .is_ok());
-        let errs = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12501")])).unwrap_err();
+        // Unset, the depth fits the batch size (SPEC §3 allows it up to 100000).
+        let c = Config::from_vars(vars(&[(ENV_BATCH_SIZE, "12501")])).unwrap();
+        assert_eq!(c.upload_pipeline_depth, 7);
+        let errs = Config::from_vars(vars(&[
+            (ENV_BATCH_SIZE, "12501"),
+            (ENV_UPLOAD_PIPELINE_DEPTH, "8"),
+        ]))
+        .unwrap_err();
         assert_eq!(errs.len(), 1);
         let msg = errs[0].to_string();
         assert!(

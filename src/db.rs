@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
@@ -33,6 +34,9 @@ pub struct Db {
     settings: String,
     /// Central answers through a connection pooler (see [`Db::behind_pooler`]).
     pooled: bool,
+    /// The upload found central's table fit for it on this connection (see
+    /// [`Db::upload_table_checked`]).
+    upload_table_checked: AtomicBool,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -191,6 +195,7 @@ impl Db {
                 Side::Central => central_settings(cfg),
             },
             pooled: false,
+            upload_table_checked: AtomicBool::new(false),
             driver,
         };
         // Only `UPLOAD_METHOD=auto` needs the answer; the others save the round trip.
@@ -228,6 +233,16 @@ impl Db {
     /// so nothing may be pipelined behind a COPY there (docs/upload.md).
     pub fn behind_pooler(&self) -> bool {
         self.pooled
+    }
+
+    /// Whether the upload has checked central's table on this connection; the
+    /// first call after a check passed marks it so ([`Db::mark_upload_table_checked`]).
+    pub fn upload_table_checked(&self) -> bool {
+        self.upload_table_checked.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_upload_table_checked(&self) {
+        self.upload_table_checked.store(true, Ordering::Relaxed);
     }
 
     /// Connects with up to `MAX_CONNECTION_RETRIES` attempts. After failed attempt

@@ -31,11 +31,25 @@
 //! does a download open a REPEATABLE READ transaction, probe (count and size the
 //! rows) and copy them, all in one snapshot, and store that snapshot's xmin.
 //!
+//! # Which central the watermark belongs to
+//!
+//! Transaction ids only order changes within the history of one running central
+//! server. A central restored from a backup, or replaced by a promoted standby
+//! that lacks some of the old primary's WAL, hands out again ids the watermark has
+//! passed: its changes stamped with them are never asked for, and the changes it
+//! lost stay on the gateway. Once its counter has passed the watermark (a fleet's
+//! traffic does that in minutes) nothing in the ids shows it. Every such server is
+//! another postmaster, though (a restore always starts one; a promoted standby is a
+//! server of its own), so the watermark is stored with central's
+//! `pg_postmaster_start_time()` and the database name, the idle probe returns both,
+//! and any difference means a full reconciliation before the watermark is trusted
+//! again. A plain restart of central costs the same, once per gateway.
+//!
 //! # Full reconciliation
 //!
 //! The first download of every process, a table without a watermark (or one
-//! recorded for another central database, or one ahead of central's transaction
-//! counter, as after a restore), and then every `DOWNLOAD_FULL_EVERY_SECONDS`, the
+//! recorded for another central database or another central server), and then every
+//! `DOWNLOAD_FULL_EVERY_SECONDS`, the
 //! whole table is copied and compared: the safety net for anything the stamps
 //! cannot see (a row changed with the trigger disabled, a local row edited by
 //! hand, rows deleted centrally). A central without migration 0002 gets a full
@@ -69,7 +83,7 @@ mod watermark;
 
 use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_postgres::types::ToSql;
@@ -146,6 +160,37 @@ pub async fn sync_table(
     sync(table, &Settings::of(cfg), local, central).await
 }
 
+/// What one download asks central for.
+#[derive(Clone, Copy, Debug)]
+enum Fetch {
+    /// The whole table; `remember`: a watermark can be stored locally.
+    All { remember: bool },
+    /// Rows changed since `watermark`, which is valid only on the central server
+    /// started at `started`.
+    Changes { watermark: u64, started: SystemTime },
+}
+
+impl Fetch {
+    fn rows(self) -> Rows {
+        match self {
+            Fetch::All { .. } => Rows::All,
+            Fetch::Changes { watermark, .. } => Rows::ChangedSince(watermark),
+        }
+    }
+
+    fn remember(self) -> bool {
+        match self {
+            Fetch::All { remember } => remember,
+            Fetch::Changes { .. } => true,
+        }
+    }
+}
+
+/// A central server's start time, for log lines.
+fn stamp(t: SystemTime) -> String {
+    crate::utc::Utc::of(t).rfc3339()
+}
+
 /// What this cycle's download of a table will be.
 enum Plan {
     /// Only rows changed since the saved watermark.
@@ -160,7 +205,10 @@ fn plan(t: &Table, s: &Settings, local: Local) -> Plan {
         remember,
     };
     match local {
-        Local::NoTable => full("no local download_watermark table", false),
+        Local::NoTable => full(
+            "no local download_watermark table, or one without migration 0004",
+            false,
+        ),
         Local::None => full("no watermark yet", true),
         Local::Saved(_) if !t.reconciled.load(Ordering::Relaxed) => {
             full("first download since start", true)
@@ -196,10 +244,10 @@ async fn sync(
 ) -> Result<PhaseResult> {
     let start = Instant::now();
     let saved = watermark::load(local, t.table, s.full_every).await?;
-    let (rows, remember) = match plan(t, s, saved) {
+    let fetch = match plan(t, s, saved) {
         Plan::Full { reason, remember } => {
             log::info!("{}: full reconciliation ({reason})", t.table);
-            (Rows::All, remember)
+            Fetch::All { remember }
         }
         Plan::Changes(sv) => {
             let sql = t.changed_since_sql(sv.watermark);
@@ -212,17 +260,26 @@ async fn sync(
                         sv.central_db,
                         p.central_db
                     );
-                    (Rows::All, true)
+                    Fetch::All { remember: true }
                 }
-                Ok(p) if p.xmax.is_some_and(|x| x < sv.watermark) => {
-                    log::warn!(
-                        "{}: full reconciliation (central's transaction counter {} is behind this \
-                         gateway's watermark {}: a restored or replaced central?)",
+                // Transaction ids order changes only within one server's history:
+                // another postmaster (restored from a backup, a promoted standby, or
+                // simply restarted) may reuse ids below the watermark. This also
+                // covers a counter behind the watermark, which only another server
+                // can show (xid8 never wraps).
+                Ok(p) if sv.central_started != Some(p.started) => {
+                    log::info!(
+                        "{}: full reconciliation (central is not the server this gateway's \
+                         watermark came from: it started {}, the watermark's {}; restarted, \
+                         restored from a backup or failed over)",
                         t.table,
-                        p.xmax.unwrap_or(0),
-                        sv.watermark
+                        stamp(p.started),
+                        sv.central_started.map_or_else(
+                            || "is not recorded".to_string(),
+                            |w| format!("started {}", stamp(w))
+                        )
                     );
-                    (Rows::All, true)
+                    Fetch::All { remember: true }
                 }
                 Ok(p) if !p.any => {
                     // Nothing to fetch, nothing to write: the watermark stays where
@@ -238,16 +295,19 @@ async fn sync(
                         summary: "up to date (no changes centrally)".into(),
                     });
                 }
-                Ok(_) => (Rows::ChangedSince(sv.watermark), true),
+                Ok(p) => Fetch::Changes {
+                    watermark: sv.watermark,
+                    started: p.started,
+                },
                 Err(e) if is_untracked(&e) => {
                     warn_untracked(t);
-                    (Rows::All, false)
+                    Fetch::All { remember: false }
                 }
                 Err(e) => return Err(e),
             }
         }
     };
-    download(t, s, rows, remember, local, central, start).await
+    download(t, s, fetch, local, central, start).await
 }
 
 /// The download's view of central: a REPEATABLE READ READ ONLY transaction and
@@ -295,12 +355,12 @@ fn over_bound(t: &Table, s: &Settings, p: &Probe) -> Option<Error> {
 async fn download(
     t: &Table,
     s: &Settings,
-    rows: Rows,
-    remember: bool,
+    fetch: Fetch,
     local: &mut LockedLocal,
     central: &mut Db,
     start: Instant,
 ) -> Result<PhaseResult> {
+    let (rows, remember) = (fetch.rows(), fetch.remember());
     let limit = local.timeout();
     let central_limit = central.timeout();
     // Before PostgreSQL 13 there is no pg_current_snapshot(), so no tracking
@@ -311,9 +371,26 @@ async fn download(
         drop(first);
         t.pre_13.store(true, Ordering::Relaxed);
         warn_untracked(t);
-        return Box::pin(download(t, s, rows, false, local, central, start)).await;
+        let fetch = Fetch::All { remember: false };
+        return Box::pin(download(t, s, fetch, local, central, start)).await;
     }
     let (ctx, probe) = first?;
+    // Central was replaced between the idle probe and this snapshot: the
+    // watermark means nothing here, so this download is a full one.
+    if let Fetch::Changes { started, .. } = fetch {
+        if probe.started != started {
+            drop(ctx);
+            log::info!(
+                "{}: full reconciliation (central is not the server this gateway's watermark \
+                 came from: it started {}, the watermark's started {})",
+                t.table,
+                stamp(probe.started),
+                stamp(started)
+            );
+            let fetch = Fetch::All { remember: true };
+            return Box::pin(download(t, s, fetch, local, central, start)).await;
+        }
+    }
     if let Some(e) = over_bound(t, s, &probe) {
         return Err(e);
     }
@@ -352,7 +429,8 @@ async fn download(
     let full = rows == Rows::All;
     let report = apply(t, &tx, limit, full).await?;
     if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {
-        watermark::save(&tx, limit, t.table, &probe.central_db, xmin, full).await?;
+        let db = &probe.central_db;
+        watermark::save(&tx, limit, t.table, db, probe.started, xmin, full).await?;
     } else if remember && full && !probe.tracked {
         warn_untracked(t);
     }

@@ -47,7 +47,17 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<ExitCode, Failure> {
-    let cmd = meter_sync::parse_args(std::env::args().skip(1)).map_err(Failure::Usage)?;
+    // `std::env::args` panics on an argument that is not UTF-8.
+    let args = std::env::args_os()
+        .skip(1)
+        .enumerate()
+        .map(|(i, a)| {
+            a.into_string()
+                .map_err(|_| format!("argument {} is not valid UTF-8", i + 1))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Failure::Usage)?;
+    let cmd = meter_sync::parse_args(args).map_err(Failure::Usage)?;
     match cmd {
         Command::Help => {
             print!("{}", meter_sync::HELP);
@@ -64,10 +74,20 @@ fn run() -> Result<ExitCode, Failure> {
         _ => {}
     }
     let cfg = Config::from_env(&meter_sync::check_files).map_err(Failure::Config)?;
+    let metrics_dir = cfg.metrics_directory_problem();
     if cmd == Command::CheckConfig {
         print!("{}", cfg.render());
         println!("configuration is valid");
+        if let Some(e) = metrics_dir {
+            meter_sync::print_error(&format!(
+                "note: {e}; `run` and `once` refuse to start until it does \
+                 (the unit's RuntimeDirectory= creates /run/meter-sync)"
+            ));
+        }
         return Ok(ExitCode::SUCCESS);
+    }
+    if let (Command::Run | Command::Once, Some(e)) = (&cmd, metrics_dir) {
+        return Err(Failure::Config(vec![e]));
     }
     meter_sync::init_logging(&cfg);
     let rt = tokio::runtime::Builder::new_current_thread()

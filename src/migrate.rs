@@ -29,6 +29,7 @@ pub const LOCAL: &[Migration] = &[
     migration!("local", 1, "0001_initial.sql"),
     migration!("local", 2, "0002_resend_window.sql"),
     migration!("local", 3, "0003_download_watermark.sql"),
+    migration!("local", 4, "0004_download_watermark_central_started.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[

@@ -182,13 +182,22 @@ async fn read_local(db: &Db) -> Result<Local> {
 }
 
 /// Prints the status; returns the exit code: 0, or 1 when the local database
-/// cannot be reached. Central being away is a state to report, not a failure.
+/// cannot be reached or read. Central being away is a state to report, not a failure.
 pub async fn print(cfg: &Config, json: bool) -> Result<u8> {
-    let ((local_db, local_link), (central_db, central_link)) =
+    let ((local_db, mut local_link), (central_db, central_link)) =
         tokio::join!(probe(&cfg.local, cfg), probe(&cfg.central, cfg));
     drop(central_db);
+    // A local database that answers but cannot be read (not migrated, no
+    // privilege) is reported like one that does not answer: the report is still
+    // printed, so that a monitoring probe always gets its JSON.
     let local = match &local_db {
-        Some(db) => Some(read_local(db).await?),
+        Some(db) => match read_local(db).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                local_link.error = Some(e.to_string());
+                None
+            }
+        },
         None => None,
     };
     drop(local_db);

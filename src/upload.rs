@@ -140,6 +140,9 @@ struct Statements {
     /// Only the keys (id, uid), to take a batch apart without reading it whole.
     keys: Keyset,
     by_ids: Statement,
+    /// The newest readings queued after a given (timestamp, id), newest first: what
+    /// confirms central's fault ([`refuses_the_newest`]).
+    newest: Statement,
     delete: Statement,
     mark: Statement,
     quarantine: Statement,
@@ -162,7 +165,9 @@ impl Keyset {
             after: prep(
                 local,
                 what,
-                format!("{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) {order}"),
+                format!(
+                    "{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3::int8) {order}"
+                ),
             )
             .await?,
         })
@@ -180,6 +185,15 @@ impl Statements {
                 local,
                 "prepare selection by id",
                 format!("{select} AND r.id = ANY($1::int8[]) ORDER BY r.\"timestamp\", r.id"),
+            )
+            .await?,
+            newest: prep(
+                local,
+                "prepare selection of the newest readings",
+                format!(
+                    "{select} AND (r.\"timestamp\", r.id) > ($2::timestamptz, $3) \
+                     ORDER BY r.\"timestamp\" DESC, r.id DESC LIMIT $1"
+                ),
             )
             .await?,
             delete: prep(local, "prepare batch delete", DELETE.into()).await?,
@@ -261,6 +275,12 @@ struct Ctx<'a> {
     candidates: Mutex<Vec<Candidate>>,
     /// A batch showed central refusing readings alike: the others stop isolating.
     central_fault: AtomicBool,
+    /// Central accepted one of the newest readings in this drain: no refusal of
+    /// this drain is "from here on", so no batch asks again.
+    newest_taken: AtomicBool,
+    /// The last reading central accepted, in queue order (batch number, position),
+    /// for [`verdict::decide`].
+    last_accepted: Mutex<Option<(u64, usize)>>,
     /// One batch is taken apart at a time, so that when central refuses everything
     /// the batches behind the first learn it from the first instead of each
     /// spending its own statements to find out.
@@ -324,6 +344,7 @@ pub async fn drain(
             summary: "nothing to upload".into(),
         });
     }
+    check_central_key(central).await?;
     let st = Statements::prepare(local).await?;
     let ctx = Ctx {
         local,
@@ -335,6 +356,8 @@ pub async fn drain(
         retain: !cfg.upload_retain.is_zero(),
         candidates: Mutex::new(Vec::new()),
         central_fault: AtomicBool::new(false),
+        newest_taken: AtomicBool::new(false),
+        last_accepted: Mutex::new(None),
         isolating: tokio::sync::Mutex::new(()),
         quarantined: AtomicU64::new(0),
         held_local: AtomicU64::new(0),
@@ -833,24 +856,29 @@ async fn deliver(ctx: &Ctx<'_>, seq: u64, batch: Batch) -> (Tally, Result<()>) {
     t.statements += 1;
     let all = 0..batch.len();
     let r = match insert(ctx, &batch, all.clone()).await {
-        Ok(inserted) => settle(ctx, &batch, all, inserted, &mut t).await,
+        Ok(inserted) => settle(ctx, seq, &batch, all, inserted, &mut t).await,
         Err(e) if is_row_rejection(&e) => isolate(ctx, seq, &batch, e, &mut t).await,
         Err(e) => Err(e),
     };
     (t, r)
 }
 
-/// After central committed `rows` of `batch` (`inserted` of them new there):
-/// removes them from the local queue (deleted, or marked for the resend window)
-/// and counts them.
+/// After central committed `rows` of `batch` (number `seq` of the drain, `inserted`
+/// of them new there): removes them from the local queue (deleted, or marked for
+/// the resend window) and counts them.
 async fn settle(
     ctx: &Ctx<'_>,
+    seq: u64,
     batch: &Batch,
     rows: Range<usize>,
     inserted: u64,
     t: &mut Tally,
 ) -> Result<()> {
     let n = rows.len() as u64;
+    if let Some(last) = rows.end.checked_sub(1) {
+        let mut a = ctx.last_accepted.lock().unwrap_or_else(|e| e.into_inner());
+        *a = (*a).max(Some((seq, last)));
+    }
     delete(ctx, batch, rows).await?;
     t.delivered += n;
     t.already += n.saturating_sub(inserted);
@@ -866,7 +894,8 @@ async fn settle(
 /// is left stays queued, and the drain fails with the reason.
 ///
 /// Finding k bad readings among n costs about 16·k·log16(n) statements in
-/// log16(n) round trips; a central fault costs about 40 statements.
+/// log16(n) round trips; a central fault costs about 55 statements (16 of them to
+/// ask about the newest readings, see [`refuses_the_newest`]).
 async fn isolate(
     ctx: &Ctx<'_>,
     seq: u64,
@@ -903,6 +932,8 @@ async fn take_apart(
 ) -> Result<usize> {
     // The refused single readings of this batch: (position, error), ascending.
     let mut found: Vec<(usize, Error)> = Vec::new();
+    // Whether this batch asked central about the newest readings already.
+    let mut asked = false;
     // Refused ranges still to take apart; the leftmost on top.
     let mut todo: Vec<(Range<usize>, Error)> = Vec::new();
     let _one_at_a_time = ctx.isolating.lock().await;
@@ -936,7 +967,7 @@ async fn take_apart(
         let mut other: Option<Error> = None;
         for (p, res) in parts.into_iter().zip(results) {
             match res {
-                Ok(inserted) => settle(ctx, batch, p, inserted, t).await?,
+                Ok(inserted) => settle(ctx, seq, batch, p, inserted, t).await?,
                 Err(e) if is_row_rejection(&e) && p.len() == 1 => found.push((p.start, e)),
                 Err(e) if is_row_rejection(&e) => refused.push((p, e)),
                 Err(e) => other = other.or(Some(e)),
@@ -949,27 +980,128 @@ async fn take_apart(
         found.sort_by_key(|f| f.0);
         let codes: Vec<verdict::Refused> = found
             .iter()
-            .map(|(p, e)| (*p, batch.ids(*p..*p + 1)[0], e.code().unwrap_or_default()))
+            .map(|(p, e)| (*p, e.code().unwrap_or_default()))
             .collect();
-        if verdict::batch_fault(batch.len(), &codes) == verdict::Fault::Central {
-            ctx.central_fault.store(true, Ordering::SeqCst);
-            return Err(Error::new(
-                Kind::Db,
-                format!(
-                    "upload held: central refused {} reading(s) one by one alike, {} of them in a \
-                     row, so the fault is central's, not the readings': {}; nothing quarantined, \
-                     the readings stay queued until central is fixed",
-                    found.len(),
-                    verdict::alike_run(&codes).map_or(found.len(), |r| r.0),
-                    found[0].1
-                ),
-            ));
+        if !asked
+            && !ctx.newest_taken.load(Ordering::SeqCst)
+            && verdict::batch_fault(batch.len(), &codes) == verdict::Fault::Central
+        {
+            asked = true;
+            let run = verdict::alike_run(&codes).map_or(found.len(), |r| r.0);
+            let code = verdict::alike_run(&codes).map_or(codes[0].1.to_string(), |r| r.1);
+            let last = (seq, found[found.len() - 1].0);
+            if let Some(newest) = refuses_the_newest(ctx, batch, last, &code, t).await? {
+                ctx.central_fault.store(true, Ordering::SeqCst);
+                return Err(Error::new(
+                    Kind::Db,
+                    format!(
+                        "upload held: central refused {} reading(s) one by one alike, {run} of \
+                         them in a row, and the newest {newest} queued reading(s) alike too, so \
+                         the fault is central's, not the readings': {}; nothing quarantined, the \
+                         readings stay queued until central is fixed",
+                        found.len(),
+                        found[0].1
+                    ),
+                ));
+            }
         }
     }
     for (p, e) in &found {
         candidate(ctx, (seq, *p), batch.ids(*p..*p + 1)[0], batch.uid(*p), e);
     }
     Ok(found.len())
+}
+
+/// A batch looks like central's fault (see [`verdict::batch_fault`]), refused alike
+/// with `code` up to its reading `last` (batch number, position): sends the newest
+/// [`verdict::FANOUT`] readings queued after the batch, each alone in one round
+/// trip, and returns how many there were when central refused every one of them
+/// alike ([`verdict::newest_refused_alike`]) and accepted no reading after `last`
+/// in this drain either (a batch behind it in the pipeline may have been
+/// delivered, and so be gone from the queue, before the newest are read). Those
+/// it accepts are delivered (out of queue order: central keys them by uid, so a
+/// batch in flight that holds one too finds it there).
+///
+/// Why ask at all: within one batch, poison readings left over from an earlier
+/// cycle (past the cap, their good neighbours gone through) look exactly like
+/// central refusing everything; held as central's fault, they would stop the queue
+/// behind them in every cycle. Newer readings that central takes tell them apart.
+/// Nothing queued after the batch confirms nothing: the batch is taken apart and
+/// the drain's decision judges it.
+async fn refuses_the_newest(
+    ctx: &Ctx<'_>,
+    batch: &Batch,
+    last: (u64, usize),
+    code: &str,
+    t: &mut Tally,
+) -> Result<Option<usize>> {
+    let taken_after = || {
+        let a = *ctx.last_accepted.lock().unwrap_or_else(|e| e.into_inner());
+        a > Some(last)
+    };
+    if taken_after() {
+        ctx.newest_taken.store(true, Ordering::SeqCst);
+        return Ok(None);
+    }
+    let Some((ts, id)) = batch.last_key() else {
+        return Ok(None);
+    };
+    let limit = verdict::FANOUT as i64;
+    let ts = ts.as_deref().map(Encoded);
+    let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, &id];
+    let rows = match ctx
+        .local
+        .timed(
+            "select the newest readings",
+            ctx.local.client().query(&ctx.st.newest, &params),
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        // A row the server cannot send: no confirmation from these.
+        Err(e) if is_unreadable(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Unreadable rows are left out here; the drain quarantines them when it
+    // reaches them.
+    let mut c = Collect::new(rows.len());
+    for row in &rows {
+        c.take(row);
+    }
+    let newest = match (c.broken, c.b.finish()) {
+        (None, Ok(b)) if !b.is_empty() => b,
+        _ => return Ok(None),
+    };
+    log::info!(
+        "upload: central refuses a run of readings alike (SQLSTATE {code}); trying the newest {} \
+         queued reading(s) alone to tell central's fault from readings left over",
+        newest.len()
+    );
+    let singles: Vec<Range<usize>> = (0..newest.len()).map(|i| i..i + 1).collect();
+    t.statements += singles.len() as u64;
+    let results = join_all(singles.iter().map(|r| insert(ctx, &newest, r.clone()))).await;
+    let mut answers: Vec<Option<String>> = Vec::with_capacity(singles.len());
+    for (r, res) in singles.into_iter().zip(results) {
+        match res {
+            // After every batch of this drain in queue order.
+            Ok(inserted) => {
+                settle(ctx, u64::MAX, &newest, r, inserted, t).await?;
+                answers.push(None);
+            }
+            Err(e) if is_row_rejection(&e) => answers.push(e.code().map(str::to_string)),
+            Err(e) => return Err(e),
+        }
+    }
+    let answers: Vec<Option<&str>> = answers.iter().map(|a| a.as_deref()).collect();
+    // Settled before it is deleted locally: a reading the selection above missed
+    // because it was just delivered shows here.
+    let taken = answers.iter().any(Option::is_none) || taken_after();
+    if taken {
+        ctx.newest_taken.store(true, Ordering::SeqCst);
+    } else if verdict::newest_refused_alike(code, &answers) {
+        return Ok(Some(answers.len()));
+    }
+    Ok(None)
 }
 
 /// Notes a refused single reading for the drain's decision.
@@ -991,7 +1123,18 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
     let mut cands = std::mem::take(&mut *ctx.candidates.lock().unwrap_or_else(|e| e.into_inner()));
     cands.sort_by_key(|c| c.order);
     let codes: Vec<&str> = cands.iter().map(|c| c.code.as_str()).collect();
-    let decision = verdict::decide(&codes, accepted, ctx.quarantined.load(Ordering::SeqCst));
+    let last = *ctx.last_accepted.lock().unwrap_or_else(|e| e.into_inner());
+    let after = cands
+        .iter()
+        .rev()
+        .take_while(|c| Some(c.order) > last)
+        .count();
+    let decision = verdict::decide(
+        &codes,
+        after,
+        accepted,
+        ctx.quarantined.load(Ordering::SeqCst),
+    );
     for c in &cands[..decision.quarantine] {
         if claim_quarantine(ctx) {
             quarantine(ctx, c.id, &c.uid, &c.message).await?;
@@ -999,7 +1142,8 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
     }
     let held_local = ctx.held_local.swap(0, Ordering::SeqCst);
     let hold = match (decision.hold, held_local) {
-        (Some(h), _) => Some(match cands.first() {
+        // Central's message for the first of those that stay queued.
+        (Some(h), _) => Some(match cands.get(decision.quarantine).or(cands.first()) {
             Some(c) => format!("upload held: {h}; central said: {}", c.message),
             None => format!("upload held: {h}"),
         }),
@@ -1294,11 +1438,18 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
                 .await?
         }
         Some(ids) => {
+            // `requeue 7 7` releases one reading, and is no warning.
+            let ids: Vec<i64> = ids
+                .iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let n = local
                 .execute(
                     "requeue quarantined readings",
                     "UPDATE meter_readings SET sync_error = NULL \
-                     WHERE sync_error IS NOT NULL AND id = ANY($1)",
+                     WHERE sync_error IS NOT NULL AND id = ANY($1::int8[])",
                     &[&ids],
                 )
                 .await?;
@@ -1316,6 +1467,42 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
     Ok(n)
 }
 
+/// Fails the phase, readings queued, when central's `meter_readings` lacks the unique
+/// key on (`reading_uid`, `timestamp`). COPY never needs it, so without this a table
+/// an operator created by hand without it would take every resent batch (after a
+/// crash between central's commit and the local delete, or `resend`) a second time,
+/// silently; the fallback's `ON CONFLICT` needs exactly that key. Once per connection.
+async fn check_central_key(central: &Db) -> Result<()> {
+    if central.upload_table_checked() {
+        return Ok(());
+    }
+    let row = central
+        .query_one(
+            "check central's unique key",
+            "SELECT EXISTS (
+                 SELECT 1 FROM pg_index i
+                 WHERE i.indrelid = 'meter_readings'::regclass
+                   AND i.indisunique AND i.indpred IS NULL AND i.indnkeyatts = 2
+                   AND ARRAY(SELECT a.attname::text
+                             FROM pg_attribute a
+                             WHERE a.attrelid = i.indrelid
+                               AND a.attnum = ANY ((i.indkey::int2[])[0:1])
+                             ORDER BY 1) = ARRAY['reading_uid', 'timestamp'])",
+            &[],
+        )
+        .await?;
+    if !cell::<bool>(&row, 0, "check central's unique key")? {
+        return Err(Error::new(
+            Kind::Other,
+            "central: meter_readings has no unique key on (reading_uid, \"timestamp\"); \
+             uploads wait, since without it a reading sent twice would be stored twice \
+             (docs/central.md)",
+        ));
+    }
+    central.mark_upload_table_checked();
+    Ok(())
+}
+
 /// Deletes retained readings whose resend window (`UPLOAD_RETAIN_HOURS`, counted
 /// from the upload) is over, [`PURGE_BATCH`] at a time and at most [`PURGE_ROUNDS`]
 /// statements per cycle. With no window, whatever an earlier window retained goes.
@@ -1328,11 +1515,16 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
         let n = match local
             .execute(
                 "purge retained readings",
+                // The condition twice: a row that `resend` queues again while this
+                // waits for its lock is re-checked against the outer one only
+                // (PostgreSQL's EvalPlanQual), and must then stay.
                 "DELETE FROM meter_readings WHERE id IN (
                      SELECT id FROM meter_readings
                      WHERE is_synchronized AND synced_at IS NOT NULL
                        AND synced_at < now() - make_interval(secs => $1::float8)
-                     LIMIT $2)",
+                     LIMIT $2)
+                   AND is_synchronized AND synced_at IS NOT NULL
+                   AND synced_at < now() - make_interval(secs => $1::float8)",
                 &[&secs, &PURGE_BATCH],
             )
             .await

@@ -226,3 +226,174 @@ fn a_database_password_never_appears_when_the_connection_fails() {
         r.all()
     );
 }
+
+/// Runs the binary with `vars` and one raw (possibly not UTF-8) variable or argument.
+fn run_raw(args: &[&[u8]], vars: &[(&str, &str)], raw: Option<(&str, &[u8])>) -> support::Run {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let mut cmd = Command::new(bin());
+    cmd.args(args.iter().map(|a| OsStr::from_bytes(a)))
+        .env_clear()
+        .envs(vars.iter().copied())
+        .current_dir(std::env::temp_dir());
+    if let Some((k, v)) = raw {
+        cmd.env(k, OsStr::from_bytes(v));
+    }
+    support::Run::from(cmd.output().unwrap())
+}
+
+/// A value that is not UTF-8 used to abort every command (exit 134) with a panic
+/// that printed it, password included. Ours is refused by name, without the value;
+/// anybody else's variable is ignored; an argument that is not UTF-8 is a usage error.
+#[test]
+fn a_value_that_is_not_utf8_is_refused_by_name_and_never_printed() {
+    let secret: &[u8] = b"S3cr\xe9t-gw42";
+    for cmd in [
+        &[&b"check-config"[..]][..],
+        &[b"once"],
+        &[b"status", b"--json"],
+    ] {
+        let r = run_raw(cmd, BASE, Some(("POSTGRES_CLIENT_PASSWORD", secret)));
+        r.assert_code(78);
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{cmd:?}: {}", r.stderr);
+        assert!(
+            lines[0].contains("POSTGRES_CLIENT_PASSWORD") && lines[0].contains("UTF-8"),
+            "{}",
+            lines[0]
+        );
+        assert!(!r.all().contains("S3cr"), "{cmd:?}: {}", r.all());
+    }
+    // A required variable that cannot be read is one error, not two.
+    let r = run_raw(
+        &[b"check-config"],
+        &[("POSTGRES_SYNC_HOST", "/run/postgresql")],
+        Some(("POSTGRES_CLIENT_HOST", b"h\xffst")),
+    );
+    r.assert_code(78);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    // Somebody else's variable is none of ours.
+    let r = run_raw(&[b"check-config"], BASE, Some(("LANGNOTE", b"caf\xe9")));
+    r.assert_code(0);
+    // An argument.
+    let r = run_raw(&[b"requeue", b"\xff1"], BASE, None);
+    r.assert_code(64);
+    assert!(
+        r.stderr.contains("argument 2 is not valid UTF-8"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A connection string or URL in a host variable (a DATABASE_URL habit) was taken as
+/// a host name and then printed in every connect error, in `status` and in central's
+/// `gateway_status`, password and all. It is refused, naming the variable only.
+#[test]
+fn a_connection_string_in_a_host_variable_is_refused_without_echoing_it() {
+    let bad: &[(&str, &str)] = &[
+        (
+            "POSTGRES_CLIENT_HOST",
+            "postgresql://postgres:Sup3rSecretPW@127.0.0.1:5433/postgres",
+        ),
+        (
+            "POSTGRES_CLIENT_HOST",
+            "db1.example.net,user:Sup3rSecretPW@db2",
+        ),
+        (
+            "POSTGRES_SYNC_HOST",
+            "host=/run/postgresql password=Sup3rSecretPW",
+        ),
+        (
+            "POSTGRES_SYNC_HOST",
+            "/run/postgresql password=Sup3rSecretPW",
+        ),
+    ];
+    for (var, value) in bad {
+        for cmd in [&["check-config"][..], &["once"], &["status", "--json"]] {
+            let r = run_with(cmd, &with(&[(var, value)]));
+            r.assert_code(78);
+            let line = r.stderr.lines().next().unwrap_or_default();
+            assert!(line.contains(var), "{var}={value}: {line}");
+            assert!(!r.all().contains("Sup3rSecretPW"), "{cmd:?}: {}", r.all());
+        }
+    }
+    for good in [
+        "central.example.net",
+        "10.0.0.7",
+        "::1",
+        "fe80::1%eth0",
+        "db-1.example.net,db_2.example.net",
+    ] {
+        run_with(&["check-config"], &with(&[("POSTGRES_CLIENT_HOST", good)])).assert_code(0);
+    }
+    run_with(
+        &["check-config"],
+        &with(&[("POSTGRES_SYNC_HOST", "/var/run/my postgres")]),
+    )
+    .assert_code(0);
+}
+
+/// SPEC §3: BATCH_SIZE 1–100000. The default depth (8) used to refuse anything above
+/// 12,500; unset, the depth now shrinks to what fits in flight, while a depth given
+/// explicitly is refused when the two do not fit together.
+#[test]
+fn the_whole_batch_size_range_runs_with_the_default_depth() {
+    for (batch, depth) in [
+        ("100000", "1"),
+        ("20000", "5"),
+        ("12500", "8"),
+        ("100", "8"),
+    ] {
+        let r = run_with(&["check-config"], &with(&[("BATCH_SIZE", batch)]));
+        r.assert_code(0);
+        assert!(
+            r.stdout
+                .contains(&format!("\nUPLOAD_PIPELINE_DEPTH={depth}\n")),
+            "BATCH_SIZE={batch}: {}",
+            r.stdout
+        );
+    }
+    let r = run_with(
+        &["check-config"],
+        &with(&[("BATCH_SIZE", "20000"), ("UPLOAD_PIPELINE_DEPTH", "8")]),
+    );
+    r.assert_code(78);
+    assert!(r.stderr.contains("BATCH_SIZE"), "{}", r.stderr);
+}
+
+/// `METRICS_TEXTFILE` in /run/meter-sync (the env example's value) exists only while
+/// the unit runs: `status`, `requeue` and `check-config` used to refuse to work
+/// without it (exit 78), just when the daemon is down. Only the commands that write
+/// the file refuse.
+#[test]
+fn a_metrics_directory_that_is_missing_stops_only_the_commands_that_write_it() {
+    let vars = with(&[
+        (
+            "METRICS_TEXTFILE",
+            "/nonexistent-meter-sync/meter-sync.prom",
+        ),
+        ("MAX_CONNECTION_RETRIES", "1"),
+        ("DB_CONNECTION_TIMEOUT_MS", "200"),
+        ("LOG_TARGET", "stderr"),
+    ]);
+    for cmd in [&["once"][..], &["run"]] {
+        let r = run_with(cmd, &vars);
+        r.assert_code(78);
+        let line = r.stderr.lines().next().unwrap_or_default();
+        assert!(
+            line.contains("METRICS_TEXTFILE") && line.contains("does not exist"),
+            "{cmd:?}: {line}"
+        );
+    }
+    let r = run_with(&["check-config"], &vars);
+    r.assert_code(0);
+    assert!(r.stderr.contains("note: METRICS_TEXTFILE"), "{}", r.stderr);
+    // The local database is not there either: status reports it (1), not a config error.
+    let r = run_with(&["status", "--json"], &vars);
+    r.assert_code(1);
+    assert!(r.stdout.contains("\"local\""), "{}", r.all());
+    run_with(&["requeue", "--all"], &vars).assert_code(1);
+    // A directory for a file name is still a configuration error for everyone.
+    let r = run_with(&["status"], &with(&[("METRICS_TEXTFILE", "/tmp/")]));
+    r.assert_code(78);
+}

@@ -1455,3 +1455,125 @@ fn p8_staging_never_writes_a_permanent_table_of_the_same_name() {
         dump(&mut s.central(), "meters")
     );
 }
+
+/// The local watermark of `table` (the xmin of central's snapshot at its last download).
+fn watermark(s: &Sandbox, table: &str) -> i64 {
+    s.local()
+        .query_one(
+            "SELECT watermark FROM download_watermark WHERE table_name = $1",
+            &[&table],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// Uses up central transaction ids (one per committed transaction) until its
+/// counter is past `target`.
+fn advance_xids_past(c: &mut Client, target: i64) {
+    c.batch_execute(&format!(
+        "DO $$ BEGIN WHILE pg_current_xact_id() <= '{target}'::xid8 LOOP COMMIT; END LOOP; END $$"
+    ))
+    .unwrap();
+}
+
+/// P21, P23: central is replaced by a copy of itself made earlier (a restore from a
+/// file-level backup; a lagging async standby promoted is the same case with a small
+/// gap), and the copy's transaction counter has passed the gateway's watermark by
+/// the time the gateway meets it, so "central's counter is behind the watermark"
+/// cannot tell. The same running daemon must still notice that central is not the
+/// server its watermark came from and reconcile in full: the change made on the copy
+/// (stamped with a reused id below the old watermark) arrives, and the change the
+/// copy lost goes back to central's value.
+#[test]
+fn p21_a_central_restored_from_an_earlier_copy_is_reconciled_by_the_same_process() {
+    let central: &'static support::Cluster =
+        Box::leak(Box::new(support::Cluster::start(support::Role::Central)));
+    let (local, _) = support::shared();
+    let name = format!("rst{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    three_meters(&s);
+
+    // The "backup": a file-level copy of central's data directory, taken now.
+    let data = central.data.clone();
+    let backup = central.root.join("data.backup");
+    let copy_dir = |from: &std::path::Path, to: &std::path::Path| {
+        let st = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+    };
+    central.stop();
+    copy_dir(&data, &backup);
+    central.restart();
+
+    // Server A: the daemon reconciles, then applies a change made after the copy,
+    // and its watermark moves about 2,000 transaction ids past the copy's counter.
+    let d = running(&s);
+    let mut a = s.central();
+    let copy_counter: i64 = a
+        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .unwrap()
+        .get(0);
+    advance_xids_past(&mut a, copy_counter + 2000);
+    a.batch_execute("UPDATE meters SET name = 'renamed on A' WHERE meter_id = 'm-1'")
+        .unwrap();
+    drop(a);
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-1 updated: name"],
+        "{log}"
+    );
+    let wm = watermark(&s, "meters");
+    assert!(wm > copy_counter + 2000, "watermark {wm}");
+
+    // The gateway is out of touch (paused) while A is replaced by the copy, B. On
+    // B a meter is renamed, stamped with an id below the gateway's watermark, and
+    // the fleet's traffic then takes B's counter past that watermark.
+    d.signal(libc::SIGSTOP);
+    central.stop();
+    std::fs::rename(&data, central.root.join("data.a")).unwrap();
+    std::fs::rename(&backup, &data).unwrap();
+    central.restart();
+    let mut b = s.central();
+    b.batch_execute("UPDATE meters SET name = 'renamed on B' WHERE meter_id = 'm-2'")
+        .unwrap();
+    let stamp: i64 = b
+        .query_one(
+            "SELECT change_xid::text::bigint FROM meters WHERE meter_id = 'm-2'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stamp < wm, "B's change is stamped {stamp}, below {wm}");
+    advance_xids_past(&mut b, wm + 100);
+    drop(b);
+    d.signal(libc::SIGCONT);
+
+    // Within a couple of cycles (the first may fail on the lost connection), the
+    // same process holds exactly B's meters.
+    let central_meters = dump(&mut s.central(), "meters");
+    let in_line = support::wait_until(Duration::from_secs(30), || {
+        dump(&mut s.local(), "meters") == central_meters
+    });
+    let log = d.log_text();
+    assert!(
+        in_line,
+        "the running daemon never reconciled with the replaced central:\n{log}"
+    );
+    let mut d = d;
+    assert!(
+        d.wait_exit(Duration::from_millis(10)).is_none(),
+        "the daemon exited:\n{log}"
+    );
+    assert!(
+        log.contains("meters: full reconciliation (central is not the server"),
+        "{log}"
+    );
+}

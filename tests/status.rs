@@ -146,6 +146,28 @@ fn r12_status_with_a_database_away() {
     assert_eq!(v["running"], Value::Null);
 }
 
+/// A local database that answers but is not migrated: `status --json` used to print
+/// nothing (exit 1), so a monitoring probe got no JSON at all. The JSON is printed,
+/// the local side not usable, with the reason.
+#[test]
+fn r12_status_of_an_unmigrated_local_database_still_prints_its_json() {
+    let s = Sandbox::empty();
+    let (code, v) = json(&s);
+    assert_eq!(code, Some(1), "{v}");
+    assert_eq!(v["local"]["reachable"], false, "{v}");
+    assert!(
+        v["local"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("meter_readings"),
+        "{v}"
+    );
+    assert_eq!(v["queue_size"], Value::Null);
+    let r = s.run(&["status"]);
+    r.assert_code(1);
+    assert!(r.stdout.contains("local:"), "{}", r.all());
+}
+
 /// Checks the text exposition format line by line: HELP/TYPE before samples,
 /// valid names, label syntax, float values, no duplicate series. Returns the
 /// samples as (series, value).

@@ -4,7 +4,9 @@
 
 mod support;
 
+use std::time::Duration;
 use support::readings::{per_partition, rows, Rows, PARTITIONED_READINGS};
+
 use support::{Client, Sandbox};
 
 /// The local queue in the order the spec prescribes: oldest timestamp, then id.
@@ -811,6 +813,96 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     assert_eq!(s.local_count("meter_readings"), 0);
 }
 
+/// P24 when the collector writes each meter's readings as a block: 30 readings of
+/// meter-a on the last day of last month, then 100 of meter-a this month, then 100
+/// of meter-b this month 30 s after meter-a's. In queue order (timestamp, id) this
+/// month's readings alternate between the two blocks of ids (31, 131, 32, 132, …),
+/// so no two refused readings have consecutive ids. Central has no partition for
+/// this month: last month's readings arrive, none is quarantined, this month's stay
+/// queued and the phase fails saying why. (Found in review: 100 were quarantined.)
+#[test]
+fn p24_no_partition_with_interleaved_ids_quarantines_nothing() {
+    let mut s = Sandbox::empty();
+    s.set("BATCH_SIZE", 100);
+    let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()) - interval '1 month',
+                            date_trunc('month', now()));
+         END $$;",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-a', date_trunc('month', now()) - make_interval(secs => 60 * (31 - g)), g, 'kWh'
+             FROM generate_series(1, 30) g ORDER BY g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-a', date_trunc('month', now()) + make_interval(secs => 60 * g), g, 'kWh'
+             FROM generate_series(0, 99) g ORDER BY g;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             SELECT 'meter-b', date_trunc('month', now()) + make_interval(secs => 60 * g + 30), g, 'kWh'
+             FROM generate_series(0, 99) g ORDER BY g;",
+    )
+    .unwrap();
+    // The premise: this month's readings interleave two blocks of ids.
+    let ids: Vec<i64> = l
+        .query(
+            "SELECT id FROM meter_readings WHERE \"timestamp\" >= date_trunc('month', now())
+             ORDER BY \"timestamp\", id LIMIT 4",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [31, 131, 32, 132]);
+
+    let run = s.run(&["once"]);
+    let (ok, _, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("23514") && err.contains("nothing quarantined"),
+        "{err}\n{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("nothing quarantined") && run.stderr.contains("23514"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
+    assert!(run.stderr.contains("0 quarantined"), "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(
+        s.local_count(
+            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
+        ),
+        200,
+        "this month's readings stay queued"
+    );
+    assert_eq!(s.local_count("meter_readings"), 200);
+
+    // The operator adds the partition: everything arrives, exactly once.
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
+         END $$;",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 230);
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
 /// P24: a NOT NULL column added centrally refuses every reading alike (23502).
 #[test]
 fn p24_a_new_not_null_column_centrally_quarantines_nothing() {
@@ -989,6 +1081,30 @@ fn p24_quarantines_per_cycle_are_capped() {
     assert_eq!(quarantined(&mut l).len(), 110);
     assert_eq!(s.local_count("meter_readings"), 110);
     assert_eq!(s.central_count("meter_readings"), 1040);
+}
+
+/// P24: poison readings left over past the cap stand in a row at the head of the
+/// next cycle's queue, whole batches of them refused alike, like central refusing
+/// everything. The newest readings, which central takes, tell them apart: they are
+/// quarantined (up to the cap), not held as central's fault, and the queue behind
+/// them moves. (What consecutive ids used to protect.)
+#[test]
+fn p24_leftovers_past_the_cap_are_not_taken_for_centrals_fault() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 50);
+    let mut l = poisoned(&s, 2000, "id % 10 = 0");
+    let run = s.run(&["once"]);
+    assert!(!last_upload_log(&s).0, "{}", run.stderr);
+    assert_eq!(quarantined(&mut l).len(), 100);
+    assert_eq!(s.central_count("meter_readings"), 1800);
+
+    support::insert_readings(&mut l, 50, 5000);
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(!run.stderr.contains("central's"), "{}", run.stderr);
+    assert_eq!(quarantined(&mut l).len(), 200, "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), 1850);
+    assert_eq!(s.local_count("meter_readings"), 200);
 }
 
 /// P7 with many poison readings: a broken meter among five (every fifth reading
@@ -1186,6 +1302,8 @@ fn resend_refuses_a_bad_timestamp_and_reports_an_unreachable_local() {
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
     assert!(r.stderr.contains("2026-02-30"), "{}", r.stderr);
     s.run(&["resend"]).assert_code(64);
+    // There is no year 0000 (PostgreSQL refused it, exit 1, after connecting).
+    s.run(&["resend", "--since", "0000-01-01"]).assert_code(64);
     s.set("POSTGRES_SYNC_PORT", support::free_port())
         .set("MAX_CONNECTION_RETRIES", 1);
     s.run(&["resend", "--since", "2026-11-30T00:00:00Z"])
@@ -1246,4 +1364,126 @@ fn the_watchdog_is_fed_while_a_refused_batch_is_taken_apart() {
         gap <= watchdog / 2,
         "watchdog silent for {gap:?} while a batch was taken apart, more than half of WATCHDOG_USEC ({watchdog:?}):\n{log}"
     );
+}
+
+/// A legacy local table whose `id` is `integer`: the keyset bound and `requeue`'s
+/// ids are bound as 64-bit and cast on the server. Without the cast the second
+/// batch's SELECT failed in the client ("cannot convert between the Rust type i64
+/// and the Postgres type int4") and each cycle moved one batch.
+#[test]
+fn a_legacy_integer_id_drains_in_one_cycle_and_requeues() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 100);
+    let mut l = s.local();
+    l.batch_execute("ALTER TABLE meter_readings ALTER COLUMN id TYPE integer")
+        .unwrap();
+    support::insert_readings(&mut l, 250, 0);
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 250, "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 0);
+
+    support::insert_readings(&mut l, 3, 500);
+    let id: i32 = l
+        .query_one("UPDATE meter_readings SET sync_error = 'test' WHERE id = (SELECT min(id) FROM meter_readings) RETURNING id", &[])
+        .unwrap()
+        .get(0);
+    let rq = s.run(&["requeue", &id.to_string(), &id.to_string()]);
+    rq.assert_ok();
+    assert!(!rq.all().contains("not quarantined"), "{}", rq.all());
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 3);
+}
+
+/// The purge of the resend window must not delete a reading that `resend` queues
+/// again while the purge waits for its row lock: PostgreSQL re-checks only the
+/// outer DELETE's condition against the new row version, and the purge's condition
+/// was all in its subquery. Planted back (the outer condition removed), the five
+/// readings are gone and this fails.
+#[test]
+fn the_purge_never_deletes_what_resend_has_just_queued_again() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 1);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 20, 0);
+    s.run(&["once"]).assert_ok();
+    l.batch_execute("UPDATE meter_readings SET synced_at = now() - interval '3 hours'")
+        .unwrap();
+    // resend's own statement, held open on five of them.
+    let mut r = s.local();
+    let mut tx = r.transaction().unwrap();
+    tx.batch_execute(
+        "UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
+         WHERE id IN (SELECT id FROM meter_readings ORDER BY id LIMIT 5)",
+    )
+    .unwrap();
+    let mut d = s.spawn(&["once"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut probe = s.local();
+    loop {
+        let waiting: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM meter_readings%'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge never waited: {}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tx.commit().unwrap();
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(60)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        s.local_count("meter_readings"),
+        5,
+        "the five queued again must stay: {}",
+        d.log_text()
+    );
+    assert_eq!(s.central_count("meter_readings"), 20);
+}
+
+/// A central `meter_readings` an operator created by hand without the unique key
+/// (reading_uid, "timestamp"): COPY never needs it, so a batch sent twice (resend,
+/// or a crash between central's commit and the local delete) was stored twice,
+/// silently. The upload now fails with the readings queued and says why; with the
+/// key added it drains, each reading once.
+#[test]
+fn a_central_table_without_the_unique_key_holds_the_upload() {
+    let s = Sandbox::new();
+    let mut c = s.central();
+    c.batch_execute(
+        "ALTER TABLE meter_readings DROP CONSTRAINT meter_readings_reading_uid_timestamp_key",
+    )
+    .unwrap();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 30, 0);
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("no unique key on (reading_uid"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(s.central_count("meter_readings"), 0);
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
+    c.batch_execute(
+        "ALTER TABLE meter_readings ADD CONSTRAINT meter_readings_reading_uid_timestamp_key
+         UNIQUE (reading_uid, \"timestamp\")",
+    )
+    .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(s.local_count("meter_readings"), 0);
 }

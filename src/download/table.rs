@@ -129,7 +129,8 @@ impl Table {
                     coalesce(sum({size}), 0)::bigint, coalesce(max({size}), 0)::bigint, \
                     row_security_active('{table}'), \
                     EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table}'::regclass \
-                            AND attname = 'change_xid' AND NOT attisdropped) \
+                            AND attname = 'change_xid' AND NOT attisdropped), \
+                    pg_postmaster_start_time() \
              FROM {table}{filter}",
             table = self.table,
             filter = rows.filter()
@@ -138,11 +139,12 @@ impl Table {
 
     /// The idle cycle's statement, kept small because it is most of an idle
     /// cycle's bytes: is any row stamped at or past `watermark`, plus the
-    /// snapshot's xmax and the database name (the checks that the watermark is
-    /// this central's). An index probe on `change_xid`.
+    /// database name and the server's start time (the checks that the watermark
+    /// is this central's: the same database, in the same server's history; the
+    /// start time comes back as 8 binary bytes). An index probe on `change_xid`.
     pub fn changed_since_sql(&self, watermark: u64) -> String {
         format!(
-            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text, current_database()::text, \
+            "SELECT current_database()::text, pg_postmaster_start_time(), \
                     EXISTS (SELECT FROM {}{})",
             self.table,
             Rows::ChangedSince(watermark).filter()

@@ -1,9 +1,9 @@
 //! Where the next download resumes: the local `download_watermark` row of a table
-//! (local migration 0003), and central's answer to the probe that precedes every
+//! (local migrations 0003 and 0004), and central's answer to the probe that precedes every
 //! download.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::types::Type;
 use tokio_postgres::{Row, Transaction};
@@ -16,12 +16,20 @@ use crate::error::Result;
 /// `meter-sync migrate local`).
 const UNDEFINED_TABLE: &str = "42P01";
 
+/// SQLSTATE 42703: the table lacks `central_started` (local migration 0004 not
+/// applied).
+const UNDEFINED_COLUMN: &str = "42703";
+
 static WARNED_NO_LOCAL_TABLE: AtomicBool = AtomicBool::new(false);
 
 /// The local record of a table's last download.
 #[derive(Clone, Debug)]
 pub struct Saved {
     pub central_db: String,
+    /// `pg_postmaster_start_time()` of the central server the watermark was read
+    /// from: its transaction ids mean nothing on another server (a restored backup,
+    /// a promoted standby). None: not recorded (written before migration 0004).
+    pub central_started: Option<SystemTime>,
     pub watermark: u64,
     /// The last full reconciliation is at least `DOWNLOAD_FULL_EVERY_SECONDS` old.
     pub full_due: bool,
@@ -32,8 +40,8 @@ pub enum Local {
     Saved(Saved),
     /// Never downloaded with change tracking.
     None,
-    /// No `download_watermark` table: every download is a full one and nothing is
-    /// remembered.
+    /// No `download_watermark` table, or one without `central_started`: every
+    /// download is a full one and nothing is remembered.
     NoTable,
 }
 
@@ -44,7 +52,8 @@ pub async fn load(local: &Db, table: &str, full_every: Duration) -> Result<Local
     let res = local
         .query(
             "read download_watermark",
-            "SELECT central_db, watermark, now() - full_at >= make_interval(secs => $2) \
+            "SELECT central_db, watermark, now() - full_at >= make_interval(secs => $2), \
+                    central_started \
              FROM download_watermark WHERE table_name = $1",
             &[&table, &secs],
         )
@@ -55,13 +64,19 @@ pub async fn load(local: &Db, table: &str, full_every: Duration) -> Result<Local
                 central_db: r.get(0),
                 watermark: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
                 full_due: r.get(2),
+                central_started: r.get(3),
             }),
             None => Local::None,
         }),
-        Err(e) if e.code() == Some(UNDEFINED_TABLE) => {
+        Err(e) if matches!(e.code(), Some(UNDEFINED_TABLE | UNDEFINED_COLUMN)) => {
             if !WARNED_NO_LOCAL_TABLE.swap(true, Ordering::Relaxed) {
+                let what = if e.code() == Some(UNDEFINED_TABLE) {
+                    "no download_watermark table"
+                } else {
+                    "download_watermark has no central_started column (migration 0004)"
+                };
                 log::warn!(
-                    "local: no download_watermark table (run `meter-sync migrate local`); \
+                    "local: {what} (run `meter-sync migrate local`); \
                      meters and tenants are downloaded whole every cycle until then"
                 );
             }
@@ -78,6 +93,7 @@ pub async fn save(
     limit: Duration,
     table: &str,
     central_db: &str,
+    central_started: SystemTime,
     watermark: u64,
     full: bool,
 ) -> Result<()> {
@@ -87,12 +103,14 @@ pub async fn save(
         limit,
         &format!("record the {table} watermark"),
         tx.execute(
-            "INSERT INTO download_watermark (table_name, central_db, watermark, full_at) \
-             VALUES ($1, $2, $3, now()) \
+            "INSERT INTO download_watermark \
+                 (table_name, central_db, watermark, full_at, central_started) \
+             VALUES ($1, $2, $3, now(), $5) \
              ON CONFLICT (table_name) DO UPDATE SET central_db = EXCLUDED.central_db, \
                  watermark = EXCLUDED.watermark, updated_at = now(), \
+                 central_started = EXCLUDED.central_started, \
                  full_at = CASE WHEN $4 THEN now() ELSE download_watermark.full_at END",
-            &[&table, &central_db, &wm, &full],
+            &[&table, &central_db, &wm, &full, &central_started],
         ),
     )
     .await?;
@@ -105,6 +123,8 @@ pub struct Probe {
     /// The snapshot's xmin: the next watermark (None without tracking).
     pub xmin: Option<u64>,
     pub central_db: String,
+    /// Central's `pg_postmaster_start_time()`: which server (history) the xmin belongs to.
+    pub started: SystemTime,
     pub rows: u64,
     pub bytes: u64,
     pub largest: u64,
@@ -129,6 +149,7 @@ impl Probe {
             largest: n(4),
             rls: r.get(5),
             tracked: r.get(6),
+            started: r.get(7),
         }
     }
 
@@ -155,8 +176,9 @@ impl Probe {
 /// Central's answer to [`super::table::Table::changed_since_sql`].
 #[derive(Clone, Debug)]
 pub struct Changed {
-    pub xmax: Option<u64>,
     pub central_db: String,
+    /// Central's `pg_postmaster_start_time()`.
+    pub started: SystemTime,
     pub any: bool,
 }
 
@@ -168,8 +190,8 @@ impl Changed {
             .timed(what, central.client().query_typed_one(sql, no_params))
             .await?;
         Ok(Changed {
-            xmax: xid(&r, 0),
-            central_db: r.get(1),
+            central_db: r.get(0),
+            started: r.get(1),
             any: r.get(2),
         })
     }

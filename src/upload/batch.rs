@@ -46,7 +46,6 @@ const ARRAY_TYPES: [Type; 8] = [
 ];
 const FIELDS: usize = ELEMENT_TYPES.len();
 /// Position of `"timestamp"` among the carried columns (the keyset key).
-#[cfg(test)]
 const TIMESTAMP: usize = 2;
 
 /// Signature, flags (no OIDs), header extension length 0.
@@ -175,8 +174,8 @@ impl Batch {
     /// it (`None` for a NULL timestamp, which the NOT NULL column never holds) and
     /// its `id`.
     // The drain keys on the last row selected, unreadable ones included
-    // (upload::Collect); this one checks the tuples' layout in the tests.
-    #[cfg(test)]
+    // (upload::Collect); this one is where the readings after the batch begin when
+    // central's fault is to be confirmed (upload::refuses_the_newest).
     pub fn last_key(&self) -> Option<(Option<Bytes>, i64)> {
         let last = self.len().checked_sub(1)?;
         let ts = self

@@ -5,22 +5,37 @@
 //!
 //! A refused range is split into at most [`FANOUT`] slices, sent together; the
 //! refused slices are split again, the leftmost first, down to single readings.
-//! The evidence that a refusal is not about rows is always about single readings
-//! ([`batch_fault`]):
+//! Central's fault shows as refusals that go on "from here on": a missing partition
+//! for this month, a new NOT NULL column, a revoked privilege or a trigger raising
+//! during maintenance refuse every reading (across a month boundary, every reading
+//! from the first of the month on), while poison readings lie among good ones that
+//! central accepts, older and newer. The evidence:
 //!
-//! - [`FANOUT`] (16) or more consecutive readings of a batch, adjacent in the
-//!   table too (consecutive ids), each refused on its own with the same SQLSTATE: a missing partition for this month, a new NOT NULL
-//!   column, a revoked privilege or a trigger raising during maintenance refuse
-//!   every reading (and, across a month boundary, every reading from the first of
-//!   the month on), while poison readings lie here and there among good ones;
-//! - or a whole batch of fewer readings, adjacent likewise, every one of them
-//!   refused alike.
+//! - within a batch ([`batch_fault`]): [`FANOUT`] (16) or more readings in a row of
+//!   the batch refused alone with the same SQLSTATE, or a whole batch of fewer,
+//!   every one refused alike; confirmed only when central refuses alike, each alone,
+//!   the newest readings queued after that batch too ([`newest_refused_alike`]);
+//! - over the drain ([`decide`]): 16 or more refused readings after the last one
+//!   central accepted, refused alike (the batch that crosses into the month without
+//!   a partition, at the end of the queue, with nothing after it to confirm by).
 //!
-//! Sixteen consecutive readings refused alike cannot be told apart from sixteen
-//! poison readings in a row; the rules take the reading of central's fault, because
-//! that one loses nothing: the readings wait, the phase fails and says why. Proving
-//! it reading by reading would cost a statement (and an ERROR in central's log) per
-//! reading of the batch, in every cycle, from every gateway; this costs about 40.
+//! The readings' ids (and their order among themselves) are no evidence either
+//! way: a collector that writes each meter's readings as a block interleaves two
+//! runs of ids in queue order. What the confirmation protects is the readings left
+//! over from an earlier cycle: poison readings past the cap, whose good neighbours
+//! went through, stand in a row at the head of the queue and look, within their
+//! batch, exactly like central's fault; held as such, they would stop the queue
+//! behind them in every cycle and never be quarantined. Newer readings that central
+//! accepts (the collector writes on) tell them apart. (Consecutive ids used to be
+//! the test: leftovers fail it, but so does a month boundary met by readings that
+//! a collector wrote one meter at a time, and 100 valid readings were quarantined.)
+//!
+//! Sixteen readings in a row refused alike, with the newest refused alike too,
+//! cannot be told apart from poison readings up to the newest; the rules take the
+//! reading of central's fault, because that one loses nothing: the readings wait,
+//! the phase fails and says why. Proving it reading by reading would cost a
+//! statement (and an ERROR in central's log) per reading of the batch, in every
+//! cycle, from every gateway; this costs about 60.
 
 use std::ops::Range;
 
@@ -57,18 +72,17 @@ pub enum Fault {
     Rows,
 }
 
-/// One single reading central refused: its position in the batch, its local id,
-/// and the SQLSTATE.
-pub type Refused<'a> = (usize, i64, &'a str);
+/// One single reading central refused: its position in the batch and the
+/// SQLSTATE.
+pub type Refused<'a> = (usize, &'a str);
 
 /// Judges a batch of `batch_len` readings from the single readings central has
-/// refused so far, positions ascending.
+/// refused so far, positions ascending. [`Fault::Central`] here is a suspicion, to
+/// be confirmed by the newest readings ([`newest_refused_alike`]): within one batch
+/// the leftovers of an earlier cycle look the same.
 pub fn batch_fault(batch_len: usize, refused: &[Refused]) -> Fault {
-    let whole = batch_len >= 2
-        && refused.len() == batch_len
-        && refused
-            .windows(2)
-            .all(|w| adjacent(w[0], w[1]) && w[0].2 == w[1].2);
+    let whole =
+        batch_len >= 2 && refused.len() == batch_len && refused.iter().all(|r| r.1 == refused[0].1);
     if whole || alike_run(refused).is_some() {
         Fault::Central
     } else {
@@ -76,34 +90,36 @@ pub fn batch_fault(batch_len: usize, refused: &[Refused]) -> Fault {
     }
 }
 
-/// Two refused readings next to each other in the batch and in the table: no
-/// reading was written between them. Readings left over from an earlier cycle
-/// (poison readings whose good neighbours went through) are next to each other in
-/// the batch only, and are no evidence against central.
-fn adjacent(a: Refused, b: Refused) -> bool {
-    b.0 == a.0 + 1 && b.1 == a.1 + 1
-}
-
-/// The longest run of adjacent readings (see [`adjacent`]) that central refused
-/// with the same SQLSTATE, if it is [`FANOUT`] or longer: then the fault is
-/// central's. Returns (length, SQLSTATE).
+/// The longest run of readings next to each other in the batch that central
+/// refused with the same SQLSTATE, if it is [`FANOUT`] or longer. Returns (length,
+/// SQLSTATE).
 pub fn alike_run(refused: &[Refused]) -> Option<(usize, String)> {
     let mut best: Option<(usize, String)> = None;
     let mut i = 0;
     while i < refused.len() {
         let mut j = i + 1;
         while j < refused.len()
-            && adjacent(refused[j - 1], refused[j])
-            && refused[j].2 == refused[i].2
+            && refused[j].0 == refused[j - 1].0 + 1
+            && refused[j].1 == refused[i].1
         {
             j += 1;
         }
         if j - i >= FANOUT && best.as_ref().is_none_or(|b| j - i > b.0) {
-            best = Some((j - i, refused[i].2.to_string()));
+            best = Some((j - i, refused[i].1.to_string()));
         }
         i = j;
     }
     best
+}
+
+/// Whether central's answers to the newest queued readings, each sent alone
+/// (`None`: accepted, `Some(code)`: refused with that SQLSTATE), confirm a
+/// suspicion of central's fault with SQLSTATE `code`: every one refused alike.
+/// One accepted reading is enough to clear central: it takes readings written now,
+/// so what it refused further back is about those readings (leftovers of an
+/// earlier cycle, or a broken meter among good ones). No answers confirm nothing.
+pub fn newest_refused_alike(code: &str, answers: &[Option<&str>]) -> bool {
+    !answers.is_empty() && answers.iter().all(|a| *a == Some(code))
 }
 
 /// What to do with the single readings central refused in one drain (the
@@ -116,15 +132,19 @@ pub struct Decision {
     pub hold: Option<String>,
 }
 
-/// Decides on the candidates, given their SQLSTATEs in queue order, how many
-/// readings central accepted in the same drain, and how many were quarantined
-/// already in this cycle (unreadable local rows).
+/// Decides on the candidates, given their SQLSTATEs in queue order, how many of
+/// the last of them come after the last reading central accepted in the same drain
+/// (`after`), how many readings central accepted in the drain, and how many were
+/// quarantined already in this cycle (unreadable local rows).
 ///
 /// When central accepted nothing at all and refused every candidate alike (a
 /// lone reading, or batches of one), there is no evidence that any reading is at
-/// fault: none is quarantined. Otherwise the candidates are quarantined up to the
-/// cap per cycle.
-pub fn decide(codes: &[&str], accepted: u64, quarantined: u64) -> Decision {
+/// fault: none is quarantined. When [`FANOUT`] or more candidates after the last
+/// accepted reading were refused alike, central refuses from there on: those stay
+/// queued (the earlier candidates are judged as usual). A shorter tail is
+/// quarantined like any other candidate: a poison reading may well be the newest.
+/// The candidates are quarantined up to the cap per cycle.
+pub fn decide(codes: &[&str], after: usize, accepted: u64, quarantined: u64) -> Decision {
     if codes.is_empty() {
         return Decision {
             quarantine: 0,
@@ -143,18 +163,38 @@ pub fn decide(codes: &[&str], accepted: u64, quarantined: u64) -> Decision {
             )),
         };
     }
+    let after = after.min(codes.len());
+    let last = codes[codes.len() - 1];
+    let tail = codes[codes.len() - after..]
+        .iter()
+        .rev()
+        .take_while(|c| **c == last)
+        .count();
+    let (judged, held) = if tail >= FANOUT {
+        (codes.len() - tail, Some(tail))
+    } else {
+        (codes.len(), None)
+    };
     let room = MAX_QUARANTINED_PER_CYCLE.saturating_sub(quarantined);
-    let n = codes.len().min(usize::try_from(room).unwrap_or(usize::MAX));
-    let hold = (n < codes.len()).then(|| {
-        format!(
+    let n = judged.min(usize::try_from(room).unwrap_or(usize::MAX));
+    let mut why = Vec::new();
+    if let Some(tail) = held {
+        why.push(format!(
+            "central refused the last {tail} reading(s) it was sent alike (SQLSTATE {last}) and \
+             accepted none after them, so the fault is central's, not the readings': nothing \
+             quarantined of those, they stay queued until central is fixed"
+        ));
+    }
+    if n < judged {
+        why.push(format!(
             "quarantine cap reached: at most {MAX_QUARANTINED_PER_CYCLE} readings are quarantined \
              per cycle; {} more refused reading(s) stay queued for the next cycle",
-            codes.len() - n
-        )
-    });
+            judged - n
+        ));
+    }
     Decision {
         quarantine: n,
-        hold,
+        hold: (!why.is_empty()).then(|| why.join("; ")),
     }
 }
 
@@ -179,21 +219,20 @@ mod tests {
         }
     }
 
-    /// Refused readings at these positions, with ids following the positions (as
-    /// the collector writes them) from 1000 on.
-    fn at(positions: impl IntoIterator<Item = usize>, code: &str) -> Vec<(usize, i64, String)> {
+    /// Refused readings at these positions.
+    fn at(positions: impl IntoIterator<Item = usize>, code: &str) -> Vec<(usize, String)> {
         positions
             .into_iter()
-            .map(|p| (p, 1000 + p as i64, code.to_string()))
+            .map(|p| (p, code.to_string()))
             .collect()
     }
 
-    fn fault(batch_len: usize, refused: &[(usize, i64, String)]) -> Fault {
-        let r: Vec<Refused> = refused
-            .iter()
-            .map(|(p, i, c)| (*p, *i, c.as_str()))
-            .collect();
-        batch_fault(batch_len, &r)
+    fn refused(r: &[(usize, String)]) -> Vec<Refused<'_>> {
+        r.iter().map(|(p, c)| (*p, c.as_str())).collect()
+    }
+
+    fn fault(batch_len: usize, r: &[(usize, String)]) -> Fault {
+        batch_fault(batch_len, &refused(r))
     }
 
     #[test]
@@ -230,27 +269,30 @@ mod tests {
     }
 
     #[test]
-    fn leftovers_of_earlier_cycles_are_no_evidence() {
-        // A batch made only of poison readings whose good neighbours went through
-        // in an earlier cycle: next to each other in the batch, not in the table.
-        let left: Vec<(usize, i64, String)> = (0..30)
-            .map(|p| (p, 10 * p as i64, "23514".to_string()))
-            .collect();
-        assert_eq!(fault(30, &left), Fault::Rows);
-        assert_eq!(fault(3, &left[..3]), Fault::Rows);
+    fn the_newest_readings_tell_leftovers_from_centrals_fault() {
+        // Leftovers of an earlier cycle and a month without a partition look the
+        // same within a batch; the newest readings central takes clear central.
+        assert!(newest_refused_alike("23514", &[Some("23514"); 16]));
+        assert!(newest_refused_alike("23514", &[Some("23514")]));
+        let mut one_taken = vec![Some("23514"); 16];
+        one_taken[9] = None;
+        assert!(!newest_refused_alike("23514", &one_taken));
+        assert!(!newest_refused_alike(
+            "23514",
+            &[Some("23514"), Some("23503")]
+        ));
+        // Nothing queued after the batch: nothing to confirm by.
+        assert!(!newest_refused_alike("23514", &[]));
     }
 
     #[test]
-    fn runs_need_adjacent_readings_with_one_sqlstate() {
-        let run = |r: &[(usize, i64, String)]| {
-            let r: Vec<Refused> = r.iter().map(|(p, i, c)| (*p, *i, c.as_str())).collect();
-            alike_run(&r)
-        };
+    fn runs_need_readings_in_a_row_with_one_sqlstate() {
+        let run = |r: &[(usize, String)]| alike_run(&refused(r));
         assert_eq!(run(&at(50..100, "23514")), Some((50, "23514".into())));
         assert_eq!(run(&at([3, 17, 18, 40, 41, 42], "23514")), None);
         assert_eq!(run(&at(0..15, "23514")), None);
         let mut broken = at(0..20, "23514");
-        broken[10].2 = "23503".into();
+        broken[10].1 = "23503".into();
         assert_eq!(run(&broken), None);
         // The longest run counts.
         let two = [at(0..16, "23514"), at(30..50, "23502")].concat();
@@ -260,33 +302,54 @@ mod tests {
     #[test]
     fn candidates_are_quarantined_when_central_accepted_others() {
         assert_eq!(
-            decide(&["23514"], 99, 0),
+            decide(&["23514"], 0, 99, 0),
             Decision {
                 quarantine: 1,
                 hold: None
             }
         );
-        assert_eq!(decide(&["42501"; 60], 540, 0).quarantine, 60);
-        assert_eq!(decide(&[], 0, 0).hold, None);
+        assert_eq!(decide(&["42501"; 60], 0, 540, 0).quarantine, 60);
+        assert_eq!(decide(&[], 0, 0, 0).hold, None);
     }
 
     #[test]
     fn nothing_accepted_and_all_refused_alike_quarantines_nothing() {
-        let d = decide(&["23514"], 0, 0);
+        let d = decide(&["23514"], 1, 0, 0);
         assert_eq!(d.quarantine, 0);
         assert!(d.hold.unwrap().contains("SQLSTATE 23514"));
         // Different reasons are about the readings, even with nothing accepted.
-        assert_eq!(decide(&["23514", "23503"], 0, 0).quarantine, 2);
+        assert_eq!(decide(&["23514", "23503"], 2, 0, 0).quarantine, 2);
     }
 
     #[test]
     fn the_cap_counts_the_whole_cycle() {
         let many = vec!["23514"; 150];
-        let d = decide(&many, 10, 0);
+        let d = decide(&many, 0, 10, 0);
         assert_eq!(d.quarantine, MAX_QUARANTINED_PER_CYCLE as usize);
         assert!(d.hold.unwrap().contains("50 more"));
-        let d = decide(&["23514"; 5], 10, MAX_QUARANTINED_PER_CYCLE - 2);
+        let d = decide(&["23514"; 5], 0, 10, MAX_QUARANTINED_PER_CYCLE - 2);
         assert_eq!(d.quarantine, 2);
         assert!(d.hold.is_some());
+    }
+
+    #[test]
+    fn sixteen_refused_alike_after_the_last_accepted_reading_stay_queued() {
+        // 30 readings of last month went in, then 70 of this month refused (the
+        // queue ends there: nothing after them to confirm by).
+        let d = decide(&["23514"; 70], 70, 30, 0);
+        assert_eq!(d.quarantine, 0);
+        assert!(d.hold.unwrap().contains("central's"));
+        // A poison reading before them is still judged.
+        let codes = [vec!["23503"], vec!["23514"; 20]].concat();
+        let d = decide(&codes, 20, 30, 0);
+        assert_eq!(d.quarantine, 1);
+        assert!(d.hold.is_some());
+        // Fewer than 16 after the last accepted reading: judged like the others
+        // (a broken meter's reading may be the newest).
+        assert_eq!(decide(&["23514"; 15], 15, 30, 0).quarantine, 15);
+        assert_eq!(decide(&["23514"; 40], 1, 200, 0).quarantine, 40);
+        // The tail counts only the refusals alike with the last one.
+        let codes = [vec!["23514"; 20], vec!["23503"]].concat();
+        assert_eq!(decide(&codes, 21, 30, 0).quarantine, 21);
     }
 }
