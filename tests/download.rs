@@ -1659,6 +1659,7 @@ fn p21_a_plain_central_restart_is_verified_by_digest_without_a_full_copy() {
     let after = &d.log_text()[at..];
     assert!(!after.contains("full reconciliation"), "{after}");
     let down = proxy.bytes_forwarded().1 - before;
+    eprintln!("after the restart: {down} bytes from central; the first full copy: {first_down}");
     assert!(
         down < 100_000,
         "{down} bytes from central after the restart (a full copy is {first_down})\n{after}"

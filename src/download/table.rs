@@ -117,23 +117,65 @@ impl Table {
     /// the largest row; whether row-level security filters what this role sees,
     /// and whether central has the `change_xid` column. With `tracked` false (a central without migration 0002)
     /// the snapshot functions are not used at all, so any server version answers.
-    pub fn probe_sql(&self, rows: Rows, tracked: bool) -> String {
+    ///
+    /// With `digest`, a ninth column: [`Table::digest_sql`] of the same rows, in
+    /// the same snapshot (a restart is verified in the round trip the probe costs
+    /// anyway, and a mismatch goes on to the full copy in that very snapshot).
+    pub fn probe_sql(&self, rows: Rows, tracked: bool, digest: bool) -> String {
         let snapshot = if tracked {
             "pg_snapshot_xmin(pg_current_snapshot())::text"
         } else {
             "NULL::text"
         };
         let size = format!("octet_length(ROW({})::text)", self.central_columns());
+        let digest = if digest {
+            format!(", {}", self.digest_sql())
+        } else {
+            String::new()
+        };
         format!(
             "SELECT {snapshot}, current_database()::text, count(*), \
                     coalesce(sum({size}), 0)::bigint, coalesce(max({size}), 0)::bigint, \
                     row_security_active('{table}'), \
                     EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table}'::regclass \
                             AND attname = 'change_xid' AND NOT attisdropped), \
-                    pg_postmaster_start_time() \
+                    pg_postmaster_start_time(){digest} \
              FROM {table}{filter}",
             table = self.table,
             filter = rows.filter()
+        )
+    }
+
+    /// An aggregate over the rows of a query on this table that is equal on
+    /// central and locally exactly when a full download would copy the same rows
+    /// as the local table holds: the md5 of the downloaded columns, cast to the
+    /// staging types as the COPY casts them, as one row's text each, in key order
+    /// (byte order, `COLLATE "C"`, so the two servers' collations do not matter;
+    /// the key is unique on both sides). NULL for no rows.
+    ///
+    /// The text forms depend only on TimeZone and DateStyle (timestamptz), which
+    /// central's transactions set to UTC and ISO and the local session has from its
+    /// start (the local digest sets them again, see `local_digest_sql`); text and
+    /// jsonb (whose numbers are numeric) do not depend on any setting. A float
+    /// column would add extra_float_digits to that list. Anything else that makes
+    /// the forms differ (another server encoding, another major version's jsonb
+    /// text) only makes the digests differ: a full copy, never a false match.
+    pub fn digest_sql(&self) -> String {
+        format!(
+            "md5(string_agg(ROW({})::text, E'\\n' ORDER BY {}::text COLLATE \"C\"))",
+            self.central_columns(),
+            self.key
+        )
+    }
+
+    /// The same digest of the local table, with the settings its text depends on
+    /// set as central's transactions set them: (rows, digest).
+    pub fn local_digest_sql(&self) -> String {
+        format!(
+            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+             SELECT count(*)::text, {} FROM {}",
+            self.digest_sql(),
+            self.table
         )
     }
 
