@@ -1716,7 +1716,8 @@ fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
     );
     let after = d.log_text()[at..].to_string();
     assert!(
-        after.contains("meters: full reconciliation (central is not the server"),
+        after.contains("meters: full reconciliation (central is not the server")
+            && after.contains("or failed over, and the local copy differs)"),
         "{after}"
     );
     assert!(

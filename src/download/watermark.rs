@@ -133,7 +133,7 @@ pub struct Probe {
     /// Central has the `change_xid` column (remote migration 0002).
     pub tracked: bool,
     /// The rows' digest ([`super::table::Table::digest_sql`]), when it was asked
-    /// for; None also for no rows.
+    /// for.
     pub digest: Option<String>,
 }
 
