@@ -43,7 +43,9 @@
 //! server of its own), so the watermark is stored with central's
 //! `pg_postmaster_start_time()` and the database name, the idle probe returns both,
 //! and any difference means a full reconciliation before the watermark is trusted
-//! again. A plain restart of central costs the same, once per gateway.
+//! again, unless a digest of central's rows, taken in the download's snapshot
+//! and round trip, equals one of the local table (see [`verified`]): then a plain
+//! restart of central costs each gateway the digest, not a copy.
 //!
 //! # Full reconciliation
 //!
