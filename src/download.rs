@@ -43,7 +43,9 @@
 //! server of its own), so the watermark is stored with central's
 //! `pg_postmaster_start_time()` and the database name, the idle probe returns both,
 //! and any difference means a full reconciliation before the watermark is trusted
-//! again. A plain restart of central costs the same, once per gateway.
+//! again, unless a digest of central's rows, taken in the download's snapshot
+//! and round trip, equals one of the local table (see [`verified`]): then a plain
+//! restart of central costs each gateway the digest, not a copy.
 //!
 //! # Full reconciliation
 //!
@@ -87,7 +89,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{CopyOutStream, Transaction};
+use tokio_postgres::{CopyOutStream, SimpleQueryMessage, Transaction};
 
 use crate::config::{Config, Side};
 use crate::db::{timed, Db};
@@ -168,12 +170,16 @@ enum Fetch {
     /// Rows changed since `watermark`, which is valid only on the central server
     /// started at `started`.
     Changes { watermark: u64, started: SystemTime },
+    /// Central is another server than the watermark's (`previous`: the start time
+    /// recorded with it), and nothing else calls for a full reconciliation: compare
+    /// digests first, and copy the whole table only if they differ.
+    Verify { previous: Option<SystemTime> },
 }
 
 impl Fetch {
     fn rows(self) -> Rows {
         match self {
-            Fetch::All { .. } => Rows::All,
+            Fetch::All { .. } | Fetch::Verify { .. } => Rows::All,
             Fetch::Changes { watermark, .. } => Rows::ChangedSince(watermark),
         }
     }
@@ -181,7 +187,7 @@ impl Fetch {
     fn remember(self) -> bool {
         match self {
             Fetch::All { remember } => remember,
-            Fetch::Changes { .. } => true,
+            Fetch::Changes { .. } | Fetch::Verify { .. } => true,
         }
     }
 }
@@ -267,20 +273,12 @@ async fn sync(
                 // simply restarted) may reuse ids below the watermark. This also
                 // covers a counter behind the watermark, which only another server
                 // can show (xid8 never wraps).
-                Ok(p) if sv.central_started != Some(p.started) => {
-                    log::info!(
-                        "{}: full reconciliation (central is not the server this gateway's \
-                         watermark came from: it started {}, the watermark's {}; restarted, \
-                         restored from a backup or failed over)",
-                        t.table,
-                        stamp(p.started),
-                        sv.central_started.map_or_else(
-                            || "is not recorded".to_string(),
-                            |w| format!("started {}", stamp(w))
-                        )
-                    );
-                    Fetch::All { remember: true }
-                }
+                //
+                // Most often it is the same data on a restarted server, though: a
+                // digest comparison (see `verified`) then saves the full copy.
+                Ok(p) if sv.central_started != Some(p.started) => Fetch::Verify {
+                    previous: sv.central_started,
+                },
                 Ok(p) if !p.any => {
                     // Nothing to fetch, nothing to write: the watermark stays where
                     // it is (still correct, only more conservative).
@@ -312,18 +310,60 @@ async fn sync(
 
 /// The download's view of central: a REPEATABLE READ READ ONLY transaction and
 /// the probe taken in its snapshot. `tracked` false: a probe without the snapshot
-/// functions, for a server that lacks them.
+/// functions, for a server that lacks them. `digest`: the probe also returns the
+/// rows' digest.
 async fn open_central<'a>(
     t: &Table,
     central: &'a mut Db,
     rows: Rows,
     tracked: bool,
+    digest: bool,
 ) -> Result<(Transaction<'a>, Probe)> {
     let limit = central.timeout();
     let tx = central.begin_snapshot("begin").await?;
     let what = format!("probe {}", t.table);
-    let probe = Probe::in_tx(&tx, limit, &what, &t.probe_sql(rows, tracked)).await?;
+    let probe = Probe::in_tx(&tx, limit, &what, &t.probe_sql(rows, tracked, digest)).await?;
     Ok((tx, probe))
+}
+
+/// A central start time, or its absence, for log lines.
+fn started(t: Option<SystemTime>) -> String {
+    t.map_or_else(
+        || "is not recorded".to_string(),
+        |w| format!("started {}", stamp(w)),
+    )
+}
+
+/// After a central restart: is the local table exactly what a full download of
+/// `probe`'s snapshot would leave (the same rows, every downloaded column's text
+/// equal, no local row central lacks)? If so, records that snapshot's xmin and
+/// server as the watermark, as a full reconciliation would, but leaves `full_at`
+/// (the daily net) alone, and returns true. The local digest and the watermark
+/// share one local transaction. False, or an error, means: copy in full.
+async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<bool> {
+    let (Some(xmin), true) = (probe.xmin, probe.tracked) else {
+        return Ok(false);
+    };
+    let limit = local.timeout();
+    let l = Side::Local;
+    let tx = timed(l, limit, "begin", local.client_mut().transaction()).await?;
+    let what = format!("digest {}", t.table);
+    let sql = t.local_digest_sql();
+    let answer = timed(l, limit, &what, tx.simple_query(&sql)).await?;
+    let Some(row) = answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    }) else {
+        return Ok(false);
+    };
+    let rows = row.get(0).and_then(|n| n.parse::<u64>().ok());
+    if rows != Some(probe.rows) || row.get(1) != probe.digest.as_deref() {
+        return Ok(false);
+    }
+    let db = &probe.central_db;
+    watermark::save(&tx, limit, t.table, db, probe.started, xmin, false).await?;
+    timed(l, limit, &format!("commit {}", t.table), tx.commit()).await?;
+    Ok(true)
 }
 
 /// A table over one of its bounds: one line naming the table and the limit.
@@ -366,7 +406,8 @@ async fn download(
     // Before PostgreSQL 13 there is no pg_current_snapshot(), so no tracking
     // either; such a server answers only the probe without it.
     let tracked = !t.pre_13.load(Ordering::Relaxed);
-    let first = open_central(t, central, rows, tracked).await;
+    let verify = matches!(fetch, Fetch::Verify { .. });
+    let first = open_central(t, central, rows, tracked, verify).await;
     if matches!(&first, Err(e) if tracked && e.code() == Some(UNDEFINED_FUNCTION)) {
         drop(first);
         t.pre_13.store(true, Ordering::Relaxed);
@@ -374,22 +415,60 @@ async fn download(
         let fetch = Fetch::All { remember: false };
         return Box::pin(download(t, s, fetch, local, central, start)).await;
     }
+    // The digest is an optimisation: central refusing it (a statement timeout on
+    // a huge table, md5 disabled by FIPS) means the full copy it would have saved.
+    // A lost connection is not retried here.
+    let refused = match &first {
+        Err(e) if verify && e.code().is_some() && !e.is_connection_lost() => Some(e.to_string()),
+        _ => None,
+    };
+    if let Some(e) = refused {
+        drop(first);
+        log::warn!(
+            "{}: full reconciliation (central restarted, and its digest failed: {e})",
+            t.table
+        );
+        let fetch = Fetch::All { remember: true };
+        return Box::pin(download(t, s, fetch, local, central, start)).await;
+    }
     let (ctx, probe) = first?;
     // Central was replaced between the idle probe and this snapshot: the
-    // watermark means nothing here, so this download is a full one.
+    // watermark means nothing here, so this download is a verified one.
     if let Fetch::Changes { started, .. } = fetch {
         if probe.started != started {
             drop(ctx);
-            log::info!(
-                "{}: full reconciliation (central is not the server this gateway's watermark \
-                 came from: it started {}, the watermark's started {})",
-                t.table,
-                stamp(probe.started),
-                stamp(started)
-            );
-            let fetch = Fetch::All { remember: true };
+            let fetch = Fetch::Verify {
+                previous: Some(started),
+            };
             return Box::pin(download(t, s, fetch, local, central, start)).await;
         }
+    }
+    if let Fetch::Verify { previous } = fetch {
+        let why = match verified(t, &probe, local).await {
+            Ok(true) => {
+                timed(Side::Central, central_limit, "commit", ctx.commit()).await?;
+                log::info!(
+                    "{}: central restarted; local copy verified identical ({} rows), \
+                     no full copy needed",
+                    t.table,
+                    probe.rows
+                );
+                return Ok(PhaseResult {
+                    records: 0,
+                    summary: format!("up to date ({} rows verified by digest)", probe.rows),
+                });
+            }
+            Ok(false) => "the local copy differs".to_string(),
+            Err(e) => format!("the local digest failed: {e}"),
+        };
+        log::info!(
+            "{}: full reconciliation (central is not the server this gateway's watermark \
+             came from: it started {}, the watermark's {}; restarted, restored from a backup \
+             or failed over, and {why})",
+            t.table,
+            stamp(probe.started),
+            started(previous)
+        );
     }
     if let Some(e) = over_bound(t, s, &probe) {
         return Err(e);

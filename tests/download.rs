@@ -1577,3 +1577,161 @@ fn p21_a_central_restored_from_an_earlier_copy_is_reconciled_by_the_same_process
         "{log}"
     );
 }
+
+/// A sandbox on a central cluster of its own (the test stops and restarts it),
+/// migrated, with the three meters and one tenant.
+fn on_own_central(prefix: &str) -> (&'static support::Cluster, Sandbox) {
+    let central: &'static support::Cluster =
+        Box::leak(Box::new(support::Cluster::start(support::Role::Central)));
+    let (local, _) = support::shared();
+    let name = format!("{prefix}{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    three_meters(&s);
+    add_tenant(&mut s.central(), "t-1", "Acme", Some(r#"{"a": 1}"#), None);
+    (central, s)
+}
+
+/// When `table`'s last full reconciliation was, as text.
+fn full_at(s: &Sandbox, table: &str) -> String {
+    s.local()
+        .query_one(
+            "SELECT full_at::text FROM download_watermark WHERE table_name = $1",
+            &[&table],
+        )
+        .unwrap()
+        .get(0)
+}
+
+/// A plain restart of central (a minor upgrade, say) changes its start time, but
+/// not a row: the running daemon compares a digest of central's rows with one of
+/// its own, finds them equal and takes the new server's watermark without copying
+/// the table (a fleet restarting central would otherwise copy every table at once).
+/// The daily full reconciliation stays where it was.
+#[test]
+fn p21_a_plain_central_restart_is_verified_by_digest_without_a_full_copy() {
+    let (central, mut s) = on_own_central("rsv");
+    // 2,000 meters of about 1.5 KB: a full copy is about 3 MB.
+    s.central()
+        .batch_execute(&format!(
+            "INSERT INTO meters (meter_id, name, meter_type, unit, configuration, updated_at)
+             SELECT 'b-' || g, 'Big ' || g, 'electricity', 'kWh', {BIG_CONF}, now()
+             FROM generate_series(1, 1997) g"
+        ))
+        .unwrap();
+    let target = format!("127.0.0.1:{}", central.port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    let d = running(&s);
+    let first_down = proxy.bytes_forwarded().1;
+    assert!(
+        first_down > 2_000_000,
+        "the first full copy: {first_down} bytes"
+    );
+    next_cycle(&d);
+    let (meters_full_at, tenant_full_at) = (full_at(&s, "meters"), full_at(&s, "tenant"));
+
+    central.stop();
+    central.restart();
+    let before = proxy.bytes_forwarded().1;
+    let at = d.log_text().len();
+    let verified = "meters: central restarted; local copy verified identical (2000 rows), \
+                    no full copy needed";
+    assert!(
+        support::wait_until(Duration::from_secs(30), || d.log_text()[at..]
+            .contains(verified)
+            && d.log_text()[at..].contains(
+                "tenant: central restarted; local copy verified identical (1 rows), \
+                 no full copy needed"
+            )),
+        "no verification after the restart:\n{}",
+        &d.log_text()[at..]
+    );
+    // The watermark now belongs to the restarted server: the next cycle is idle.
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters: up to date (no changes centrally)")
+            && idle.contains("tenant: up to date (no changes centrally)"),
+        "{idle}"
+    );
+    let after = &d.log_text()[at..];
+    assert!(!after.contains("full reconciliation"), "{after}");
+    let down = proxy.bytes_forwarded().1 - before;
+    eprintln!("after the restart: {down} bytes from central; the first full copy: {first_down}");
+    assert!(
+        down < 100_000,
+        "{down} bytes from central after the restart (a full copy is {first_down})\n{after}"
+    );
+    assert_eq!(
+        full_at(&s, "meters"),
+        meters_full_at,
+        "the daily timer stays"
+    );
+    assert_eq!(
+        full_at(&s, "tenant"),
+        tenant_full_at,
+        "the daily timer stays"
+    );
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+/// A change the stamps cannot see (made with the change-tracking trigger disabled)
+/// and then a central restart: the digests differ, so the restart still means a
+/// full reconciliation, which repairs the row.
+#[test]
+fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
+    let (central, s) = on_own_central("rsc");
+    let d = running(&s);
+    s.central()
+        .batch_execute(
+            "ALTER TABLE meters DISABLE TRIGGER meters_change_xid;
+             UPDATE meters SET name = 'renamed unstamped' WHERE meter_id = 'm-2';
+             ALTER TABLE meters ENABLE ALWAYS TRIGGER meters_change_xid;",
+        )
+        .unwrap();
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters: up to date (no changes centrally)"),
+        "the stamps do not show the change:\n{idle}"
+    );
+    assert_ne!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    let central_meters = dump(&mut s.central(), "meters");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dump(&mut s.local(), "meters")
+            == central_meters),
+        "the restart did not repair the unstamped change:\n{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: full reconciliation (central is not the server")
+            && after.contains("or failed over, and the local copy differs)"),
+        "{after}"
+    );
+    assert!(
+        !after.contains("meters: central restarted; local copy verified"),
+        "{after}"
+    );
+    assert_eq!(
+        lines_with(&after, " updated: "),
+        vec!["meter m-2 updated: name"],
+        "{after}"
+    );
+    // The tenant table did not change: it is verified, not copied.
+    assert!(
+        after.contains("tenant: central restarted; local copy verified identical (1 rows)"),
+        "{after}"
+    );
+}

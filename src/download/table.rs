@@ -117,23 +117,86 @@ impl Table {
     /// the largest row; whether row-level security filters what this role sees,
     /// and whether central has the `change_xid` column. With `tracked` false (a central without migration 0002)
     /// the snapshot functions are not used at all, so any server version answers.
-    pub fn probe_sql(&self, rows: Rows, tracked: bool) -> String {
+    ///
+    /// With `digest`, a ninth column: [`Table::digest_sql`] of the same rows, in
+    /// the same snapshot (a restart is verified in the round trip the probe costs
+    /// anyway, and a mismatch goes on to the full copy in that very snapshot).
+    pub fn probe_sql(&self, rows: Rows, tracked: bool, digest: bool) -> String {
         let snapshot = if tracked {
             "pg_snapshot_xmin(pg_current_snapshot())::text"
         } else {
             "NULL::text"
         };
-        let size = format!("octet_length(ROW({})::text)", self.central_columns());
+        let (size, digest, join) = if digest {
+            let digest = format!(", {}", self.digest_sql());
+            (
+                "octet_length(row_text.r)".to_string(),
+                digest,
+                self.digest_join(),
+            )
+        } else {
+            let size = format!("octet_length(ROW({})::text)", self.central_columns());
+            (size, String::new(), String::new())
+        };
         format!(
             "SELECT {snapshot}, current_database()::text, count(*), \
                     coalesce(sum({size}), 0)::bigint, coalesce(max({size}), 0)::bigint, \
                     row_security_active('{table}'), \
                     EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table}'::regclass \
                             AND attname = 'change_xid' AND NOT attisdropped), \
-                    pg_postmaster_start_time() \
-             FROM {table}{filter}",
+                    pg_postmaster_start_time(){digest} \
+             FROM {table}{join}{filter}",
             table = self.table,
             filter = rows.filter()
+        )
+    }
+
+    /// An aggregate over this table's rows (joined with [`Table::digest_join`])
+    /// that is equal on central and locally exactly when a full download would
+    /// copy the same rows as the local table holds, up to a 2^-128 chance: each
+    /// row's md5 of the downloaded columns, cast to the staging types as the COPY
+    /// casts them, as one row's text; its two 64-bit halves summed separately
+    /// (as numeric: no overflow). A sum does not depend on row order (so neither
+    /// on the two servers' collations nor on a sort), and needs constant memory
+    /// where `string_agg` would build the whole table's text on central. The key
+    /// is unique on both sides, so no two rows can cancel out. `0:0` for no rows.
+    ///
+    /// The text forms depend only on TimeZone and DateStyle (timestamptz), which
+    /// central's transactions set to UTC and ISO and the local session has from its
+    /// start (the local digest sets them again, see `local_digest_sql`); text and
+    /// jsonb (whose numbers are numeric) do not depend on any setting. A float
+    /// column would add extra_float_digits to that list. Anything else that makes
+    /// the forms differ (another server encoding, another major version's jsonb
+    /// text) only makes the digests differ: a full copy, never a false match.
+    pub fn digest_sql(&self) -> String {
+        let half = |side: &str| {
+            format!("coalesce(sum(('x' || {side}(digest.h, 16))::bit(64)::bigint), 0)::text")
+        };
+        format!("{} || ':' || {}", half("left"), half("right"))
+    }
+
+    /// Each row's text (`row_text.r`) and its md5 (`digest.h`), for
+    /// [`Table::digest_sql`]. `OFFSET 0` keeps the planner from inlining the
+    /// subqueries, which would render the row's text once per use: rendered once,
+    /// the probe with the digest took less time than the probe without it, which
+    /// renders it twice (20,000 meters of 2.2 KB: about 0.50 s against 0.57 s).
+    fn digest_join(&self) -> String {
+        format!(
+            " CROSS JOIN LATERAL (SELECT ROW({})::text AS r OFFSET 0) row_text \
+              CROSS JOIN LATERAL (SELECT md5(row_text.r) AS h OFFSET 0) digest",
+            self.central_columns()
+        )
+    }
+
+    /// The same digest of the local table, with the settings its text depends on
+    /// set as central's transactions set them: (rows, digest).
+    pub fn local_digest_sql(&self) -> String {
+        format!(
+            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+             SELECT count(*)::text, {} FROM {}{}",
+            self.digest_sql(),
+            self.table,
+            self.digest_join()
         )
     }
 
@@ -246,6 +309,19 @@ mod tests {
                     "unqualified staging name in {sql}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn central_and_local_digest_the_same_expression() {
+        for t in [&METERS, &TENANTS] {
+            let (digest, join) = (t.digest_sql(), t.digest_join());
+            let local = t.local_digest_sql();
+            let central = t.probe_sql(Rows::All, true, true);
+            for sql in [&local, &central] {
+                assert!(sql.contains(&digest) && sql.contains(&join), "{sql}");
+            }
+            assert!(!t.probe_sql(Rows::All, true, false).contains("md5"));
         }
     }
 

@@ -132,6 +132,9 @@ pub struct Probe {
     pub rls: bool,
     /// Central has the `change_xid` column (remote migration 0002).
     pub tracked: bool,
+    /// The rows' digest ([`super::table::Table::digest_sql`]), when it was asked
+    /// for.
+    pub digest: Option<String>,
 }
 
 fn xid(r: &Row, i: usize) -> Option<u64> {
@@ -150,6 +153,7 @@ impl Probe {
             rls: r.get(5),
             tracked: r.get(6),
             started: r.get(7),
+            digest: if r.len() > 8 { r.get(8) } else { None },
         }
     }
 
