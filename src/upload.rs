@@ -987,8 +987,8 @@ async fn take_apart(
             && verdict::batch_fault(batch.len(), &codes) == verdict::Fault::Central
         {
             asked = true;
-            let run = verdict::alike_run(&codes).map_or(found.len(), |r| r.0);
-            let code = verdict::alike_run(&codes).map_or(codes[0].1.to_string(), |r| r.1);
+            let (run, code) =
+                verdict::alike_run(&codes).unwrap_or_else(|| (found.len(), codes[0].1.to_string()));
             let last = (seq, found[found.len() - 1].0);
             if let Some(newest) = refuses_the_newest(ctx, batch, last, &code, t).await? {
                 ctx.central_fault.store(true, Ordering::SeqCst);
@@ -1439,12 +1439,9 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
         }
         Some(ids) => {
             // `requeue 7 7` releases one reading, and is no warning.
-            let ids: Vec<i64> = ids
-                .iter()
-                .copied()
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
+            let mut ids = ids.to_vec();
+            ids.sort_unstable();
+            ids.dedup();
             let n = local
                 .execute(
                     "requeue quarantined readings",

@@ -737,12 +737,8 @@ fn slice_statements(stderr: &str) -> usize {
         .sum()
 }
 
-/// P24: central's table is partitioned by month and has no partition for this one.
-/// The readings of last month go in, this month's stay queued, none is quarantined,
-/// and the phase fails saying why: also across the batch that holds the boundary.
-#[test]
-fn p24_no_partition_for_this_month_quarantines_nothing() {
-    let s = Sandbox::empty();
+/// Central's table partitioned by month with last month's partition only, migrated.
+fn central_without_this_months_partition(s: &Sandbox) -> Client {
     let mut c = s.central();
     c.batch_execute(PARTITIONED_READINGS).unwrap();
     c.batch_execute(
@@ -755,6 +751,59 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     )
     .unwrap();
     s.migrate();
+    c
+}
+
+/// What the operator does to mend [`central_without_this_months_partition`].
+fn add_this_months_partition(c: &mut Client) {
+    c.batch_execute(
+        "DO $$ BEGIN
+             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
+                             FOR VALUES FROM (%L) TO (%L)',
+                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
+         END $$;",
+    )
+    .unwrap();
+}
+
+/// After `run` against [`central_without_this_months_partition`]: the phase failed
+/// for 23514 with nothing quarantined, `arrived` readings are in central and
+/// exactly the `queued` of this month wait locally.
+fn assert_held_for_this_month(
+    s: &Sandbox,
+    run: &support::Run,
+    l: &mut Client,
+    arrived: i64,
+    queued: i64,
+) {
+    let (ok, _, err) = last_upload_log(s);
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    assert!(
+        err.contains("23514") && err.contains("nothing quarantined"),
+        "{err}\n{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("23514"), "{}", run.stderr);
+    assert_eq!(quarantined(l), [], "{}", run.stderr);
+    assert_eq!(s.central_count("meter_readings"), arrived);
+    assert_eq!(
+        s.local_count(
+            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
+        ),
+        queued,
+        "this month's readings stay queued"
+    );
+    assert_eq!(s.local_count("meter_readings"), queued);
+}
+
+/// P24: central's table is partitioned by month and has no partition for this one.
+/// The readings of last month go in, this month's stay queued, none is quarantined,
+/// and the phase fails saying why: also across the batch that holds the boundary.
+#[test]
+fn p24_no_partition_for_this_month_quarantines_nothing() {
+    let s = Sandbox::empty();
+    let mut c = central_without_this_months_partition(&s);
     let mut l = s.local();
     // 150 readings of the last day of last month, then 450 of this month: the
     // second batch of 100 holds the boundary.
@@ -769,24 +818,7 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     .unwrap();
 
     let run = s.run(&["once"]);
-    let (ok, _, err) = last_upload_log(&s);
-    let err = err.unwrap_or_default();
-    assert!(!ok, "{}", run.stderr);
-    assert!(
-        err.contains("23514") && err.contains("nothing quarantined"),
-        "{err}"
-    );
-    assert!(run.stderr.contains("23514"), "{}", run.stderr);
-    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
-    assert_eq!(s.central_count("meter_readings"), 150);
-    assert_eq!(
-        s.local_count(
-            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
-        ),
-        450,
-        "this month's readings stay queued"
-    );
-    assert_eq!(s.local_count("meter_readings"), 450);
+    assert_held_for_this_month(&s, &run, &mut l, 150, 450);
 
     // The next cycle costs a few dozen statements, not one per reading.
     let run = s.run(&["once"]);
@@ -799,14 +831,7 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
     assert_eq!(quarantined(&mut l), []);
 
     // The operator adds the partition: everything arrives, exactly once.
-    c.batch_execute(
-        "DO $$ BEGIN
-             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
-                             FOR VALUES FROM (%L) TO (%L)',
-                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
-         END $$;",
-    )
-    .unwrap();
+    add_this_months_partition(&mut c);
     s.run(&["once"]).assert_ok();
     assert_eq!(s.central_count("meter_readings"), 600);
     assert_eq!(central_duplicates(&mut c), 0);
@@ -824,18 +849,7 @@ fn p24_no_partition_for_this_month_quarantines_nothing() {
 fn p24_no_partition_with_interleaved_ids_quarantines_nothing() {
     let mut s = Sandbox::empty();
     s.set("BATCH_SIZE", 100);
-    let mut c = s.central();
-    c.batch_execute(PARTITIONED_READINGS).unwrap();
-    c.batch_execute(
-        "DO $$ BEGIN
-             EXECUTE format('CREATE TABLE meter_readings_last PARTITION OF meter_readings
-                             FOR VALUES FROM (%L) TO (%L)',
-                            date_trunc('month', now()) - interval '1 month',
-                            date_trunc('month', now()));
-         END $$;",
-    )
-    .unwrap();
-    s.migrate();
+    let mut c = central_without_this_months_partition(&s);
     let mut l = s.local();
     l.batch_execute(
         "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
@@ -863,40 +877,15 @@ fn p24_no_partition_with_interleaved_ids_quarantines_nothing() {
     assert_eq!(ids, [31, 131, 32, 132]);
 
     let run = s.run(&["once"]);
-    let (ok, _, err) = last_upload_log(&s);
-    let err = err.unwrap_or_default();
-    assert!(!ok, "{}", run.stderr);
+    assert_held_for_this_month(&s, &run, &mut l, 30, 200);
     assert!(
-        err.contains("23514") && err.contains("nothing quarantined"),
-        "{err}\n{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("nothing quarantined") && run.stderr.contains("23514"),
+        run.stderr.contains("nothing quarantined") && run.stderr.contains("0 quarantined"),
         "{}",
         run.stderr
     );
-    assert_eq!(quarantined(&mut l), [], "{}", run.stderr);
-    assert!(run.stderr.contains("0 quarantined"), "{}", run.stderr);
-    assert_eq!(s.central_count("meter_readings"), 30);
-    assert_eq!(
-        s.local_count(
-            "meter_readings WHERE sync_error IS NULL AND \"timestamp\" >= date_trunc('month', now())"
-        ),
-        200,
-        "this month's readings stay queued"
-    );
-    assert_eq!(s.local_count("meter_readings"), 200);
 
     // The operator adds the partition: everything arrives, exactly once.
-    c.batch_execute(
-        "DO $$ BEGIN
-             EXECUTE format('CREATE TABLE meter_readings_this PARTITION OF meter_readings
-                             FOR VALUES FROM (%L) TO (%L)',
-                            date_trunc('month', now()), date_trunc('month', now()) + interval '1 month');
-         END $$;",
-    )
-    .unwrap();
+    add_this_months_partition(&mut c);
     s.run(&["once"]).assert_ok();
     assert_eq!(s.central_count("meter_readings"), 230);
     assert_eq!(central_duplicates(&mut c), 0);
@@ -1417,27 +1406,18 @@ fn the_purge_never_deletes_what_resend_has_just_queued_again() {
     )
     .unwrap();
     let mut d = s.spawn(&["once"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut probe = s.local();
-    loop {
-        let waiting: i64 = probe
+    let purge_waits = support::wait_until(Duration::from_secs(30), || {
+        probe
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity
+                "SELECT count(*) > 0 FROM pg_stat_activity
                  WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM meter_readings%'",
                 &[],
             )
             .unwrap()
-            .get(0);
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the purge never waited: {}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+            .get(0)
+    });
+    assert!(purge_waits, "the purge never waited: {}", d.log_text());
     tx.commit().unwrap();
     assert_eq!(
         d.wait_exit(Duration::from_secs(60)),
