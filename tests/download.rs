@@ -1735,3 +1735,80 @@ fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
         "{after}"
     );
 }
+
+/// A non-superuser login role on `s`'s central with what a gateway needs there
+/// (SELECT on the downloaded tables, its heartbeat row); the daemon logs in as it.
+fn as_gateway_role(s: &mut Sandbox, role: &str) {
+    s.central()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}';
+             GRANT SELECT ON meters, tenant TO {role};
+             GRANT SELECT, INSERT, UPDATE ON gateway_status TO {role};"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", role)
+        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD);
+}
+
+/// Central refuses the digest (md5 not executable by the gateway's role, as under
+/// FIPS) after a restart: the download copies the table in full once, succeeds,
+/// stores the new server's watermark, and the cycles after it are idle again: no
+/// failed phase, no full copy every cycle.
+#[test]
+fn p21_a_central_restart_when_central_refuses_the_digest_is_reconciled_in_full_once() {
+    let (central, mut s) = on_own_central("rmd");
+    as_gateway_role(&mut s, &format!("gw_md5_{}", std::process::id()));
+    let d = running(&s);
+    next_cycle(&d);
+
+    s.central()
+        .batch_execute("REVOKE EXECUTE ON FUNCTION md5(text) FROM PUBLIC")
+        .unwrap();
+    central.stop();
+    central.restart();
+    // A change made after the restart (stamped on the new server) and one with the
+    // stamps off: the full copy brings both.
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET name = 'renamed after restart' WHERE meter_id = 'm-1';
+             ALTER TABLE meters DISABLE TRIGGER meters_change_xid;
+             UPDATE meters SET unit = 'Wh' WHERE meter_id = 'm-2';
+             ALTER TABLE meters ENABLE ALWAYS TRIGGER meters_change_xid;",
+        )
+        .unwrap();
+    let at = d.log_text().len();
+    let central_meters = dump(&mut s.central(), "meters");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dump(&mut s.local(), "meters")
+            == central_meters),
+        "the restart without a digest was never reconciled:\n{}",
+        &d.log_text()[at..]
+    );
+    // Then: idle cycles, no more full copies, every phase succeeding.
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters: up to date (no changes centrally)")
+            && idle.contains("tenant: up to date (no changes centrally)"),
+        "after the full copy the watermark belongs to the restarted server:\n{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    for table in ["meters", "tenant"] {
+        assert_eq!(
+            lines_with(&after, &format!("{table}: full reconciliation (")).len(),
+            1,
+            "{table}: one full copy after the restart:\n{after}"
+        );
+        assert!(last_log(&s, table).0, "{table} failed:\n{after}");
+    }
+    assert!(
+        after.contains("its digest failed") && after.contains("md5"),
+        "the log says why the digest was not used:\n{after}"
+    );
+    assert!(!after.contains("verified identical"), "{after}");
+    assert_eq!(
+        lines_with(&after, " updated: "),
+        vec!["meter m-1 updated: name", "meter m-2 updated: unit"],
+        "{after}"
+    );
+}
