@@ -82,7 +82,8 @@ fn dump(c: &mut Client, table: &str) -> Vec<Vec<Option<String>>> {
         }
         _ => unreachable!(),
     };
-    c.batch_execute("SET TimeZone = 'UTC'").unwrap();
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
     c.query(sql, &[])
         .unwrap()
         .iter()
@@ -1810,5 +1811,61 @@ fn p21_a_central_restart_when_central_refuses_the_digest_is_reconciled_in_full_o
         lines_with(&after, " updated: "),
         vec!["meter m-1 updated: name", "meter m-2 updated: unit"],
         "{after}"
+    );
+}
+
+/// Central's gateway role and the local database carry other text-form settings
+/// (time zone, date style, interval style, float digits): timestamps still arrive
+/// exactly, and after a central restart the two digests are still equal (the
+/// restart costs no full copy).
+#[test]
+fn p21_a_central_restart_with_other_date_and_time_settings_is_still_verified_by_digest() {
+    let (central, mut s) = on_own_central("rtz");
+    let role = format!("gw_tz_{}", std::process::id());
+    as_gateway_role(&mut s, &role);
+    s.central()
+        .batch_execute(&format!(
+            "ALTER ROLE {role} SET TimeZone = 'America/New_York';
+             ALTER ROLE {role} SET DateStyle = 'SQL, DMY';
+             ALTER ROLE {role} SET IntervalStyle = 'sql_standard';
+             ALTER ROLE {role} SET extra_float_digits = -15;"
+        ))
+        .unwrap();
+    s.local()
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET TimeZone = 'Asia/Kolkata';
+             ALTER DATABASE {db} SET DateStyle = 'German, YMD';
+             ALTER DATABASE {db} SET IntervalStyle = 'postgres_verbose';",
+            db = s.local_db
+        ))
+        .unwrap();
+    let d = running(&s);
+    for table in ["meters", "tenant"] {
+        assert_eq!(
+            dump(&mut s.local(), table),
+            dump(&mut s.central(), table),
+            "{table}"
+        );
+    }
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted; local copy verified identical (1 rows)")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (3 rows)")
+            && after.contains("tenant: central restarted; local copy verified identical (1 rows)")
+            && !after.contains("full reconciliation"),
+        "the settings must not make the digests differ:\n{after}"
     );
 }
