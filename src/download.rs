@@ -97,7 +97,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 
-use table::{Rows, Table, METERS, TENANTS};
+use table::{Digest, Rows, Table, METERS, TENANTS};
 use watermark::{Changed, Local, Probe};
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
@@ -336,34 +336,59 @@ fn started(t: Option<SystemTime>) -> String {
 
 /// After a central restart: is the local table exactly what a full download of
 /// `probe`'s snapshot would leave (the same rows, every downloaded column's text
-/// equal, no local row central lacks)? If so, records that snapshot's xmin and
+/// equal, no local row central lacks but those the last full reconciliation kept,
+/// unchanged since)? If so, records that snapshot's xmin and
 /// server as the watermark, as a full reconciliation would, but leaves `full_at`
 /// (the daily net) alone, and returns true. The local digest and the watermark
 /// share one local transaction. False, or an error, means: copy in full.
+///
+/// The rows kept are subtracted from the local digest (a digest is a sum): a
+/// match then means the local table is central's rows plus exactly those kept
+/// rows as they were, which is what a full reconciliation would leave. A kept row
+/// changed locally, or back centrally, makes the digests differ: a full copy.
 async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<bool> {
     let (Some(xmin), true) = (probe.xmin, probe.tracked) else {
+        return Ok(false);
+    };
+    let Some(central) = Digest::parse(Some(&probe.rows.to_string()), probe.digest.as_deref())
+    else {
         return Ok(false);
     };
     let limit = local.timeout();
     let l = Side::Local;
     let tx = timed(l, limit, "begin", local.client_mut().transaction()).await?;
     let what = format!("digest {}", t.table);
-    let sql = t.local_digest_sql();
-    let answer = timed(l, limit, &what, tx.simple_query(&sql)).await?;
-    let Some(row) = answer.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => Some(r),
-        _ => None,
-    }) else {
+    let mine = local_digest(&tx, limit, &what, &t.local_digest_sql()).await?;
+    let Some(kept) = kept(t) else {
         return Ok(false);
     };
-    let rows = row.get(0).and_then(|n| n.parse::<u64>().ok());
-    if rows != Some(probe.rows) || row.get(1) != probe.digest.as_deref() {
+    if mine.and_then(|d| d.without(kept)) != Some(central) {
         return Ok(false);
     }
     let db = &probe.central_db;
     watermark::save(&tx, limit, t.table, db, probe.started, xmin, false).await?;
     timed(l, limit, &format!("commit {}", t.table), tx.commit()).await?;
     Ok(true)
+}
+
+/// The rows kept by this process's last full reconciliation ([`Table::kept`]).
+fn kept(t: &Table) -> Option<Digest> {
+    *t.kept.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs one of the local digest statements: (rows, digest), None if it
+/// returned no row.
+async fn local_digest(
+    tx: &Transaction<'_>,
+    limit: Duration,
+    what: &str,
+    sql: &str,
+) -> Result<Option<Digest>> {
+    let answer = timed(Side::Local, limit, what, tx.simple_query(sql)).await?;
+    Ok(answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Digest::parse(r.get(0), r.get(1)),
+        _ => None,
+    }))
 }
 
 /// A table over one of its bounds: one line naming the table and the limit.
@@ -447,8 +472,12 @@ async fn download(
         let why = match verified(t, &probe, local).await {
             Ok(true) => {
                 timed(Side::Central, central_limit, "commit", ctx.commit()).await?;
+                let kept = match kept(t).map_or(0, |k| k.rows) {
+                    0 => String::new(),
+                    n => format!(", and {n} kept locally that central no longer shows"),
+                };
                 log::info!(
-                    "{}: central restarted; local copy verified identical ({} rows), \
+                    "{}: central restarted; local copy verified identical ({} rows{kept}), \
                      no full copy needed",
                     t.table,
                     probe.rows
@@ -507,6 +536,16 @@ async fn download(
     crate::notify::alive();
     let full = rows == Rows::All;
     let report = apply(t, &tx, limit, full).await?;
+    // The rows kept (gone centrally) as they are now, for `verified`.
+    let kept = match (full, report.gone) {
+        (false, _) => None,
+        (true, 0) => Some(Some(Digest::NONE)),
+        (true, _) => {
+            let what = format!("digest the {} kept", t.plural);
+            let sql = t.kept_digest_sql();
+            Some(local_digest(&tx, limit, &what, &sql).await?)
+        }
+    };
     if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {
         let db = &probe.central_db;
         watermark::save(&tx, limit, t.table, db, probe.started, xmin, full).await?;
@@ -522,6 +561,9 @@ async fn download(
     .await?;
     if full {
         t.reconciled.store(true, Ordering::Relaxed);
+    }
+    if let Some(k) = kept {
+        *t.kept.lock().unwrap_or_else(|e| e.into_inner()) = k;
     }
 
     // Logged only after the commit: a line must never claim a write that rolled back.

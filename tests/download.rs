@@ -1924,3 +1924,69 @@ fn p22_a_central_restart_behind_pgbouncer_is_verified_by_digest() {
     );
     drop(pb);
 }
+
+/// A meter deleted centrally stays on the gateway (P8): that must not make every
+/// later central restart a full copy. The full reconciliation that found it gone
+/// remembers it, so a plain restart is still verified by digest; a real difference
+/// made after that (a change the stamps cannot see) still means a full copy.
+#[test]
+fn p21_a_meter_kept_locally_after_its_central_delete_does_not_defeat_the_digest() {
+    let (central, s) = on_own_central("rkd");
+    once(&s);
+    s.central()
+        .batch_execute("DELETE FROM meters WHERE meter_id = 'm-2'")
+        .unwrap();
+    let d = running(&s);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains(
+            "1 meters no longer in central, kept locally (the collector may still use them): m-2"
+        ),
+        "{first}"
+    );
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (2 rows")
+            && !after.contains("full reconciliation"),
+        "a meter kept locally must not make a restart a full copy:\n{after}"
+    );
+    assert_eq!(s.local_count("meters"), 3, "m-2 is still kept");
+
+    // A difference the stamps cannot see, then another restart: a full copy.
+    s.central()
+        .batch_execute(
+            "ALTER TABLE meters DISABLE TRIGGER meters_change_xid;
+             UPDATE meters SET name = 'renamed unstamped' WHERE meter_id = 'm-3';
+             ALTER TABLE meters ENABLE ALWAYS TRIGGER meters_change_xid;",
+        )
+        .unwrap();
+    next_cycle(&d);
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || d.log_text()[at..]
+            .contains("meter m-3 updated: name")),
+        "the unstamped change was not repaired:\n{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: full reconciliation (central is not the server"),
+        "{after}"
+    );
+}

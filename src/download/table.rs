@@ -1,6 +1,7 @@
 //! The two downloaded tables and the SQL built from their column lists.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 
 /// One downloaded table: its key and the columns compared and copied (the key
 /// excluded), each with the type it is staged as. Central values are cast to these
@@ -21,6 +22,46 @@ pub struct Table {
     pub warned_untracked: AtomicBool,
     /// Central lacks the snapshot functions (before PostgreSQL 13).
     pub pre_13: AtomicBool,
+    /// The digest of the local rows this process's last full reconciliation found
+    /// gone centrally and kept (see [`Table::kept_digest_sql`]); None before it.
+    pub kept: Mutex<Option<Digest>>,
+}
+
+/// A value of [`Table::digest_sql`] with its row count. Digests are sums, so the
+/// digest of a set of rows minus that of a subset is the digest of the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    pub rows: u64,
+    left: i128,
+    right: i128,
+}
+
+impl Digest {
+    /// The digest of no rows.
+    pub const NONE: Digest = Digest {
+        rows: 0,
+        left: 0,
+        right: 0,
+    };
+
+    /// `rows` and `sums` as the digest statements return them (`left:right`).
+    pub fn parse(rows: Option<&str>, sums: Option<&str>) -> Option<Digest> {
+        let (l, r) = sums?.split_once(':')?;
+        Some(Digest {
+            rows: rows?.parse().ok()?,
+            left: l.parse().ok()?,
+            right: r.parse().ok()?,
+        })
+    }
+
+    /// This digest without the rows of `part`; None if `part` holds more rows.
+    pub fn without(self, part: Digest) -> Option<Digest> {
+        Some(Digest {
+            rows: self.rows.checked_sub(part.rows)?,
+            left: self.left - part.left,
+            right: self.right - part.right,
+        })
+    }
 }
 
 pub static METERS: Table = Table {
@@ -39,6 +80,7 @@ pub static METERS: Table = Table {
     reconciled: AtomicBool::new(false),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
+    kept: Mutex::new(None),
 };
 
 pub static TENANTS: Table = Table {
@@ -55,6 +97,7 @@ pub static TENANTS: Table = Table {
     reconciled: AtomicBool::new(false),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
+    kept: Mutex::new(None),
 };
 
 /// Which central rows one download asks for.
@@ -195,9 +238,27 @@ impl Table {
     /// The same digest of the local table, with the settings its text depends on
     /// set as central's transactions set them: (rows, digest).
     pub fn local_digest_sql(&self) -> String {
+        self.local_digest_where("")
+    }
+
+    /// The digest of the local rows that are not staged, after a full download's
+    /// apply (in its transaction): the rows central no longer has (or no longer
+    /// shows this gateway) and the gateway keeps. A central restart is then
+    /// verified against the local table without them: otherwise every restart
+    /// after a single central delete would be a full copy, for ever.
+    pub fn kept_digest_sql(&self) -> String {
+        self.local_digest_where(&format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM {} s WHERE s.{key} = {}.{key})",
+            self.staging(),
+            self.table,
+            key = self.key
+        ))
+    }
+
+    fn local_digest_where(&self, filter: &str) -> String {
         format!(
             "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
-             SELECT count(*)::text, {} FROM {}{}",
+             SELECT count(*)::text, {} FROM {}{}{filter}",
             self.digest_sql(),
             self.table,
             self.digest_join()
@@ -326,7 +387,20 @@ mod tests {
                 assert!(sql.contains(&digest) && sql.contains(&join), "{sql}");
             }
             assert!(!t.probe_sql(Rows::All, true, false).contains("md5"));
+            assert!(t.kept_digest_sql().contains(&digest));
         }
+    }
+
+    #[test]
+    fn a_digest_without_its_kept_rows() {
+        let all = Digest::parse(Some("3"), Some("10:-4")).unwrap();
+        let kept = Digest::parse(Some("1"), Some("-5:6")).unwrap();
+        let rest = Digest::parse(Some("2"), Some("15:-10")).unwrap();
+        assert_eq!(all.without(kept), Some(rest));
+        assert_eq!(all.without(Digest::default()), Some(all));
+        assert_eq!(kept.without(all), None);
+        assert_eq!(Digest::parse(Some("1"), Some("5")), None);
+        assert_eq!(Digest::parse(None, Some("0:0")), None);
     }
 
     #[test]
