@@ -80,6 +80,7 @@
 //! Every wait feeds the systemd watchdog (P15): the stream pings per chunk, the
 //! local apply while its statement runs and per row it reports.
 
+mod drift;
 mod table;
 mod watermark;
 
@@ -305,7 +306,11 @@ async fn sync(
             }
         }
     };
-    download(t, s, fetch, local, central, start).await
+    match download(t, s, fetch, local, central, start).await {
+        // Central's table does not fit the download: say which column.
+        Err(e) if e.side() == Some(Side::Central) => Err(drift::central(t, central, e).await),
+        done => done,
+    }
 }
 
 /// The download's view of central: a REPEATABLE READ READ ONLY transaction and
@@ -514,7 +519,7 @@ async fn download(
     )
     .await?;
 
-    let tx = timed(
+    let mut tx = timed(
         Side::Local,
         limit,
         "begin",
@@ -535,7 +540,20 @@ async fn download(
     let staging = start.elapsed();
     crate::notify::alive();
     let full = rows == Rows::All;
-    let report = apply(t, &tx, limit, full).await?;
+    // In a savepoint: when it fails, the staged rows are still there to say which
+    // column (and row) a local schema drift is about.
+    let what = format!("apply {}", t.table);
+    let sp = timed(Side::Local, limit, &what, tx.savepoint("apply")).await?;
+    let report = match apply(t, &sp, limit, full).await {
+        Ok(report) => {
+            timed(Side::Local, limit, &what, sp.commit()).await?;
+            report
+        }
+        Err(e) => {
+            drop(sp);
+            return Err(drift::local(t, &mut tx, limit, e).await);
+        }
+    };
     // The rows kept (gone centrally) as they are now, for `verified`.
     let kept = match (full, report.gone) {
         (false, _) => None,

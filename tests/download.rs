@@ -1990,3 +1990,111 @@ fn p21_a_meter_kept_locally_after_its_central_delete_does_not_defeat_the_digest(
         "{after}"
     );
 }
+
+/// One schema drift between central, the download and the local table: after a
+/// first good cycle, `central_sql` runs on central and `local_sql` locally, a meter
+/// is renamed centrally, and the next `once` must fail the meters phase alone, with
+/// one error line that contains each of `expect`, and leave the local meters as
+/// they were; the tenant phase still succeeds.
+fn drift_fails_only_meters(central_sql: &str, local_sql: &str, expect: &[&str]) {
+    let s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    s.central().batch_execute(central_sql).unwrap();
+    s.local().batch_execute(local_sql).unwrap();
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute("UPDATE meters SET unit = 'Wh' WHERE meter_id = 'm-1'")
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let errors = lines_with(&run.stderr, "ERROR");
+    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    let (ok, _, err) = last_log(&s, "meters");
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    for e in expect {
+        assert!(
+            errors[0].contains(e) && err.contains(e),
+            "the error should name {e:?}:\n{}",
+            run.stderr
+        );
+    }
+    assert_eq!(
+        versions(&mut s.local(), "meters"),
+        before,
+        "nothing half-applied"
+    );
+    assert_eq!(last_log(&s, "tenant"), (true, 1, None), "{}", run.stderr);
+}
+
+#[test]
+fn p10_schema_drift_an_extra_central_column_is_ignored() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    s.central()
+        .batch_execute(
+            "ALTER TABLE meters ADD COLUMN firmware text DEFAULT 'v2';
+             ALTER TABLE tenant ADD COLUMN billing jsonb DEFAULT '{}'",
+        )
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    once(&s);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_central_column_missing_names_table_and_column() {
+    drift_fails_only_meters(
+        "ALTER TABLE meters DROP COLUMN location_id",
+        "",
+        &["central", "meters.location_id"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_central_column_of_another_type_names_table_and_column() {
+    drift_fails_only_meters(
+        "ALTER TABLE meters ALTER COLUMN configuration TYPE bytea
+             USING convert_to(configuration::text, 'UTF8')",
+        "",
+        &["central", "meters.configuration", "bytea", "jsonb"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_local_column_of_another_type_names_table_and_column() {
+    drift_fails_only_meters(
+        "",
+        "ALTER TABLE meters ALTER COLUMN configuration TYPE text",
+        &["local", "meters.configuration", "text", "jsonb"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_local_column_missing_names_table_and_column() {
+    drift_fails_only_meters(
+        "",
+        "ALTER TABLE meters DROP COLUMN location_id",
+        &["local", "meters.location_id"],
+    );
+}
+
+/// Central's `name` is wider than the gateway's (a central whose tables predate
+/// the migration): the meter whose name does not fit is named, and so is the column.
+#[test]
+fn p10_schema_drift_a_central_value_too_long_for_the_local_column_names_the_meter() {
+    drift_fails_only_meters(
+        &format!(
+            "ALTER TABLE meters ALTER COLUMN name TYPE text;
+             UPDATE meters SET name = '{}' WHERE meter_id = 'm-3'",
+            "é".repeat(300)
+        ),
+        "",
+        &["local", "meters.name", "m-3", "255"],
+    );
+}
