@@ -339,18 +339,23 @@ fn started(t: Option<SystemTime>) -> String {
     )
 }
 
-/// After a central restart: is the local table exactly what a full download of
-/// `probe`'s snapshot would leave (the same rows, every downloaded column's text
-/// equal, no local row central lacks but those the last full reconciliation kept,
-/// unchanged since)? If so, records that snapshot's xmin and
-/// server as the watermark, as a full reconciliation would, but leaves `full_at`
-/// (the daily net) alone, and returns true. The local digest and the watermark
-/// share one local transaction. False, or an error, means: copy in full.
+/// After a central restart: would a full download of `probe`'s snapshot leave
+/// the local table as it is (write nothing)? If so, records that snapshot's xmin
+/// and server as the watermark, as a full reconciliation would, but leaves
+/// `full_at` (the daily net) alone, and returns true. The local digest and the
+/// watermark share one local transaction. False, or an error, means: copy in
+/// full.
 ///
-/// The rows kept are subtracted from the local digest (a digest is a sum): a
-/// match then means the local table is central's rows plus exactly those kept
-/// rows as they were, which is what a full reconciliation would leave. A kept row
-/// changed locally, or back centrally, makes the digests differ: a full copy.
+/// Digests are sums over rows, so the comparison is of changes: the local
+/// table's digest minus what it was right after this process's last full
+/// reconciliation equals central's minus what central's was then ([`offset`]).
+/// Row by row (each row's text includes its key, and a key is unique on either
+/// side) that means every row changed since on either side was changed alike on
+/// the other (or, deleted on both), and every other row is still as that full
+/// reconciliation left it: equal by value to central's, or kept locally. So a
+/// full download would write nothing. A row changed on one side only (a change
+/// with the stamps off, a change a restored central lost, a local edit by hand)
+/// makes the digests differ: a full copy.
 async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<bool> {
     let (Some(xmin), true) = (probe.xmin, probe.tracked) else {
         return Ok(false);
@@ -359,15 +364,16 @@ async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<b
     else {
         return Ok(false);
     };
+    let Some(offset) = offset(t) else {
+        return Ok(false);
+    };
     let limit = local.timeout();
     let l = Side::Local;
     let tx = timed(l, limit, "begin", local.client_mut().transaction()).await?;
     let what = format!("digest {}", t.table);
-    let mine = local_digest(&tx, limit, &what, &t.local_digest_sql()).await?;
-    let Some(kept) = kept(t) else {
-        return Ok(false);
-    };
-    if mine.and_then(|d| d.without(kept)) != Some(central) {
+    let answer = timed(l, limit, &what, tx.simple_query(&t.local_digest_sql())).await?;
+    let mine = first_row(&answer).and_then(|r| Digest::parse(r.get(0), r.get(1)));
+    if mine.and_then(|d| d.without(offset)) != Some(central) {
         return Ok(false);
     }
     let db = &probe.central_db;
@@ -376,23 +382,28 @@ async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<b
     Ok(true)
 }
 
-/// The rows kept by this process's last full reconciliation ([`Table::kept`]).
-fn kept(t: &Table) -> Option<Digest> {
-    *t.kept.lock().unwrap_or_else(|e| e.into_inner())
+/// The local digest minus central's after this process's last full
+/// reconciliation ([`Table::offset`]).
+fn offset(t: &Table) -> Option<Digest> {
+    *t.offset.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs one of the local digest statements: (rows, digest), None if it
-/// returned no row.
-async fn local_digest(
-    tx: &Transaction<'_>,
-    limit: Duration,
-    what: &str,
-    sql: &str,
-) -> Result<Option<Digest>> {
-    let answer = timed(Side::Local, limit, what, tx.simple_query(sql)).await?;
-    Ok(answer.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => Digest::parse(r.get(0), r.get(1)),
+fn first_row(answer: &[SimpleQueryMessage]) -> Option<&tokio_postgres::SimpleQueryRow> {
+    answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
         _ => None,
+    })
+}
+
+/// [`Table::offset_digest_sql`], in a full download's transaction after its
+/// apply: the local digest minus the staged (central's) one.
+async fn offset_now(t: &Table, tx: &Transaction<'_>, limit: Duration) -> Result<Option<Digest>> {
+    let what = format!("digest {} after the full download", t.table);
+    let sql = t.offset_digest_sql();
+    let answer = timed(Side::Local, limit, &what, tx.simple_query(&sql)).await?;
+    Ok(first_row(&answer).and_then(|r| {
+        let local = Digest::parse(r.get(0), r.get(1))?;
+        local.without(Digest::parse(r.get(2), r.get(3))?)
     }))
 }
 
@@ -477,7 +488,7 @@ async fn download(
         let why = match verified(t, &probe, local).await {
             Ok(true) => {
                 timed(Side::Central, central_limit, "commit", ctx.commit()).await?;
-                let kept = match kept(t).map_or(0, |k| k.rows) {
+                let kept = match offset(t).map_or(0, |k| k.rows) {
                     0 => String::new(),
                     n => format!(", and {n} kept locally that central no longer shows"),
                 };
@@ -554,15 +565,10 @@ async fn download(
             return Err(drift::local(t, &mut tx, limit, e).await);
         }
     };
-    // The rows kept (gone centrally) as they are now, for `verified`.
-    let kept = match (full, report.gone) {
-        (false, _) => None,
-        (true, 0) => Some(Some(Digest::NONE)),
-        (true, _) => {
-            let what = format!("digest the {} kept", t.plural);
-            let sql = t.kept_digest_sql();
-            Some(local_digest(&tx, limit, &what, &sql).await?)
-        }
+    // What the local table now holds beyond central's rows, for `verified`.
+    let offset = match (full, probe.tracked) {
+        (true, true) => Some(offset_now(t, &tx, limit).await?),
+        _ => None,
     };
     if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {
         let db = &probe.central_db;
@@ -580,8 +586,8 @@ async fn download(
     if full {
         t.reconciled.store(true, Ordering::Relaxed);
     }
-    if let Some(k) = kept {
-        *t.kept.lock().unwrap_or_else(|e| e.into_inner()) = k;
+    if let Some(o) = offset {
+        *t.offset.lock().unwrap_or_else(|e| e.into_inner()) = o;
     }
 
     // Logged only after the commit: a line must never claim a write that rolled back.

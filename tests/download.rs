@@ -2098,3 +2098,53 @@ fn p10_schema_drift_a_central_value_too_long_for_the_local_column_names_the_mete
         &["local", "meters.name", "m-3", "255"],
     );
 }
+
+/// Central rewrites a configuration with the same value in another spelling
+/// (`1.50` as `1.5`): it travels and compares equal, so the gateway keeps its text
+/// (p8_jsonb_equal_by_value_is_not_a_change). The first central restart after it
+/// then finds the texts differ and copies in full (writing nothing), but that
+/// full copy is the last: later restarts are verified by digest again.
+#[test]
+fn p21_a_value_equal_jsonb_spelled_otherwise_centrally_costs_at_most_one_full_copy() {
+    let (central, s) = on_own_central("rjs");
+    let d = running(&s);
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute(
+            r#"UPDATE meters SET configuration = '{"a": 1.5, "tags": ["x", null, true]}'
+               WHERE meter_id = 'm-3'"#,
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert!(!log.contains(" updated: "), "{log}");
+    assert_eq!(versions(&mut s.local(), "meters"), before);
+
+    let restart = || {
+        central.stop();
+        central.restart();
+        let at = d.log_text().len();
+        assert!(
+            support::wait_until(Duration::from_secs(30), || {
+                let log = d.log_text();
+                log[at..].contains("tenant: central restarted;")
+                    || log[at..].contains("tenant: full reconciliation")
+            }),
+            "{}",
+            &d.log_text()[at..]
+        );
+        next_cycle(&d);
+        d.log_text()[at..].to_string()
+    };
+    let first = restart();
+    assert!(
+        first.contains("meters: up to date (3 unchanged)"),
+        "the full copy wrote nothing:\n{first}"
+    );
+    let second = restart();
+    assert!(
+        second.contains("meters: central restarted; local copy verified identical (3 rows)")
+            && !second.contains("full reconciliation"),
+        "a value-equal jsonb must not make every restart a full copy:\n{second}"
+    );
+    assert_eq!(versions(&mut s.local(), "meters"), before);
+}
