@@ -396,11 +396,29 @@ fn first_row(answer: &[SimpleQueryMessage]) -> Option<&tokio_postgres::SimpleQue
 }
 
 /// [`Table::offset_digest_sql`], in a full download's transaction after its
-/// apply: the local digest minus the staged (central's) one.
-async fn offset_now(t: &Table, tx: &Transaction<'_>, limit: Duration) -> Result<Option<Digest>> {
+/// apply: the local digest minus the staged (central's) one. In a savepoint: the
+/// digest is an optimisation, and a local server that refuses it (md5 not
+/// executable by the daemon's role, as under FIPS) must not fail the download;
+/// then None, and the next central restart is a full copy. A lost connection
+/// still fails it.
+async fn offset_now(
+    t: &Table,
+    tx: &mut Transaction<'_>,
+    limit: Duration,
+) -> Result<Option<Digest>> {
+    let l = Side::Local;
     let what = format!("digest {} after the full download", t.table);
     let sql = t.offset_digest_sql();
-    let answer = timed(Side::Local, limit, &what, tx.simple_query(&sql)).await?;
+    let sp = timed(l, limit, &what, tx.savepoint("kept_digest")).await?;
+    let answer = match timed(l, limit, &what, sp.simple_query(&sql)).await {
+        Ok(answer) => answer,
+        Err(e) if e.is_connection_lost() => return Err(e),
+        Err(e) => {
+            log::debug!("{e}; the next central restart means a full copy");
+            return Ok(None);
+        }
+    };
+    timed(l, limit, &what, sp.commit()).await?;
     Ok(first_row(&answer).and_then(|r| {
         let local = Digest::parse(r.get(0), r.get(1))?;
         local.without(Digest::parse(r.get(2), r.get(3))?)
@@ -567,7 +585,7 @@ async fn download(
     };
     // What the local table now holds beyond central's rows, for `verified`.
     let offset = match (full, probe.tracked) {
-        (true, true) => Some(offset_now(t, &tx, limit).await?),
+        (true, true) => Some(offset_now(t, &mut tx, limit).await?),
         _ => None,
     };
     if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {

@@ -2148,3 +2148,28 @@ fn p21_a_value_equal_jsonb_spelled_otherwise_centrally_costs_at_most_one_full_co
     );
     assert_eq!(versions(&mut s.local(), "meters"), before);
 }
+
+/// The gateway's own server refuses md5 to the daemon's role (FIPS, or a
+/// hardened local database): the digests are an optimisation, so downloads still
+/// succeed, in full.
+#[test]
+fn p8_downloads_succeed_when_the_local_server_refuses_md5() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let role = format!("gwl_md5_{}", std::process::id());
+    s.local()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             REVOKE EXECUTE ON FUNCTION md5(text) FROM PUBLIC;"
+        ))
+        .unwrap();
+    s.set("POSTGRES_SYNC_USER", &role);
+    once(&s);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
