@@ -2173,3 +2173,97 @@ fn p8_downloads_succeed_when_the_local_server_refuses_md5() {
         dump(&mut s.central(), "meters")
     );
 }
+
+/// Values at the edges travel exactly and compare right: SQL NULL and JSON null
+/// are different values both ways; names of 252 characters (236 of four bytes), with
+/// quotes, backslashes, commas, parentheses, tabs and newlines; a meter deleted and
+/// re-created with the same id in another transaction arrives as an update; a
+/// tenant whose key changes arrives as a new tenant (the old one is kept). A
+/// central restart after all that is still verified by digest.
+#[test]
+fn p8_edge_values_travel_exactly_and_compare_right() {
+    let (central, s) = on_own_central("redg");
+    let d = running(&s);
+    let odd = format!("{}\"q\" \\b, (p)\t\nend", "🌡".repeat(236));
+    let mut c = s.central();
+    c.execute(
+        "UPDATE meters SET name = $1, configuration = 'null' WHERE meter_id = 'm-2'",
+        &[&odd],
+    )
+    .unwrap();
+    c.batch_execute(
+        "UPDATE tenant SET metadata = '\"\"', configuration = '{}' WHERE tenant_id = 't-1';
+         DELETE FROM meters WHERE meter_id = 'm-3';",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, meter_type, unit, configuration)
+         VALUES ('m-3', 'Roof again', 'heat', 'MWh', '[null]')",
+    )
+    .unwrap();
+    let log = next_cycle(&d);
+    let mut updated = lines_with(&log, " updated: ");
+    updated.sort();
+    assert_eq!(
+        updated,
+        vec![
+            "meter m-2 updated: name, configuration",
+            "meter m-3 updated: name, location_id, configuration, updated_at",
+            "tenant t-1 updated: configuration, metadata",
+        ],
+        "{log}"
+    );
+    let json_null: (bool, bool) = {
+        let r = s
+            .local()
+            .query_one(
+                "SELECT configuration IS NULL, configuration = 'null'::jsonb FROM meters
+                 WHERE meter_id = 'm-2'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(json_null, (false, true), "JSON null is not SQL NULL");
+
+    // Back to SQL NULL, and a tenant's key changes.
+    c.batch_execute(
+        "UPDATE meters SET configuration = NULL WHERE meter_id = 'm-2';
+         UPDATE tenant SET tenant_id = 't-9' WHERE tenant_id = 't-1';",
+    )
+    .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: configuration"],
+        "{log}"
+    );
+    assert!(log.contains("new tenant t-9 (Acme)"), "{log}");
+    for table in ["meters"] {
+        assert_eq!(
+            dump(&mut s.local(), table),
+            dump(&mut s.central(), table),
+            "{table}"
+        );
+    }
+    assert_eq!(s.local_count("tenant"), 2, "t-1 is kept, t-9 is new");
+
+    drop(c);
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (3 rows)"),
+        "{after}"
+    );
+}
