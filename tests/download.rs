@@ -1715,6 +1715,11 @@ fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
         "the restart did not repair the unstamped change:\n{}",
         &d.log_text()[at..]
     );
+    // The tenant phase runs after the meters commit: wait for its line too.
+    support::wait_until(Duration::from_secs(10), || {
+        d.log_text()[at..].contains("tenant: central restarted;")
+            || d.log_text()[at..].contains("tenant: full reconciliation")
+    });
     let after = d.log_text()[at..].to_string();
     assert!(
         after.contains("meters: full reconciliation (central is not the server")
