@@ -2269,3 +2269,57 @@ fn p8_edge_values_travel_exactly_and_compare_right() {
         "{after}"
     );
 }
+
+/// P21 with row-level security, as a fleet runs it: a meter unassigned from the
+/// gateway is kept locally (the full reconciliation at the daemon's start says
+/// so), and a central restart after that is still verified by digest: the
+/// unassigned meter does not make every restart a full copy.
+#[test]
+fn p21_rls_a_restart_after_a_meter_is_unassigned_is_verified_by_digest() {
+    let central: &'static support::Cluster =
+        Box::leak(Box::new(support::Cluster::start(support::Role::Central)));
+    let (local, _) = support::shared();
+    let name = format!("rlsr{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    let (role, _) = rls_sandbox(&mut s);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 50);
+    s.central()
+        .batch_execute(&format!(
+            "DELETE FROM gateway_meters WHERE gateway_role = '{role}' AND meter_id = 'm-000040'"
+        ))
+        .unwrap();
+    let d = running(&s);
+    assert!(
+        cycle_log(&d, 0).contains("1 meters no longer visible to this gateway"),
+        "{}",
+        cycle_log(&d, 0)
+    );
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains(
+            "meters: central restarted; local copy verified identical (49 rows, and 1 kept \
+             locally that central no longer shows), no full copy needed"
+        ) && after.contains("tenant: central restarted; local copy verified identical (2 rows)")
+            && !after.contains("full reconciliation"),
+        "{after}"
+    );
+    assert_eq!(s.local_count("meters"), 50);
+}
