@@ -80,6 +80,7 @@
 //! Every wait feeds the systemd watchdog (P15): the stream pings per chunk, the
 //! local apply while its statement runs and per row it reports.
 
+mod drift;
 mod table;
 mod watermark;
 
@@ -97,7 +98,7 @@ use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 
-use table::{Rows, Table, METERS, TENANTS};
+use table::{Digest, Rows, Table, METERS, TENANTS};
 use watermark::{Changed, Local, Probe};
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
@@ -305,7 +306,11 @@ async fn sync(
             }
         }
     };
-    download(t, s, fetch, local, central, start).await
+    match download(t, s, fetch, local, central, start).await {
+        // Central's table does not fit the download: say which column.
+        Err(e) if e.side() == Some(Side::Central) => Err(drift::central(t, central, e).await),
+        done => done,
+    }
 }
 
 /// The download's view of central: a REPEATABLE READ READ ONLY transaction and
@@ -334,36 +339,90 @@ fn started(t: Option<SystemTime>) -> String {
     )
 }
 
-/// After a central restart: is the local table exactly what a full download of
-/// `probe`'s snapshot would leave (the same rows, every downloaded column's text
-/// equal, no local row central lacks)? If so, records that snapshot's xmin and
-/// server as the watermark, as a full reconciliation would, but leaves `full_at`
-/// (the daily net) alone, and returns true. The local digest and the watermark
-/// share one local transaction. False, or an error, means: copy in full.
+/// After a central restart: would a full download of `probe`'s snapshot leave
+/// the local table as it is (write nothing)? If so, records that snapshot's xmin
+/// and server as the watermark, as a full reconciliation would, but leaves
+/// `full_at` (the daily net) alone, and returns true. The local digest and the
+/// watermark share one local transaction. False, or an error, means: copy in
+/// full.
+///
+/// Digests are sums over rows, so the comparison is of changes: the local
+/// table's digest minus what it was right after this process's last full
+/// reconciliation equals central's minus what central's was then ([`offset`]).
+/// Row by row (each row's text includes its key, and a key is unique on either
+/// side) that means every row changed since on either side was changed alike on
+/// the other (or, deleted on both), and every other row is still as that full
+/// reconciliation left it: equal by value to central's, or kept locally. So a
+/// full download would write nothing. A row changed on one side only (a change
+/// with the stamps off, a change a restored central lost, a local edit by hand)
+/// makes the digests differ: a full copy.
 async fn verified(t: &Table, probe: &Probe, local: &mut LockedLocal) -> Result<bool> {
     let (Some(xmin), true) = (probe.xmin, probe.tracked) else {
+        return Ok(false);
+    };
+    let Some(central) = Digest::parse(Some(&probe.rows.to_string()), probe.digest.as_deref())
+    else {
+        return Ok(false);
+    };
+    let Some(offset) = offset(t) else {
         return Ok(false);
     };
     let limit = local.timeout();
     let l = Side::Local;
     let tx = timed(l, limit, "begin", local.client_mut().transaction()).await?;
     let what = format!("digest {}", t.table);
-    let sql = t.local_digest_sql();
-    let answer = timed(l, limit, &what, tx.simple_query(&sql)).await?;
-    let Some(row) = answer.iter().find_map(|m| match m {
-        SimpleQueryMessage::Row(r) => Some(r),
-        _ => None,
-    }) else {
-        return Ok(false);
-    };
-    let rows = row.get(0).and_then(|n| n.parse::<u64>().ok());
-    if rows != Some(probe.rows) || row.get(1) != probe.digest.as_deref() {
+    let answer = timed(l, limit, &what, tx.simple_query(&t.local_digest_sql())).await?;
+    let mine = first_row(&answer).and_then(|r| Digest::parse(r.get(0), r.get(1)));
+    if mine.and_then(|d| d.without(offset)) != Some(central) {
         return Ok(false);
     }
     let db = &probe.central_db;
     watermark::save(&tx, limit, t.table, db, probe.started, xmin, false).await?;
     timed(l, limit, &format!("commit {}", t.table), tx.commit()).await?;
     Ok(true)
+}
+
+/// The local digest minus central's after this process's last full
+/// reconciliation ([`Table::offset`]).
+fn offset(t: &Table) -> Option<Digest> {
+    *t.offset.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn first_row(answer: &[SimpleQueryMessage]) -> Option<&tokio_postgres::SimpleQueryRow> {
+    answer.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(r) => Some(r),
+        _ => None,
+    })
+}
+
+/// [`Table::offset_digest_sql`], in a full download's transaction after its
+/// apply: the local digest minus the staged (central's) one. In a savepoint: the
+/// digest is an optimisation, and a local server that refuses it (md5 not
+/// executable by the daemon's role, as under FIPS) must not fail the download;
+/// then None, and the next central restart is a full copy. A lost connection
+/// still fails it.
+async fn offset_now(
+    t: &Table,
+    tx: &mut Transaction<'_>,
+    limit: Duration,
+) -> Result<Option<Digest>> {
+    let l = Side::Local;
+    let what = format!("digest {} after the full download", t.table);
+    let sql = t.offset_digest_sql();
+    let sp = timed(l, limit, &what, tx.savepoint("kept_digest")).await?;
+    let answer = match timed(l, limit, &what, sp.simple_query(&sql)).await {
+        Ok(answer) => answer,
+        Err(e) if e.is_connection_lost() => return Err(e),
+        Err(e) => {
+            log::debug!("{e}; the next central restart means a full copy");
+            return Ok(None);
+        }
+    };
+    timed(l, limit, &what, sp.commit()).await?;
+    Ok(first_row(&answer).and_then(|r| {
+        let local = Digest::parse(r.get(0), r.get(1))?;
+        local.without(Digest::parse(r.get(2), r.get(3))?)
+    }))
 }
 
 /// A table over one of its bounds: one line naming the table and the limit.
@@ -447,8 +506,12 @@ async fn download(
         let why = match verified(t, &probe, local).await {
             Ok(true) => {
                 timed(Side::Central, central_limit, "commit", ctx.commit()).await?;
+                let kept = match offset(t).map_or(0, |k| k.rows) {
+                    0 => String::new(),
+                    n => format!(", and {n} kept locally that central no longer shows"),
+                };
                 log::info!(
-                    "{}: central restarted; local copy verified identical ({} rows), \
+                    "{}: central restarted; local copy verified identical ({} rows{kept}), \
                      no full copy needed",
                     t.table,
                     probe.rows
@@ -485,7 +548,7 @@ async fn download(
     )
     .await?;
 
-    let tx = timed(
+    let mut tx = timed(
         Side::Local,
         limit,
         "begin",
@@ -506,7 +569,25 @@ async fn download(
     let staging = start.elapsed();
     crate::notify::alive();
     let full = rows == Rows::All;
-    let report = apply(t, &tx, limit, full).await?;
+    // In a savepoint: when it fails, the staged rows are still there to say which
+    // column (and row) a local schema drift is about.
+    let what = format!("apply {}", t.table);
+    let sp = timed(Side::Local, limit, &what, tx.savepoint("apply")).await?;
+    let report = match apply(t, &sp, limit, full).await {
+        Ok(report) => {
+            timed(Side::Local, limit, &what, sp.commit()).await?;
+            report
+        }
+        Err(e) => {
+            drop(sp);
+            return Err(drift::local(t, &mut tx, limit, e).await);
+        }
+    };
+    // What the local table now holds beyond central's rows, for `verified`.
+    let offset = match (full, probe.tracked) {
+        (true, true) => Some(offset_now(t, &mut tx, limit).await?),
+        _ => None,
+    };
     if let (true, true, Some(xmin)) = (remember, probe.tracked, probe.xmin) {
         let db = &probe.central_db;
         watermark::save(&tx, limit, t.table, db, probe.started, xmin, full).await?;
@@ -522,6 +603,9 @@ async fn download(
     .await?;
     if full {
         t.reconciled.store(true, Ordering::Relaxed);
+    }
+    if let Some(o) = offset {
+        *t.offset.lock().unwrap_or_else(|e| e.into_inner()) = o;
     }
 
     // Logged only after the commit: a line must never claim a write that rolled back.

@@ -112,6 +112,13 @@ impl Error {
         self.var.map(|v| (v, self.context.as_str()))
     }
 
+    /// The same error (its SQLSTATE, its cause) with another context: what it
+    /// was about, once that is known.
+    pub fn with_context(mut self, context: impl Into<String>) -> Error {
+        self.context = context.into();
+        self
+    }
+
     pub fn with_side(mut self, side: Side) -> Error {
         self.side = Some(side);
         self

@@ -82,7 +82,8 @@ fn dump(c: &mut Client, table: &str) -> Vec<Vec<Option<String>>> {
         }
         _ => unreachable!(),
     };
-    c.batch_execute("SET TimeZone = 'UTC'").unwrap();
+    c.batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO'")
+        .unwrap();
     c.query(sql, &[])
         .unwrap()
         .iter()
@@ -1714,6 +1715,11 @@ fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
         "the restart did not repair the unstamped change:\n{}",
         &d.log_text()[at..]
     );
+    // The tenant phase runs after the meters commit: wait for its line too.
+    support::wait_until(Duration::from_secs(10), || {
+        d.log_text()[at..].contains("tenant: central restarted;")
+            || d.log_text()[at..].contains("tenant: full reconciliation")
+    });
     let after = d.log_text()[at..].to_string();
     assert!(
         after.contains("meters: full reconciliation (central is not the server")
@@ -1734,4 +1740,586 @@ fn p21_a_central_restart_after_an_unstamped_change_is_reconciled_in_full() {
         after.contains("tenant: central restarted; local copy verified identical (1 rows)"),
         "{after}"
     );
+}
+
+/// A non-superuser login role on `s`'s central with what a gateway needs there
+/// (SELECT on the downloaded tables, its heartbeat row); the daemon logs in as it.
+fn as_gateway_role(s: &mut Sandbox, role: &str) {
+    s.central()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}';
+             GRANT SELECT ON meters, tenant TO {role};
+             GRANT SELECT, INSERT, UPDATE ON gateway_status TO {role};"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", role)
+        .set("POSTGRES_CLIENT_PASSWORD", GATEWAY_PASSWORD);
+}
+
+/// Central refuses the digest (md5 not executable by the gateway's role, as under
+/// FIPS) after a restart: the download copies the table in full once, succeeds,
+/// stores the new server's watermark, and the cycles after it are idle again: no
+/// failed phase, no full copy every cycle.
+#[test]
+fn p21_a_central_restart_when_central_refuses_the_digest_is_reconciled_in_full_once() {
+    let (central, mut s) = on_own_central("rmd");
+    as_gateway_role(&mut s, &format!("gw_md5_{}", std::process::id()));
+    let d = running(&s);
+    next_cycle(&d);
+
+    s.central()
+        .batch_execute("REVOKE EXECUTE ON FUNCTION md5(text) FROM PUBLIC")
+        .unwrap();
+    central.stop();
+    central.restart();
+    // A change made after the restart (stamped on the new server) and one with the
+    // stamps off: the full copy brings both.
+    s.central()
+        .batch_execute(
+            "UPDATE meters SET name = 'renamed after restart' WHERE meter_id = 'm-1';
+             ALTER TABLE meters DISABLE TRIGGER meters_change_xid;
+             UPDATE meters SET unit = 'Wh' WHERE meter_id = 'm-2';
+             ALTER TABLE meters ENABLE ALWAYS TRIGGER meters_change_xid;",
+        )
+        .unwrap();
+    let at = d.log_text().len();
+    let central_meters = dump(&mut s.central(), "meters");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dump(&mut s.local(), "meters")
+            == central_meters),
+        "the restart without a digest was never reconciled:\n{}",
+        &d.log_text()[at..]
+    );
+    // Then: idle cycles, no more full copies, every phase succeeding.
+    let idle = next_cycle(&d);
+    assert!(
+        idle.contains("meters: up to date (no changes centrally)")
+            && idle.contains("tenant: up to date (no changes centrally)"),
+        "after the full copy the watermark belongs to the restarted server:\n{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    for table in ["meters", "tenant"] {
+        assert_eq!(
+            lines_with(&after, &format!("{table}: full reconciliation (")).len(),
+            1,
+            "{table}: one full copy after the restart:\n{after}"
+        );
+        assert!(last_log(&s, table).0, "{table} failed:\n{after}");
+    }
+    assert!(
+        after.contains("its digest failed") && after.contains("md5"),
+        "the log says why the digest was not used:\n{after}"
+    );
+    assert!(!after.contains("verified identical"), "{after}");
+    assert_eq!(
+        lines_with(&after, " updated: "),
+        vec!["meter m-1 updated: name", "meter m-2 updated: unit"],
+        "{after}"
+    );
+}
+
+/// Central's gateway role and the local database carry other text-form settings
+/// (time zone, date style, interval style, float digits): timestamps still arrive
+/// exactly, and after a central restart the two digests are still equal (the
+/// restart costs no full copy).
+#[test]
+fn p21_a_central_restart_with_other_date_and_time_settings_is_still_verified_by_digest() {
+    let (central, mut s) = on_own_central("rtz");
+    let role = format!("gw_tz_{}", std::process::id());
+    as_gateway_role(&mut s, &role);
+    s.central()
+        .batch_execute(&format!(
+            "ALTER ROLE {role} SET TimeZone = 'America/New_York';
+             ALTER ROLE {role} SET DateStyle = 'SQL, DMY';
+             ALTER ROLE {role} SET IntervalStyle = 'sql_standard';
+             ALTER ROLE {role} SET extra_float_digits = -15;"
+        ))
+        .unwrap();
+    s.local()
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET TimeZone = 'Asia/Kolkata';
+             ALTER DATABASE {db} SET DateStyle = 'German, YMD';
+             ALTER DATABASE {db} SET IntervalStyle = 'postgres_verbose';",
+            db = s.local_db
+        ))
+        .unwrap();
+    let d = running(&s);
+    for table in ["meters", "tenant"] {
+        assert_eq!(
+            dump(&mut s.local(), table),
+            dump(&mut s.central(), table),
+            "{table}"
+        );
+    }
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted; local copy verified identical (1 rows)")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (3 rows)")
+            && after.contains("tenant: central restarted; local copy verified identical (1 rows)")
+            && !after.contains("full reconciliation"),
+        "the settings must not make the digests differ:\n{after}"
+    );
+}
+
+/// P22 after a central restart: through PgBouncer in transaction pooling mode
+/// (every transaction may meet another backend), the restart is verified by digest
+/// on the connection the daemon keeps to PgBouncer, and a change made after it
+/// arrives in the changes-only cycles that follow.
+#[test]
+fn p22_a_central_restart_behind_pgbouncer_is_verified_by_digest() {
+    if support::pgbouncer::binary().is_none() {
+        eprintln!("skipped: pgbouncer is not installed (.ci/setup installs it)");
+        return;
+    }
+    let (central, mut s) = on_own_central("rpb");
+    let pb = support::pgbouncer::PgBouncer::start(
+        central,
+        &support::pgbouncer::Settings {
+            extra: "server_round_robin = 1\nmin_pool_size = 2\n".into(),
+            ..Default::default()
+        },
+    );
+    s.set("POSTGRES_CLIENT_PORT", pb.port)
+        .unset("DB_CONNECTION_TIMEOUT_MS")
+        .unset("MAX_CONNECTION_RETRIES");
+    let d = running(&s);
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(60), || {
+            let log = d.log_text();
+            log[at..].contains("meters: central restarted; local copy verified identical (3 rows)")
+                && log[at..]
+                    .contains("tenant: central restarted; local copy verified identical (1 rows)")
+        }),
+        "no verification through PgBouncer after the restart:\n{}",
+        &d.log_text()[at..]
+    );
+    s.central()
+        .batch_execute("UPDATE meters SET name = 'renamed after restart' WHERE meter_id = 'm-3'")
+        .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-3 updated: name"],
+        "{log}"
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(!after.contains("full reconciliation"), "{after}");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    drop(pb);
+}
+
+/// A meter deleted centrally stays on the gateway (P8): that must not make every
+/// later central restart a full copy. The full reconciliation that found it gone
+/// remembers it, so a plain restart is still verified by digest; a real difference
+/// made after that (a change the stamps cannot see) still means a full copy.
+#[test]
+fn p21_a_meter_kept_locally_after_its_central_delete_does_not_defeat_the_digest() {
+    let (central, s) = on_own_central("rkd");
+    once(&s);
+    s.central()
+        .batch_execute("DELETE FROM meters WHERE meter_id = 'm-2'")
+        .unwrap();
+    let d = running(&s);
+    let first = cycle_log(&d, 0);
+    assert!(
+        first.contains(
+            "1 meters no longer in central, kept locally (the collector may still use them): m-2"
+        ),
+        "{first}"
+    );
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (2 rows")
+            && !after.contains("full reconciliation"),
+        "a meter kept locally must not make a restart a full copy:\n{after}"
+    );
+    assert_eq!(s.local_count("meters"), 3, "m-2 is still kept");
+
+    // A difference the stamps cannot see, then another restart: a full copy.
+    s.central()
+        .batch_execute(
+            "ALTER TABLE meters DISABLE TRIGGER meters_change_xid;
+             UPDATE meters SET name = 'renamed unstamped' WHERE meter_id = 'm-3';
+             ALTER TABLE meters ENABLE ALWAYS TRIGGER meters_change_xid;",
+        )
+        .unwrap();
+    next_cycle(&d);
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || d.log_text()[at..]
+            .contains("meter m-3 updated: name")),
+        "the unstamped change was not repaired:\n{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: full reconciliation (central is not the server"),
+        "{after}"
+    );
+}
+
+/// One schema drift between central, the download and the local table: after a
+/// first good cycle, `central_sql` runs on central and `local_sql` locally, a meter
+/// is renamed centrally, and the next `once` must fail the meters phase alone, with
+/// one error line that contains each of `expect`, and leave the local meters as
+/// they were; the tenant phase still succeeds.
+fn drift_fails_only_meters(central_sql: &str, local_sql: &str, expect: &[&str]) {
+    let s = Sandbox::new();
+    three_meters(&s);
+    once(&s);
+    s.central().batch_execute(central_sql).unwrap();
+    s.local().batch_execute(local_sql).unwrap();
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute("UPDATE meters SET unit = 'Wh' WHERE meter_id = 'm-1'")
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let errors = lines_with(&run.stderr, "ERROR");
+    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    let (ok, _, err) = last_log(&s, "meters");
+    let err = err.unwrap_or_default();
+    assert!(!ok, "{}", run.stderr);
+    for e in expect {
+        assert!(
+            errors[0].contains(e) && err.contains(e),
+            "the error should name {e:?}:\n{}",
+            run.stderr
+        );
+    }
+    assert_eq!(
+        versions(&mut s.local(), "meters"),
+        before,
+        "nothing half-applied"
+    );
+    assert_eq!(last_log(&s, "tenant"), (true, 1, None), "{}", run.stderr);
+}
+
+#[test]
+fn p10_schema_drift_an_extra_central_column_is_ignored() {
+    let s = Sandbox::new();
+    three_meters(&s);
+    s.central()
+        .batch_execute(
+            "ALTER TABLE meters ADD COLUMN firmware text DEFAULT 'v2';
+             ALTER TABLE tenant ADD COLUMN billing jsonb DEFAULT '{}'",
+        )
+        .unwrap();
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    once(&s);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_central_column_missing_names_table_and_column() {
+    drift_fails_only_meters(
+        "ALTER TABLE meters DROP COLUMN location_id",
+        "",
+        &["central", "meters.location_id"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_central_column_of_another_type_names_table_and_column() {
+    drift_fails_only_meters(
+        "ALTER TABLE meters ALTER COLUMN configuration TYPE bytea
+             USING convert_to(configuration::text, 'UTF8')",
+        "",
+        &["central", "meters.configuration", "bytea", "jsonb"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_local_column_of_another_type_names_table_and_column() {
+    drift_fails_only_meters(
+        "",
+        "ALTER TABLE meters ALTER COLUMN configuration TYPE text",
+        &["local", "meters.configuration", "text", "jsonb"],
+    );
+}
+
+#[test]
+fn p10_schema_drift_a_local_column_missing_names_table_and_column() {
+    drift_fails_only_meters(
+        "",
+        "ALTER TABLE meters DROP COLUMN location_id",
+        &["local", "meters.location_id"],
+    );
+}
+
+/// Central's `name` is wider than the gateway's (a central whose tables predate
+/// the migration): the meter whose name does not fit is named, and so is the column.
+#[test]
+fn p10_schema_drift_a_central_value_too_long_for_the_local_column_names_the_meter() {
+    drift_fails_only_meters(
+        &format!(
+            "ALTER TABLE meters ALTER COLUMN name TYPE text;
+             UPDATE meters SET name = '{}' WHERE meter_id = 'm-3'",
+            "é".repeat(300)
+        ),
+        "",
+        &["local", "meters.name", "m-3", "255"],
+    );
+}
+
+/// Central rewrites a configuration with the same value in another spelling
+/// (`1.50` as `1.5`): it travels and compares equal, so the gateway keeps its text
+/// (p8_jsonb_equal_by_value_is_not_a_change). The first central restart after it
+/// then finds the texts differ and copies in full (writing nothing), but that
+/// full copy is the last: later restarts are verified by digest again.
+#[test]
+fn p21_a_value_equal_jsonb_spelled_otherwise_centrally_costs_at_most_one_full_copy() {
+    let (central, s) = on_own_central("rjs");
+    let d = running(&s);
+    let before = versions(&mut s.local(), "meters");
+    s.central()
+        .batch_execute(
+            r#"UPDATE meters SET configuration = '{"a": 1.5, "tags": ["x", null, true]}'
+               WHERE meter_id = 'm-3'"#,
+        )
+        .unwrap();
+    let log = next_cycle(&d);
+    assert!(!log.contains(" updated: "), "{log}");
+    assert_eq!(versions(&mut s.local(), "meters"), before);
+
+    let restart = || {
+        central.stop();
+        central.restart();
+        let at = d.log_text().len();
+        assert!(
+            support::wait_until(Duration::from_secs(30), || {
+                let log = d.log_text();
+                log[at..].contains("tenant: central restarted;")
+                    || log[at..].contains("tenant: full reconciliation")
+            }),
+            "{}",
+            &d.log_text()[at..]
+        );
+        next_cycle(&d);
+        d.log_text()[at..].to_string()
+    };
+    let first = restart();
+    assert!(
+        first.contains("meters: up to date (3 unchanged)"),
+        "the full copy wrote nothing:\n{first}"
+    );
+    let second = restart();
+    assert!(
+        second.contains("meters: central restarted; local copy verified identical (3 rows)")
+            && !second.contains("full reconciliation"),
+        "a value-equal jsonb must not make every restart a full copy:\n{second}"
+    );
+    assert_eq!(versions(&mut s.local(), "meters"), before);
+}
+
+/// The gateway's own server refuses md5 to the daemon's role (FIPS, or a
+/// hardened local database): the digests are an optimisation, so downloads still
+/// succeed, in full.
+#[test]
+fn p8_downloads_succeed_when_the_local_server_refuses_md5() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    add_tenant(&mut s.central(), "t-1", "Acme", None, None);
+    let role = format!("gwl_md5_{}", std::process::id());
+    s.local()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             REVOKE EXECUTE ON FUNCTION md5(text) FROM PUBLIC;"
+        ))
+        .unwrap();
+    s.set("POSTGRES_SYNC_USER", &role);
+    once(&s);
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+}
+
+/// Values at the edges travel exactly and compare right: SQL NULL and JSON null
+/// are different values both ways; names of 252 characters (236 of four bytes), with
+/// quotes, backslashes, commas, parentheses, tabs and newlines; a meter deleted and
+/// re-created with the same id in another transaction arrives as an update; a
+/// tenant whose key changes arrives as a new tenant (the old one is kept). A
+/// central restart after all that is still verified by digest.
+#[test]
+fn p8_edge_values_travel_exactly_and_compare_right() {
+    let (central, s) = on_own_central("redg");
+    let d = running(&s);
+    let odd = format!("{}\"q\" \\b, (p)\t\nend", "🌡".repeat(236));
+    let mut c = s.central();
+    c.execute(
+        "UPDATE meters SET name = $1, configuration = 'null' WHERE meter_id = 'm-2'",
+        &[&odd],
+    )
+    .unwrap();
+    c.batch_execute(
+        "UPDATE tenant SET metadata = '\"\"', configuration = '{}' WHERE tenant_id = 't-1';
+         DELETE FROM meters WHERE meter_id = 'm-3';",
+    )
+    .unwrap();
+    c.batch_execute(
+        "INSERT INTO meters (meter_id, name, meter_type, unit, configuration)
+         VALUES ('m-3', 'Roof again', 'heat', 'MWh', '[null]')",
+    )
+    .unwrap();
+    let log = next_cycle(&d);
+    let mut updated = lines_with(&log, " updated: ");
+    updated.sort();
+    assert_eq!(
+        updated,
+        vec![
+            "meter m-2 updated: name, configuration",
+            "meter m-3 updated: name, location_id, configuration, updated_at",
+            "tenant t-1 updated: configuration, metadata",
+        ],
+        "{log}"
+    );
+    let json_null: (bool, bool) = {
+        let r = s
+            .local()
+            .query_one(
+                "SELECT configuration IS NULL, configuration = 'null'::jsonb FROM meters
+                 WHERE meter_id = 'm-2'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(json_null, (false, true), "JSON null is not SQL NULL");
+
+    // Back to SQL NULL, and a tenant's key changes.
+    c.batch_execute(
+        "UPDATE meters SET configuration = NULL WHERE meter_id = 'm-2';
+         UPDATE tenant SET tenant_id = 't-9' WHERE tenant_id = 't-1';",
+    )
+    .unwrap();
+    let log = next_cycle(&d);
+    assert_eq!(
+        lines_with(&log, " updated: "),
+        vec!["meter m-2 updated: configuration"],
+        "{log}"
+    );
+    assert!(log.contains("new tenant t-9 (Acme)"), "{log}");
+    assert_eq!(
+        dump(&mut s.local(), "meters"),
+        dump(&mut s.central(), "meters")
+    );
+    assert_eq!(s.local_count("tenant"), 2, "t-1 is kept, t-9 is new");
+
+    drop(c);
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains("meters: central restarted; local copy verified identical (3 rows)"),
+        "{after}"
+    );
+}
+
+/// P21 with row-level security, as a fleet runs it: a meter unassigned from the
+/// gateway is kept locally (the full reconciliation at the daemon's start says
+/// so), and a central restart after that is still verified by digest: the
+/// unassigned meter does not make every restart a full copy.
+#[test]
+fn p21_rls_a_restart_after_a_meter_is_unassigned_is_verified_by_digest() {
+    let central: &'static support::Cluster =
+        Box::leak(Box::new(support::Cluster::start(support::Role::Central)));
+    let (local, _) = support::shared();
+    let name = format!("rlsr{}", std::process::id());
+    local.create_db(&name);
+    central.create_db(&name);
+    let mut s = Sandbox::on(local, central, &name, &name);
+    s.migrate();
+    let (role, _) = rls_sandbox(&mut s);
+    once(&s);
+    assert_eq!(s.local_count("meters"), 50);
+    s.central()
+        .batch_execute(&format!(
+            "DELETE FROM gateway_meters WHERE gateway_role = '{role}' AND meter_id = 'm-000040'"
+        ))
+        .unwrap();
+    let d = running(&s);
+    assert!(
+        cycle_log(&d, 0).contains("1 meters no longer visible to this gateway"),
+        "{}",
+        cycle_log(&d, 0)
+    );
+    next_cycle(&d);
+
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    let after = d.log_text()[at..].to_string();
+    assert!(
+        after.contains(
+            "meters: central restarted; local copy verified identical (49 rows, and 1 kept \
+             locally that central no longer shows), no full copy needed"
+        ) && after.contains("tenant: central restarted; local copy verified identical (2 rows)")
+            && !after.contains("full reconciliation"),
+        "{after}"
+    );
+    assert_eq!(s.local_count("meters"), 50);
 }

@@ -1,6 +1,7 @@
 //! The two downloaded tables and the SQL built from their column lists.
 
 use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 
 /// One downloaded table: its key and the columns compared and copied (the key
 /// excluded), each with the type it is staged as. Central values are cast to these
@@ -21,6 +22,39 @@ pub struct Table {
     pub warned_untracked: AtomicBool,
     /// Central lacks the snapshot functions (before PostgreSQL 13).
     pub pre_13: AtomicBool,
+    /// The local table's digest minus central's, as this process's last full
+    /// reconciliation left them (see [`Table::offset_digest_sql`]); None before it.
+    pub offset: Mutex<Option<Digest>>,
+}
+
+/// A value of [`Table::digest_sql`] with its row count. Digests are sums, so the
+/// digest of a set of rows minus that of a subset is the digest of the rest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Digest {
+    pub rows: u64,
+    left: i128,
+    right: i128,
+}
+
+impl Digest {
+    /// `rows` and `sums` as the digest statements return them (`left:right`).
+    pub fn parse(rows: Option<&str>, sums: Option<&str>) -> Option<Digest> {
+        let (l, r) = sums?.split_once(':')?;
+        Some(Digest {
+            rows: rows?.parse().ok()?,
+            left: l.parse().ok()?,
+            right: r.parse().ok()?,
+        })
+    }
+
+    /// This digest without the rows of `part`; None if `part` holds more rows.
+    pub fn without(self, part: Digest) -> Option<Digest> {
+        Some(Digest {
+            rows: self.rows.checked_sub(part.rows)?,
+            left: self.left - part.left,
+            right: self.right - part.right,
+        })
+    }
 }
 
 pub static METERS: Table = Table {
@@ -39,6 +73,7 @@ pub static METERS: Table = Table {
     reconciled: AtomicBool::new(false),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
+    offset: Mutex::new(None),
 };
 
 pub static TENANTS: Table = Table {
@@ -55,6 +90,7 @@ pub static TENANTS: Table = Table {
     reconciled: AtomicBool::new(false),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
+    offset: Mutex::new(None),
 };
 
 /// Which central rows one download asks for.
@@ -204,6 +240,25 @@ impl Table {
         )
     }
 
+    /// Right after a full download's apply, in its transaction: the digests of the
+    /// local table and of the staged rows (central's, as copied): (rows, digest)
+    /// of each. They differ by the rows the gateway keeps (gone centrally) and by
+    /// the rows it did not write because they are equal by value but not in text
+    /// (a jsonb number spelled `1.5` centrally, `1.50` locally). A central restart
+    /// is verified against the local digest minus that difference: otherwise
+    /// one such row would make every later restart a full copy, for ever.
+    pub fn offset_digest_sql(&self) -> String {
+        let (digest, join) = (self.digest_sql(), self.digest_join());
+        format!(
+            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
+             SELECT l.n, l.d, s.n, s.d \
+             FROM (SELECT count(*)::text AS n, {digest} AS d FROM {table}{join}) l, \
+                  (SELECT count(*)::text AS n, {digest} AS d FROM {stg}{join}) s",
+            table = self.table,
+            stg = self.staging()
+        )
+    }
+
     /// The idle cycle's statement, kept small because it is most of an idle
     /// cycle's bytes: is any row stamped at or past `watermark`, plus the
     /// database name and the server's start time (the checks that the watermark
@@ -326,7 +381,20 @@ mod tests {
                 assert!(sql.contains(&digest) && sql.contains(&join), "{sql}");
             }
             assert!(!t.probe_sql(Rows::All, true, false).contains("md5"));
+            assert!(t.offset_digest_sql().contains(&digest));
         }
+    }
+
+    #[test]
+    fn a_digest_without_its_kept_rows() {
+        let all = Digest::parse(Some("3"), Some("10:-4")).unwrap();
+        let kept = Digest::parse(Some("1"), Some("-5:6")).unwrap();
+        let rest = Digest::parse(Some("2"), Some("15:-10")).unwrap();
+        assert_eq!(all.without(kept), Some(rest));
+        assert_eq!(all.without(Digest::default()), Some(all));
+        assert_eq!(kept.without(all), None);
+        assert_eq!(Digest::parse(Some("1"), Some("5")), None);
+        assert_eq!(Digest::parse(None, Some("0:0")), None);
     }
 
     #[test]
