@@ -59,6 +59,10 @@ variables! {
     ENV_METRICS_TEXTFILE = "METRICS_TEXTFILE",
 }
 
+/// Where syslog listens unless `LOG_SYSLOG_SOCKET` says otherwise; `LOG_TARGET=auto`
+/// picks syslog when it exists.
+pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
+
 /// Set by systemd (≥ 247) for a unit with `LoadCredential=`: the directory holding
 /// `client-password` and `sync-password`. Not ours to set, so not in [`ALL_VARS`].
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
@@ -237,7 +241,8 @@ pub struct Config {
     pub query_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub log_target: LogTarget,
-    pub syslog_socket: Option<PathBuf>,
+    /// `LOG_SYSLOG_SOCKET`, else [`DEFAULT_SYSLOG_SOCKET`].
+    pub syslog_socket: PathBuf,
     pub upload_pipeline_depth: usize,
     pub upload_method: UploadMethod,
     pub upload_time_budget: Duration,
@@ -762,8 +767,7 @@ impl Config {
             level_name,
         );
         let log_target = c.pick(ENV_LOG_TARGET, LogTarget::Auto);
-        let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
-        c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
+        let syslog_socket = PathBuf::from(c.string(ENV_LOG_SYSLOG_SOCKET, DEFAULT_SYSLOG_SOCKET));
         // Unset, the depth is 8, or as many batches as fit in flight: every BATCH_SIZE
         // of the range runs with the defaults. Set, it is taken as given or refused.
         let fitting_depth = (MAX_READINGS_IN_FLIGHT / batch_size).clamp(1, 8);
