@@ -56,8 +56,9 @@ Commands:
   --version                  print the version
   --help                     print this help
 
-Environment (default; range or values). Empty counts as unset. Under systemd:
-/etc/meter-sync/meter-sync.env; `check-config` prints the values in force.
+Environment:
+  Each variable with its default, then its range or values; empty counts as unset.
+  Under systemd: /etc/meter-sync/meter-sync.env. `check-config` prints the values in force.
   POSTGRES_SYNC_HOST              required; host, IP address or socket directory (/run/postgresql)
   POSTGRES_SYNC_PORT              5432; 1..=65535
   POSTGRES_SYNC_DB                postgres
@@ -98,8 +99,9 @@ Environment (default; range or values). Empty counts as unset. Under systemd:
   SYNC_LOGS_RETAIN_DAYS           30; 0..=36500 (0 keeps them)
   METRICS_TEXTFILE                unset; Prometheus textfile written after every cycle
 
-Exit status: 0 ok; 1 a failed phase (once) or an unreachable local database; 64 bad usage;
-78 invalid configuration (systemd: RestartPreventExitStatus=78). More: the README.
+Exit status:
+  0 ok; 1 a failed phase (once) or an unreachable local database; 64 bad usage;
+  78 invalid configuration (systemd: RestartPreventExitStatus=78). More: the README.
 ";
 
 /// Parses the arguments after the program name. The error is one line for stderr.
