@@ -1048,3 +1048,57 @@ fn docs_links_resolve() {
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
     assert!(checked >= 20, "only {checked} links found in {docs:?}");
 }
+
+/// The README's first command, as an operator runs it: from another directory, with
+/// CARGO_TARGET_DIR set (the demo used to look for the binary in the repository's
+/// target/ and stopped with exit 127), twice in a row, leaving no server or
+/// directory behind. `cargo build` is stood in for (this build's binary is put
+/// where `cargo metadata` says the release goes), so no release build is needed.
+#[test]
+fn demo_runs_from_anywhere_twice_and_cleans_up() {
+    let dir = temp_dir("demo");
+    let target = dir.join("target");
+    fs::create_dir_all(target.join("release")).unwrap();
+    fs::copy(support::bin(), target.join("release/meter-sync")).unwrap();
+    let stand_in = dir.join("bin");
+    fs::create_dir_all(&stand_in).unwrap();
+    let real_cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = stand_in.join("cargo");
+    fs::write(
+        &cargo,
+        format!("#!/bin/sh\n[ \"$1\" = build ] && exit 0\nexec '{real_cargo}' \"$@\"\n"),
+    )
+    .unwrap();
+    fs::set_permissions(&cargo, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        stand_in.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for run in 1..=2 {
+        let o = output(
+            Command::new("bash")
+                .arg(repo("deploy/demo"))
+                .current_dir(&dir)
+                .env("PATH", &path)
+                .env("CARGO_TARGET_DIR", &target),
+        );
+        let out = output_text(&o);
+        assert!(o.status.success(), "run {run}: {out}");
+        assert!(out.contains("configuration is valid"), "run {run}: {out}");
+        assert!(
+            out.contains("readings | distinct_uids") && out.contains("1000 |          1000"),
+            "run {run}: {out}"
+        );
+        // Its work directory (named in check-config's output) and its servers are gone.
+        let work = out
+            .lines()
+            .find_map(|l| l.strip_prefix("POSTGRES_SYNC_HOST="))
+            .and_then(|h| h.strip_suffix("/local.sock"))
+            .unwrap_or_else(|| panic!("no work directory in: {out}"));
+        assert!(!Path::new(work).exists(), "run {run} left {work}");
+        let ps = ok(Command::new("ps").args(["-eo", "args"]));
+        assert!(!ps.contains(work), "run {run} left a server running: {ps}");
+    }
+    let _ = fs::remove_dir_all(dir);
+}
