@@ -556,9 +556,9 @@ impl Checker {
         }
     }
 
-    /// `METER_SYNC_GATEWAY_ID`, else /etc/machine-id, else the host name. Letters,
-    /// digits and `.-_:` only, at most 128, so the id is safe in SQL, logs and
-    /// file names alike.
+    /// `METER_SYNC_GATEWAY_ID`, else /etc/machine-id, else the host name (the
+    /// kernel's, else /etc/hostname). Letters, digits and `.-_:` only, at most 128,
+    /// so the id is safe in SQL, logs and file names alike.
     fn gateway_id(&mut self, machine_id: Option<String>, hostname: Option<String>) -> String {
         let given = self.get(ENV_GATEWAY_ID).map(str::to_string);
         let explicit = given.is_some();
@@ -744,9 +744,11 @@ impl Config {
         let file_problems = check_files(&central);
         c.errors.extend(file_problems);
 
+        // The kernel's host name, else the static one: the unit's ProcSubset=pid
+        // hides /proc/sys, /etc stays readable.
         let gateway_id = c.gateway_id(
             first_line("/etc/machine-id"),
-            first_line("/proc/sys/kernel/hostname"),
+            first_line("/proc/sys/kernel/hostname").or_else(|| first_line("/etc/hostname")),
         );
         let sync_interval = c.int(ENV_SYNC_INTERVAL_SECONDS, 60, 1, 86_400);
         let batch_size = c.int(ENV_BATCH_SIZE, 100, 1, 100_000);
