@@ -1102,3 +1102,51 @@ fn demo_runs_from_anywhere_twice_and_cleans_up() {
     }
     let _ = fs::remove_dir_all(dir);
 }
+
+/// The health gate waits for the first successful cycle, and a healthy release's
+/// first cycle may drain a backlog for up to `UPLOAD_TIME_BUDGET_SECONDS` (300 s by
+/// default) before it can say "last cycle ok". The default wait used to be the larger
+/// of 120 s and 3 × `SYNC_INTERVAL_SECONDS` (180 s): an upgrade of a gateway catching
+/// up after an outage was rolled back although nothing was wrong with it.
+#[test]
+fn the_health_gate_waits_longer_than_a_draining_first_cycle() {
+    let dir = temp_dir("gatewait");
+    fs::create_dir_all(dir.join("etc/meter-sync")).unwrap();
+    let timeout = |env: &str, health: &str| {
+        fs::write(dir.join("etc/meter-sync/meter-sync.env"), env).unwrap();
+        let o = output(
+            Command::new("sh")
+                .arg("-c")
+                .arg(". \"$0\"; health_timeout")
+                .arg(repo("deploy/lib/gateway.sh"))
+                .env("ROOT", &dir)
+                .env("SRC", "")
+                .env("SYSTEMCTL", "0")
+                .env("HEALTH_TIMEOUT", health),
+        );
+        assert!(o.status.success(), "{}", output_text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // The defaults: one full budget on top of three intervals' worth.
+    assert_eq!(timeout("#SYNC_INTERVAL_SECONDS=60\n", ""), 180 + 300);
+    assert_eq!(
+        timeout(
+            "SYNC_INTERVAL_SECONDS=300\nUPLOAD_TIME_BUDGET_SECONDS=600\n",
+            ""
+        ),
+        900 + 600
+    );
+    assert_eq!(
+        timeout(
+            "SYNC_INTERVAL_SECONDS=10\nUPLOAD_TIME_BUDGET_SECONDS=\"30\"\n",
+            ""
+        ),
+        120 + 30
+    );
+    // Given, it is taken as it is.
+    assert_eq!(timeout("UPLOAD_TIME_BUDGET_SECONDS=600\n", "7"), 7);
+    let _ = fs::remove_dir_all(dir);
+}
