@@ -68,6 +68,12 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     let d = directives(&fs::read_to_string(repo(UNIT)).unwrap());
     assert_eq!(one(&d, "Type"), "notify");
     assert_eq!(one(&d, "ExecStart"), "/usr/local/bin/meter-sync run");
+    // An upgrade's local migrations, before the daemon; a local database that is
+    // down must not keep it from starting.
+    assert_eq!(
+        one(&d, "ExecStartPre"),
+        "-/usr/local/bin/meter-sync migrate local"
+    );
     assert_eq!(one(&d, "Restart"), "on-failure");
     // A configuration error (78) must not restart-loop.
     assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
@@ -1148,5 +1154,53 @@ fn the_health_gate_waits_longer_than_a_draining_first_cycle() {
     );
     // Given, it is taken as it is.
     assert_eq!(timeout("UPLOAD_TIME_BUDGET_SECONDS=600\n", "7"), 7);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// An upgrade whose release brings a local migration. None of deploy/install, the
+/// Debian package or the Ansible role runs `migrate`, so a gateway still on the
+/// first release's local schema (0001) failed every upload under this one (`column
+/// "synced_at" … does not exist`) and the health gate rolled the upgrade back, on
+/// every attempt. The unit migrates the local database before the daemon starts.
+#[test]
+fn an_upgrade_applies_its_local_migrations_before_the_daemon_starts() {
+    let s = Sandbox::new();
+    let dir = temp_dir("gatemigrate");
+    let (_root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    // The gateway as the first release left it: local schema 0001 only.
+    fake.systemctl(&["stop", "meter-sync.service"]);
+    s.local()
+        .batch_execute(
+            "DROP TABLE download_watermark;
+             DROP INDEX meter_readings_retained_idx;
+             ALTER TABLE meter_readings DROP COLUMN synced_at;
+             DELETE FROM meter_sync_migrations WHERE version > 1",
+        )
+        .unwrap();
+    s.insert_readings(10);
+    let (u2, _) = unit_variant(&dir, "release 2");
+    let o = install_release(
+        &fake,
+        Path::new(support::bin()),
+        &u2,
+        &["--health-timeout", "30"],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    let migrations = fs::read_dir(repo("migrations/local")).unwrap().count() as i64;
+    let applied: i64 = s
+        .local()
+        .query_one("SELECT count(*) FROM meter_sync_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, migrations);
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            >= 10),
+        "{}",
+        fake.status_text()
+    );
+    drop(fake);
     let _ = fs::remove_dir_all(dir);
 }
