@@ -75,8 +75,10 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
         "-/usr/local/bin/meter-sync migrate local"
     );
     assert_eq!(one(&d, "Restart"), "on-failure");
-    // A configuration error (78) must not restart-loop.
-    assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
+    // A configuration error (78) must not restart-loop, nor a missing credential
+    // file (243/CREDENTIALS: systemd's own, before the daemon runs; with
+    // RestartSec=10 the start limit never trips, so it looped every 10 s).
+    assert_eq!(one(&d, "RestartPreventExitStatus"), "78 243");
     assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
     // Both passwords as credentials, read from $CREDENTIALS_DIRECTORY; no
     // POSTGRES_*_PASSWORD_FILE in the unit, so that the operator may still set
