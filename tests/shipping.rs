@@ -78,7 +78,7 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     // A configuration error (78) must not restart-loop, nor a missing credential
     // file (243/CREDENTIALS: systemd's own, before the daemon runs; with
     // RestartSec=10 the start limit never trips, so it looped every 10 s).
-    assert_eq!(one(&d, "RestartPreventExitStatus"), "78 243");
+    assert_eq!(d["RestartPreventExitStatus"], ["78", "243"]);
     assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
     // Both passwords as credentials, read from $CREDENTIALS_DIRECTORY; no
     // POSTGRES_*_PASSWORD_FILE in the unit, so that the operator may still set
