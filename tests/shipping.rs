@@ -1206,3 +1206,42 @@ fn an_upgrade_applies_its_local_migrations_before_the_daemon_starts() {
     drop(fake);
     let _ = fs::remove_dir_all(dir);
 }
+
+/// deploy/build-deb, run from another directory, takes a relative `--binary`, `--out`
+/// and CARGO_TARGET_DIR from there, as deploy/build-release and deploy/install do
+/// (it used to look for them under the repository: "… missing"). Runs as far as it
+/// can without cargo-deb and help2man, which are checked after the binary.
+#[test]
+fn build_deb_reads_relative_paths_from_the_callers_directory() {
+    let dir = temp_dir("debpaths");
+    fs::create_dir_all(dir.join("rel/x86_64-unknown-linux-gnu/release")).unwrap();
+    fs::copy(support::bin(), dir.join("rel/mine")).unwrap();
+    fs::copy(support::bin(), dir.join("rel/release-meter-sync")).unwrap();
+    fs::create_dir_all(dir.join("tgt/release")).unwrap();
+    fs::copy(support::bin(), dir.join("tgt/release/meter-sync")).unwrap();
+    for (args, target) in [
+        (
+            &["amd64", "--binary", "rel/mine", "--out", "debs"][..],
+            None,
+        ),
+        (&["amd64", "--out", "debs"][..], Some("tgt")),
+    ] {
+        let mut cmd = Command::new(repo("deploy/build-deb"));
+        cmd.args(args).current_dir(&dir);
+        // Without cargo-deb and help2man on PATH it stops at them, after the binary.
+        cmd.env("PATH", "/usr/bin:/bin");
+        if let Some(t) = target {
+            cmd.env("CARGO_TARGET_DIR", t);
+        }
+        let o = output(&mut cmd);
+        let out = output_text(&o);
+        assert!(!out.contains("missing"), "{args:?}: {out}");
+        assert!(
+            o.status.success()
+                || out.contains("cargo-deb not found")
+                || out.contains("help2man not found"),
+            "{args:?}: {out}"
+        );
+    }
+    let _ = fs::remove_dir_all(dir);
+}
