@@ -100,7 +100,8 @@ Environment:
   METRICS_TEXTFILE                unset; Prometheus textfile written after every cycle
 
 Exit status:
-  0 ok; 1 a failed phase (once) or an unreachable local database; 64 bad usage;
+  0 ok; 1 failed (once: a phase failed; migrate: a migration or a database; status,
+  requeue, resend: the local database unreachable); 64 bad usage or TIMESTAMP;
   78 invalid configuration (systemd: RestartPreventExitStatus=78). More: the README.
 ";
 
