@@ -1,5 +1,6 @@
 //! The command line: parsing, and [`HELP`], the one help text (`--help` prints it;
-//! the README points to it rather than copying it).
+//! its list of variables, defaults and ranges is held to what the configuration
+//! applies by tests/config.rs, like the README's table and the example file).
 
 use crate::config::Side;
 
@@ -55,8 +56,53 @@ Commands:
   --version                  print the version
   --help                     print this help
 
-Configuration comes from the environment (POSTGRES_SYNC_*, POSTGRES_CLIENT_*, BATCH_SIZE, ...);
-see the README. Exit status 78 means the configuration is invalid.
+Environment:
+  Each variable with its default, then its range or values; empty counts as unset.
+  Under systemd: /etc/meter-sync/meter-sync.env. `check-config` prints the values in force.
+  POSTGRES_SYNC_HOST              required; host, IP address or socket directory (/run/postgresql)
+  POSTGRES_SYNC_PORT              5432; 1..=65535
+  POSTGRES_SYNC_DB                postgres
+  POSTGRES_SYNC_USER              postgres
+  POSTGRES_SYNC_PASSWORD          empty; else POSTGRES_SYNC_PASSWORD_FILE,
+                                  else $CREDENTIALS_DIRECTORY/sync-password
+  POSTGRES_SYNC_PASSWORD_FILE     unset; a file holding the password (not with the plain one)
+  POSTGRES_SYNC_SSLMODE           disable; disable, prefer, require, verify-ca, verify-full
+  POSTGRES_CLIENT_HOST            required; central host, or a comma-separated list
+  POSTGRES_CLIENT_PORT            5432; 1..=65535, one port or one per host
+  POSTGRES_CLIENT_DB              postgres
+  POSTGRES_CLIENT_USER            postgres
+  POSTGRES_CLIENT_PASSWORD        empty; else POSTGRES_CLIENT_PASSWORD_FILE,
+                                  else $CREDENTIALS_DIRECTORY/client-password
+  POSTGRES_CLIENT_PASSWORD_FILE   unset; a file holding the password (not with the plain one)
+  POSTGRES_CLIENT_SSLMODE         verify-full; disable, prefer, require, verify-ca, verify-full
+  POSTGRES_CLIENT_SSLROOTCERT     system roots; PEM bundle of central's CA(s)
+  POSTGRES_CLIENT_SSLCERT         unset; client certificate (PEM), with POSTGRES_CLIENT_SSLKEY
+  POSTGRES_CLIENT_SSLKEY          unset; its unencrypted key (PEM)
+  POSTGRES_CLIENT_CHANNEL_BINDING prefer; disable, prefer, require
+  METER_SYNC_GATEWAY_ID           /etc/machine-id, else the host name; A-Z a-z 0-9 . - _ :
+  SYNC_INTERVAL_SECONDS           60; 1..=86400
+  BATCH_SIZE                      100; 1..=100000
+  MAX_CONNECTION_RETRIES          5; 1..=100 (per database per cycle)
+  MAX_QUERY_RETRIES               3; 0..=100
+  DB_CONNECTION_TIMEOUT_MS        5000; 100..=600000
+  DB_QUERY_TIMEOUT_MS             30000; 100..=3600000
+  LOG_LEVEL                       info; error, warn, info, debug, trace
+  LOG_TARGET                      auto; syslog, stderr, auto (syslog where /dev/log exists)
+  LOG_SYSLOG_SOCKET               /dev/log
+  UPLOAD_PIPELINE_DEPTH           8 (fewer above BATCH_SIZE 12500); 1..=256
+  UPLOAD_METHOD                   auto; auto, copy, insert
+  UPLOAD_TIME_BUDGET_SECONDS      300; 1..=86400
+  UPLOAD_RETAIN_HOURS             0; 0..=8760 (0: delete once uploaded)
+  DOWNLOAD_FULL_EVERY_SECONDS     86400; 1..=31536000
+  DOWNLOAD_MAX_ROWS               100000; 1..=100000000
+  DOWNLOAD_MAX_BYTES              67108864; 1024..=1099511627776
+  SYNC_LOGS_RETAIN_DAYS           30; 0..=36500 (0 keeps them)
+  METRICS_TEXTFILE                unset; Prometheus textfile written after every cycle
+
+Exit status:
+  0 ok; 1 failed (once: a phase failed; migrate: a migration or a database; status,
+  requeue, resend: the local database unreachable); 64 bad usage or TIMESTAMP;
+  78 invalid configuration (systemd: RestartPreventExitStatus=78). More: the README.
 ";
 
 /// Parses the arguments after the program name. The error is one line for stderr.

@@ -59,6 +59,10 @@ variables! {
     ENV_METRICS_TEXTFILE = "METRICS_TEXTFILE",
 }
 
+/// Where syslog listens unless `LOG_SYSLOG_SOCKET` says otherwise; `LOG_TARGET=auto`
+/// picks syslog when it exists.
+pub const DEFAULT_SYSLOG_SOCKET: &str = "/dev/log";
+
 /// Set by systemd (≥ 247) for a unit with `LoadCredential=`: the directory holding
 /// `client-password` and `sync-password`. Not ours to set, so not in [`ALL_VARS`].
 pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
@@ -237,7 +241,8 @@ pub struct Config {
     pub query_timeout: Duration,
     pub log_level: log::LevelFilter,
     pub log_target: LogTarget,
-    pub syslog_socket: Option<PathBuf>,
+    /// `LOG_SYSLOG_SOCKET`, else [`DEFAULT_SYSLOG_SOCKET`].
+    pub syslog_socket: PathBuf,
     pub upload_pipeline_depth: usize,
     pub upload_method: UploadMethod,
     pub upload_time_budget: Duration,
@@ -551,9 +556,9 @@ impl Checker {
         }
     }
 
-    /// `METER_SYNC_GATEWAY_ID`, else /etc/machine-id, else the host name. Letters,
-    /// digits and `.-_:` only, at most 128, so the id is safe in SQL, logs and
-    /// file names alike.
+    /// `METER_SYNC_GATEWAY_ID`, else /etc/machine-id, else the host name (the
+    /// kernel's, else /etc/hostname). Letters, digits and `.-_:` only, at most 128,
+    /// so the id is safe in SQL, logs and file names alike.
     fn gateway_id(&mut self, machine_id: Option<String>, hostname: Option<String>) -> String {
         let given = self.get(ENV_GATEWAY_ID).map(str::to_string);
         let explicit = given.is_some();
@@ -739,9 +744,11 @@ impl Config {
         let file_problems = check_files(&central);
         c.errors.extend(file_problems);
 
+        // The kernel's host name, else the static one: the unit's ProcSubset=pid
+        // hides /proc/sys, /etc stays readable.
         let gateway_id = c.gateway_id(
             first_line("/etc/machine-id"),
-            first_line("/proc/sys/kernel/hostname"),
+            first_line("/proc/sys/kernel/hostname").or_else(|| first_line("/etc/hostname")),
         );
         let sync_interval = c.int(ENV_SYNC_INTERVAL_SECONDS, 60, 1, 86_400);
         let batch_size = c.int(ENV_BATCH_SIZE, 100, 1, 100_000);
@@ -762,8 +769,7 @@ impl Config {
             level_name,
         );
         let log_target = c.pick(ENV_LOG_TARGET, LogTarget::Auto);
-        let syslog_socket = c.get(ENV_LOG_SYSLOG_SOCKET).map(PathBuf::from);
-        c.show(ENV_LOG_SYSLOG_SOCKET, shown_path(&syslog_socket));
+        let syslog_socket = PathBuf::from(c.string(ENV_LOG_SYSLOG_SOCKET, DEFAULT_SYSLOG_SOCKET));
         // Unset, the depth is 8, or as many batches as fit in flight: every BATCH_SIZE
         // of the range runs with the defaults. Set, it is taken as given or refused.
         let fitting_depth = (MAX_READINGS_IN_FLIGHT / batch_size).clamp(1, 8);

@@ -71,7 +71,14 @@ impl Gateway {
         let queued = tokio::select! {
             ready = prepare(cfg, &mut self.conns, shutdown) => match ready {
                 Ok(queued) => queued,
-                Err(t) => return t,
+                Err(t) => {
+                    // A cycle that could not reach its local database is a cycle
+                    // error, for `once` as for `run`.
+                    if matches!(t, Turn::LocalDown(_)) && !shutdown.is_requested() {
+                        self.metrics.record_failed_start();
+                    }
+                    return t;
+                }
             },
             _ = shutdown.requested() => return Turn::Abandoned,
         };
@@ -241,7 +248,6 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
                 if !shutdown.is_requested() {
                     log::error!("cycle skipped, local database unreachable: {e}");
                     crate::notify::status(&format!("cycle skipped: {e}"));
-                    gw.metrics.record_failed_start();
                 }
             }
             Turn::Abandoned => log::info!("cycle abandoned for shutdown"),

@@ -222,10 +222,7 @@ impl log::Log for Syslog {
 /// Installs the logger. Syslog that cannot be reached at start falls back to
 /// stderr with a warning rather than losing the daemon's logs.
 pub fn init(cfg: &Config) {
-    let socket = cfg
-        .syslog_socket
-        .as_deref()
-        .unwrap_or(Path::new("/dev/log"));
+    let socket = cfg.syslog_socket.as_path();
     let want_syslog = match cfg.log_target {
         LogTarget::Syslog => true,
         LogTarget::Stderr => false,

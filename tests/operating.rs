@@ -104,3 +104,39 @@ fn the_daemon_prunes_with_the_default_retention() {
     );
     assert!(s.local_count("sync_logs") >= 10 + 3);
 }
+
+/// docs/operating.md: `meter_sync_cycle_errors_total` counts "cycles with a failed
+/// phase or no local database". `once` used to write a file saying 0 cycles, 0
+/// errors and no last cycle when its local database was unreachable (only `run`
+/// counted it).
+#[test]
+fn a_once_without_its_local_database_is_a_counted_cycle_error() {
+    let dir = support::temp_dir("metrics-nolocal");
+    let path = dir.join("meter-sync.prom");
+    let port = support::free_port().to_string();
+    let out = std::process::Command::new(support::bin())
+        .arg("once")
+        .env_clear()
+        .env("POSTGRES_SYNC_HOST", "127.0.0.1")
+        .env("POSTGRES_SYNC_PORT", &port)
+        .env("POSTGRES_CLIENT_HOST", "127.0.0.1")
+        .env("POSTGRES_CLIENT_PORT", &port)
+        .env("MAX_CONNECTION_RETRIES", "1")
+        .env("LOG_TARGET", "stderr")
+        .env("METRICS_TEXTFILE", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = fs::read_to_string(&path).unwrap();
+    for line in [
+        "meter_sync_cycles_total 1\n",
+        "meter_sync_cycle_errors_total 1\n",
+    ] {
+        assert!(text.contains(line), "no {line:?} in:\n{text}");
+    }
+    assert!(
+        text.contains("\nmeter_sync_last_cycle_timestamp_seconds "),
+        "{text}"
+    );
+    let _ = fs::remove_dir_all(dir);
+}

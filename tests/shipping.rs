@@ -68,9 +68,17 @@ fn unit_has_the_lifecycle_the_daemon_needs() {
     let d = directives(&fs::read_to_string(repo(UNIT)).unwrap());
     assert_eq!(one(&d, "Type"), "notify");
     assert_eq!(one(&d, "ExecStart"), "/usr/local/bin/meter-sync run");
+    // An upgrade's local migrations, before the daemon; a local database that is
+    // down must not keep it from starting.
+    assert_eq!(
+        one(&d, "ExecStartPre"),
+        "-/usr/local/bin/meter-sync migrate local"
+    );
     assert_eq!(one(&d, "Restart"), "on-failure");
-    // A configuration error (78) must not restart-loop.
-    assert_eq!(one(&d, "RestartPreventExitStatus"), "78");
+    // A configuration error (78) must not restart-loop, nor a missing credential
+    // file (243/CREDENTIALS: systemd's own, before the daemon runs; with
+    // RestartSec=10 the start limit never trips, so it looped every 10 s).
+    assert_eq!(d["RestartPreventExitStatus"], ["78", "243"]);
     assert_eq!(one(&d, "EnvironmentFile"), "/etc/meter-sync/meter-sync.env");
     // Both passwords as credentials, read from $CREDENTIALS_DIRECTORY; no
     // POSTGRES_*_PASSWORD_FILE in the unit, so that the operator may still set
@@ -1047,4 +1055,193 @@ fn docs_links_resolve() {
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
     assert!(checked >= 20, "only {checked} links found in {docs:?}");
+}
+
+/// The README's first command, as an operator runs it: from another directory, with
+/// CARGO_TARGET_DIR set (the demo used to look for the binary in the repository's
+/// target/ and stopped with exit 127), twice in a row, leaving no server or
+/// directory behind. `cargo build` is stood in for (this build's binary is put
+/// where `cargo metadata` says the release goes), so no release build is needed.
+#[test]
+fn demo_runs_from_anywhere_twice_and_cleans_up() {
+    let dir = temp_dir("demo");
+    let target = dir.join("target");
+    fs::create_dir_all(target.join("release")).unwrap();
+    fs::copy(support::bin(), target.join("release/meter-sync")).unwrap();
+    let stand_in = dir.join("bin");
+    fs::create_dir_all(&stand_in).unwrap();
+    let real_cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let cargo = stand_in.join("cargo");
+    fs::write(
+        &cargo,
+        format!("#!/bin/sh\n[ \"$1\" = build ] && exit 0\nexec '{real_cargo}' \"$@\"\n"),
+    )
+    .unwrap();
+    fs::set_permissions(&cargo, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        stand_in.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for run in 1..=2 {
+        let o = output(
+            Command::new("bash")
+                .arg(repo("deploy/demo"))
+                .current_dir(&dir)
+                .env("PATH", &path)
+                .env("CARGO_TARGET_DIR", &target),
+        );
+        let out = output_text(&o);
+        assert!(o.status.success(), "run {run}: {out}");
+        assert!(out.contains("configuration is valid"), "run {run}: {out}");
+        assert!(
+            out.contains("readings | distinct_uids") && out.contains("1000 |          1000"),
+            "run {run}: {out}"
+        );
+        // Its work directory (named in check-config's output) and its servers are gone.
+        let work = out
+            .lines()
+            .find_map(|l| l.strip_prefix("POSTGRES_SYNC_HOST="))
+            .and_then(|h| h.strip_suffix("/local.sock"))
+            .unwrap_or_else(|| panic!("no work directory in: {out}"));
+        assert!(!Path::new(work).exists(), "run {run} left {work}");
+        let ps = ok(Command::new("ps").args(["-eo", "args"]));
+        assert!(!ps.contains(work), "run {run} left a server running: {ps}");
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// The health gate waits for the first successful cycle, and a healthy release's
+/// first cycle may drain a backlog for up to `UPLOAD_TIME_BUDGET_SECONDS` (300 s by
+/// default) before it can say "last cycle ok". The default wait used to be the larger
+/// of 120 s and 3 × `SYNC_INTERVAL_SECONDS` (180 s): an upgrade of a gateway catching
+/// up after an outage was rolled back although nothing was wrong with it.
+#[test]
+fn the_health_gate_waits_longer_than_a_draining_first_cycle() {
+    let dir = temp_dir("gatewait");
+    fs::create_dir_all(dir.join("etc/meter-sync")).unwrap();
+    let timeout = |env: &str, health: &str| {
+        fs::write(dir.join("etc/meter-sync/meter-sync.env"), env).unwrap();
+        let o = output(
+            Command::new("sh")
+                .arg("-c")
+                .arg(". \"$0\"; health_timeout")
+                .arg(repo("deploy/lib/gateway.sh"))
+                .env("ROOT", &dir)
+                .env("SRC", "")
+                .env("SYSTEMCTL", "0")
+                .env("HEALTH_TIMEOUT", health),
+        );
+        assert!(o.status.success(), "{}", output_text(&o));
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    // The defaults: one full budget on top of three intervals' worth.
+    assert_eq!(timeout("#SYNC_INTERVAL_SECONDS=60\n", ""), 180 + 300);
+    assert_eq!(
+        timeout(
+            "SYNC_INTERVAL_SECONDS=300\nUPLOAD_TIME_BUDGET_SECONDS=600\n",
+            ""
+        ),
+        900 + 600
+    );
+    assert_eq!(
+        timeout(
+            "SYNC_INTERVAL_SECONDS=10\nUPLOAD_TIME_BUDGET_SECONDS=\"30\"\n",
+            ""
+        ),
+        120 + 30
+    );
+    // Given, it is taken as it is.
+    assert_eq!(timeout("UPLOAD_TIME_BUDGET_SECONDS=600\n", "7"), 7);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// An upgrade whose release brings a local migration. None of deploy/install, the
+/// Debian package or the Ansible role runs `migrate`, so a gateway still on the
+/// first release's local schema (0001) failed every upload under this one (`column
+/// "synced_at" … does not exist`) and the health gate rolled the upgrade back, on
+/// every attempt. The unit migrates the local database before the daemon starts.
+#[test]
+fn an_upgrade_applies_its_local_migrations_before_the_daemon_starts() {
+    let s = Sandbox::new();
+    let dir = temp_dir("gatemigrate");
+    let (_root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    // The gateway as the first release left it: local schema 0001 only.
+    fake.systemctl(&["stop", "meter-sync.service"]);
+    s.local()
+        .batch_execute(
+            "DROP TABLE download_watermark;
+             DROP INDEX meter_readings_retained_idx;
+             ALTER TABLE meter_readings DROP COLUMN synced_at;
+             DELETE FROM meter_sync_migrations WHERE version > 1",
+        )
+        .unwrap();
+    s.insert_readings(10);
+    let (u2, _) = unit_variant(&dir, "release 2");
+    let o = install_release(
+        &fake,
+        Path::new(support::bin()),
+        &u2,
+        &["--health-timeout", "30"],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    let migrations = fs::read_dir(repo("migrations/local")).unwrap().count() as i64;
+    let applied: i64 = s
+        .local()
+        .query_one("SELECT count(*) FROM meter_sync_migrations", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, migrations);
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            >= 10),
+        "{}",
+        fake.status_text()
+    );
+    drop(fake);
+    let _ = fs::remove_dir_all(dir);
+}
+
+/// deploy/build-deb, run from another directory, takes a relative `--binary`, `--out`
+/// and CARGO_TARGET_DIR from there, as deploy/build-release and deploy/install do
+/// (it used to look for them under the repository: "… missing"). Runs as far as it
+/// can without cargo-deb and help2man, which are checked after the binary.
+#[test]
+fn build_deb_reads_relative_paths_from_the_callers_directory() {
+    let dir = temp_dir("debpaths");
+    fs::create_dir_all(dir.join("rel/x86_64-unknown-linux-gnu/release")).unwrap();
+    fs::copy(support::bin(), dir.join("rel/mine")).unwrap();
+    fs::copy(support::bin(), dir.join("rel/release-meter-sync")).unwrap();
+    fs::create_dir_all(dir.join("tgt/release")).unwrap();
+    fs::copy(support::bin(), dir.join("tgt/release/meter-sync")).unwrap();
+    for (args, target) in [
+        (
+            &["amd64", "--binary", "rel/mine", "--out", "debs"][..],
+            None,
+        ),
+        (&["amd64", "--out", "debs"][..], Some("tgt")),
+    ] {
+        let mut cmd = Command::new(repo("deploy/build-deb"));
+        cmd.args(args).current_dir(&dir);
+        // Without cargo-deb and help2man on PATH it stops at them, after the binary.
+        cmd.env("PATH", "/usr/bin:/bin");
+        if let Some(t) = target {
+            cmd.env("CARGO_TARGET_DIR", t);
+        }
+        let o = output(&mut cmd);
+        let out = output_text(&o);
+        assert!(!out.contains("missing"), "{args:?}: {out}");
+        assert!(
+            o.status.success()
+                || out.contains("cargo-deb not found")
+                || out.contains("help2man not found"),
+            "{args:?}: {out}"
+        );
+    }
+    let _ = fs::remove_dir_all(dir);
 }

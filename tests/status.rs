@@ -406,3 +406,106 @@ fn p16_syslog_facility_daemon_and_ident() {
         "{severities:?}: {lines:?}"
     );
 }
+
+/// The rows of the markdown table in `section` of docs/operating.md whose header
+/// starts with `header`: each row's cells.
+fn doc_table(section: &str, header: &str) -> Vec<Vec<String>> {
+    let doc = std::fs::read_to_string(support::host::repo("docs/operating.md")).unwrap();
+    let part = doc
+        .split(&format!("\n## {section}\n"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("docs/operating.md has no section {section}"));
+    let part = part.split("\n## ").next().unwrap();
+    let mut lines = part.lines().skip_while(|l| !l.starts_with(header));
+    lines
+        .next()
+        .unwrap_or_else(|| panic!("no table {header:?} in {section}"));
+    lines
+        .skip(1)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.trim_matches('|')
+                .split(" | ")
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// The `code` spans of a cell, `{…}` and labels dropped.
+fn names_in(cell: &str) -> Vec<String> {
+    cell.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|n| n.split('{').next().unwrap().to_string())
+        .collect()
+}
+
+/// docs/operating.md's metrics table and `status --json` field table name exactly
+/// what the binary writes, with the documented metric types.
+#[test]
+fn the_documented_metrics_and_status_fields_are_the_ones_written() {
+    let mut s = Sandbox::new();
+    seed(&s);
+    let path = s.dir.join("meter-sync.prom");
+    s.set("METRICS_TEXTFILE", path.display());
+    s.run(&["once"]);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let written: BTreeSet<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let (n, t) = l.split_once(' ').unwrap();
+            (n.to_string(), t.to_string())
+        })
+        .collect();
+    let documented: BTreeSet<(String, String)> = doc_table("Metrics", "| metric |")
+        .iter()
+        .flat_map(|row| names_in(&row[0]).into_iter().map(|n| (n, row[1].clone())))
+        .collect();
+    assert_eq!(
+        documented, written,
+        "docs/operating.md's metrics table vs the file:\n{text}"
+    );
+
+    let (_, v) = json(&s);
+    let rows = doc_table("Status", "| JSON field |");
+    let top: BTreeSet<String> = rows
+        .iter()
+        .flat_map(|row| names_in(&row[0]))
+        .map(|n| n.split('.').next().unwrap().to_string())
+        .collect();
+    let keys: BTreeSet<String> = v.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        top, keys,
+        "docs/operating.md's JSON fields vs status --json: {v}"
+    );
+    // The documented members of the nested objects.
+    for (row, value) in [
+        ("last_successful_cycle", &v["last_successful_cycle"]),
+        ("phases.upload", &v["phases"]["upload"]),
+        ("local", &v["local"]),
+    ] {
+        let cell = &rows
+            .iter()
+            .find(|r| names_in(&r[0]).iter().any(|n| n == row))
+            .unwrap()[1];
+        // Quoted names, not the quoted example values after a colon.
+        let parts: Vec<&str> = cell.split('"').collect();
+        let members: BTreeSet<String> = (1..parts.len())
+            .step_by(2)
+            .filter(|&i| !parts[i - 1].trim_end().ends_with(':'))
+            .map(|i| parts[i].to_string())
+            .collect();
+        let keys: BTreeSet<String> = value
+            .as_object()
+            .unwrap_or_else(|| panic!("{row} is not an object: {v}"))
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(
+            members, keys,
+            "{row}: docs/operating.md vs status --json: {v}"
+        );
+    }
+}

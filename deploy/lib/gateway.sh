@@ -10,7 +10,9 @@
 #   SYSTEMCTL       1 to run systemctl (and journalctl), 0 when ROOT is not the
 #                   live system (tests set 1 with a stand-in systemctl on PATH)
 #   HEALTH_TIMEOUT  seconds to wait after the restart for a successful cycle;
-#                   empty: the larger of 120 and 3 × SYNC_INTERVAL_SECONDS; 0: no wait
+#                   empty: the larger of 120 and 3 × SYNC_INTERVAL_SECONDS, plus
+#                   UPLOAD_TIME_BUDGET_SECONDS (a first cycle may drain that long);
+#                   0: no wait
 #
 # Exit status (install): 0 installed (and healthy, if it was restarted); 1 the new
 # release did not become healthy and the previous release (binary and unit) was
@@ -110,15 +112,23 @@ do_arch() {
 
 show() { systemctl show -p "$1" --value "$SERVICE" 2>/dev/null || true; }
 
+# The number $1 is set to in meter-sync.env, if it is set (quotes allowed).
+env_value() {
+    sed -n "s/^[[:space:]]*$1=[\"']*\([0-9][0-9]*\).*/\1/p" "$ETC/meter-sync.env" 2>/dev/null | tail -1
+}
+
 health_timeout() {
     if [ -n "${HEALTH_TIMEOUT:-}" ]; then
         echo "$HEALTH_TIMEOUT"
         return
     fi
-    interval=$(sed -n 's/^[[:space:]]*SYNC_INTERVAL_SECONDS=["]*\([0-9][0-9]*\).*/\1/p' "$ETC/meter-sync.env" 2>/dev/null | tail -1)
+    interval=$(env_value SYNC_INTERVAL_SECONDS)
+    budget=$(env_value UPLOAD_TIME_BUDGET_SECONDS)
     t=$((3 * ${interval:-60}))
     [ "$t" -ge 120 ] || t=120
-    echo "$t"
+    # A healthy release's first cycle may drain a backlog for the whole upload
+    # budget before it can report "last cycle ok".
+    echo $((t + ${budget:-300}))
 }
 
 # Waits for the first successful cycle of the daemon just restarted: its

@@ -5,7 +5,7 @@ tests/shipping.rs (the real systemd is tests/systemd.rs's, behind its knob).
 Installed on PATH as both `systemctl` and `journalctl` (symlinks to this file).
 It manages one service, meter-sync.service, from the unit under
 $FAKE_SYSTEMD_ROOT/etc/systemd/system as systemd would for what the health gate
-looks at: ExecStart (under the root), EnvironmentFile=, Environment=,
+looks at: ExecStartPre and ExecStart (under the root), EnvironmentFile=, Environment=,
 LoadCredential= (copied to a credentials directory, %d expanded), Type=notify
 (restart returns once READY=1 arrived, fails if the process exits first),
 STATUS= (StatusText, cleared at start), ExecMainStatus, NRestarts (always 0: no
@@ -160,6 +160,19 @@ def start():
     write("state", "activating")
     write("status", "")
     write("exit", "")
+    # ExecStartPre= runs to its end first, with the same environment; "-" ignores
+    # its failure.
+    for pre in d.get("ExecStartPre", []):
+        ignore = pre.startswith("-")
+        pre_argv = pre.lstrip("-").split()
+        pre_argv[0] = ROOT + pre_argv[0]
+        with open(path("journal"), "a") as journal:
+            code = subprocess.call(pre_argv, env=env, stdin=subprocess.DEVNULL, stdout=journal, stderr=journal)
+        if code != 0 and not ignore:
+            write("exit", str(code))
+            write("state", "failed")
+            sys.stderr.write("Job for meter-sync.service failed (fake systemd: ExecStartPre).\n")
+            return 1
     if os.fork() == 0:
         os.setsid()
         if os.fork() == 0:
