@@ -786,3 +786,36 @@ fn p18_central_link_silent_mid_drain_bounded_then_recovers() {
         d.log_text()
     );
 }
+
+/// SIGHUP (an operator's `kill -HUP`, a closed controlling terminal) must not end
+/// the daemon: its default action would, silently, and systemd counts a death by
+/// SIGHUP as clean, so `Restart=on-failure` would not bring it back. It is logged
+/// and otherwise ignored (docs/operating.md); the daemon cycles on and stops
+/// cleanly on SIGTERM.
+#[test]
+fn sighup_is_logged_and_does_not_end_the_daemon() {
+    const SIGHUP: i32 = 1;
+    let s = Sandbox::new();
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle finished", Duration::from_secs(30));
+    d.signal(SIGHUP);
+    thread::sleep(Duration::from_millis(500));
+    d.signal(SIGHUP);
+    let cycles = d.log_text().matches("cycle finished").count();
+    wait_until(Duration::from_secs(15), || {
+        d.log_text().matches("cycle finished").count() > cycles + 1
+    });
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "SIGHUP ended the daemon:\n{}",
+        d.log_text()
+    );
+    assert!(d.log_text().contains("SIGHUP received"), "{}", d.log_text());
+    d.signal(SIGTERM);
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(10)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+}
