@@ -97,8 +97,9 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
         .connect_timeout(cfg.connect_timeout)
         .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode))
         .channel_binding(crate::tls::pg_channel_binding(db.channel_binding));
-    if !db.password.is_empty() {
-        c.password(db.password.expose());
+    let password = db.password_now();
+    if !password.is_empty() {
+        c.password(password.expose());
     }
     match db.side {
         Side::Local => {

@@ -72,7 +72,8 @@ impl Shutdown {
 /// SIGHUP is logged and otherwise ignored, all along: its default action would end
 /// the daemon without a word, and systemd counts a death by SIGHUP as clean, so
 /// `Restart=on-failure` would not bring it back. There is nothing to reload: the
-/// configuration is read at start (docs/operating.md).
+/// configuration is read at start, password files at every connection attempt
+/// (docs/operating.md).
 pub async fn on_signals(trigger: Trigger) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -107,7 +108,7 @@ async fn next_stop_signal(
             _ = int.recv() => return "SIGINT",
             _ = hup.recv() => log::info!(
                 "SIGHUP received; ignored: the configuration is read at start only \
-                 (restart to change it)"
+                 (restart to change it), password files at every connection attempt"
             ),
         }
     }

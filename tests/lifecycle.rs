@@ -819,3 +819,76 @@ fn sighup_is_logged_and_does_not_end_the_daemon() {
         d.log_text()
     );
 }
+
+/// Password rotation: central's password for the gateway changes while the daemon
+/// runs (its next connection is refused, 28P01), then the operator writes the new
+/// one into `POSTGRES_CLIENT_PASSWORD_FILE`. The daemon reads the file again at
+/// every connection attempt, so it goes on without a restart; meanwhile the
+/// refusals are one attempt per cycle, nothing is quarantined, and neither
+/// password is ever logged.
+#[test]
+fn a_password_rotated_in_its_file_is_used_without_a_restart() {
+    let mut s = Sandbox::new();
+    let role = format!("rot_{}", s.central_db);
+    let (old, new) = ("0ld-Rotated-pw", "n3w-Rotated-pw");
+    s.central()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{old}';
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ))
+        .unwrap();
+    let pw_file = s.dir.join("client-password");
+    std::fs::write(&pw_file, format!("{old}\n")).unwrap();
+    s.unset("POSTGRES_CLIENT_PASSWORD");
+    s.set("POSTGRES_CLIENT_PASSWORD_FILE", pw_file.display());
+    s.set("POSTGRES_CLIENT_USER", &role);
+    let mut d = s.spawn(&["run"]);
+    support::insert_readings(&mut s.local(), 10, 0);
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .central_count("meter_readings")
+            == 10),
+        "{}",
+        d.log_text()
+    );
+
+    // Central rotates; the daemon's session is ended, so it must log in again.
+    let mut c = s.central();
+    c.batch_execute(&format!("ALTER ROLE {role} PASSWORD '{new}'"))
+        .unwrap();
+    c.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+        &[&role],
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 10, 10);
+    d.wait_log("28P01", Duration::from_secs(20));
+    assert_eq!(s.central_count("meter_readings"), 10);
+
+    // The operator writes the new password the way tools do: a new file renamed
+    // over the old one.
+    let tmp = s.dir.join("client-password.new");
+    std::fs::write(&tmp, format!("{new}\n")).unwrap();
+    std::fs::rename(&tmp, &pw_file).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .central_count("meter_readings")
+            == 20),
+        "the rotated password was not picked up:\n{}",
+        d.log_text()
+    );
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+    let log = d.log_text();
+    assert!(
+        !log.contains(old) && !log.contains(new),
+        "a password was logged:\n{log}"
+    );
+    d.signal(SIGTERM);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)), "{log}");
+}
