@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
@@ -37,6 +38,9 @@ pub struct Db {
     /// The upload found central's table fit for it on this connection (see
     /// [`Db::upload_table_checked`]).
     upload_table_checked: AtomicBool,
+    /// Why the connection ended, once the task driving it has ended (see
+    /// [`Db::closed_reason`]).
+    closed_by: Arc<Mutex<Option<String>>>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -182,9 +186,16 @@ impl Db {
             Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
         };
         let side = db.side;
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::debug!("{side}: connection closed: {e}");
+        let closed_by = Arc::new(Mutex::new(None));
+        let driver = tokio::spawn({
+            let closed_by = Arc::clone(&closed_by);
+            async move {
+                let why = match connection.await {
+                    Ok(()) => format!("{side}: connection closed by the server"),
+                    Err(e) => Error::db(side, "connection closed", e).to_string(),
+                };
+                log::debug!("{why}");
+                *closed_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
             }
         });
         let mut db = Db {
@@ -197,6 +208,7 @@ impl Db {
             },
             pooled: false,
             upload_table_checked: AtomicBool::new(false),
+            closed_by,
             driver,
         };
         // Only `UPLOAD_METHOD=auto` needs the answer; the others save the round trip.
@@ -313,6 +325,21 @@ impl Db {
     /// The connection is gone; a new one is needed.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Why the connection is gone, if it is: the server's own message when it
+    /// ended the session (`terminating connection due to idle-session timeout
+    /// (SQLSTATE 57P05)`, `... administrator command (SQLSTATE 57P01)`), else the
+    /// I/O error that ended it.
+    pub fn closed_reason(&self) -> Option<String> {
+        if !self.is_closed() {
+            return None;
+        }
+        let why = self.closed_by.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            why.clone()
+                .unwrap_or_else(|| format!("{}: connection closed", self.side)),
+        )
     }
 
     /// Runs one round trip with the query timeout, mapping errors to "side: what: cause".

@@ -892,3 +892,56 @@ fn a_password_rotated_in_its_file_is_used_without_a_restart() {
     d.signal(SIGTERM);
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)), "{log}");
 }
+
+/// Both servers end sessions that sit idle between cycles (`idle_session_timeout`
+/// shorter than the interval, as an operator or a managed database sets it; the
+/// same FATAL as `pg_terminate_backend` between cycles). Every cycle must find
+/// its connections gone before it uses them and reconnect, so that no cycle's
+/// work is lost to it: every upload phase succeeds. Since this happens every
+/// cycle, it is said at info with the server's reason, never as a warning or an
+/// error (it was `WARN local: connection lost; reconnecting`, twice a cycle).
+#[test]
+fn sessions_ended_while_idle_between_cycles_cost_no_cycle() {
+    let mut s = Sandbox::new();
+    s.set("SYNC_INTERVAL_SECONDS", 2);
+    for mut c in [s.local(), s.central()] {
+        let db: String = c
+            .query_one("SELECT current_database()", &[])
+            .unwrap()
+            .get(0);
+        c.batch_execute(&format!(
+            "ALTER DATABASE {db} SET idle_session_timeout = '500ms'"
+        ))
+        .unwrap();
+    }
+    let mut d = s.spawn(&["run"]);
+    for round in 0..4 {
+        // A new session each time: the test's own ones are ended when idle too.
+        support::insert_readings(&mut s.local(), 5, round * 5);
+        let want = (round + 1) * 5;
+        assert!(
+            wait_until(Duration::from_secs(20), || s
+                .central_count("meter_readings")
+                == want),
+            "{}",
+            d.log_text()
+        );
+    }
+    let cycles = d.log_text().matches("cycle finished").count();
+    wait_until(Duration::from_secs(20), || {
+        d.log_text().matches("cycle finished").count() >= cycles + 2
+    });
+    let log = d.log_text();
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "{log}"
+    );
+    assert!(!log.contains("FAILED"), "{log}");
+    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("INFO")
+            && l.contains("idle-session timeout (SQLSTATE 57P05)")
+            && l.contains("reconnecting")),
+        "{log}"
+    );
+}
