@@ -1467,3 +1467,128 @@ fn a_central_table_without_the_unique_key_holds_the_upload() {
     assert_eq!(s.central_count("meter_readings"), 30);
     assert_eq!(s.local_count("meter_readings"), 0);
 }
+
+/// The local disk fills (or a write is otherwise refused locally) just when a
+/// batch has committed centrally: the local DELETE fails (here a trigger raises
+/// 53100 disk_full, as PostgreSQL does when it cannot extend a file). Nothing is
+/// lost, nothing quarantined, the daemon runs on and says why, and the cycles
+/// that upload the same readings again while the disk stays full make no second
+/// central row; once local can write again the queue empties, still once each.
+#[test]
+fn a_local_delete_refused_after_the_central_commit_loses_and_duplicates_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'
+               USING ERRCODE = 'disk_full'; END $$;
+         CREATE TRIGGER disk_full BEFORE DELETE ON meter_readings
+             FOR EACH STATEMENT EXECUTE FUNCTION disk_full();",
+    )
+    .unwrap();
+    support::insert_readings(&mut l, 50, 0);
+    let before = rows(&mut l, "");
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("53100", Duration::from_secs(30));
+    // Three more cycles upload the same readings again.
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
+        "{}",
+        d.log_text()
+    );
+    let mut c = s.central();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 50, "{}", d.log_text());
+    assert_eq!(s.local_count("meter_readings"), 50);
+    assert_eq!(quarantined(&mut l), vec![]);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let log = d.log_text();
+    assert!(
+        log.contains("delete uploaded batch of 10") && log.contains("No space left on device"),
+        "{log}"
+    );
+
+    l.batch_execute("DROP TRIGGER disk_full ON meter_readings")
+        .unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// Central refuses writes (25006: a standby not yet promoted, or an operator's
+/// `default_transaction_read_only = on`) behind a single host. That is transient:
+/// the readings stay queued, nothing is quarantined, the daemon tries once per
+/// cycle (no hot loop of reconnects), and when central accepts writes again the
+/// queue drains, each reading once.
+#[test]
+fn a_read_only_central_holds_the_queue_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let mut c = s.central();
+    let db = s.central_db.clone();
+    let end_sessions = |c: &mut Client| {
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'meter-sync'",
+            &[&db],
+        )
+        .unwrap();
+    };
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET default_transaction_read_only = on"
+    ))
+    .unwrap();
+    support::insert_readings(&mut s.local(), 30, 0);
+    let before = rows(&mut s.local(), "");
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("25006", Duration::from_secs(30));
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 4),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert_eq!(s.central_count("meter_readings"), 0);
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
+    assert!(!log.contains("quarantined reading"), "{log}");
+    // One upload attempt per cycle, and no reconnect storm: a few connects per cycle
+    // at most (upload, heartbeat), never a loop within the cycle.
+    let (fails, finished) = (
+        log.matches("upload phase failed").count(),
+        log.matches("cycle finished").count(),
+    );
+    assert!(
+        fails <= finished + 1,
+        "{fails} failures in {finished} cycles:\n{log}"
+    );
+    let read_only_lines = log.lines().filter(|l| l.contains("25006")).count();
+    assert!(
+        read_only_lines <= 4 * (finished + 1),
+        "{read_only_lines} lines about 25006 in {finished} cycles:\n{log}"
+    );
+
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} RESET default_transaction_read_only"
+    ))
+    .unwrap();
+    end_sessions(&mut c);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(rows(&mut s.central(), ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
