@@ -15,9 +15,13 @@ use crate::retention::Schedule;
 use crate::shutdown::Shutdown;
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
-/// `DB_QUERY_TIMEOUT_MS` to answer (a batch then commits or rolls back whole), a
-/// connection attempt in progress `DB_CONNECTION_TIMEOUT_MS`. Past that the cycle
-/// is abandoned: dropping its connections rolls back whatever transaction was open.
+/// `DB_QUERY_TIMEOUT_MS` to answer (a batch then commits or rolls back whole). A
+/// connection attempt in progress is abandoned at once ([`Db::connect_with_retry`]);
+/// `DB_CONNECTION_TIMEOUT_MS` stays in the bound as its margin, so that the stated
+/// bound did not change. Past that the cycle is abandoned: dropping its
+/// connections rolls back whatever transaction was open.
+///
+/// [`Db::connect_with_retry`]: crate::db::Db::connect_with_retry
 pub fn shutdown_grace(cfg: &Config) -> Duration {
     cfg.query_timeout + cfg.connect_timeout
 }

@@ -263,7 +263,9 @@ impl Db {
     /// min(30 s, 0.5 s × 2^k) ("full jitter", so that a fleet of gateways whose
     /// uplink came back at the same moment does not reconnect in lockstep). Each
     /// failure is logged with the delay chosen. The waits feed the watchdog and end
-    /// early on shutdown.
+    /// early on shutdown, and so does an attempt in progress: nothing is in flight
+    /// on a connection not yet made, so a stop need not wait out
+    /// `DB_CONNECTION_TIMEOUT_MS` on a blackholed link.
     pub async fn connect_with_retry(
         db: &DbConfig,
         cfg: &Config,
@@ -272,7 +274,17 @@ impl Db {
         let mut attempt = 0u32;
         loop {
             crate::notify::alive();
-            let err = match Db::connect(db, cfg).await {
+            let connected = tokio::select! {
+                c = Db::connect(db, cfg) => c,
+                _ = shutdown.requested() => {
+                    return Err(Error::new(
+                        Kind::Db,
+                        format!("connect to {}: abandoned for shutdown", db.describe()),
+                    )
+                    .with_side(db.side));
+                }
+            };
+            let err = match connected {
                 Ok(c) => {
                     if attempt > 0 {
                         log::info!(

@@ -537,23 +537,39 @@ fn p12_sigterm_exits_within_the_bound() {
     assert!(d.log_text().contains("meter-sync stopped"));
 }
 
-/// P12: the first signal lets the bounded wait in flight finish (here a
-/// connection attempt with a long timeout into a silent link); a second signal
-/// ends the process at once, still with exit 0.
+/// P12: the first signal lets the bounded wait in flight finish (here a batch on
+/// its way to a central whose link went silent mid-drain, with a long query
+/// timeout); a second signal ends the process at once, still with exit 0. (A
+/// connection attempt is not such a wait: the first signal ends it, see
+/// `p12_sigterm_during_a_blackholed_connect_or_its_backoff_exits_at_once`.)
 #[test]
 fn p12_second_signal_exits_at_once() {
     let _g = support::heavy_lock();
     let (mut s, proxy) = central_via_proxy();
-    s.set("DB_CONNECTION_TIMEOUT_MS", 60000);
-    proxy.blackhole();
+    s.set("DB_QUERY_TIMEOUT_MS", 60000);
+    s.set("BATCH_SIZE", 10);
+    s.set("UPLOAD_PIPELINE_DEPTH", 1);
+    s.insert_readings(6_000);
     let mut d = s.spawn(&["run"]);
-    d.wait_log("cycle started", Duration::from_secs(15));
+    assert!(
+        wait_until(Duration::from_secs(20), || s
+            .central_count("meter_readings")
+            >= 100),
+        "drain never started:\n{}",
+        d.log_text()
+    );
+    proxy.blackhole();
     thread::sleep(Duration::from_millis(500));
+    assert!(
+        s.local_count("meter_readings") > 0,
+        "the drain was over before the link went silent"
+    );
     d.signal(SIGINT);
     thread::sleep(Duration::from_millis(500));
     assert!(
         d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "the first signal should let the wait in flight finish"
+        "the first signal should let the wait in flight finish:\n{}",
+        d.log_text()
     );
     let t1 = Instant::now();
     d.signal(SIGTERM);
@@ -944,4 +960,33 @@ fn sessions_ended_while_idle_between_cycles_cost_no_cycle() {
             && l.contains("reconnecting")),
         "{log}"
     );
+}
+
+/// P12 while the daemon connects to a central whose link is blackholed (the
+/// cellular link died; the SYN goes unanswered): a connection attempt has nothing
+/// in flight to finish, so SIGTERM ends it at once, exit 0, however long
+/// `DB_CONNECTION_TIMEOUT_MS` is; and the same in the backoff wait after it.
+#[test]
+fn p12_sigterm_during_a_blackholed_connect_or_its_backoff_exits_at_once() {
+    let _g = support::heavy_lock();
+    for (timeout_ms, wait_for) in [(30_000, "cycle started"), (1_000, "retrying in")] {
+        let (mut s, proxy) = central_via_proxy();
+        s.set("DB_CONNECTION_TIMEOUT_MS", timeout_ms);
+        s.set("MAX_CONNECTION_RETRIES", 5);
+        proxy.blackhole();
+        let mut d = s.spawn(&["run"]);
+        d.wait_log(wait_for, Duration::from_secs(20));
+        thread::sleep(Duration::from_millis(300));
+        let t0 = Instant::now();
+        d.signal(SIGTERM);
+        let code = d.wait_exit(Duration::from_secs(40));
+        let took = t0.elapsed();
+        assert_eq!(code, Some(Some(0)), "{}", d.log_text());
+        assert!(
+            took < Duration::from_millis(1500),
+            "{wait_for}: took {took:?}:\n{}",
+            d.log_text()
+        );
+        assert!(d.log_text().contains("meter-sync stopped"));
+    }
 }
