@@ -1592,3 +1592,54 @@ fn a_read_only_central_holds_the_queue_and_quarantines_nothing() {
     assert_eq!(rows(&mut s.central(), ""), before);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
 }
+
+/// The local database turns read-only (an operator's `default_transaction_read_only
+/// = on`, or a full disk remounted read-only) while readings are queued: the
+/// central commit succeeds, the local DELETE is refused (25006). Nothing is lost or
+/// duplicated, nothing quarantined, the daemon runs on and says why; once local
+/// accepts writes again the queue empties, each reading once.
+#[test]
+fn a_read_only_local_database_loses_and_duplicates_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let db = s.local_db.clone();
+    support::insert_readings(&mut s.local(), 30, 0);
+    let before = rows(&mut s.local(), "");
+    let set_read_only = |on: bool| {
+        s.local_cluster()
+            .admin()
+            .batch_execute(&format!(
+            "ALTER DATABASE {db} SET default_transaction_read_only = {}",
+            if on { "on" } else { "off" }
+        ))
+        .unwrap();
+    };
+    set_read_only(true);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("25006", Duration::from_secs(30));
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
+        "{}",
+        d.log_text()
+    );
+    let mut c = s.central();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 30, "{}", d.log_text());
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let log = d.log_text();
+    assert!(log.contains("read-only transaction (SQLSTATE 25006)"), "{log}");
+
+    set_read_only(false);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s
+            .local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), before);
+}
