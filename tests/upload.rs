@@ -1609,10 +1609,10 @@ fn a_read_only_local_database_loses_and_duplicates_nothing() {
         s.local_cluster()
             .admin()
             .batch_execute(&format!(
-            "ALTER DATABASE {db} SET default_transaction_read_only = {}",
-            if on { "on" } else { "off" }
-        ))
-        .unwrap();
+                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
+                if on { "on" } else { "off" }
+            ))
+            .unwrap();
     };
     set_read_only(true);
     let mut d = s.spawn(&["run"]);
@@ -1630,16 +1630,75 @@ fn a_read_only_local_database_loses_and_duplicates_nothing() {
     assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
     let log = d.log_text();
-    assert!(log.contains("read-only transaction (SQLSTATE 25006)"), "{log}");
+    assert!(
+        log.contains("read-only transaction (SQLSTATE 25006)"),
+        "{log}"
+    );
 
     set_read_only(false);
     assert!(
-        support::wait_until(Duration::from_secs(30), || s
-            .local_count("meter_readings")
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
             == 0),
         "{}",
         d.log_text()
     );
     assert_eq!(central_duplicates(&mut c), 0);
     assert_eq!(rows(&mut c, ""), before);
+}
+
+/// P7 and P19 with the values a broken collector writes: a timestamp of
+/// `-infinity`, `infinity` and the year 2199 (a clock gone wrong), a `NaN` value,
+/// a unit with control characters. Central, partitioned by month with no default
+/// partition, has nowhere to put the three timestamps (23514): those three are
+/// quarantined with central's message, everything else arrives exactly as written
+/// in the same cycle, nothing stays stuck in the queue, and the log stays one line
+/// per line.
+#[test]
+fn p7_readings_central_has_no_partition_for_are_quarantined_and_the_rest_arrive() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
+    c.batch_execute(
+        "CREATE TABLE meter_readings_2026_01 PARTITION OF meter_readings
+             FOR VALUES FROM ('2026-01-01Z') TO ('2026-02-01Z');",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 300, 0);
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit) VALUES
+             ('m-ninf', '-infinity', 1, 'kWh'),
+             ('m-inf', 'infinity', 2, 'kWh'),
+             ('m-2199', '2199-01-01 00:00:00+00', 3, 'kWh'),
+             ('m-nan', '2026-01-05 00:00:00+00', 'NaN', E'k\\nWh\\u001b[31m\\t');",
+    )
+    .unwrap();
+    let good = rows(
+        &mut l,
+        "WHERE meter_id NOT IN ('m-ninf', 'm-inf', 'm-2199')",
+    );
+    assert_eq!(good.len(), 301);
+    let run = s.run(&["once"]);
+    assert_eq!(rows(&mut c, ""), good, "{}", run.stderr);
+    let q: Vec<String> = l
+        .query(
+            "SELECT meter_id FROM meter_readings WHERE sync_error LIKE '%partition%' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(q, ["m-ninf", "m-inf", "m-2199"], "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 3);
+    assert_eq!(
+        s.local_count("meter_readings WHERE NOT is_synchronized AND sync_error IS NULL"),
+        0
+    );
+    assert!(
+        run.stderr.lines().all(|l| l.starts_with("20")),
+        "a log line was split:\n{}",
+        run.stderr
+    );
 }
