@@ -1702,3 +1702,30 @@ fn p7_readings_central_has_no_partition_for_are_quarantined_and_the_rest_arrive(
         run.stderr
     );
 }
+
+/// P25 and the NUL escape: jsonb refuses `\u0000`, but a legacy local table whose
+/// `metadata` is `json` (stored as text) keeps it, and the cast to jsonb on the way
+/// out fails for that row alone (22P05). The row is quarantined with the reason,
+/// the other readings arrive, and the queue is not stuck on it.
+#[test]
+fn p25_a_nul_escape_in_legacy_json_metadata_is_quarantined_not_a_stuck_queue() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN metadata TYPE json USING metadata::json;
+         UPDATE meter_readings SET metadata = '{\"note\": \"a\\u0000b\"}' WHERE id = 33;",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None), "{}", run.stderr);
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{}", run.stderr);
+    assert_eq!(q[0].0, 33);
+    assert!(q[0].1.contains("cannot be read"), "{}", q[0].1);
+    assert_eq!(s.central_count("meter_readings"), 99);
+    // The next cycle has nothing left to try: the queue is empty, not stuck.
+    s.run(&["once"]).assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 0, None));
+}
