@@ -990,3 +990,48 @@ fn p12_sigterm_during_a_blackholed_connect_or_its_backoff_exits_at_once() {
         assert!(d.log_text().contains("meter-sync stopped"));
     }
 }
+
+/// PgBouncer ends idle client sessions (`client_idle_timeout`) and its idle server
+/// connections (`server_idle_timeout`) between cycles: every cycle reconnects as
+/// needed and uploads its readings, nothing is said above info about it.
+#[test]
+fn pgbouncer_idle_timeouts_between_cycles_cost_no_cycle() {
+    use support::pgbouncer::{PgBouncer, Settings};
+    let mut s = Sandbox::new();
+    let pb = PgBouncer::start(
+        s.central_cluster(),
+        &Settings {
+            extra: "client_idle_timeout = 1\nserver_idle_timeout = 1\n".into(),
+            ..Settings::default()
+        },
+    );
+    s.set("POSTGRES_CLIENT_PORT", pb.port);
+    s.set("SYNC_INTERVAL_SECONDS", 3);
+    let mut d = s.spawn(&["run"]);
+    for round in 0..3 {
+        support::insert_readings(&mut s.local(), 5, round * 5);
+        let want = (round + 1) * 5;
+        assert!(
+            wait_until(Duration::from_secs(20), || s
+                .central_count("meter_readings")
+                == want),
+            "{}",
+            d.log_text()
+        );
+    }
+    let cycles = d.log_text().matches("cycle finished").count();
+    wait_until(Duration::from_secs(20), || {
+        d.log_text().matches("cycle finished").count() >= cycles + 2
+    });
+    let log = d.log_text();
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "{log}"
+    );
+    assert!(!log.contains("FAILED"), "{log}");
+    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    assert!(
+        log.contains("reconnecting"),
+        "PgBouncer never closed the session:\n{log}"
+    );
+}
