@@ -1201,6 +1201,27 @@ mod tests {
     }
 
     #[test]
+    fn a_password_file_is_read_again_for_each_connection() {
+        let dir = std::env::temp_dir().join(format!("meter-sync-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "old\n").unwrap();
+        let c =
+            Config::from_vars(vars(&[(ENV_CLIENT_PASSWORD_FILE, file.to_str().unwrap())])).unwrap();
+        assert_eq!(c.central.password_now().expose(), "old");
+        std::fs::write(&file, "new\r\n").unwrap();
+        assert_eq!(c.central.password_now().expose(), "new");
+        // Gone for a moment (being replaced): the password read at start.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(c.central.password_now().expose(), "old");
+        // A plain variable has no file to read again.
+        let p = Config::from_vars(vars(&[(ENV_CLIENT_PASSWORD, "plain")])).unwrap();
+        assert_eq!(p.central.password_file, None);
+        assert_eq!(p.central.password_now().expose(), "plain");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn password_file_is_read_and_exclusive_with_plain() {
         let dir = std::env::temp_dir().join(format!("meter-sync-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
