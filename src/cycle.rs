@@ -113,6 +113,12 @@ impl Connections {
         }
     }
 
+    /// Forgets the central connection (a round trip on it was abandoned, so its
+    /// answer may still arrive): the next use reconnects.
+    pub fn forget_central(&mut self) {
+        self.central = None;
+    }
+
     /// Closes both connections, the local one after giving the cycle lock back.
     pub async fn close(&mut self) {
         if let Some(local) = self.local.take() {

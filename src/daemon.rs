@@ -167,6 +167,10 @@ async fn prepare(
 }
 
 /// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.
+///
+/// Nor does it hold up a stop: it is no batch, so a shutdown requested while it
+/// waits on central (a lock, a slow or silent link) abandons it at once, and the
+/// central connection with it, since its answer may still be on the way.
 async fn send_heartbeat(
     cfg: &Config,
     conns: &mut Connections,
@@ -175,14 +179,22 @@ async fn send_heartbeat(
     beat: &Beat,
 ) {
     let sent = match conns.central(cfg, shutdown).await {
-        Ok(central) => heartbeat.send(central, beat).await,
+        Ok(central) => tokio::select! {
+            sent = heartbeat.send(central, beat) => Some(sent),
+            _ = shutdown.requested() => None,
+        },
         Err(e) => {
             log::debug!("heartbeat not sent: {e}");
             return;
         }
     };
-    if let Err(e) = sent {
-        conns.drop_if_lost(&e);
+    match sent {
+        Some(Ok(())) => {}
+        Some(Err(e)) => conns.drop_if_lost(&e),
+        None => {
+            log::debug!("heartbeat abandoned for shutdown");
+            conns.forget_central();
+        }
     }
 }
 

@@ -1035,3 +1035,45 @@ fn pgbouncer_idle_timeouts_between_cycles_cost_no_cycle() {
         "PgBouncer never closed the session:\n{log}"
     );
 }
+
+/// P12 after a cycle: the heartbeat waits on central (here on a lock an operator's
+/// maintenance holds on `gateway_status`; a slow or silent central looks the same)
+/// when SIGTERM arrives. The heartbeat is not a batch: nothing needs finishing, so
+/// the stop is immediate rather than a wait of up to `DB_QUERY_TIMEOUT_MS`.
+#[test]
+fn p12_sigterm_while_the_heartbeat_waits_on_central_exits_at_once() {
+    let mut s = Sandbox::new();
+    s.set("DB_QUERY_TIMEOUT_MS", 20000);
+    s.set("SYNC_INTERVAL_SECONDS", 1);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle finished", Duration::from_secs(30));
+    let mut c = s.central();
+    let mut maintenance = c.transaction().unwrap();
+    maintenance
+        .batch_execute("LOCK TABLE gateway_status IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut probe = s.central();
+    let waiting = wait_until(Duration::from_secs(20), || {
+        probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'meter-sync' \
+                 AND wait_event_type = 'Lock' AND query LIKE '%gateway_status%'",
+                &[],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    });
+    assert!(waiting, "the heartbeat never waited:\n{}", d.log_text());
+    let t0 = Instant::now();
+    d.signal(SIGTERM);
+    let code = d.wait_exit(Duration::from_secs(30));
+    let took = t0.elapsed();
+    maintenance.rollback().unwrap();
+    assert_eq!(code, Some(Some(0)), "{}", d.log_text());
+    assert!(
+        took < Duration::from_millis(1500),
+        "took {took:?}:\n{}",
+        d.log_text()
+    );
+}
