@@ -919,14 +919,15 @@ fn a_password_rotated_in_its_file_is_used_without_a_restart() {
 #[test]
 fn sessions_ended_while_idle_between_cycles_cost_no_cycle() {
     let mut s = Sandbox::new();
-    s.set("SYNC_INTERVAL_SECONDS", 2);
+    // Well under the interval, well over the pauses within a cycle on a busy machine.
+    s.set("SYNC_INTERVAL_SECONDS", 3);
     for mut c in [s.local(), s.central()] {
         let db: String = c
             .query_one("SELECT current_database()", &[])
             .unwrap()
             .get(0);
         c.batch_execute(&format!(
-            "ALTER DATABASE {db} SET idle_session_timeout = '500ms'"
+            "ALTER DATABASE {db} SET idle_session_timeout = '1500ms'"
         ))
         .unwrap();
     }
@@ -1001,12 +1002,12 @@ fn pgbouncer_idle_timeouts_between_cycles_cost_no_cycle() {
     let pb = PgBouncer::start(
         s.central_cluster(),
         &Settings {
-            extra: "client_idle_timeout = 1\nserver_idle_timeout = 1\n".into(),
+            extra: "client_idle_timeout = 2\nserver_idle_timeout = 2\n".into(),
             ..Settings::default()
         },
     );
     s.set("POSTGRES_CLIENT_PORT", pb.port);
-    s.set("SYNC_INTERVAL_SECONDS", 3);
+    s.set("SYNC_INTERVAL_SECONDS", 4);
     let mut d = s.spawn(&["run"]);
     for round in 0..3 {
         support::insert_readings(&mut s.local(), 5, round * 5);
