@@ -50,6 +50,11 @@ pub struct Db {
 /// - `TimeZone` and `DateStyle`, so that any timestamp central prints is exact
 ///   UTC ISO text whatever the server's or PgBouncer's defaults;
 /// - `statement_timeout` a little under ours (see [`statement_timeout`]);
+/// - `lock_timeout` at half of that ([`lock_timeout`]): a statement that waits for
+///   a lock (central's maintenance: a `CREATE INDEX` without `CONCURRENTLY`,
+///   `VACUUM FULL`, an `ALTER TABLE`) gives up with 55P03, transient, before the
+///   statement timeout would cancel it with 57014, which the upload must read as
+///   a batch too large (docs/upload.md) and would halve its batches for;
 /// - `idle_in_transaction_session_timeout`, so that a transaction whose client
 ///   died releases its locks (PgBouncer also ends it when the client goes);
 /// - `synchronous_commit = on`: our commit is acknowledged only once central has
@@ -61,11 +66,17 @@ pub struct Db {
 fn central_settings(cfg: &Config) -> String {
     format!(
         "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
-         SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-         SET LOCAL synchronous_commit = on",
+         SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+         SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL synchronous_commit = on",
         statement_timeout(cfg.query_timeout).as_millis(),
+        lock_timeout(statement_timeout(cfg.query_timeout)).as_millis(),
         idle_timeout(cfg).as_millis()
     )
+}
+
+/// Half of a statement's `statement_timeout`: see [`central_settings`].
+fn lock_timeout(statement: Duration) -> Duration {
+    (statement / 2).max(Duration::from_millis(1))
 }
 
 impl Drop for Db {
@@ -490,8 +501,9 @@ impl Db {
         if statements > 1 {
             let share = statement_timeout(self.timeout) / statements;
             begin.push_str(&format!(
-                "; SET LOCAL statement_timeout = {}",
-                share.as_millis().max(1)
+                "; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                share.as_millis().max(1),
+                lock_timeout(share).as_millis()
             ));
         }
         let (b, n, c) = futures_util::future::join3(
@@ -633,6 +645,7 @@ mod tests {
             "SET LOCAL TimeZone = 'UTC'",
             "SET LOCAL DateStyle = 'ISO'",
             "SET LOCAL statement_timeout = 27000",
+            "SET LOCAL lock_timeout = 13500",
             "SET LOCAL idle_in_transaction_session_timeout = 60000",
             "SET LOCAL synchronous_commit = on",
         ] {

@@ -1729,3 +1729,47 @@ fn p25_a_nul_escape_in_legacy_json_metadata_is_quarantined_not_a_stuck_queue() {
     s.run(&["once"]).assert_ok();
     assert_eq!(last_upload_log(&s), (true, 0, None));
 }
+
+/// Central maintenance that blocks inserts for a while (a `CREATE INDEX` without
+/// `CONCURRENTLY`, `VACUUM FULL`, an `ALTER TABLE`: here `LOCK TABLE … IN SHARE MODE`)
+/// is a wait for a lock, not a batch too large: the batches give up on the lock
+/// (55P03, transient) before `statement_timeout` would cancel them (57014, which
+/// reads as a batch too large), so the batch size is kept, nothing is quarantined,
+/// and the queue drains at full size once the lock is gone. (Before, every batch
+/// was halved down to one reading while the lock was held, and the next cycles
+/// started from there.)
+#[test]
+fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 20);
+    s.set("DB_QUERY_TIMEOUT_MS", 2000);
+    s.set("MAX_QUERY_RETRIES", 1);
+    s.set("SYNC_INTERVAL_SECONDS", 1);
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let mut c = s.central();
+    let mut maintenance = c.transaction().unwrap();
+    maintenance
+        .batch_execute("LOCK TABLE meter_readings IN SHARE MODE")
+        .unwrap();
+    let mut d = s.spawn(&["run"]);
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    assert!(
+        support::wait_until(Duration::from_secs(60), || cycles(&d) >= 2),
+        "{}",
+        d.log_text()
+    );
+    maintenance.rollback().unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(60), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(!log.contains("because of its size"), "{log}");
+    assert!(log.contains("55P03"), "{log}");
+    assert!(!log.contains("quarantined reading"), "{log}");
+    assert_eq!(rows(&mut s.central(), ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
