@@ -1769,6 +1769,13 @@ fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches()
     let log = d.log_text();
     assert!(!log.contains("because of its size"), "{log}");
     assert!(log.contains("55P03"), "{log}");
+    // A lock held that long is not retried within the cycle: each retry would
+    // wait for it as long again.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("55P03") && l.contains("retry")),
+        "{log}"
+    );
     assert!(!log.contains("quarantined reading"), "{log}");
     assert_eq!(rows(&mut s.central(), ""), before);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
