@@ -194,7 +194,11 @@ pub struct DbConfig {
     pub hosts: Vec<Endpoint>,
     pub dbname: String,
     pub user: String,
+    /// The password as read at start; see [`DbConfig::password_now`].
     pub password: Secret,
+    /// The file the password came from (`*_PASSWORD_FILE` or the systemd
+    /// credential), read again at every connection attempt.
+    pub password_file: Option<PathBuf>,
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
     pub sslcert: Option<PathBuf>,
@@ -203,6 +207,28 @@ pub struct DbConfig {
 }
 
 impl DbConfig {
+    /// The password for a connection attempt now: the password file's content as
+    /// it is now, so that a password rotated in the file is used from the next
+    /// (re)connection on, without a restart. A file that cannot be read any more
+    /// (being replaced, say) leaves the password read at start, with a warning.
+    pub fn password_now(&self) -> Secret {
+        let Some(path) = &self.password_file else {
+            return self.password.clone();
+        };
+        match std::fs::read_to_string(path) {
+            Ok(s) => password_from_file(&s),
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot read the password file {} ({}); using the password read at start",
+                    self.side,
+                    path.display(),
+                    io_reason(&e)
+                );
+                self.password.clone()
+            }
+        }
+    }
+
     /// The (first) host is a Unix socket directory.
     pub fn is_unix_socket(&self) -> bool {
         self.hosts.first().is_some_and(|e| e.host.starts_with('/'))
@@ -224,6 +250,12 @@ impl DbConfig {
             .collect();
         format!("{}/{}", hosts.join(","), self.dbname)
     }
+}
+
+/// A password file's content as the password: trimmed of one trailing newline, as
+/// `echo secret > file` leaves one.
+fn password_from_file(s: &str) -> Secret {
+    Secret::new(s.strip_suffix('\n').unwrap_or(s).trim_end_matches('\r'))
 }
 
 /// The validated configuration.
@@ -413,7 +445,12 @@ impl Checker {
     /// The plain password, the content of the `_FILE` variant (never both), or else
     /// systemd's credential `credential` in `$CREDENTIALS_DIRECTORY`. A file's content
     /// is trimmed of one trailing newline, as `echo secret > file` leaves one.
-    fn password(&mut self, var: &'static str, file_var: &'static str, credential: &str) -> Secret {
+    fn password(
+        &mut self,
+        var: &'static str,
+        file_var: &'static str,
+        credential: &str,
+    ) -> (Secret, Option<PathBuf>) {
         let plain = self.get_raw(var).map(str::to_string);
         let file = self.get(file_var).map(str::to_string);
         let from_credentials = || {
@@ -425,7 +462,7 @@ impl Checker {
             |c: &mut Checker, culprit: &'static str, path: &Path| match std::fs::read_to_string(
                 path,
             ) {
-                Ok(s) => Secret::new(s.strip_suffix('\n').unwrap_or(&s).trim_end_matches('\r')),
+                Ok(s) => password_from_file(&s),
                 Err(e) => {
                     c.fail(
                         culprit,
@@ -434,25 +471,28 @@ impl Checker {
                     Secret::default()
                 }
             };
-        let secret = match (plain, file) {
+        let (secret, source) = match (plain, file) {
             (Some(_), Some(_)) => {
                 self.fail(
                     file_var,
                     format!("is set together with {var}; set only one"),
                 );
-                Secret::default()
+                (Secret::default(), None)
             }
-            (Some(p), None) => Secret::new(p),
-            (None, Some(path)) => read(self, file_var, Path::new(&path)),
+            (Some(p), None) => (Secret::new(p), None),
+            (None, Some(path)) => {
+                let path = PathBuf::from(path);
+                (read(self, file_var, &path), Some(path))
+            }
             (None, None) => match from_credentials() {
-                Some(path) => read(self, ENV_CREDENTIALS_DIRECTORY, &path),
-                None => Secret::default(),
+                Some(path) => (read(self, ENV_CREDENTIALS_DIRECTORY, &path), Some(path)),
+                None => (Secret::default(), None),
             },
         };
         self.show(var, if secret.is_empty() { "(empty)" } else { "***" });
         let file_shown = self.get(file_var).unwrap_or_default().to_string();
         self.show(file_var, file_shown);
-        secret
+        (secret, source)
     }
 
     /// A path to a file that must be readable now, so that a typo is a configuration
@@ -688,12 +728,15 @@ impl Config {
             Err(e) => c.fail("environment", format!("cannot be read: {e}")),
         }
 
+        let (local_password, local_password_file) =
+            c.password(ENV_SYNC_PASSWORD, ENV_SYNC_PASSWORD_FILE, "sync-password");
         let mut local = DbConfig {
             side: Side::Local,
             hosts: c.endpoints(ENV_SYNC_HOST, ENV_SYNC_PORT, false),
             dbname: c.string(ENV_SYNC_DB, "postgres"),
             user: c.string(ENV_SYNC_USER, "postgres"),
-            password: c.password(ENV_SYNC_PASSWORD, ENV_SYNC_PASSWORD_FILE, "sync-password"),
+            password: local_password,
+            password_file: local_password_file,
             sslmode: c.pick(ENV_SYNC_SSLMODE, SslMode::Disable),
             sslrootcert: None,
             sslcert: None,
@@ -702,16 +745,18 @@ impl Config {
             channel_binding: ChannelBinding::Prefer,
         };
         local.hosts.truncate(1);
+        let (central_password, central_password_file) = c.password(
+            ENV_CLIENT_PASSWORD,
+            ENV_CLIENT_PASSWORD_FILE,
+            "client-password",
+        );
         let central = DbConfig {
             side: Side::Central,
             hosts: c.endpoints(ENV_CLIENT_HOST, ENV_CLIENT_PORT, true),
             dbname: c.string(ENV_CLIENT_DB, "postgres"),
             user: c.string(ENV_CLIENT_USER, "postgres"),
-            password: c.password(
-                ENV_CLIENT_PASSWORD,
-                ENV_CLIENT_PASSWORD_FILE,
-                "client-password",
-            ),
+            password: central_password,
+            password_file: central_password_file,
             sslmode: c.pick(ENV_CLIENT_SSLMODE, SslMode::VerifyFull),
             sslrootcert: c.readable_file(ENV_CLIENT_SSLROOTCERT),
             sslcert: c.readable_file(ENV_CLIENT_SSLCERT),
@@ -1159,6 +1204,27 @@ mod tests {
             (ENV_CLIENT_SSLMODE, "prefer")
         ]))
         .is_ok());
+    }
+
+    #[test]
+    fn a_password_file_is_read_again_for_each_connection() {
+        let dir = std::env::temp_dir().join(format!("meter-sync-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "old\n").unwrap();
+        let c =
+            Config::from_vars(vars(&[(ENV_CLIENT_PASSWORD_FILE, file.to_str().unwrap())])).unwrap();
+        assert_eq!(c.central.password_now().expose(), "old");
+        std::fs::write(&file, "new\r\n").unwrap();
+        assert_eq!(c.central.password_now().expose(), "new");
+        // Gone for a moment (being replaced): the password read at start.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(c.central.password_now().expose(), "old");
+        // A plain variable has no file to read again.
+        let p = Config::from_vars(vars(&[(ENV_CLIENT_PASSWORD, "plain")])).unwrap();
+        assert_eq!(p.central.password_file, None);
+        assert_eq!(p.central.password_now().expose(), "plain");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

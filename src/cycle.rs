@@ -41,7 +41,7 @@ impl Connections {
     /// middle of a cycle goes through the same lock, so it cannot slip past another
     /// process that took the lock meanwhile.
     pub async fn ensure_local(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<(), NoLocal> {
-        if still_open(&mut self.local, Side::Local, |db| db.is_closed()) {
+        if still_open(&mut self.local, |db| db.closed_reason()) {
             return Ok(());
         }
         if self.unreachable.contains(&Side::Local) {
@@ -66,7 +66,7 @@ impl Connections {
     /// Makes sure the central connection is open, reconnecting with backoff (see
     /// [`Db::connect_with_retry`]) if it is absent or was lost.
     async fn ensure_central(&mut self, cfg: &Config, shutdown: &Shutdown) -> Result<()> {
-        if still_open(&mut self.central, Side::Central, Db::is_closed) {
+        if still_open(&mut self.central, Db::closed_reason) {
             return Ok(());
         }
         if self.unreachable.contains(&Side::Central) {
@@ -113,6 +113,12 @@ impl Connections {
         }
     }
 
+    /// Forgets the central connection (a round trip on it was abandoned, so its
+    /// answer may still arrive): the next use reconnects.
+    pub fn forget_central(&mut self) {
+        self.central = None;
+    }
+
     /// Closes both connections, the local one after giving the cycle lock back.
     pub async fn close(&mut self) {
         if let Some(local) = self.local.take() {
@@ -123,10 +129,16 @@ impl Connections {
 }
 
 /// Whether the connection in `slot` is still open; a lost one is forgotten (and
-/// said), so that the caller reconnects.
-fn still_open<T>(slot: &mut Option<T>, side: Side, closed: impl Fn(&T) -> bool) -> bool {
-    if slot.as_ref().is_some_and(&closed) {
-        log::warn!("{side}: connection lost; reconnecting");
+/// said, with why), so that the caller reconnects.
+///
+/// Said at info, not warn: a connection found closed here ended while it was not
+/// in use, between cycles or phases, which is what a server's
+/// `idle_session_timeout`, a pooler's `client_idle_timeout` or a NAT's idle
+/// timer do every time; a reconnect that then fails is logged at error by the
+/// phase, and a connection lost in the middle of a round trip by that round trip.
+fn still_open<T>(slot: &mut Option<T>, closed: impl Fn(&T) -> Option<String>) -> bool {
+    if let Some(why) = slot.as_ref().and_then(&closed) {
+        log::info!("{why}; reconnecting");
         *slot = None;
     }
     slot.is_some()

@@ -15,9 +15,13 @@ use crate::retention::Schedule;
 use crate::shutdown::Shutdown;
 
 /// How long a cycle may go on after SIGTERM: the round trip in flight gets
-/// `DB_QUERY_TIMEOUT_MS` to answer (a batch then commits or rolls back whole), a
-/// connection attempt in progress `DB_CONNECTION_TIMEOUT_MS`. Past that the cycle
-/// is abandoned: dropping its connections rolls back whatever transaction was open.
+/// `DB_QUERY_TIMEOUT_MS` to answer (a batch then commits or rolls back whole). A
+/// connection attempt in progress is abandoned at once ([`Db::connect_with_retry`]);
+/// `DB_CONNECTION_TIMEOUT_MS` stays in the bound as its margin, so that the stated
+/// bound did not change. Past that the cycle is abandoned: dropping its
+/// connections rolls back whatever transaction was open.
+///
+/// [`Db::connect_with_retry`]: crate::db::Db::connect_with_retry
 pub fn shutdown_grace(cfg: &Config) -> Duration {
     cfg.query_timeout + cfg.connect_timeout
 }
@@ -170,6 +174,10 @@ async fn prepare(
 }
 
 /// The heartbeat never fails the cycle (see heartbeat.rs): its errors end here.
+///
+/// Nor does it hold up a stop: it is no batch, so a shutdown requested while it
+/// waits on central (a lock, a slow or silent link) abandons it at once, and the
+/// central connection with it, since its answer may still be on the way.
 async fn send_heartbeat(
     cfg: &Config,
     conns: &mut Connections,
@@ -178,14 +186,22 @@ async fn send_heartbeat(
     beat: &Beat,
 ) {
     let sent = match conns.central(cfg, shutdown).await {
-        Ok(central) => heartbeat.send(central, beat).await,
+        Ok(central) => tokio::select! {
+            sent = heartbeat.send(central, beat) => Some(sent),
+            _ = shutdown.requested() => None,
+        },
         Err(e) => {
             log::debug!("heartbeat not sent: {e}");
             return;
         }
     };
-    if let Err(e) = sent {
-        conns.drop_if_lost(&e);
+    match sent {
+        Some(Ok(())) => {}
+        Some(Err(e)) => conns.drop_if_lost(&e),
+        None => {
+            log::debug!("heartbeat abandoned for shutdown");
+            conns.forget_central();
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
@@ -37,6 +38,9 @@ pub struct Db {
     /// The upload found central's table fit for it on this connection (see
     /// [`Db::upload_table_checked`]).
     upload_table_checked: AtomicBool,
+    /// Why the connection ended, once the task driving it has ended (see
+    /// [`Db::closed_reason`]).
+    closed_by: Arc<Mutex<Option<String>>>,
     driver: tokio::task::JoinHandle<()>,
 }
 
@@ -46,6 +50,11 @@ pub struct Db {
 /// - `TimeZone` and `DateStyle`, so that any timestamp central prints is exact
 ///   UTC ISO text whatever the server's or PgBouncer's defaults;
 /// - `statement_timeout` a little under ours (see [`statement_timeout`]);
+/// - `lock_timeout` at half of that ([`lock_timeout`]): a statement that waits for
+///   a lock (central's maintenance: a `CREATE INDEX` without `CONCURRENTLY`,
+///   `VACUUM FULL`, an `ALTER TABLE`) gives up with 55P03, transient, before the
+///   statement timeout would cancel it with 57014, which the upload must read as
+///   a batch too large (docs/upload.md) and would halve its batches for;
 /// - `idle_in_transaction_session_timeout`, so that a transaction whose client
 ///   died releases its locks (PgBouncer also ends it when the client goes);
 /// - `synchronous_commit = on`: our commit is acknowledged only once central has
@@ -57,11 +66,17 @@ pub struct Db {
 fn central_settings(cfg: &Config) -> String {
     format!(
         "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; \
-         SET LOCAL statement_timeout = {}; SET LOCAL idle_in_transaction_session_timeout = {}; \
-         SET LOCAL synchronous_commit = on",
+         SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}; \
+         SET LOCAL idle_in_transaction_session_timeout = {}; SET LOCAL synchronous_commit = on",
         statement_timeout(cfg.query_timeout).as_millis(),
+        lock_timeout(statement_timeout(cfg.query_timeout)).as_millis(),
         idle_timeout(cfg).as_millis()
     )
+}
+
+/// Half of a statement's `statement_timeout`: see [`central_settings`].
+fn lock_timeout(statement: Duration) -> Duration {
+    (statement / 2).max(Duration::from_millis(1))
 }
 
 impl Drop for Db {
@@ -97,8 +112,9 @@ fn pg_config(db: &DbConfig, cfg: &Config) -> tokio_postgres::Config {
         .connect_timeout(cfg.connect_timeout)
         .ssl_mode(crate::tls::pg_ssl_mode(db.sslmode))
         .channel_binding(crate::tls::pg_channel_binding(db.channel_binding));
-    if !db.password.is_empty() {
-        c.password(db.password.expose());
+    let password = db.password_now();
+    if !password.is_empty() {
+        c.password(password.expose());
     }
     match db.side {
         Side::Local => {
@@ -181,9 +197,16 @@ impl Db {
             Err(_) => return Err(Error::timeout(db.side, what, cfg.connect_timeout)),
         };
         let side = db.side;
-        let driver = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::debug!("{side}: connection closed: {e}");
+        let closed_by = Arc::new(Mutex::new(None));
+        let driver = tokio::spawn({
+            let closed_by = Arc::clone(&closed_by);
+            async move {
+                let why = match connection.await {
+                    Ok(()) => format!("{side}: connection closed by the server"),
+                    Err(e) => Error::db(side, "connection closed", e).to_string(),
+                };
+                log::debug!("{why}");
+                *closed_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
             }
         });
         let mut db = Db {
@@ -196,6 +219,7 @@ impl Db {
             },
             pooled: false,
             upload_table_checked: AtomicBool::new(false),
+            closed_by,
             driver,
         };
         // Only `UPLOAD_METHOD=auto` needs the answer; the others save the round trip.
@@ -250,7 +274,9 @@ impl Db {
     /// min(30 s, 0.5 s × 2^k) ("full jitter", so that a fleet of gateways whose
     /// uplink came back at the same moment does not reconnect in lockstep). Each
     /// failure is logged with the delay chosen. The waits feed the watchdog and end
-    /// early on shutdown.
+    /// early on shutdown, and so does an attempt in progress: nothing is in flight
+    /// on a connection not yet made, so a stop need not wait out
+    /// `DB_CONNECTION_TIMEOUT_MS` on a blackholed link.
     pub async fn connect_with_retry(
         db: &DbConfig,
         cfg: &Config,
@@ -259,7 +285,17 @@ impl Db {
         let mut attempt = 0u32;
         loop {
             crate::notify::alive();
-            let err = match Db::connect(db, cfg).await {
+            let connected = tokio::select! {
+                c = Db::connect(db, cfg) => c,
+                _ = shutdown.requested() => {
+                    return Err(Error::new(
+                        Kind::Db,
+                        format!("connect to {}: abandoned for shutdown", db.describe()),
+                    )
+                    .with_side(db.side));
+                }
+            };
+            let err = match connected {
                 Ok(c) => {
                     if attempt > 0 {
                         log::info!(
@@ -312,6 +348,21 @@ impl Db {
     /// The connection is gone; a new one is needed.
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Why the connection is gone, if it is: the server's own message when it
+    /// ended the session (`terminating connection due to idle-session timeout
+    /// (SQLSTATE 57P05)`, `... administrator command (SQLSTATE 57P01)`), else the
+    /// I/O error that ended it.
+    pub fn closed_reason(&self) -> Option<String> {
+        if !self.is_closed() {
+            return None;
+        }
+        let why = self.closed_by.lock().unwrap_or_else(|e| e.into_inner());
+        Some(
+            why.clone()
+                .unwrap_or_else(|| format!("{}: connection closed", self.side)),
+        )
     }
 
     /// Runs one round trip with the query timeout, mapping errors to "side: what: cause".
@@ -450,8 +501,9 @@ impl Db {
         if statements > 1 {
             let share = statement_timeout(self.timeout) / statements;
             begin.push_str(&format!(
-                "; SET LOCAL statement_timeout = {}",
-                share.as_millis().max(1)
+                "; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
+                share.as_millis().max(1),
+                lock_timeout(share).as_millis()
             ));
         }
         let (b, n, c) = futures_util::future::join3(
@@ -593,6 +645,7 @@ mod tests {
             "SET LOCAL TimeZone = 'UTC'",
             "SET LOCAL DateStyle = 'ISO'",
             "SET LOCAL statement_timeout = 27000",
+            "SET LOCAL lock_timeout = 13500",
             "SET LOCAL idle_in_transaction_session_timeout = 60000",
             "SET LOCAL synchronous_commit = on",
         ] {

@@ -68,31 +68,50 @@ impl Shutdown {
 /// Waits for SIGTERM or SIGINT, logs which, and requests shutdown. A second signal
 /// exits at once: every batch is a single transaction, so the databases roll back
 /// whatever was in flight and nothing is half-applied.
+///
+/// SIGHUP is logged and otherwise ignored, all along: its default action would end
+/// the daemon without a word, and systemd counts a death by SIGHUP as clean, so
+/// `Restart=on-failure` would not bring it back. There is nothing to reload: the
+/// configuration is read at start, password files at every connection attempt
+/// (docs/operating.md).
 pub async fn on_signals(trigger: Trigger) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         log::error!("cannot install signal handlers");
         return;
     };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let name = next_stop_signal(&mut term, &mut int, &mut hup).await;
     log::info!("{name} received; finishing the batch in flight, then stopping");
     // systemd learns at once that the stop has begun, not when it is done.
     crate::notify::stopping();
     crate::notify::status("stopping: finishing the batch in flight");
     trigger.trigger();
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let name = next_stop_signal(&mut term, &mut int, &mut hup).await;
     log::warn!("second signal ({name}); exiting now");
     crate::notify::stopping();
     std::process::exit(0);
+}
+
+/// The next SIGTERM or SIGINT; SIGHUPs meanwhile are said and passed over.
+async fn next_stop_signal(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+    hup: &mut tokio::signal::unix::Signal,
+) -> &'static str {
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => log::info!(
+                "SIGHUP received; ignored: the configuration is read at start only \
+                 (restart to change it), password files at every connection attempt"
+            ),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -441,3 +441,54 @@ fn the_heartbeat_goes_through_pgbouncer_in_transaction_mode() {
         last = row.updated_at;
     }
 }
+
+/// A heartbeat that waits on central (a maintenance lock on `gateway_status`) is
+/// cancelled by central itself, just before the gateway would give up on the
+/// connection: its statement carries `statement_timeout` like every other central
+/// transaction. Without it the gateway timed out, dropped the connection and
+/// reconnected next cycle while the old backend went on waiting on the lock (it
+/// does not notice the client gone): one more stranded central session per gateway
+/// per cycle, which a fleet turns into `max_connections` within minutes.
+#[test]
+fn a_heartbeat_stuck_on_a_lock_strands_no_central_sessions() {
+    let mut s = Sandbox::new();
+    s.set("DB_QUERY_TIMEOUT_MS", 2000);
+    s.set("SYNC_INTERVAL_SECONDS", 1);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("cycle finished", Duration::from_secs(30));
+    let mut c = s.central();
+    let db = s.central_db.clone();
+    let mut maintenance = c.transaction().unwrap();
+    maintenance
+        .batch_execute("LOCK TABLE gateway_status IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let mut probe = s.central();
+    let waiting = |probe: &mut Client| -> i64 {
+        probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'meter-sync' AND wait_event_type = 'Lock'",
+                &[&db],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut most = 0;
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(12) {
+        most = most.max(waiting(&mut probe));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    maintenance.rollback().unwrap();
+    assert!(
+        most <= 1,
+        "{most} central sessions of this gateway waited on the lock at once:\n{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("heartbeat failed"),
+        "{}",
+        d.log_text()
+    );
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}

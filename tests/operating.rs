@@ -140,3 +140,53 @@ fn a_once_without_its_local_database_is_a_counted_cycle_error() {
     );
     let _ = fs::remove_dir_all(dir);
 }
+
+/// A reading stamped `-infinity` (a collector's "unknown time", which PostgreSQL
+/// accepts) waits in the queue while central is away. `status` must still report
+/// the queue (exit 0), and the cycle must still count it for the metrics file and
+/// the heartbeat: on PostgreSQL before 17, `now() - '-infinity'` is an error
+/// (22008), so an age computed that way made the whole local probe fail.
+#[test]
+fn an_infinite_timestamp_in_the_queue_does_not_break_status_or_the_queue_count() {
+    let mut s = Sandbox::new();
+    support::insert_readings(&mut s.local(), 3, 0);
+    s.local()
+        .batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit) \
+             VALUES ('m-unknown-time', '-infinity', 1, 'kWh')",
+        )
+        .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    s.set("POSTGRES_CLIENT_HOST", "127.0.0.1");
+    s.set("POSTGRES_CLIENT_PORT", closed);
+    s.set("MAX_CONNECTION_RETRIES", 1);
+    let dir = s.dir.join("metrics");
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("meter-sync.prom");
+    s.set("METRICS_TEXTFILE", path.display());
+
+    let status = s.run(&["status", "--json"]);
+    status.assert_ok();
+    assert!(
+        status.stdout.contains("\"queue_size\":4") || status.stdout.contains("\"queue_size\": 4"),
+        "{}",
+        status.all()
+    );
+
+    let once = s.run(&["once"]);
+    assert!(
+        !once.stderr.contains("queue after the cycle unknown"),
+        "{}",
+        once.stderr
+    );
+    let metrics = fs::read_to_string(&path).unwrap();
+    assert!(
+        metrics.contains("meter_sync_queue_readings 4\n"),
+        "{metrics}\n{}",
+        once.stderr
+    );
+}

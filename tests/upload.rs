@@ -1467,3 +1467,316 @@ fn a_central_table_without_the_unique_key_holds_the_upload() {
     assert_eq!(s.central_count("meter_readings"), 30);
     assert_eq!(s.local_count("meter_readings"), 0);
 }
+
+/// The local disk fills (or a write is otherwise refused locally) just when a
+/// batch has committed centrally: the local DELETE fails (here a trigger raises
+/// 53100 disk_full, as PostgreSQL does when it cannot extend a file). Nothing is
+/// lost, nothing quarantined, the daemon runs on and says why, and the cycles
+/// that upload the same readings again while the disk stays full make no second
+/// central row; once local can write again the queue empties, still once each.
+#[test]
+fn a_local_delete_refused_after_the_central_commit_loses_and_duplicates_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'
+               USING ERRCODE = 'disk_full'; END $$;
+         CREATE TRIGGER disk_full BEFORE DELETE ON meter_readings
+             FOR EACH STATEMENT EXECUTE FUNCTION disk_full();",
+    )
+    .unwrap();
+    support::insert_readings(&mut l, 50, 0);
+    let before = rows(&mut l, "");
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("53100", Duration::from_secs(30));
+    // Three more cycles upload the same readings again.
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
+        "{}",
+        d.log_text()
+    );
+    let mut c = s.central();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 50, "{}", d.log_text());
+    assert_eq!(s.local_count("meter_readings"), 50);
+    assert_eq!(quarantined(&mut l), vec![]);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let log = d.log_text();
+    assert!(
+        log.contains("delete uploaded batch of 10") && log.contains("No space left on device"),
+        "{log}"
+    );
+
+    l.batch_execute("DROP TRIGGER disk_full ON meter_readings")
+        .unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// Central refuses writes (25006: a standby not yet promoted, or an operator's
+/// `default_transaction_read_only = on`) behind a single host. That is transient:
+/// the readings stay queued, nothing is quarantined, the daemon tries once per
+/// cycle (no hot loop of reconnects), and when central accepts writes again the
+/// queue drains, each reading once.
+#[test]
+fn a_read_only_central_holds_the_queue_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let mut c = s.central();
+    let db = s.central_db.clone();
+    let end_sessions = |c: &mut Client| {
+        c.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'meter-sync'",
+            &[&db],
+        )
+        .unwrap();
+    };
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} SET default_transaction_read_only = on"
+    ))
+    .unwrap();
+    support::insert_readings(&mut s.local(), 30, 0);
+    let before = rows(&mut s.local(), "");
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("25006", Duration::from_secs(30));
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 4),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert_eq!(s.central_count("meter_readings"), 0);
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
+    assert!(!log.contains("quarantined reading"), "{log}");
+    // One upload attempt per cycle, and no reconnect storm: a few connects per cycle
+    // at most (upload, heartbeat), never a loop within the cycle.
+    let (fails, finished) = (
+        log.matches("upload phase failed").count(),
+        log.matches("cycle finished").count(),
+    );
+    assert!(
+        fails <= finished + 1,
+        "{fails} failures in {finished} cycles:\n{log}"
+    );
+    let read_only_lines = log.lines().filter(|l| l.contains("25006")).count();
+    assert!(
+        read_only_lines <= 4 * (finished + 1),
+        "{read_only_lines} lines about 25006 in {finished} cycles:\n{log}"
+    );
+
+    c.batch_execute(&format!(
+        "ALTER DATABASE {db} RESET default_transaction_read_only"
+    ))
+    .unwrap();
+    end_sessions(&mut c);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(rows(&mut s.central(), ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// The local database turns read-only (an operator's `default_transaction_read_only
+/// = on`, or a full disk remounted read-only) while readings are queued: the
+/// central commit succeeds, the local DELETE is refused (25006). Nothing is lost or
+/// duplicated, nothing quarantined, the daemon runs on and says why; once local
+/// accepts writes again the queue empties, each reading once.
+#[test]
+fn a_read_only_local_database_loses_and_duplicates_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10);
+    let db = s.local_db.clone();
+    support::insert_readings(&mut s.local(), 30, 0);
+    let before = rows(&mut s.local(), "");
+    let set_read_only = |on: bool| {
+        s.local_cluster()
+            .admin()
+            .batch_execute(&format!(
+                "ALTER DATABASE {db} SET default_transaction_read_only = {}",
+                if on { "on" } else { "off" }
+            ))
+            .unwrap();
+    };
+    set_read_only(true);
+    let mut d = s.spawn(&["run"]);
+    d.wait_log("25006", Duration::from_secs(30));
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(&d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
+        "{}",
+        d.log_text()
+    );
+    let mut c = s.central();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(s.central_count("meter_readings"), 30, "{}", d.log_text());
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    let log = d.log_text();
+    assert!(
+        log.contains("read-only transaction (SQLSTATE 25006)"),
+        "{log}"
+    );
+
+    set_read_only(false);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), before);
+}
+
+/// P7 and P19 with the values a broken collector writes: a timestamp of
+/// `-infinity`, `infinity` and the year 2199 (a clock gone wrong), a `NaN` value,
+/// a unit with control characters. Central, partitioned by month with no default
+/// partition, has nowhere to put the three timestamps (23514): those three are
+/// quarantined with central's message, everything else arrives exactly as written
+/// in the same cycle, nothing stays stuck in the queue, and the log stays one line
+/// per line.
+#[test]
+fn p7_readings_central_has_no_partition_for_are_quarantined_and_the_rest_arrive() {
+    let s = Sandbox::empty();
+    let mut c = s.central();
+    c.batch_execute(PARTITIONED_READINGS).unwrap();
+    c.batch_execute(
+        "CREATE TABLE meter_readings_2026_01 PARTITION OF meter_readings
+             FOR VALUES FROM ('2026-01-01Z') TO ('2026-02-01Z');",
+    )
+    .unwrap();
+    s.migrate();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 300, 0);
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit) VALUES
+             ('m-ninf', '-infinity', 1, 'kWh'),
+             ('m-inf', 'infinity', 2, 'kWh'),
+             ('m-2199', '2199-01-01 00:00:00+00', 3, 'kWh'),
+             ('m-nan', '2026-01-05 00:00:00+00', 'NaN', E'k\\nWh\\u001b[31m\\t');",
+    )
+    .unwrap();
+    let good = rows(
+        &mut l,
+        "WHERE meter_id NOT IN ('m-ninf', 'm-inf', 'm-2199')",
+    );
+    assert_eq!(good.len(), 301);
+    let run = s.run(&["once"]);
+    assert_eq!(rows(&mut c, ""), good, "{}", run.stderr);
+    let q: Vec<String> = l
+        .query(
+            "SELECT meter_id FROM meter_readings WHERE sync_error LIKE '%partition%' ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(q, ["m-ninf", "m-inf", "m-2199"], "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 3);
+    assert_eq!(
+        s.local_count("meter_readings WHERE NOT is_synchronized AND sync_error IS NULL"),
+        0
+    );
+    assert!(
+        run.stderr.lines().all(|l| l.starts_with("20")),
+        "a log line was split:\n{}",
+        run.stderr
+    );
+}
+
+/// P25 and the NUL escape: jsonb refuses `\u0000`, but a legacy local table whose
+/// `metadata` is `json` (stored as text) keeps it, and the cast to jsonb on the way
+/// out fails for that row alone (22P05). The row is quarantined with the reason,
+/// the other readings arrive, and the queue is not stuck on it.
+#[test]
+fn p25_a_nul_escape_in_legacy_json_metadata_is_quarantined_not_a_stuck_queue() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 100, 0);
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN metadata TYPE json USING metadata::json;
+         UPDATE meter_readings SET metadata = '{\"note\": \"a\\u0000b\"}' WHERE id = 33;",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 99, None), "{}", run.stderr);
+    let q = quarantined(&mut l);
+    assert_eq!(q.len(), 1, "{}", run.stderr);
+    assert_eq!(q[0].0, 33);
+    assert!(q[0].1.contains("cannot be read"), "{}", q[0].1);
+    assert_eq!(s.central_count("meter_readings"), 99);
+    // The next cycle has nothing left to try: the queue is empty, not stuck.
+    s.run(&["once"]).assert_ok();
+    assert_eq!(last_upload_log(&s), (true, 0, None));
+}
+
+/// Central maintenance that blocks inserts for a while (a `CREATE INDEX` without
+/// `CONCURRENTLY`, `VACUUM FULL`, an `ALTER TABLE`: here `LOCK TABLE … IN SHARE MODE`)
+/// is a wait for a lock, not a batch too large: the batches give up on the lock
+/// (55P03, transient) before `statement_timeout` would cancel them (57014, which
+/// reads as a batch too large), so the batch size is kept, nothing is quarantined,
+/// and the queue drains at full size once the lock is gone. (Before, every batch
+/// was halved down to one reading while the lock was held, and the next cycles
+/// started from there.)
+#[test]
+fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 20);
+    s.set("DB_QUERY_TIMEOUT_MS", 2000);
+    s.set("MAX_QUERY_RETRIES", 1);
+    s.set("SYNC_INTERVAL_SECONDS", 1);
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let mut c = s.central();
+    let mut maintenance = c.transaction().unwrap();
+    maintenance
+        .batch_execute("LOCK TABLE meter_readings IN SHARE MODE")
+        .unwrap();
+    let mut d = s.spawn(&["run"]);
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    assert!(
+        support::wait_until(Duration::from_secs(60), || cycles(&d) >= 2),
+        "{}",
+        d.log_text()
+    );
+    maintenance.rollback().unwrap();
+    assert!(
+        support::wait_until(Duration::from_secs(60), || s.local_count("meter_readings")
+            == 0),
+        "{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    assert!(!log.contains("because of its size"), "{log}");
+    assert!(log.contains("55P03"), "{log}");
+    // A lock held that long is not retried within the cycle: each retry would
+    // wait for it as long again.
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("55P03") && l.contains("retry")),
+        "{log}"
+    );
+    assert!(!log.contains("quarantined reading"), "{log}");
+    assert_eq!(rows(&mut s.central(), ""), before);
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
