@@ -521,7 +521,7 @@ impl Db {
     }
 
     /// Runs `op` again when it fails transiently on a connection that is still open
-    /// (a serialization failure, a deadlock, a lock timeout), up to
+    /// (a serialization failure, a deadlock; see [`Error::is_worth_retrying_now`]), up to
     /// `MAX_QUERY_RETRIES` more times, waiting 100 ms, 200 ms, 400 ms… in between.
     /// A lost connection is not retried here: the caller must reconnect.
     pub async fn retrying<T, F, Fut>(&self, retries: u32, mut op: F) -> Result<T>
@@ -532,12 +532,7 @@ impl Db {
         let mut n = 0;
         loop {
             match op().await {
-                Err(e)
-                    if e.is_transient()
-                        && !e.is_connection_lost()
-                        && !self.is_closed()
-                        && n < retries =>
-                {
+                Err(e) if e.is_worth_retrying_now() && !self.is_closed() && n < retries => {
                     n += 1;
                     log::warn!("{e}; retry {n}/{retries}");
                     tokio::time::sleep(Duration::from_millis(100 << (n - 1).min(6))).await;

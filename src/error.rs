@@ -149,6 +149,16 @@ impl Error {
         matches!(self.kind, Kind::Timeout) || (self.kind == Kind::Db && self.closed)
     }
 
+    /// Whether the same round trip, sent again at once on the same connection, can
+    /// succeed: transient, the connection still usable, and not a lock wait that
+    /// ran out (55P03, `lock_timeout`). A lock held that long is maintenance (a
+    /// `CREATE INDEX` without `CONCURRENTLY`, `VACUUM FULL`, an `ALTER TABLE`),
+    /// which 100 ms more do not outlast, and each retry would wait as long again;
+    /// the next cycle tries again.
+    pub fn is_worth_retrying_now(&self) -> bool {
+        self.is_transient() && !self.is_connection_lost() && self.code() != Some(LOCK_NOT_AVAILABLE)
+    }
+
     /// Whether trying the same thing later can succeed: a lost connection, a timeout,
     /// or a SQLSTATE of class 08 (connection), 40 (serialization, deadlock), 53
     /// (resources), 57P (shutdown, recovery), 58 (system) or 55P03 (lock not
@@ -169,6 +179,9 @@ impl Error {
 /// SQLSTATE read_only_sql_transaction: a write reached a server in recovery.
 pub const READ_ONLY: &str = "25006";
 
+/// SQLSTATE lock_not_available: a `lock_timeout` ran out.
+pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+
 /// See [`Error::is_transient`]. 25006 (a read-only server) heals by reconnecting to
 /// the writable host after a failover.
 pub fn is_transient_sqlstate(code: &str) -> bool {
@@ -178,7 +191,7 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
         || code.starts_with("53")
         || code.starts_with("57P")
         || code.starts_with("58")
-        || code == "55P03"
+        || code == LOCK_NOT_AVAILABLE
         || code == "57014" // query_canceled: statement_timeout or pg_cancel_backend
 }
 
@@ -272,5 +285,19 @@ mod tests {
         );
         assert!(e.is_transient());
         assert!(e.is_connection_lost());
+        assert!(!e.is_worth_retrying_now());
+    }
+
+    #[test]
+    fn a_lock_wait_that_ran_out_waits_for_the_next_cycle() {
+        let coded = |c: &str| Error {
+            code: Some(c.to_string()),
+            ..Error::new(Kind::Db, "insert batch of 100")
+        };
+        assert!(coded("40001").is_worth_retrying_now());
+        let lock = coded(LOCK_NOT_AVAILABLE);
+        assert!(lock.is_transient());
+        assert!(!lock.is_worth_retrying_now());
+        assert!(!coded("23505").is_worth_retrying_now());
     }
 }

@@ -1225,10 +1225,6 @@ fn use_copy(method: UploadMethod, central: &Db) -> bool {
     }
 }
 
-/// SQLSTATE lock_not_available: central's `lock_timeout` ran out (see
-/// [`central_call`]).
-const LOCK_NOT_AVAILABLE: &str = "55P03";
-
 /// See [`insert`].
 fn copy_refused(e: &Error) -> bool {
     e.kind() == Kind::Db && e.code() == Some("0A000")
@@ -1315,10 +1311,7 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
 /// One central round trip, timed from when it reaches the head of the pipeline (see
 /// [`Pipeline`]), retried like [`Db::retrying`] when transient, except after a
 /// failure that may be about the batch's size: that one is retried smaller by the
-/// drain, not unchanged here; and after a lock wait that ran out (55P03, central's
-/// `lock_timeout`): a lock held that long is maintenance, which 100 ms more do not
-/// outlast, and each retry would wait for it as long again, batch after batch in
-/// the pipeline. The next cycle tries again.
+/// drain, not unchanged here.
 async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -1338,10 +1331,8 @@ where
             .await;
         match r {
             Err(e)
-                if e.is_transient()
+                if e.is_worth_retrying_now()
                     && !is_size_failure(&e)
-                    && e.code() != Some(LOCK_NOT_AVAILABLE)
-                    && !e.is_connection_lost()
                     && !db.is_closed()
                     && n < ctx.retries =>
             {

@@ -1595,6 +1595,25 @@ fn on_own_central(prefix: &str) -> (&'static support::Cluster, Sandbox) {
     (central, s)
 }
 
+/// Stops and restarts `central` under the running daemon `d` and returns the log
+/// from the restart on, once the tenant phase has said whether it verified or
+/// copied (it runs after the meters phase has committed, so both have answered).
+fn restart_central(central: &support::Cluster, d: &support::Daemon) -> String {
+    central.stop();
+    central.restart();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || {
+            let log = d.log_text();
+            log[at..].contains("tenant: central restarted;")
+                || log[at..].contains("tenant: full reconciliation")
+        }),
+        "{}",
+        &d.log_text()[at..]
+    );
+    d.log_text()[at..].to_string()
+}
+
 /// When `table`'s last full reconciliation was, as text.
 fn full_at(s: &Sandbox, table: &str) -> String {
     s.local()
@@ -1854,19 +1873,7 @@ fn p21_a_central_restart_with_other_date_and_time_settings_is_still_verified_by_
     }
     next_cycle(&d);
 
-    central.stop();
-    central.restart();
-    let at = d.log_text().len();
-    assert!(
-        support::wait_until(Duration::from_secs(30), || {
-            let log = d.log_text();
-            log[at..].contains("tenant: central restarted; local copy verified identical (1 rows)")
-                || log[at..].contains("tenant: full reconciliation")
-        }),
-        "{}",
-        &d.log_text()[at..]
-    );
-    let after = d.log_text()[at..].to_string();
+    let after = restart_central(central, &d);
     assert!(
         after.contains("meters: central restarted; local copy verified identical (3 rows)")
             && after.contains("tenant: central restarted; local copy verified identical (1 rows)")
@@ -1951,19 +1958,7 @@ fn p21_a_meter_kept_locally_after_its_central_delete_does_not_defeat_the_digest(
     );
     next_cycle(&d);
 
-    central.stop();
-    central.restart();
-    let at = d.log_text().len();
-    assert!(
-        support::wait_until(Duration::from_secs(30), || {
-            let log = d.log_text();
-            log[at..].contains("tenant: central restarted;")
-                || log[at..].contains("tenant: full reconciliation")
-        }),
-        "{}",
-        &d.log_text()[at..]
-    );
-    let after = d.log_text()[at..].to_string();
+    let after = restart_central(central, &d);
     assert!(
         after.contains("meters: central restarted; local copy verified identical (2 rows")
             && !after.contains("full reconciliation"),
@@ -2124,22 +2119,7 @@ fn p21_a_value_equal_jsonb_spelled_otherwise_centrally_costs_at_most_one_full_co
     assert!(!log.contains(" updated: "), "{log}");
     assert_eq!(versions(&mut s.local(), "meters"), before);
 
-    let restart = || {
-        central.stop();
-        central.restart();
-        let at = d.log_text().len();
-        assert!(
-            support::wait_until(Duration::from_secs(30), || {
-                let log = d.log_text();
-                log[at..].contains("tenant: central restarted;")
-                    || log[at..].contains("tenant: full reconciliation")
-            }),
-            "{}",
-            &d.log_text()[at..]
-        );
-        next_cycle(&d);
-        d.log_text()[at..].to_string()
-    };
+    let restart = || restart_central(central, &d) + &next_cycle(&d);
     let first = restart();
     assert!(
         first.contains("meters: up to date (3 unchanged)"),
@@ -2251,19 +2231,7 @@ fn p8_edge_values_travel_exactly_and_compare_right() {
     assert_eq!(s.local_count("tenant"), 2, "t-1 is kept, t-9 is new");
 
     drop(c);
-    central.stop();
-    central.restart();
-    let at = d.log_text().len();
-    assert!(
-        support::wait_until(Duration::from_secs(30), || {
-            let log = d.log_text();
-            log[at..].contains("tenant: central restarted;")
-                || log[at..].contains("tenant: full reconciliation")
-        }),
-        "{}",
-        &d.log_text()[at..]
-    );
-    let after = d.log_text()[at..].to_string();
+    let after = restart_central(central, &d);
     assert!(
         after.contains("meters: central restarted; local copy verified identical (3 rows)"),
         "{after}"
@@ -2300,19 +2268,7 @@ fn p21_rls_a_restart_after_a_meter_is_unassigned_is_verified_by_digest() {
     );
     next_cycle(&d);
 
-    central.stop();
-    central.restart();
-    let at = d.log_text().len();
-    assert!(
-        support::wait_until(Duration::from_secs(30), || {
-            let log = d.log_text();
-            log[at..].contains("tenant: central restarted;")
-                || log[at..].contains("tenant: full reconciliation")
-        }),
-        "{}",
-        &d.log_text()[at..]
-    );
-    let after = d.log_text()[at..].to_string();
+    let after = restart_central(central, &d);
     assert!(
         after.contains(
             "meters: central restarted; local copy verified identical (49 rows, and 1 kept \

@@ -909,6 +909,36 @@ fn a_password_rotated_in_its_file_is_used_without_a_restart() {
     assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)), "{log}");
 }
 
+/// `rounds` times, five readings written locally arrive centrally; then two more
+/// cycles finish, and the daemon is still running with nothing failed and nothing
+/// said above info. Returns the log.
+fn uploads_every_cycle_quietly(s: &Sandbox, d: &mut support::Daemon, rounds: i64) -> String {
+    for round in 0..rounds {
+        // A new session each time: the test's own ones are ended when idle too.
+        support::insert_readings(&mut s.local(), 5, round * 5);
+        let want = (round + 1) * 5;
+        assert!(
+            wait_until(Duration::from_secs(20), || s
+                .central_count("meter_readings")
+                == want),
+            "{}",
+            d.log_text()
+        );
+    }
+    let cycles = d.log_text().matches("cycle finished").count();
+    wait_until(Duration::from_secs(20), || {
+        d.log_text().matches("cycle finished").count() >= cycles + 2
+    });
+    let log = d.log_text();
+    assert!(
+        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "{log}"
+    );
+    assert!(!log.contains("FAILED"), "{log}");
+    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    log
+}
+
 /// Both servers end sessions that sit idle between cycles (`idle_session_timeout`
 /// shorter than the interval, as an operator or a managed database sets it; the
 /// same FATAL as `pg_terminate_backend` between cycles). Every cycle must find
@@ -932,29 +962,7 @@ fn sessions_ended_while_idle_between_cycles_cost_no_cycle() {
         .unwrap();
     }
     let mut d = s.spawn(&["run"]);
-    for round in 0..4 {
-        // A new session each time: the test's own ones are ended when idle too.
-        support::insert_readings(&mut s.local(), 5, round * 5);
-        let want = (round + 1) * 5;
-        assert!(
-            wait_until(Duration::from_secs(20), || s
-                .central_count("meter_readings")
-                == want),
-            "{}",
-            d.log_text()
-        );
-    }
-    let cycles = d.log_text().matches("cycle finished").count();
-    wait_until(Duration::from_secs(20), || {
-        d.log_text().matches("cycle finished").count() >= cycles + 2
-    });
-    let log = d.log_text();
-    assert!(
-        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "{log}"
-    );
-    assert!(!log.contains("FAILED"), "{log}");
-    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    let log = uploads_every_cycle_quietly(&s, &mut d, 4);
     assert!(
         log.lines().any(|l| l.contains("INFO")
             && l.contains("idle-session timeout (SQLSTATE 57P05)")
@@ -1009,28 +1017,7 @@ fn pgbouncer_idle_timeouts_between_cycles_cost_no_cycle() {
     s.set("POSTGRES_CLIENT_PORT", pb.port);
     s.set("SYNC_INTERVAL_SECONDS", 4);
     let mut d = s.spawn(&["run"]);
-    for round in 0..3 {
-        support::insert_readings(&mut s.local(), 5, round * 5);
-        let want = (round + 1) * 5;
-        assert!(
-            wait_until(Duration::from_secs(20), || s
-                .central_count("meter_readings")
-                == want),
-            "{}",
-            d.log_text()
-        );
-    }
-    let cycles = d.log_text().matches("cycle finished").count();
-    wait_until(Duration::from_secs(20), || {
-        d.log_text().matches("cycle finished").count() >= cycles + 2
-    });
-    let log = d.log_text();
-    assert!(
-        d.child.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "{log}"
-    );
-    assert!(!log.contains("FAILED"), "{log}");
-    assert!(!log.contains("ERROR") && !log.contains("WARN"), "{log}");
+    let log = uploads_every_cycle_quietly(&s, &mut d, 3);
     assert!(
         log.contains("reconnecting"),
         "PgBouncer never closed the session:\n{log}"

@@ -1468,6 +1468,29 @@ fn a_central_table_without_the_unique_key_holds_the_upload() {
     assert_eq!(s.local_count("meter_readings"), 0);
 }
 
+/// The daemon `d` meets the local refusal `sqlstate` after central committed, then
+/// three more cycles upload the same readings again: central holds exactly the
+/// `n` queued readings, each once, and the daemon still runs. Returns the log.
+fn refused_locally_for_three_cycles(
+    s: &Sandbox,
+    d: &mut support::Daemon,
+    sqlstate: &str,
+    n: i64,
+) -> String {
+    d.wait_log(sqlstate, Duration::from_secs(30));
+    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
+    let now = cycles(d);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || cycles(d) >= now + 3),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut s.central()), 0);
+    assert_eq!(s.central_count("meter_readings"), n, "{}", d.log_text());
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    d.log_text()
+}
+
 /// The local disk fills (or a write is otherwise refused locally) just when a
 /// batch has committed centrally: the local DELETE fails (here a trigger raises
 /// 53100 disk_full, as PostgreSQL does when it cannot extend a file). Nothing is
@@ -1490,22 +1513,10 @@ fn a_local_delete_refused_after_the_central_commit_loses_and_duplicates_nothing(
     support::insert_readings(&mut l, 50, 0);
     let before = rows(&mut l, "");
     let mut d = s.spawn(&["run"]);
-    d.wait_log("53100", Duration::from_secs(30));
-    // Three more cycles upload the same readings again.
-    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
-    let now = cycles(&d);
-    assert!(
-        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
-        "{}",
-        d.log_text()
-    );
+    let log = refused_locally_for_three_cycles(&s, &mut d, "53100", 50);
     let mut c = s.central();
-    assert_eq!(central_duplicates(&mut c), 0);
-    assert_eq!(s.central_count("meter_readings"), 50, "{}", d.log_text());
     assert_eq!(s.local_count("meter_readings"), 50);
     assert_eq!(quarantined(&mut l), vec![]);
-    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
-    let log = d.log_text();
     assert!(
         log.contains("delete uploaded batch of 10") && log.contains("No space left on device"),
         "{log}"
@@ -1616,20 +1627,9 @@ fn a_read_only_local_database_loses_and_duplicates_nothing() {
     };
     set_read_only(true);
     let mut d = s.spawn(&["run"]);
-    d.wait_log("25006", Duration::from_secs(30));
-    let cycles = |d: &support::Daemon| d.log_text().matches("cycle finished").count();
-    let now = cycles(&d);
-    assert!(
-        support::wait_until(Duration::from_secs(30), || cycles(&d) >= now + 3),
-        "{}",
-        d.log_text()
-    );
+    let log = refused_locally_for_three_cycles(&s, &mut d, "25006", 30);
     let mut c = s.central();
-    assert_eq!(central_duplicates(&mut c), 0);
-    assert_eq!(s.central_count("meter_readings"), 30, "{}", d.log_text());
     assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 30);
-    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
-    let log = d.log_text();
     assert!(
         log.contains("read-only transaction (SQLSTATE 25006)"),
         "{log}"

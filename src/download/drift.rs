@@ -47,6 +47,13 @@ fn columns_sql(table: &str) -> String {
 
 type Columns = Vec<(String, String, Option<i32>)>;
 
+/// The rows of [`columns_sql`].
+fn columns(rows: &[tokio_postgres::Row]) -> Columns {
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
 fn find<'a>(cols: &'a Columns, name: &str) -> Option<&'a (String, String, Option<i32>)> {
     cols.iter().find(|c| c.0 == name)
 }
@@ -77,10 +84,7 @@ async fn central_column(t: &Table, central: &Db) -> Option<String> {
         .query(&what, &columns_sql(t.table), &[])
         .await
         .ok()?;
-    let cols: Columns = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let cols = columns(&rows);
     for (c, ty) in downloaded(t) {
         let Some((_, have, _)) = find(&cols, c) else {
             return Some(format!("{}.{c} does not exist on central", t.table));
@@ -136,10 +140,7 @@ async fn local_column(t: &Table, tx: &mut Transaction<'_>, limit: Duration) -> O
     let rows = checked(tx, limit, &what, &columns_sql(t.table))
         .await
         .ok()?;
-    let cols: Columns = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let cols = columns(&rows);
     let (table, key, stg) = (t.table, t.key, t.staging());
     let wanted = downloaded(t).chain(std::iter::once(("synced_at", "timestamptz")));
     for (c, ty) in wanted {
