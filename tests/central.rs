@@ -260,6 +260,75 @@ fn three_gateways_through_pgbouncer(tag: &str, settings: &Settings) {
     );
 }
 
+/// A sandbox whose central takes `per_batch` per insert statement (a statement
+/// trigger), reached through `pb`, with a backlog of `n` readings in batches of 20
+/// and the pipeline at its default depth: a drain that lasts a while.
+fn draining_through(pb: &PgBouncer, per_batch: &str, n: usize) -> Sandbox {
+    let mut s = Sandbox::new();
+    s.central()
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep({per_batch}); RETURN NULL; END $$;
+             CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_ingest();"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_PORT", pb.port)
+        .set("BATCH_SIZE", 20)
+        .set("UPLOAD_PIPELINE_DEPTH", 8);
+    support::insert_readings(&mut s.local(), n, 0);
+    s
+}
+
+/// The operator's `PAUSE` on PgBouncer's console (the usual first step of central
+/// maintenance) in the middle of a gateway's drain takes effect within seconds,
+/// not once the drain is over: PgBouncer hands a server connection back only
+/// when nothing more is pipelined behind a transaction, so the drain lets its
+/// pipeline run dry every 2 s. While a `PAUSE` waits, every other client of the
+/// pool waits with it. A `RESUME` before `DB_QUERY_TIMEOUT_MS` costs nothing: the
+/// drain goes on at full batch size, nothing fails, every reading arrives once.
+#[test]
+fn p22_a_pause_on_pgbouncer_mid_drain_takes_effect_within_seconds() {
+    let (_, central) = shared();
+    let pb = PgBouncer::start(central, &Settings::default());
+    let total = 4000;
+    let mut s = draining_through(&pb, "0.05", total);
+    s.set("DB_QUERY_TIMEOUT_MS", 5000);
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            > 200),
+        "{}",
+        d.log_text()
+    );
+    let t = std::time::Instant::now();
+    pb.admin_query("PAUSE");
+    let took = t.elapsed();
+    let queued = pending(&s);
+    std::thread::sleep(Duration::from_secs(1));
+    pb.admin_query("RESUME");
+    assert!(
+        queued > 0 && took < Duration::from_secs(5),
+        "PAUSE took {took:?} and found {queued} reading(s) still queued (it waited for the drain):\n{}",
+        d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || pending(&s) == 0),
+        "{}",
+        d.log_text()
+    );
+    stop(&mut d);
+    let log = d.log_text();
+    assert_eq!(
+        count_and_distinct(&mut s.central()),
+        (total as i64, total as i64),
+        "{log}"
+    );
+    assert!(error_lines(&log).is_empty(), "{log}");
+    assert!(!log.contains("halved"), "{log}");
+}
+
 /// Durability: an upload is acknowledged (and its readings deleted on the
 /// gateway) only once central's synchronous standbys have it, whatever central's
 /// default `synchronous_commit`. Here central names a synchronous standby that is

@@ -103,25 +103,10 @@ impl PgBouncer {
             chown_to_server(&dir);
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-            let mut c = match server_user() {
-                Some(u) => {
-                    let mut c = Command::new("runuser");
-                    c.arg("-u").arg(u).arg("--").arg(&bin);
-                    c
-                }
-                None => Command::new(&bin),
-            };
-            let child = c
-                .arg(&ini)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn pgbouncer");
             let mut pb = PgBouncer {
                 port,
                 dir: dir.clone(),
-                child: Some(child),
+                child: Some(spawn(&bin, &ini)),
             };
             if pb.wait_listening(Duration::from_secs(10)) {
                 pb.reaper();
@@ -131,6 +116,36 @@ impl PgBouncer {
             pb.stop();
         }
         panic!("pgbouncer did not start:\n{last}");
+    }
+
+    /// Stops it with `sig` (SIGTERM: immediate shutdown; SIGINT: safe shutdown,
+    /// PAUSE then SHUTDOWN; SIGKILL: a crash), waits until it is gone, and starts
+    /// it again on the same port with the same configuration.
+    pub fn restart_after(&mut self, sig: i32) {
+        self.signal(sig);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "pgbouncer did not exit on {sig}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let bin = binary().expect("pgbouncer is installed");
+        self.child = Some(spawn(&bin, &self.dir.join("pgbouncer.ini")));
+        assert!(
+            self.wait_listening(Duration::from_secs(10)),
+            "pgbouncer did not start again:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Sends `sig` to the PgBouncer process itself.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.daemon_pid() {
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
     }
 
     fn wait_listening(&mut self, limit: Duration) -> bool {
@@ -225,4 +240,22 @@ impl Drop for PgBouncer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// PgBouncer on `ini`, as the server user when we are root.
+fn spawn(bin: &std::path::Path, ini: &std::path::Path) -> Child {
+    let mut c = match server_user() {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    c.arg(ini)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgbouncer")
 }
