@@ -543,10 +543,18 @@ fn after_failure(pace: &mut Pace, e: &Error, rows: usize, central: &Db) -> bool 
     if e.side() != Some(Side::Central) || !is_size_failure(e) {
         return false;
     }
+    // Selected before an earlier halving: the batches in flight behind the one that
+    // halved fail alike (all of them at once after a timeout), and say it once.
+    let level = if rows > pace.size() {
+        log::Level::Debug
+    } else {
+        log::Level::Warn
+    };
     let next = pace.failed_by_size(rows);
     let retry =
         next == AfterSizeFailure::RetrySmaller && !e.is_connection_lost() && !central.is_closed();
-    log::warn!(
+    log::log!(
+        level,
         "upload: a batch of {rows} failed because of its size ({e}); {}",
         match (next, retry) {
             (AfterSizeFailure::GiveUp, _) => "already at 1 reading per batch".to_string(),

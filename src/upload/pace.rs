@@ -39,13 +39,39 @@ static REMEMBERED: AtomicUsize = AtomicUsize::new(0);
 /// did not answer in time (ours, `DB_QUERY_TIMEOUT_MS`), a statement cancelled by
 /// central's `statement_timeout` (57014), central out of memory (53200), or a
 /// protocol violation (08P01: a message over a proxy's size limit, PgBouncer's
-/// `max_packet_size`). Smaller batches may pass where this one did not.
+/// `max_packet_size`, "bad packet header"), unless it is one of
+/// [`POOLER_NOT_ABOUT_SIZE`]. Smaller batches may pass where this one did not.
 pub fn is_size_failure(e: &Error) -> bool {
-    size_failure(e.kind(), e.code())
+    size_failure(e.kind(), e.code(), e.server_message())
 }
 
-fn size_failure(kind: Kind, code: Option<&str>) -> bool {
-    kind == Kind::Timeout || (kind == Kind::Db && matches!(code, Some("57014" | "53200" | "08P01")))
+/// PgBouncer sends every error of its own as 08P01, whatever its cause. These
+/// name a cause that a smaller batch does not cure: its pool had no server for us
+/// in time, the operator's `KILL`, the server connection died under the
+/// transaction (central restarted or crashed), central refused PgBouncer. Read as
+/// size, they halved the batches and told the operator "failed because of its
+/// size". An 08P01 not listed stays a size failure: a message too large for a
+/// proxy fails at every size above its limit, and would otherwise hold the queue
+/// for good.
+pub const POOLER_NOT_ABOUT_SIZE: [&str; 6] = [
+    "query_wait_timeout",
+    "database removed",
+    "server conn crashed?",
+    "pgbouncer cannot connect to server",
+    "server login has been failing",
+    "no more connections allowed",
+];
+
+fn size_failure(kind: Kind, code: Option<&str>, message: Option<&str>) -> bool {
+    let pooler_said_otherwise =
+        || message.is_some_and(|m| POOLER_NOT_ABOUT_SIZE.iter().any(|p| m.starts_with(p)));
+    kind == Kind::Timeout
+        || (kind == Kind::Db
+            && match code {
+                Some("57014" | "53200") => true,
+                Some("08P01") => !pooler_said_otherwise(),
+                _ => false,
+            })
 }
 
 /// What to do after a batch failed because of its size.
@@ -244,15 +270,34 @@ mod tests {
         let t = Error::timeout(Side::Central, "insert batch", Duration::from_secs(1));
         assert!(is_size_failure(&t));
         for c in ["57014", "53200", "08P01"] {
-            assert!(size_failure(Kind::Db, Some(c)), "{c}");
+            assert!(size_failure(Kind::Db, Some(c), None), "{c}");
         }
         for c in ["23505", "40001", "42501", "57P01", "08006"] {
-            assert!(!size_failure(Kind::Db, Some(c)), "{c}");
+            assert!(!size_failure(Kind::Db, Some(c), None), "{c}");
         }
         assert!(
-            !size_failure(Kind::Db, None),
+            !size_failure(Kind::Db, None, None),
             "a lost connection is not about size"
         );
+    }
+
+    /// What PgBouncer 1.18 said, each seen in tests/central.rs or by hand.
+    #[test]
+    fn pgbouncers_own_errors_are_about_size_only_when_they_say_so() {
+        let pooler = |m: &str| size_failure(Kind::Db, Some("08P01"), Some(m));
+        assert!(
+            pooler("bad packet header: '420000253f000000'"),
+            "max_packet_size"
+        );
+        assert!(pooler("query timeout"), "PgBouncer's query_timeout");
+        for m in [
+            "query_wait_timeout",
+            "database removed",
+            "server conn crashed?",
+            "pgbouncer cannot connect to server",
+        ] {
+            assert!(!pooler(m), "{m}");
+        }
     }
 
     #[test]

@@ -179,19 +179,25 @@ impl PgBouncer {
         std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
     }
 
-    /// A query on PgBouncer's admin console (`SHOW POOLS`, `SHOW STATS`), over its
-    /// Unix socket, where TLS is not required: every value as text.
-    pub fn admin_query(&self, sql: &str) -> Vec<Vec<String>> {
+    /// A session on PgBouncer's admin console, over its Unix socket, where TLS is
+    /// not required; for what must be undone on the same session (`SUSPEND`
+    /// refuses new connections until its `RESUME`).
+    pub fn console(&self) -> postgres::Client {
         let mut cfg = postgres::Config::new();
         cfg.host_path(&self.dir)
             .port(self.port)
             .user("postgres")
             .password(CENTRAL_PASSWORD)
             .dbname("pgbouncer");
-        let mut c = cfg
-            .connect(postgres::NoTls)
-            .expect("connect to the pgbouncer console");
-        c.simple_query(sql)
+        cfg.connect(postgres::NoTls)
+            .expect("connect to the pgbouncer console")
+    }
+
+    /// A query on PgBouncer's admin console (`SHOW POOLS`, `SHOW STATS`, `PAUSE`)
+    /// in a session of its own: every value as text.
+    pub fn admin_query(&self, sql: &str) -> Vec<Vec<String>> {
+        self.console()
+            .simple_query(sql)
             .expect("pgbouncer console query")
             .into_iter()
             .filter_map(|m| match m {
