@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -34,6 +34,14 @@ pub const POOLER_TURN: Duration = Duration::from_secs(2);
 /// client-side timeout the connection is given up and the drain ends; the smaller
 /// size is what the next cycle starts with).
 static REMEMBERED: AtomicUsize = AtomicUsize::new(0);
+
+/// And its streak of full batches: a gateway's steady trickle (15 readings a
+/// cycle) brings fewer than [`GROW_AFTER`] full batches per drain, so with the
+/// streak starting at 0 in every drain a halved size never grew back: after one
+/// timeout (a `PAUSE` on PgBouncer longer than `DB_QUERY_TIMEOUT_MS`) every cycle
+/// sent its 15 readings in 3 transactions, for the life of the process, and each
+/// further timeout halved again.
+static REMEMBERED_STREAK: AtomicU32 = AtomicU32::new(0);
 
 /// Whether a failed batch may have failed because of its size: a round trip that
 /// did not answer in time (ours, `DB_QUERY_TIMEOUT_MS`), a statement cancelled by
@@ -104,19 +112,25 @@ impl Pace {
         }
     }
 
-    /// Starts from the size the previous drain of this process ended with.
+    /// Starts from the size (and the streak towards growing it) the previous drain
+    /// of this process ended with.
     pub fn resume(max: usize) -> Pace {
         let mut p = Pace::new(max);
         match REMEMBERED.load(Ordering::Relaxed) {
             0 => {}
-            n => p.size = n.min(p.max),
+            n if n < p.max => {
+                p.size = n;
+                p.streak = REMEMBERED_STREAK.load(Ordering::Relaxed);
+            }
+            _ => {}
         }
         p
     }
 
-    /// Keeps the current size for the next drain of this process.
+    /// Keeps the current size and streak for the next drain of this process.
     pub fn remember(&self) {
         REMEMBERED.store(self.size, Ordering::Relaxed);
+        REMEMBERED_STREAK.store(self.streak, Ordering::Relaxed);
     }
 
     pub fn size(&self) -> usize {
@@ -342,6 +356,38 @@ mod tests {
             p.succeeded(p.size());
         }
         assert_eq!(p.size(), 1000, "never above BATCH_SIZE");
+    }
+
+    /// A gateway's steady trickle after one halving (a timeout at 15 queued):
+    /// batches of 7, 7, 1 each cycle. The full ones count across drains, so the
+    /// size grows back; it stayed at 7 when each drain's streak began at 0. The
+    /// only test that uses the process-wide memory.
+    #[test]
+    fn a_halved_size_grows_back_over_the_drains_of_a_trickle() {
+        let mut p = Pace::new(20);
+        p.failed_by_size(15);
+        assert_eq!(p.size(), 7);
+        p.remember();
+        let mut batches = Vec::new();
+        for _ in 0..20 {
+            let mut p = Pace::resume(20);
+            let (mut left, mut n) = (15, 0);
+            while left > 0 {
+                let b = left.min(p.size());
+                p.succeeded(b);
+                left -= b;
+                n += 1;
+            }
+            batches.push(n);
+            p.remember();
+        }
+        assert_eq!(
+            Pace::resume(20).size(),
+            20,
+            "batches per cycle: {batches:?}"
+        );
+        assert_eq!(batches.last(), Some(&1), "{batches:?}");
+        REMEMBERED.store(0, Ordering::Relaxed);
     }
 
     #[test]
