@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Transaction};
 
-use crate::config::{Config, DbConfig, Side, UploadMethod};
+use crate::config::{Config, DbConfig, Side};
 use crate::error::{Error, Kind, Result};
 use crate::shutdown::Shutdown;
 
@@ -222,8 +222,9 @@ impl Db {
             closed_by,
             driver,
         };
-        // Only `UPLOAD_METHOD=auto` needs the answer; the others save the round trip.
-        if side == Side::Central && cfg.upload_method == UploadMethod::Auto {
+        // `UPLOAD_METHOD=auto` chooses by the answer, and whatever the method the
+        // drain lets its pipeline run dry now and then behind a pooler.
+        if side == Side::Central {
             db.pooled = db.detect_pooler(&what).await?;
         }
         Ok(db)
@@ -250,11 +251,13 @@ impl Db {
         Ok(pooled)
     }
 
-    /// Central answers through a connection pooler (asked only under
-    /// `UPLOAD_METHOD=auto`, false otherwise): the backend behind this
-    /// connection may change at every transaction boundary. PgBouncer before 1.21
-    /// hands the backend back to its pool at the first ReadyForQuery after a COPY,
-    /// so nothing may be pipelined behind a COPY there (docs/upload.md).
+    /// Central answers through a connection pooler (asked at every central
+    /// connect): the backend behind this connection may change at every
+    /// transaction boundary. PgBouncer before 1.21 hands the backend back to its
+    /// pool at the first ReadyForQuery after a COPY, so nothing may be pipelined
+    /// behind a COPY there; and it hands it back only when nothing more is
+    /// pipelined behind a transaction, so the upload lets its pipeline run dry
+    /// now and then (docs/upload.md).
     pub fn behind_pooler(&self) -> bool {
         self.pooled
     }

@@ -144,6 +144,16 @@ impl Error {
         self.code.as_deref()
     }
 
+    /// The server's (or a pooler's) own message, if the database answered with
+    /// an error.
+    pub fn server_message(&self) -> Option<&str> {
+        self.source
+            .as_ref()?
+            .downcast_ref::<tokio_postgres::Error>()?
+            .as_db_error()
+            .map(|db| db.message())
+    }
+
     /// The connection this error came through can no longer be used.
     pub fn is_connection_lost(&self) -> bool {
         matches!(self.kind, Kind::Timeout) || (self.kind == Kind::Db && self.closed)

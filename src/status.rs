@@ -3,7 +3,9 @@
 //!
 //! Meant to be quick enough for a login banner or a monitoring probe: one
 //! connection attempt per database (no retries, `DB_CONNECTION_TIMEOUT_MS` each,
-//! both at once), a handful of indexed queries on local, none on central.
+//! both at once; behind a pooler the connect's pooler check may queue for a
+//! server up to `DB_QUERY_TIMEOUT_MS`, as under a `PAUSE` on PgBouncer), a
+//! handful of indexed queries on local, none on central.
 
 use std::fmt::Write as _;
 

@@ -36,7 +36,7 @@ use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 use crate::shutdown::Shutdown;
 use batch::{Batch, Builder, Encoded, Raw, CENTRAL_COLUMNS};
-use pace::{is_size_failure, AfterSizeFailure, Pace, Pipeline};
+use pace::{is_size_failure, AfterSizeFailure, Pace, Pipeline, POOLER_TURN};
 
 /// The queue: unsynchronized and not quarantined. This predicate is the one of the
 /// partial index `meter_readings_pending_idx ("timestamp", id)`, which serves both
@@ -384,6 +384,11 @@ pub async fn drain(
     // it had.
     let mut inflight: FuturesUnordered<BoxFuture<'_, (Tally, Result<()>, usize)>> =
         FuturesUnordered::new();
+    // Since when batches have been in flight without a break: behind a pooler the
+    // pipeline runs dry after POOLER_TURN, so that the pooler can take its server
+    // connection back (see there).
+    let pooled = central.behind_pooler();
+    let mut busy_since: Option<Instant> = None;
 
     loop {
         if stopped.is_none() && failure.is_none() {
@@ -431,7 +436,8 @@ pub async fn drain(
                 }
             }
         }
-        if may_start && !exhausted && reader.is_none() && inflight.len() < depth {
+        let turn_over = pooled && busy_since.is_some_and(|t| t.elapsed() >= POOLER_TURN);
+        if may_start && !turn_over && !exhausted && reader.is_none() && inflight.len() < depth {
             reader = Some(Box::pin(select_batch(&ctx, key.clone(), pace.size())));
         }
         if reader.is_none() && inflight.is_empty() {
@@ -451,6 +457,7 @@ pub async fn drain(
                         key = sel.last;
                         if !sel.batch.is_empty() {
                             total.batches += 1;
+                            busy_since.get_or_insert_with(Instant::now);
                             let (ctx, seq, rows) = (&ctx, total.batches, sel.batch);
                             inflight.push(Box::pin(async move {
                                 let n = rows.len();
@@ -463,6 +470,9 @@ pub async fn drain(
                 }
             }
             Some((t, r, n)) = inflight.next(), if !inflight.is_empty() => {
+                if inflight.is_empty() {
+                    busy_since = None;
+                }
                 total.add(&t);
                 crate::notify::alive();
                 match r {
@@ -533,10 +543,18 @@ fn after_failure(pace: &mut Pace, e: &Error, rows: usize, central: &Db) -> bool 
     if e.side() != Some(Side::Central) || !is_size_failure(e) {
         return false;
     }
+    // Selected before an earlier halving: the batches in flight behind the one that
+    // halved fail alike (all of them at once after a timeout), and say it once.
+    let level = if rows > pace.size() {
+        log::Level::Debug
+    } else {
+        log::Level::Warn
+    };
     let next = pace.failed_by_size(rows);
     let retry =
         next == AfterSizeFailure::RetrySmaller && !e.is_connection_lost() && !central.is_closed();
-    log::warn!(
+    log::log!(
+        level,
         "upload: a batch of {rows} failed because of its size ({e}); {}",
         match (next, retry) {
             (AfterSizeFailure::GiveUp, _) => "already at 1 reading per batch".to_string(),

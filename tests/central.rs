@@ -260,6 +260,206 @@ fn three_gateways_through_pgbouncer(tag: &str, settings: &Settings) {
     );
 }
 
+/// A sandbox whose central takes `per_batch` per insert statement (a statement
+/// trigger), reached through `pb`, with a backlog of `n` readings in batches of 20
+/// and the pipeline at its default depth: a drain that lasts a while.
+fn draining_through(pb: &PgBouncer, per_batch: &str, n: usize) -> Sandbox {
+    let mut s = Sandbox::new();
+    s.central()
+        .batch_execute(&format!(
+            "CREATE FUNCTION slow_ingest() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep({per_batch}); RETURN NULL; END $$;
+             CREATE TRIGGER slow_ingest AFTER INSERT ON meter_readings
+                 FOR EACH STATEMENT EXECUTE FUNCTION slow_ingest();"
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_PORT", pb.port)
+        .set("BATCH_SIZE", 20)
+        .set("UPLOAD_PIPELINE_DEPTH", 8);
+    support::insert_readings(&mut s.local(), n, 0);
+    s
+}
+
+/// The operator's `PAUSE` on PgBouncer's console (the usual first step of central
+/// maintenance) in the middle of a gateway's drain takes effect within seconds,
+/// not once the drain is over: PgBouncer hands a server connection back only
+/// when nothing more is pipelined behind a transaction, so the drain lets its
+/// pipeline run dry every 2 s. While a `PAUSE` waits, every other client of the
+/// pool waits with it. A `RESUME` before `DB_QUERY_TIMEOUT_MS` costs nothing: the
+/// drain goes on at full batch size, nothing fails, every reading arrives once.
+#[test]
+fn p22_a_pause_on_pgbouncer_mid_drain_takes_effect_within_seconds() {
+    let (_, central) = shared();
+    let pb = PgBouncer::start(central, &Settings::default());
+    let total = 4000;
+    let mut s = draining_through(&pb, "0.05", total);
+    s.set("DB_QUERY_TIMEOUT_MS", 5000);
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            > 200),
+        "{}",
+        d.log_text()
+    );
+    let t = std::time::Instant::now();
+    pb.admin_query("PAUSE");
+    let took = t.elapsed();
+    let queued = pending(&s);
+    std::thread::sleep(Duration::from_secs(1));
+    pb.admin_query("RESUME");
+    assert!(
+        queued > 0 && took < Duration::from_secs(6),
+        "PAUSE took {took:?} and found {queued} reading(s) still queued (it waited for the drain):\n{}",
+        d.log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || pending(&s) == 0),
+        "{}",
+        d.log_text()
+    );
+    stop(&mut d);
+    let log = d.log_text();
+    assert_eq!(
+        count_and_distinct(&mut s.central()),
+        (total as i64, total as i64),
+        "{log}"
+    );
+    assert!(error_lines(&log).is_empty(), "{log}");
+    assert!(!log.contains("halved"), "{log}");
+}
+
+/// A `PAUSE` held three times `DB_QUERY_TIMEOUT_MS` mid-drain (P18, P5): the
+/// batch waiting for a server is given up after the timeout (the batches behind
+/// it with it), the batch size is halved once and said once, the watchdog is fed
+/// throughout, cycles during the `PAUSE` fail cleanly, and after `RESUME` the
+/// drain goes on, grows back to `BATCH_SIZE`, and every reading arrives once,
+/// none quarantined; the heartbeat reports the gateway healthy again. The
+/// halving was said once per batch in flight: eight identical warnings.
+#[test]
+fn p18_a_pause_longer_than_the_query_timeout_mid_drain_is_survived() {
+    use support::notify::Notifications;
+    let (_, central) = shared();
+    let pb = PgBouncer::start(central, &Settings::default());
+    let total = 3000;
+    let mut s = draining_through(&pb, "0.03", total);
+    let n = Notifications::bind(&s.dir);
+    s.set("DB_QUERY_TIMEOUT_MS", 2000)
+        .set("NOTIFY_SOCKET", n.path.display())
+        .set("WATCHDOG_USEC", 2_000_000);
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            > 200),
+        "{}",
+        d.log_text()
+    );
+    let from = std::time::Instant::now();
+    pb.admin_query("PAUSE");
+    std::thread::sleep(Duration::from_secs(6));
+    pb.admin_query("RESUME");
+    assert!(
+        wait_until(Duration::from_secs(60), || pending(&s) == 0),
+        "{}",
+        d.log_text()
+    );
+    let mut c = s.central();
+    let healthy = wait_until(Duration::from_secs(20), || {
+        c.query_one(
+            "SELECT count(*) FROM gateway_status WHERE last_cycle_ok AND queue_size = 0",
+            &[],
+        )
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    });
+    let to = std::time::Instant::now();
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(healthy, "{log}");
+    assert_eq!(
+        count_and_distinct(&mut c),
+        (total as i64, total as i64),
+        "{log}"
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0,
+        "{log}"
+    );
+    assert!(
+        log.contains("no answer within 2000 ms"),
+        "the PAUSE was not met:\n{log}"
+    );
+    assert_eq!(log.matches("because of its size").count(), 1, "{log}");
+    assert!(log.contains("batch size back up to 20"), "{log}");
+    let gap = n.max_watchdog_gap(from, to);
+    assert!(
+        gap <= Duration::from_millis(1000),
+        "watchdog silent for {gap:?}:\n{log}"
+    );
+}
+
+/// PgBouncer sends every error of its own as 08P01. The operator's `KILL` of the
+/// database on its console mid-drain ("database removed") is not about the
+/// batch's size (P24): the phase fails, the batches stay at full size, the next
+/// cycle after `RESUME` goes on, every reading arrives once. It was read as a
+/// size failure: "a batch of 20 failed because of its size (… database removed
+/// …)", batch size halved (so were "query_wait_timeout" and "server conn
+/// crashed?", unit-tested in src/upload/pace.rs).
+#[test]
+fn p24_pgbouncers_kill_mid_drain_is_not_taken_for_a_batch_too_large() {
+    let (_, central) = shared();
+    // The server connection KILL closed counts as a failed login to PgBouncer,
+    // which then waits `server_login_retry` (15 s) before it opens another; the
+    // gateway's connects, bounded by its query timeout of 3 s here, would fail
+    // meanwhile (with the default of 30 s they wait it out).
+    let pb = PgBouncer::start(
+        central,
+        &Settings {
+            extra: "server_login_retry = 1\n".into(),
+            ..Settings::default()
+        },
+    );
+    let total = 2000;
+    let mut s = draining_through(&pb, "0.03", total);
+    s.set("DB_QUERY_TIMEOUT_MS", 3000);
+    let mut d = s.spawn(&["run"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            > 200),
+        "{}",
+        d.log_text()
+    );
+    let db = &s.central_db;
+    pb.admin_query(&format!("KILL \"{db}\""));
+    std::thread::sleep(Duration::from_millis(500));
+    // Until RESUME, PgBouncer 1.18 holds new clients of a killed database.
+    pb.admin_query(&format!("RESUME \"{db}\""));
+    assert!(
+        wait_until(Duration::from_secs(60), || pending(&s) == 0),
+        "{}",
+        d.log_text()
+    );
+    stop(&mut d);
+    let log = d.log_text();
+    assert!(
+        log.contains("database removed"),
+        "the KILL was not met mid-drain:\n{log}"
+    );
+    assert!(
+        !log.contains("because of its size") && !log.contains("halved"),
+        "{log}"
+    );
+    assert_eq!(
+        count_and_distinct(&mut s.central()),
+        (total as i64, total as i64),
+        "{log}"
+    );
+}
+
 /// Durability: an upload is acknowledged (and its readings deleted on the
 /// gateway) only once central's synchronous standbys have it, whatever central's
 /// default `synchronous_commit`. Here central names a synchronous standby that is

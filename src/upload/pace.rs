@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,23 +15,71 @@ use crate::error::{Error, Kind};
 /// Consecutive full batches at one size before the size doubles again.
 pub const GROW_AFTER: u32 = 8;
 
+/// Behind a connection pooler, how long the drain keeps its pipeline full before
+/// it lets it run dry (no new batch until every batch in flight is answered).
+///
+/// PgBouncer in transaction pooling mode hands a server connection back to its
+/// pool only when the transaction has ended and the client has sent nothing more;
+/// a pipeline that is never empty holds the server connection for the whole
+/// drain, up to `UPLOAD_TIME_BUDGET_SECONDS`. Meanwhile the operator's `PAUSE`
+/// (and `RECONNECT`, and PgBouncer's safe shutdown on SIGINT) waits for this one
+/// gateway, and every other client of the pool, its queries held by the `PAUSE`
+/// in progress or queued for a server, times out (`query_wait_timeout`). Running
+/// dry every 2 s bounds that wait to about 2 s plus one batch, at the cost of one
+/// round trip per 2 s of upload (about 5 % over a 100 ms link).
+pub const POOLER_TURN: Duration = Duration::from_secs(2);
+
 /// The batch size the last drain of this process ended with (0: none yet), so that
 /// a size that failed is not tried again at once by the next cycle (after a
 /// client-side timeout the connection is given up and the drain ends; the smaller
 /// size is what the next cycle starts with).
 static REMEMBERED: AtomicUsize = AtomicUsize::new(0);
 
+/// And its streak of full batches: a gateway's steady trickle (15 readings a
+/// cycle) brings fewer than [`GROW_AFTER`] full batches per drain, so with the
+/// streak starting at 0 in every drain a halved size never grew back: after one
+/// timeout (a `PAUSE` on PgBouncer longer than `DB_QUERY_TIMEOUT_MS`) every cycle
+/// sent its 15 readings in 3 transactions, for the life of the process, and each
+/// further timeout halved again.
+static REMEMBERED_STREAK: AtomicU32 = AtomicU32::new(0);
+
 /// Whether a failed batch may have failed because of its size: a round trip that
 /// did not answer in time (ours, `DB_QUERY_TIMEOUT_MS`), a statement cancelled by
 /// central's `statement_timeout` (57014), central out of memory (53200), or a
 /// protocol violation (08P01: a message over a proxy's size limit, PgBouncer's
-/// `max_packet_size`). Smaller batches may pass where this one did not.
+/// `max_packet_size`, "bad packet header"), unless it is one of
+/// [`POOLER_NOT_ABOUT_SIZE`]. Smaller batches may pass where this one did not.
 pub fn is_size_failure(e: &Error) -> bool {
-    size_failure(e.kind(), e.code())
+    size_failure(e.kind(), e.code(), e.server_message())
 }
 
-fn size_failure(kind: Kind, code: Option<&str>) -> bool {
-    kind == Kind::Timeout || (kind == Kind::Db && matches!(code, Some("57014" | "53200" | "08P01")))
+/// PgBouncer sends every error of its own as 08P01, whatever its cause. These
+/// name a cause that a smaller batch does not cure: its pool had no server for us
+/// in time, the operator's `KILL`, the server connection died under the
+/// transaction (central restarted or crashed), central refused PgBouncer. Read as
+/// size, they halved the batches and told the operator "failed because of its
+/// size". An 08P01 not listed stays a size failure: a message too large for a
+/// proxy fails at every size above its limit, and would otherwise hold the queue
+/// for good.
+pub const POOLER_NOT_ABOUT_SIZE: [&str; 6] = [
+    "query_wait_timeout",
+    "database removed",
+    "server conn crashed?",
+    "pgbouncer cannot connect to server",
+    "server login has been failing",
+    "no more connections allowed",
+];
+
+fn size_failure(kind: Kind, code: Option<&str>, message: Option<&str>) -> bool {
+    let pooler_said_otherwise =
+        || message.is_some_and(|m| POOLER_NOT_ABOUT_SIZE.iter().any(|p| m.starts_with(p)));
+    kind == Kind::Timeout
+        || (kind == Kind::Db
+            && match code {
+                Some("57014" | "53200") => true,
+                Some("08P01") => !pooler_said_otherwise(),
+                _ => false,
+            })
 }
 
 /// What to do after a batch failed because of its size.
@@ -64,19 +112,25 @@ impl Pace {
         }
     }
 
-    /// Starts from the size the previous drain of this process ended with.
+    /// Starts from the size (and the streak towards growing it) the previous drain
+    /// of this process ended with.
     pub fn resume(max: usize) -> Pace {
         let mut p = Pace::new(max);
         match REMEMBERED.load(Ordering::Relaxed) {
             0 => {}
-            n => p.size = n.min(p.max),
+            n if n < p.max => {
+                p.size = n;
+                p.streak = REMEMBERED_STREAK.load(Ordering::Relaxed);
+            }
+            _ => {}
         }
         p
     }
 
-    /// Keeps the current size for the next drain of this process.
+    /// Keeps the current size and streak for the next drain of this process.
     pub fn remember(&self) {
         REMEMBERED.store(self.size, Ordering::Relaxed);
+        REMEMBERED_STREAK.store(self.streak, Ordering::Relaxed);
     }
 
     pub fn size(&self) -> usize {
@@ -230,15 +284,34 @@ mod tests {
         let t = Error::timeout(Side::Central, "insert batch", Duration::from_secs(1));
         assert!(is_size_failure(&t));
         for c in ["57014", "53200", "08P01"] {
-            assert!(size_failure(Kind::Db, Some(c)), "{c}");
+            assert!(size_failure(Kind::Db, Some(c), None), "{c}");
         }
         for c in ["23505", "40001", "42501", "57P01", "08006"] {
-            assert!(!size_failure(Kind::Db, Some(c)), "{c}");
+            assert!(!size_failure(Kind::Db, Some(c), None), "{c}");
         }
         assert!(
-            !size_failure(Kind::Db, None),
+            !size_failure(Kind::Db, None, None),
             "a lost connection is not about size"
         );
+    }
+
+    /// What PgBouncer 1.18 said, each seen in tests/central.rs or by hand.
+    #[test]
+    fn pgbouncers_own_errors_are_about_size_only_when_they_say_so() {
+        let pooler = |m: &str| size_failure(Kind::Db, Some("08P01"), Some(m));
+        assert!(
+            pooler("bad packet header: '420000253f000000'"),
+            "max_packet_size"
+        );
+        assert!(pooler("query timeout"), "PgBouncer's query_timeout");
+        for m in [
+            "query_wait_timeout",
+            "database removed",
+            "server conn crashed?",
+            "pgbouncer cannot connect to server",
+        ] {
+            assert!(!pooler(m), "{m}");
+        }
     }
 
     #[test]
@@ -283,6 +356,38 @@ mod tests {
             p.succeeded(p.size());
         }
         assert_eq!(p.size(), 1000, "never above BATCH_SIZE");
+    }
+
+    /// A gateway's steady trickle after one halving (a timeout at 15 queued):
+    /// batches of 7, 7, 1 each cycle. The full ones count across drains, so the
+    /// size grows back; it stayed at 7 when each drain's streak began at 0. The
+    /// only test that uses the process-wide memory.
+    #[test]
+    fn a_halved_size_grows_back_over_the_drains_of_a_trickle() {
+        let mut p = Pace::new(20);
+        p.failed_by_size(15);
+        assert_eq!(p.size(), 7);
+        p.remember();
+        let mut batches = Vec::new();
+        for _ in 0..20 {
+            let mut p = Pace::resume(20);
+            let (mut left, mut n) = (15, 0);
+            while left > 0 {
+                let b = left.min(p.size());
+                p.succeeded(b);
+                left -= b;
+                n += 1;
+            }
+            batches.push(n);
+            p.remember();
+        }
+        assert_eq!(
+            Pace::resume(20).size(),
+            20,
+            "batches per cycle: {batches:?}"
+        );
+        assert_eq!(batches.last(), Some(&1), "{batches:?}");
+        REMEMBERED.store(0, Ordering::Relaxed);
     }
 
     #[test]

@@ -103,25 +103,10 @@ impl PgBouncer {
             chown_to_server(&dir);
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-            let mut c = match server_user() {
-                Some(u) => {
-                    let mut c = Command::new("runuser");
-                    c.arg("-u").arg(u).arg("--").arg(&bin);
-                    c
-                }
-                None => Command::new(&bin),
-            };
-            let child = c
-                .arg(&ini)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn pgbouncer");
             let mut pb = PgBouncer {
                 port,
                 dir: dir.clone(),
-                child: Some(child),
+                child: Some(spawn(&bin, &ini)),
             };
             if pb.wait_listening(Duration::from_secs(10)) {
                 pb.reaper();
@@ -131,6 +116,36 @@ impl PgBouncer {
             pb.stop();
         }
         panic!("pgbouncer did not start:\n{last}");
+    }
+
+    /// Stops it with `sig` (SIGTERM: immediate shutdown; SIGINT: safe shutdown,
+    /// PAUSE then SHUTDOWN; SIGKILL: a crash), waits until it is gone, and starts
+    /// it again on the same port with the same configuration.
+    pub fn restart_after(&mut self, sig: i32) {
+        self.signal(sig);
+        if let Some(mut c) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "pgbouncer did not exit on {sig}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let bin = binary().expect("pgbouncer is installed");
+        self.child = Some(spawn(&bin, &self.dir.join("pgbouncer.ini")));
+        assert!(
+            self.wait_listening(Duration::from_secs(10)),
+            "pgbouncer did not start again:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Sends `sig` to the PgBouncer process itself.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.daemon_pid() {
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
     }
 
     fn wait_listening(&mut self, limit: Duration) -> bool {
@@ -164,19 +179,25 @@ impl PgBouncer {
         std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
     }
 
-    /// A query on PgBouncer's admin console (`SHOW POOLS`, `SHOW STATS`), over its
-    /// Unix socket, where TLS is not required: every value as text.
-    pub fn admin_query(&self, sql: &str) -> Vec<Vec<String>> {
+    /// A session on PgBouncer's admin console, over its Unix socket, where TLS is
+    /// not required; for what must be undone on the same session (`SUSPEND`
+    /// refuses new connections until its `RESUME`).
+    pub fn console(&self) -> postgres::Client {
         let mut cfg = postgres::Config::new();
         cfg.host_path(&self.dir)
             .port(self.port)
             .user("postgres")
             .password(CENTRAL_PASSWORD)
             .dbname("pgbouncer");
-        let mut c = cfg
-            .connect(postgres::NoTls)
-            .expect("connect to the pgbouncer console");
-        c.simple_query(sql)
+        cfg.connect(postgres::NoTls)
+            .expect("connect to the pgbouncer console")
+    }
+
+    /// A query on PgBouncer's admin console (`SHOW POOLS`, `SHOW STATS`, `PAUSE`)
+    /// in a session of its own: every value as text.
+    pub fn admin_query(&self, sql: &str) -> Vec<Vec<String>> {
+        self.console()
+            .simple_query(sql)
             .expect("pgbouncer console query")
             .into_iter()
             .filter_map(|m| match m {
@@ -225,4 +246,22 @@ impl Drop for PgBouncer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// PgBouncer on `ini`, as the server user when we are root.
+fn spawn(bin: &std::path::Path, ini: &std::path::Path) -> Child {
+    let mut c = match server_user() {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    c.arg(ini)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgbouncer")
 }
