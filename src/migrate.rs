@@ -30,6 +30,7 @@ pub const LOCAL: &[Migration] = &[
     migration!("local", 2, "0002_resend_window.sql"),
     migration!("local", 3, "0003_download_watermark.sql"),
     migration!("local", 4, "0004_download_watermark_central_started.sql"),
+    migration!("local", 5, "0005_quarantined_index.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[
