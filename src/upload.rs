@@ -1547,22 +1547,72 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
     }
 }
 
+/// Retained readings `resend` queues again per statement: each statement is its own
+/// short transaction, as the purge's are. One UPDATE of a day's readings on a busy
+/// gateway (a million rows: 22 s on the development machine, minutes on a
+/// gateway's flash) ran into the local `statement_timeout`, so that `resend`
+/// failed with nothing queued, and it wrote the whole table's worth of WAL in one
+/// transaction.
+const RESEND_BATCH: i64 = 5000;
+
 /// `meter-sync resend --since`: queues again the retained readings uploaded at or
 /// after `since` (a timestamp PostgreSQL reads), for a central restored from a
 /// backup older than them. Central ignores the ones it still has (`ON CONFLICT DO
 /// NOTHING` on `reading_uid`), so each arrives once. Returns how many were queued.
+///
+/// [`RESEND_BATCH`] readings at a time, oldest upload first, each batch committed
+/// at once: a resend cut short (the database went away) has queued the oldest,
+/// and running it again queues the rest. Only readings uploaded before the resend
+/// started are taken: a running daemon uploads and marks what the first batches
+/// queued, and those must not be queued again by the later ones (the loop would
+/// chase the daemon's uploads).
 pub async fn resend(local: &Db, since: &str) -> Result<u64> {
-    let n = local
-        .execute(
-            "queue retained readings again",
-            "UPDATE meter_readings SET is_synchronized = false, synced_at = NULL \
-             WHERE is_synchronized AND synced_at IS NOT NULL \
-               AND synced_at >= $1::text::timestamptz",
-            &[&since],
-        )
-        .await?;
-    log::info!("resend: {n} retained reading(s) uploaded since {since} queued again");
-    Ok(n)
+    let started: std::time::SystemTime = cell(
+        &local
+            .query_one("start the resend", "SELECT statement_timestamp()", &[])
+            .await?,
+        0,
+        "start the resend",
+    )?;
+    let mut total = 0u64;
+    loop {
+        // The condition stands in the UPDATE as well: a row the purge or another
+        // resend changed while this waited for its lock is re-checked against it
+        // (see purge_retained). `picked` says whether more may be left, `queued`
+        // how many this batch took.
+        let row = local
+            .query_one(
+                "queue retained readings again",
+                "WITH picked AS (
+                     SELECT id FROM meter_readings
+                     WHERE is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at >= $1::text::timestamptz AND synced_at < $2
+                     ORDER BY synced_at LIMIT $3),
+                 queued AS (
+                     UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
+                     WHERE id IN (SELECT id FROM picked)
+                       AND is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at >= $1::text::timestamptz AND synced_at < $2
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM queued)",
+                &[&since, &started, &RESEND_BATCH],
+            )
+            .await
+            .map_err(|e| {
+                e.with_context(format!(
+                    "queue retained readings again ({total} queued before this; \
+                     the same resend again queues the rest)"
+                ))
+            })?;
+        let picked: i64 = cell(&row, 0, "queue retained readings again")?;
+        let queued: i64 = cell(&row, 1, "queue retained readings again")?;
+        total += queued as u64;
+        if picked < RESEND_BATCH {
+            break;
+        }
+    }
+    log::info!("resend: {total} retained reading(s) uploaded since {since} queued again");
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -1434,6 +1434,76 @@ fn the_purge_never_deletes_what_resend_has_just_queued_again() {
     assert_eq!(s.central_count("meter_readings"), 20);
 }
 
+/// `resend` of a large window queues it in batches, each its own short transaction
+/// committed at once, rather than in one UPDATE of every retained reading: a day's
+/// readings on a busy gateway (a million rows took 22 s here) ran into the local
+/// statement timeout, and `resend` failed with nothing queued. Here one retained
+/// reading, the newest, is locked by someone else: the batches before it are
+/// queued and visible while `resend` waits for it (one UPDATE had queued none).
+#[test]
+fn resend_queues_a_large_window_in_short_transactions() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24);
+    let mut l = s.local();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
+         SELECT 'meter-' || (g % 50), timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second',
+                g, 'kWh', true, now() - interval '1 hour' + g * interval '1 millisecond'
+         FROM generate_series(1, 12000) g",
+    )
+    .unwrap();
+    let mut other = s.local();
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT 1 FROM meter_readings WHERE id = (SELECT max(id) FROM meter_readings) FOR UPDATE",
+    )
+    .unwrap();
+    let mut d = s.spawn(&["resend", "--since", "2026-01-01"]);
+    let mut probe = s.local();
+    let waits = support::wait_until(Duration::from_secs(30), || {
+        probe
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE meter_readings%'
+                   AND application_name LIKE 'meter-sync%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    });
+    assert!(
+        waits,
+        "resend never waited for the locked reading: {}",
+        d.log_text()
+    );
+    let queued = s.local_count("meter_readings WHERE NOT is_synchronized");
+    assert!(
+        queued >= 10_000,
+        "while resend waits for the last reading, only {queued} of the 12000 are queued: \
+         one transaction for the whole window"
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(60)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("12000 retained reading(s)"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE NOT is_synchronized"),
+        12_000
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE synced_at IS NOT NULL"),
+        0
+    );
+}
+
 /// A central `meter_readings` an operator created by hand without the unique key
 /// (reading_uid, "timestamp"): COPY never needs it, so a batch sent twice (resend,
 /// or a crash between central's commit and the local delete) was stored twice,
