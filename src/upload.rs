@@ -295,6 +295,49 @@ struct Ctx<'a> {
     quarantined: AtomicU64,
     /// Unreadable local rows left queued because the cap was reached.
     held_local: AtomicU64,
+    /// The local connection, one round trip at a time (see [`Ctx::on_local`]);
+    /// holds why the drain's local statements stopped, once they have.
+    local_turn: tokio::sync::Mutex<Option<String>>,
+}
+
+impl Ctx<'_> {
+    /// Runs `fut`, one local round trip of the drain (`what`), once the local
+    /// statements before it have been answered, so that its timeout counts its own
+    /// wait only. Pipelined like central's, a delete queued behind one that waited
+    /// for the collector's lock ran into our round-trip timeout although it had not
+    /// even started: the connection was given up while its backend, still holding
+    /// the cycle lock, went on waiting (see `lock::acquire`).
+    ///
+    /// After a statement of the drain waited out its lock (55P03) or lost the
+    /// connection, the later ones are not sent: each would wait as long again, for
+    /// batches central already has, which the next cycle sends again as no-ops (P4).
+    async fn on_local<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let mut stopped = self.local_turn.lock().await;
+        if let Some(why) = stopped.as_ref() {
+            return Err(Error::new(
+                Kind::Db,
+                format!("{what}: not sent, since {why}; the readings stay queued"),
+            )
+            .with_side(Side::Local));
+        }
+        let r = fut.await;
+        match r {
+            Err(e) if e.code() == Some(crate::error::LOCK_NOT_AVAILABLE) => {
+                *stopped = Some("a local statement waited out its lock".into());
+                Err(e.with_context(format!(
+                    "{what}: meter_readings is locked by another session (VACUUM FULL, ALTER \
+                     TABLE, a long transaction of the collector's) for longer than {} ms; the \
+                     readings stay queued and are sent again once it is free",
+                    self.local.lock_wait().as_millis()
+                )))
+            }
+            Err(e) if e.is_connection_lost() => {
+                *stopped = Some("the local connection was lost".into());
+                Err(e)
+            }
+            other => other,
+        }
+    }
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -367,6 +410,7 @@ pub async fn drain(
         isolating: tokio::sync::Mutex::new(()),
         quarantined: AtomicU64::new(0),
         held_local: AtomicU64::new(0),
+        local_turn: tokio::sync::Mutex::new(None),
     };
     let depth = cfg.upload_pipeline_depth.max(1);
     let mut pace = Pace::resume(cfg.batch_size);
@@ -640,7 +684,10 @@ async fn select_batch(
         }
         Ok(c)
     };
-    match local.timed("select batch", read).await {
+    match ctx
+        .on_local("select batch", local.timed("select batch", read))
+        .await
+    {
         Ok(c) => c.finish(ctx).await,
         Err(e) if is_unreadable(&e) => read_around(ctx, key, limit, e).await,
         Err(e) => Err(e),
@@ -761,20 +808,16 @@ async fn read_around(
     let (local, st) = (ctx.local, ctx.st);
     let rows = match &key {
         None => {
-            local
-                .timed(
-                    "select batch keys",
-                    local.client().query(&st.keys.first, &[&limit]),
-                )
+            let params: [&(dyn ToSql + Sync); 1] = [&limit];
+            let keys = local.client().query(&st.keys.first, &params);
+            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
                 .await?
         }
         Some((ts, id)) => {
             let ts = ts.as_deref().map(Encoded);
-            local
-                .timed(
-                    "select batch keys",
-                    local.client().query(&st.keys.after, &[&limit, &ts, id]),
-                )
+            let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, id];
+            let keys = local.client().query(&st.keys.after, &params);
+            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
                 .await?
         }
     };
@@ -792,13 +835,10 @@ async fn read_around(
     todo.push(0..keys.len());
     while let Some(range) = todo.pop() {
         let ids: Vec<i64> = keys[range.clone()].iter().map(|k| k.0).collect();
-        match local
-            .timed(
-                "select readings by id",
-                local.client().query(&st.by_ids, &[&ids]),
-            )
-            .await
-        {
+        let what = "select readings by id";
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let by_ids = local.client().query(&st.by_ids, &params);
+        match ctx.on_local(what, local.timed(what, by_ids)).await {
             Ok(rows) => {
                 for row in &rows {
                     c.take(row);
@@ -1055,14 +1095,9 @@ async fn refuses_the_newest(
     let limit = verdict::FANOUT as i64;
     let ts = ts.as_deref().map(Encoded);
     let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, &id];
-    let rows = match ctx
-        .local
-        .timed(
-            "select the newest readings",
-            ctx.local.client().query(&ctx.st.newest, &params),
-        )
-        .await
-    {
+    let what = "select the newest readings";
+    let newest = ctx.local.client().query(&ctx.st.newest, &params);
+    let rows = match ctx.on_local(what, ctx.local.timed(what, newest)).await {
         Ok(rows) => rows,
         // A row the server cannot send: no confirmation from these.
         Err(e) if is_unreadable(&e) => return Ok(None),
@@ -1367,10 +1402,14 @@ async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> 
         )
     };
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
-    let n = run(ctx.local, ctx.retries, &what, || {
-        ctx.local.client().execute(st, &params)
-    })
-    .await?;
+    let n = ctx
+        .on_local(
+            &what,
+            run(ctx.local, ctx.retries, &what, || {
+                ctx.local.client().execute(st, &params)
+            }),
+        )
+        .await?;
     if n != ids.len() as u64 {
         // Someone else removed some of them meanwhile; central has them all anyway.
         log::debug!("upload: deleted {n} of {} uploaded readings", ids.len());
@@ -1382,11 +1421,12 @@ async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> 
 async fn quarantine(ctx: &Ctx<'_>, id: i64, uid: &str, msg: &str) -> Result<()> {
     log::warn!("upload: quarantined reading id {id} (reading_uid {uid}): {msg}");
     let params: [&(dyn ToSql + Sync); 2] = [&id, &msg];
-    run(
-        ctx.local,
-        ctx.retries,
-        "quarantine a rejected reading",
-        || ctx.local.client().execute(&ctx.st.quarantine, &params),
+    let what = "quarantine a rejected reading";
+    ctx.on_local(
+        what,
+        run(ctx.local, ctx.retries, what, || {
+            ctx.local.client().execute(&ctx.st.quarantine, &params)
+        }),
     )
     .await?;
     Ok(())

@@ -1850,3 +1850,73 @@ fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches()
     assert_eq!(rows(&mut s.central(), ""), before);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
 }
+
+/// The collector's maintenance takes `ACCESS EXCLUSIVE` on the local
+/// `meter_readings` (VACUUM FULL, an ALTER TABLE) while batches are in flight:
+/// their local deletes wait for it. Each gives up with 55P03 at the session's
+/// `lock_timeout`, the drain stops, the rest of the cycle runs on the same
+/// connection, and nothing is lost or duplicated once the lock is gone. Before,
+/// the first delete ran into the statement timeout (retried three times) and those
+/// pipelined behind it into the round-trip timeout ("no answer within 3000 ms"):
+/// the connection was given up while its backend still waited, holding the cycle
+/// lock, so the meters and tenant phases failed with "another meter-sync took the
+/// cycle lock".
+#[test]
+fn a_local_lock_held_by_the_collectors_maintenance_fails_only_the_upload() {
+    let mut s = Sandbox::new();
+    s.set("DB_QUERY_TIMEOUT_MS", 3000).set("BATCH_SIZE", 100);
+    let mut c = s.central();
+    // Each batch takes half a second centrally: several are in flight at the lock.
+    c.batch_execute(
+        "CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+         CREATE TRIGGER slow_batch AFTER INSERT ON meter_readings
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();",
+    )
+    .unwrap();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 1000, 0);
+    let written = rows(&mut l, "");
+    let mut d = s.spawn(&["once"]);
+    let in_central = support::wait_until(Duration::from_secs(30), || {
+        c.query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'PgSleep'
+             AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(in_central, "no batch reached central: {}", d.log_text());
+    let mut maintenance = s.local();
+    let mut tx = maintenance.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE meter_readings IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let code = d.wait_exit(Duration::from_secs(60));
+    tx.commit().unwrap();
+    let log = d.log_text();
+    assert_eq!(code, Some(Some(1)), "{log}");
+    assert!(
+        log.contains("upload phase failed") && log.contains("SQLSTATE 55P03"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("took the cycle lock") && !log.contains("no answer within"),
+        "{log}"
+    );
+    let downloads: i64 = l
+        .query_one(
+            "SELECT count(*) FROM sync_logs WHERE sync_type IN ('meters', 'tenant') AND success",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(downloads, 2, "the downloads must run as usual:\n{log}");
+
+    c.batch_execute("DROP TRIGGER slow_batch ON meter_readings")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading once, as written");
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
