@@ -74,17 +74,72 @@ pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
 /// server's binary format (tokio-postgres asks for binary results). Each is cast to
 /// its SPEC §4 type ([`batch::ELEMENT_TYPES`]; a no-op on a table created by our
 /// migrations), so that a legacy table with an `integer` id or `text` columns still
-/// yields exactly the binary encoding central's columns expect.
-const COLUMNS: &str = "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
-     r.\"timestamp\"::timestamptz, r.value::numeric, r.unit::varchar, r.metadata::jsonb, \
-     r.created_at::timestamptz, r.sync_attempts::int4";
+/// yields exactly the binary encoding central's columns expect. `value` is the
+/// expression that reads the local `value` as numeric (see [`value_as_numeric`]).
+fn columns(value: &str) -> String {
+    format!(
+        "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
+         r.\"timestamp\"::timestamptz, {value}, r.unit::varchar, r.metadata::jsonb, \
+         r.created_at::timestamptz, r.sync_attempts::int4"
+    )
+}
+
+/// The expression that reads a legacy local `value` of type `local_type` as
+/// numeric with every digit it holds. A `real` or `double precision` column goes
+/// through its text form, which PostgreSQL prints with as many digits as tell the
+/// value apart: the cast to numeric keeps 15 significant digits only (0.1 + 0.2,
+/// stored as 0.30000000000000004, arrived as 0.3).
+fn value_as_numeric(local_type: &str) -> &'static str {
+    match local_type {
+        "real" | "double precision" => "r.value::text::numeric",
+        _ => "r.value::numeric",
+    }
+}
+
+/// Reads the local types of `timestamp` and `value`, which a collector's own,
+/// older table may have otherwise than SPEC §4, and says once per process what a
+/// zoneless timestamp means for the upload. Returns the expression for `value`.
+async fn legacy_columns(local: &Db) -> Result<&'static str> {
+    let what = "look up the local column types";
+    let row = local
+        .query_one(
+            what,
+            "SELECT (SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                     WHERE attrelid = 'meter_readings'::regclass AND attname = 'timestamp' \
+                       AND NOT attisdropped), \
+                    (SELECT format_type(atttypid, NULL) FROM pg_attribute \
+                     WHERE attrelid = 'meter_readings'::regclass AND attname = 'value' \
+                       AND NOT attisdropped)",
+            &[],
+        )
+        .await?;
+    let ts: Option<String> = cell(&row, 0, what)?;
+    let value: Option<String> = cell(&row, 1, what)?;
+    if ts
+        .as_deref()
+        .is_some_and(|t| t.starts_with("timestamp without time zone"))
+    {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            log::warn!(
+                "upload: the local meter_readings.\"timestamp\" is timestamp without time zone \
+                 (SPEC: timestamptz), so its values are uploaded as UTC times; a collector that \
+                 writes local time (now(), or times with an offset, on a server whose TimeZone \
+                 is not UTC) gets its readings shifted by that offset. Convert the column once: \
+                 ALTER TABLE meter_readings ALTER COLUMN \"timestamp\" TYPE timestamptz USING \
+                 \"timestamp\" AT TIME ZONE '<the collector's time zone>'"
+            )
+        });
+    }
+    Ok(value_as_numeric(value.as_deref().unwrap_or("numeric")))
+}
 
 /// What is always readable about a row, whatever its other columns hold: used to
 /// find the row a selection could not read (see [`read_around`]). The timestamp is
 /// binary (the keyset key), the uid text (for the quarantine message).
 const KEYS: &str = "r.id::int8, r.\"timestamp\"::timestamptz, r.reading_uid::text";
 
-/// Columns of [`COLUMNS`] a reading cannot do without (position in the row, name):
+/// Columns of [`columns`] a reading cannot do without (position in the row, name):
 /// a NULL in one of them (a legacy table with nullable columns) makes the row
 /// unreadable (P25) rather than something to send.
 const REQUIRED: [(usize, &str); 5] = [
@@ -182,7 +237,11 @@ impl Keyset {
 
 impl Statements {
     async fn prepare(local: &Db) -> Result<Statements> {
-        let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
+        let value = legacy_columns(local).await?;
+        let select = format!(
+            "SELECT {} FROM meter_readings r WHERE {PENDING}",
+            columns(value)
+        );
         let keys = format!("SELECT {KEYS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
             rows: Keyset::prepare(local, "prepare batch selection", &select).await?,

@@ -1920,3 +1920,65 @@ fn a_local_lock_held_by_the_collectors_maintenance_fails_only_the_upload() {
     assert_eq!(rows(&mut c, ""), written, "every reading once, as written");
     assert_eq!(s.local_count("meter_readings"), 0);
 }
+
+/// A collector's own, older table with other types than SPEC §4: a `double
+/// precision` value arrives with every digit it holds (the cast to numeric kept 15
+/// significant digits: 0.1 + 0.2 arrived as 0.3), NaN and infinities included; a
+/// `timestamp without time zone` is uploaded as UTC, and the daemon says so once,
+/// with the ALTER TABLE that fixes a collector writing local time.
+#[test]
+fn legacy_float_values_keep_every_digit_and_a_zoneless_timestamp_is_said() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN value TYPE double precision,
+                                   ALTER COLUMN \"timestamp\" TYPE timestamp;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'm-' || g, timestamp '2026-01-01 12:00:00' + g * interval '1 minute', v, 'kWh'
+         FROM unnest(ARRAY[0.1::float8 + 0.2::float8, 1234567.891234567, 2.0 / 3.0, 1e-300,
+                           1.7976931348623157e308, 'NaN', '-Infinity', -0.0]) WITH ORDINALITY AS t(v, g)",
+    )
+    .unwrap();
+    let want: Vec<(String, String)> = l
+        .query(
+            "SELECT meter_id::text, value::text::numeric::text FROM meter_readings ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let mut c = s.central();
+    let got: Vec<(String, String)> = c
+        .query(
+            "SELECT meter_id::text, value::text FROM meter_readings ORDER BY \"timestamp\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got[0].1, "0.30000000000000004");
+    let first: String = c
+        .query_one(
+            "SELECT (min(\"timestamp\") AT TIME ZONE 'UTC')::text FROM meter_readings",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(first, "2026-01-01 12:01:00");
+    assert_eq!(
+        run.stderr.matches("is timestamp without time zone").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("TYPE timestamptz USING"),
+        "{}",
+        run.stderr
+    );
+}
