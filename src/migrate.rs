@@ -31,6 +31,7 @@ pub const LOCAL: &[Migration] = &[
     migration!("local", 3, "0003_download_watermark.sql"),
     migration!("local", 4, "0004_download_watermark_central_started.sql"),
     migration!("local", 5, "0005_quarantined_index.sql"),
+    migration!("local", 6, "0006_legacy_reading_columns.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[

@@ -1982,3 +1982,62 @@ fn legacy_float_values_keep_every_digit_and_a_zoneless_timestamp_is_said() {
         run.stderr
     );
 }
+
+/// A collector's own, older table without `metadata` and `created_at` (and with
+/// an extra column, another column order, a `serial` id and a `text` meter id):
+/// `migrate` adds what the upload reads, and the readings arrive. Before, the table
+/// migrated cleanly and every upload failed with "column r.metadata does not exist".
+#[test]
+fn a_legacy_table_without_metadata_or_created_at_is_migrated_and_uploads() {
+    let s = Sandbox::empty();
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE TABLE meter_readings (
+             id              serial PRIMARY KEY,
+             quality         integer,
+             unit            text NOT NULL,
+             \"timestamp\"     timestamptz NOT NULL,
+             meter_id        text NOT NULL,
+             value           numeric NOT NULL,
+             is_synchronized boolean NOT NULL DEFAULT false
+         );
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, quality)
+         VALUES ('old-1', '2026-01-01 10:00:00+00', 1.5, 'kWh', 3),
+                ('old-2', '2026-01-01 10:01:00+00', 2.5, 'kWh', 3);",
+    )
+    .unwrap();
+    s.migrate();
+    // The legacy collector goes on writing the columns it knows.
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'new-' || g, timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second', g, 'kWh'
+         FROM generate_series(1, 3) g",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let mut c = s.central();
+    let got: Vec<(String, String, bool)> = c
+        .query(
+            "SELECT meter_id::text, value::text, created_at IS NULL FROM meter_readings
+             ORDER BY \"timestamp\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), 5, "{}", run.stderr);
+    assert_eq!(
+        &got[3..],
+        [
+            ("old-1".to_string(), "1.5".to_string(), true),
+            ("old-2".to_string(), "2.5".to_string(), true),
+        ]
+    );
+    assert!(
+        got[..3].iter().all(|(_, _, no_created)| !no_created),
+        "{got:?}"
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
