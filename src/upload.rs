@@ -1536,7 +1536,8 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
             local
                 .execute(
                     "requeue quarantined readings",
-                    "UPDATE meter_readings SET sync_error = NULL WHERE sync_error IS NOT NULL",
+                    // Through meter_readings_quarantined_idx, past the retained readings.
+                    &format!("UPDATE meter_readings SET sync_error = NULL WHERE {QUARANTINED}"),
                     &[],
                 )
                 .await?

@@ -233,6 +233,15 @@ fn counting_the_queue_never_reads_the_retained_readings() {
         "a cycle read {} rows of meter_readings sequentially",
         after_once - after_status
     );
+    let rq = s.run(&["requeue", "--all"]);
+    rq.assert_ok();
+    assert!(rq.stdout.contains("requeued 2"), "{}", rq.all());
+    let after_requeue = readings_seq_read(&mut c);
+    assert!(
+        after_requeue - after_once < 1000,
+        "requeue read {} rows of meter_readings sequentially",
+        after_requeue - after_once
+    );
     assert_eq!(s.local_count("meter_readings WHERE is_synchronized"), 60005);
 }
 
