@@ -1662,10 +1662,11 @@ const RESEND_BATCH: i64 = 5000;
 ///
 /// [`RESEND_BATCH`] readings at a time, oldest upload first, each batch committed
 /// at once: a resend cut short (the database went away) has queued the oldest,
-/// and running it again queues the rest. Only readings uploaded before the resend
-/// started are taken: a running daemon uploads and marks what the first batches
-/// queued, and those must not be queued again by the later ones (the loop would
-/// chase the daemon's uploads).
+/// and running it again queues the rest. Readings marked between the start of the
+/// resend and each batch are not taken: a running daemon uploads and marks what
+/// the first batches queued, and those must not be queued again by the later ones
+/// (the loop would chase the daemon's uploads). Readings marked "in the future"
+/// (the gateway's clock was ahead when they were uploaded, then corrected) are.
 pub async fn resend(local: &Db, since: &str) -> Result<u64> {
     let started: std::time::SystemTime = cell(
         &local
@@ -1686,13 +1687,15 @@ pub async fn resend(local: &Db, since: &str) -> Result<u64> {
                 "WITH picked AS (
                      SELECT id FROM meter_readings
                      WHERE is_synchronized AND synced_at IS NOT NULL
-                       AND synced_at >= $1::text::timestamptz AND synced_at < $2
+                       AND synced_at >= $1::text::timestamptz
+                       AND (synced_at < $2 OR synced_at > statement_timestamp())
                      ORDER BY synced_at LIMIT $3),
                  queued AS (
                      UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
                      WHERE id IN (SELECT id FROM picked)
                        AND is_synchronized AND synced_at IS NOT NULL
-                       AND synced_at >= $1::text::timestamptz AND synced_at < $2
+                       AND synced_at >= $1::text::timestamptz
+                       AND (synced_at < $2 OR synced_at > statement_timestamp())
                      RETURNING 1)
                  SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM queued)",
                 &[&since, &started, &RESEND_BATCH],

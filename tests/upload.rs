@@ -1440,6 +1440,8 @@ fn the_purge_never_deletes_what_resend_has_just_queued_again() {
 /// statement timeout, and `resend` failed with nothing queued. Here one retained
 /// reading, the newest, is locked by someone else: the batches before it are
 /// queued and visible while `resend` waits for it (one UPDATE had queued none).
+/// A reading marked while the gateway's clock was ahead is queued as well (the
+/// batches leave out only what was marked after the resend started).
 #[test]
 fn resend_queues_a_large_window_in_short_transactions() {
     let mut s = Sandbox::new();
@@ -1449,13 +1451,16 @@ fn resend_queues_a_large_window_in_short_transactions() {
         "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
          SELECT 'meter-' || (g % 50), timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second',
                 g, 'kWh', true, now() - interval '1 hour' + g * interval '1 millisecond'
-         FROM generate_series(1, 12000) g",
+         FROM generate_series(1, 12000) g;
+         -- Uploaded while the gateway's clock was a year ahead.
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
+         VALUES ('ahead', '2026-01-01 00:00:00+00', 1, 'kWh', true, now() + interval '1 year');",
     )
     .unwrap();
     let mut other = s.local();
     let mut tx = other.transaction().unwrap();
     tx.batch_execute(
-        "SELECT 1 FROM meter_readings WHERE id = (SELECT max(id) FROM meter_readings) FOR UPDATE",
+        "SELECT 1 FROM meter_readings WHERE id = (SELECT max(id) FROM meter_readings WHERE meter_id <> 'ahead') FOR UPDATE",
     )
     .unwrap();
     let mut d = s.spawn(&["resend", "--since", "2026-01-01"]);
@@ -1490,13 +1495,13 @@ fn resend_queues_a_large_window_in_short_transactions() {
         d.log_text()
     );
     assert!(
-        d.log_text().contains("12000 retained reading(s)"),
+        d.log_text().contains("12001 retained reading(s)"),
         "{}",
         d.log_text()
     );
     assert_eq!(
         s.local_count("meter_readings WHERE NOT is_synchronized"),
-        12_000
+        12_001
     );
     assert_eq!(
         s.local_count("meter_readings WHERE synced_at IS NOT NULL"),
