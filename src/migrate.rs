@@ -32,6 +32,7 @@ pub const LOCAL: &[Migration] = &[
     migration!("local", 4, "0004_download_watermark_central_started.sql"),
     migration!("local", 5, "0005_quarantined_index.sql"),
     migration!("local", 6, "0006_legacy_reading_columns.sql"),
+    migration!("local", 7, "0007_legacy_nullable_is_synchronized.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[

@@ -1988,6 +1988,41 @@ fn legacy_float_values_keep_every_digit_and_a_zoneless_timestamp_is_said() {
     );
 }
 
+/// A collector's own table whose `is_synchronized` is nullable, and a collector
+/// that writes NULL there (an ORM writing every mapped column): those readings
+/// were never uploaded, counted or purged (NULL is neither true nor false). After
+/// `migrate` the ones already written and the ones written later arrive.
+#[test]
+fn readings_a_legacy_collector_writes_with_a_null_is_synchronized_are_uploaded() {
+    let s = Sandbox::empty();
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE TABLE meter_readings (
+             id serial PRIMARY KEY, meter_id text NOT NULL, \"timestamp\" timestamptz NOT NULL,
+             value numeric NOT NULL, unit text NOT NULL, metadata jsonb,
+             created_at timestamptz DEFAULT now(), is_synchronized boolean DEFAULT false
+         );
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized)
+         VALUES ('before', '2026-01-01 10:00:00+00', 1, 'kWh', NULL);",
+    )
+    .unwrap();
+    s.migrate();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata, is_synchronized)
+         VALUES ('after', '2026-01-01 10:01:00+00', 2, 'kWh', NULL, NULL)",
+    )
+    .unwrap();
+    let status = s.run(&["status"]);
+    assert!(
+        status.stdout.contains("2 reading(s) waiting"),
+        "{}",
+        status.all()
+    );
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 2);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
 /// A collector's own, older table without `metadata` and `created_at` (and with
 /// an extra column, another column order, a `serial` id and a `text` meter id):
 /// `migrate` adds what the upload reads, and the readings arrive. Before, the table
