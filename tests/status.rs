@@ -173,7 +173,8 @@ fn r12_status_of_an_unmigrated_local_database_still_prints_its_json() {
 fn readings_seq_read(c: &mut support::Client) -> i64 {
     assert!(wait_until(Duration::from_secs(10), || {
         c.query_one(
-            "SELECT count(*) = 0 FROM pg_stat_activity WHERE application_name LIKE 'meter-sync%'",
+            "SELECT count(*) = 0 FROM pg_stat_activity
+             WHERE application_name LIKE 'meter-sync%' AND datname = current_database()",
             &[],
         )
         .unwrap()

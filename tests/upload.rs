@@ -1470,7 +1470,7 @@ fn resend_queues_a_large_window_in_short_transactions() {
             .query_one(
                 "SELECT count(*) > 0 FROM pg_stat_activity
                  WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE meter_readings%'
-                   AND application_name LIKE 'meter-sync%'",
+                   AND application_name LIKE 'meter-sync%' AND datname = current_database()",
                 &[],
             )
             .unwrap()
