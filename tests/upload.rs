@@ -2081,3 +2081,78 @@ fn a_legacy_table_without_metadata_or_created_at_is_migrated_and_uploads() {
     );
     assert_eq!(s.local_count("meter_readings"), 0);
 }
+
+/// The resend window under a fault between the central commit and the local mark
+/// (the daemon's local session is terminated while batches are in flight): the
+/// batches central committed but local did not mark go again as no-ops, every
+/// reading ends up retained and marked exactly once centrally, and the cycles after
+/// that upload nothing: a retained reading goes again only by `resend`.
+#[test]
+fn retained_readings_survive_a_lost_local_session_after_the_central_commit() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24)
+        .set("BATCH_SIZE", 100)
+        .set("SYNC_INTERVAL_SECONDS", 1);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+         CREATE TRIGGER slow_batch AFTER INSERT ON meter_readings
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();",
+    )
+    .unwrap();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 600, 0);
+    let written = rows(&mut l, "");
+    let d = s.spawn(&["run"]);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            >= 100),
+        "{}",
+        d.log_text()
+    );
+    l.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'meter-sync[%'",
+        &[],
+    )
+    .unwrap();
+    let settled = support::wait_until(Duration::from_secs(60), || {
+        s.local_count("meter_readings WHERE NOT is_synchronized") == 0
+    });
+    assert!(settled, "{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.contains("were already in central"), "{log}");
+    let cycles = log.matches("cycle finished").count();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || d
+            .log_text()
+            .matches("cycle finished")
+            .count()
+            >= cycles + 2),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading once, as written");
+    assert_eq!(
+        s.local_count("meter_readings WHERE is_synchronized AND synced_at IS NOT NULL"),
+        600
+    );
+    let uploads: i64 = l
+        .query_one(
+            "SELECT coalesce(sum(records_processed), 0)::bigint FROM sync_logs WHERE sync_type = 'upload'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        uploads <= 600 + 800,
+        "retained readings were uploaded again and again: {uploads} delivered\n{}",
+        d.log_text()
+    );
+    let last = d.log_text();
+    let tail = &last[last.rfind("cycle started").unwrap()..];
+    assert!(tail.contains("0 reading(s) waiting"), "{tail}");
+}
