@@ -340,6 +340,15 @@ impl Db {
         self.timeout
     }
 
+    /// The `lock_timeout` of the daemon's local session (see `lock::acquire`): half
+    /// its statement timeout, as on central, so that a statement waiting for the
+    /// collector's lock (a `VACUUM FULL`, an `ALTER TABLE`, a long transaction
+    /// holding the rows) gives up with 55P03, which is not retried at once, well
+    /// before our round-trip timeout would give the whole connection up.
+    pub fn lock_wait(&self) -> Duration {
+        lock_timeout(statement_timeout(self.timeout))
+    }
+
     pub fn client(&self) -> &Client {
         &self.client
     }

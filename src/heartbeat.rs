@@ -72,19 +72,18 @@ pub struct QueueState {
 /// queue but never taken as the oldest. Taken, it made `now() - ts` an error
 /// before PostgreSQL 17 (22008), and with it `status` and every cycle's count.
 pub async fn queue_state(local: &Db) -> Result<QueueState> {
-    use crate::upload::{PENDING, QUARANTINED};
+    use crate::upload::{counts_sql, PENDING};
     let row = local
         .query_one(
             "count the queue",
             &format!(
                 "SELECT q.pending, q.quarantined, o.ts, \
                         greatest(0, floor(extract(epoch FROM now() - o.ts)))::bigint \
-                 FROM (SELECT count(*) FILTER (WHERE {PENDING}) AS pending, \
-                              count(*) FILTER (WHERE {QUARANTINED}) AS quarantined \
-                       FROM meter_readings WHERE NOT is_synchronized) q \
+                 FROM (SELECT {}) q \
                  LEFT JOIN LATERAL (SELECT \"timestamp\" AS ts FROM meter_readings \
                                     WHERE {PENDING} AND isfinite(\"timestamp\") \
-                                    ORDER BY \"timestamp\", id LIMIT 1) o ON true"
+                                    ORDER BY \"timestamp\", id LIMIT 1) o ON true",
+                counts_sql()
             ),
             &[],
         )

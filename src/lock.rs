@@ -85,15 +85,24 @@ pub enum Acquired {
 /// spares the gateway's flash storage a flush per batch beside the collector's own.
 /// The operator's commands (`migrate`, `resend`, `requeue`) do not come through
 /// here and keep the server's setting.
+///
+/// It also sets the session's `lock_timeout` ([`Db::lock_wait`]).
+/// Without one, a delete waiting for the collector's `ACCESS EXCLUSIVE` lock ran
+/// into the statement timeout (57014, retried three times), and the deletes
+/// pipelined behind it into our round-trip timeout: the connection was given up
+/// while its backend still waited, still holding the cycle lock, so the reconnect
+/// found the lock "taken by another meter-sync" and the cycle's downloads failed.
 pub async fn acquire(cfg: &Config, shutdown: &Shutdown) -> Result<Acquired> {
     let db = Db::connect_with_retry(&cfg.local, cfg, shutdown).await?;
     let name = format!("meter-sync[{}]", std::process::id());
+    let lock_wait = format!("{}ms", db.lock_wait().as_millis());
     let row = db
         .query_one(
             "take the cycle lock",
             "SELECT pg_try_advisory_lock($1), set_config('application_name', $2, false), \
-                    set_config('synchronous_commit', 'off', false)",
-            &[&CYCLE_LOCK_KEY, &name],
+                    set_config('synchronous_commit', 'off', false), \
+                    set_config('lock_timeout', $3, false)",
+            &[&CYCLE_LOCK_KEY, &name, &lock_wait],
         )
         .await?;
     if row.get::<_, bool>(0) {

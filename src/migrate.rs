@@ -30,6 +30,9 @@ pub const LOCAL: &[Migration] = &[
     migration!("local", 2, "0002_resend_window.sql"),
     migration!("local", 3, "0003_download_watermark.sql"),
     migration!("local", 4, "0004_download_watermark_central_started.sql"),
+    migration!("local", 5, "0005_quarantined_index.sql"),
+    migration!("local", 6, "0006_legacy_reading_columns.sql"),
+    migration!("local", 7, "0007_legacy_nullable_is_synchronized.sql"),
 ];
 
 pub const REMOTE: &[Migration] = &[

@@ -46,17 +46,23 @@ pub(crate) const PENDING: &str = "NOT is_synchronized AND sync_error IS NULL";
 /// Quarantined: central rejected it (P7); waits for `requeue`.
 pub(crate) const QUARANTINED: &str = "NOT is_synchronized AND sync_error IS NOT NULL";
 
+/// The queue's two counts as columns `pending` and `quarantined`, each counted
+/// through its own partial index (`meter_readings_pending_idx`,
+/// `meter_readings_quarantined_idx`), so that neither reads the readings retained
+/// for the resend window: one `count(*) … WHERE NOT is_synchronized` with
+/// filters read the whole table, a day's readings on a busy gateway, at every
+/// cycle's start, after every cycle and in every `status`.
+pub(crate) fn counts_sql() -> String {
+    format!(
+        "(SELECT count(*) FROM meter_readings WHERE {PENDING}) AS pending, \
+         (SELECT count(*) FROM meter_readings WHERE {QUARANTINED}) AS quarantined"
+    )
+}
+
 /// Readings waiting for upload and readings in quarantine (P7).
 pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
     let row = local
-        .query_one(
-            "count the queue",
-            &format!(
-                "SELECT count(*) FILTER (WHERE {PENDING}), count(*) FILTER (WHERE {QUARANTINED}) \
-                 FROM meter_readings WHERE NOT is_synchronized"
-            ),
-            &[],
-        )
+        .query_one("count the queue", &format!("SELECT {}", counts_sql()), &[])
         .await?;
     Ok((
         cell(&row, 0, "count the queue")?,
@@ -68,17 +74,72 @@ pub async fn queue_counts(local: &Db) -> Result<(i64, i64)> {
 /// server's binary format (tokio-postgres asks for binary results). Each is cast to
 /// its SPEC §4 type ([`batch::ELEMENT_TYPES`]; a no-op on a table created by our
 /// migrations), so that a legacy table with an `integer` id or `text` columns still
-/// yields exactly the binary encoding central's columns expect.
-const COLUMNS: &str = "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
-     r.\"timestamp\"::timestamptz, r.value::numeric, r.unit::varchar, r.metadata::jsonb, \
-     r.created_at::timestamptz, r.sync_attempts::int4";
+/// yields exactly the binary encoding central's columns expect. `value` is the
+/// expression that reads the local `value` as numeric (see [`value_as_numeric`]).
+fn columns(value: &str) -> String {
+    format!(
+        "r.id::int8, r.reading_uid::uuid, r.meter_id::varchar, \
+         r.\"timestamp\"::timestamptz, {value}, r.unit::varchar, r.metadata::jsonb, \
+         r.created_at::timestamptz, r.sync_attempts::int4"
+    )
+}
+
+/// The expression that reads a legacy local `value` of type `local_type` as
+/// numeric with every digit it holds. A `real` or `double precision` column goes
+/// through its text form, which PostgreSQL prints with as many digits as tell the
+/// value apart: the cast to numeric keeps 15 significant digits only (0.1 + 0.2,
+/// stored as 0.30000000000000004, arrived as 0.3).
+fn value_as_numeric(local_type: &str) -> &'static str {
+    match local_type {
+        "real" | "double precision" => "r.value::text::numeric",
+        _ => "r.value::numeric",
+    }
+}
+
+/// Reads the local types of `timestamp` and `value`, which a collector's own,
+/// older table may have otherwise than SPEC §4, and says once per process what a
+/// zoneless timestamp means for the upload. Returns the expression for `value`.
+async fn legacy_columns(local: &Db) -> Result<&'static str> {
+    let what = "look up the local column types";
+    let row = local
+        .query_one(
+            what,
+            "SELECT (SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                     WHERE attrelid = 'meter_readings'::regclass AND attname = 'timestamp' \
+                       AND NOT attisdropped), \
+                    (SELECT format_type(atttypid, NULL) FROM pg_attribute \
+                     WHERE attrelid = 'meter_readings'::regclass AND attname = 'value' \
+                       AND NOT attisdropped)",
+            &[],
+        )
+        .await?;
+    let ts: Option<String> = cell(&row, 0, what)?;
+    let value: Option<String> = cell(&row, 1, what)?;
+    if ts
+        .as_deref()
+        .is_some_and(|t| t.starts_with("timestamp without time zone"))
+    {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            log::warn!(
+                "upload: the local meter_readings.\"timestamp\" is timestamp without time zone \
+                 (SPEC: timestamptz), so its values are uploaded as UTC times; a collector that \
+                 writes local time (now(), or times with an offset, on a server whose TimeZone \
+                 is not UTC) gets its readings shifted by that offset. Convert the column once: \
+                 ALTER TABLE meter_readings ALTER COLUMN \"timestamp\" TYPE timestamptz USING \
+                 \"timestamp\" AT TIME ZONE '<the collector's time zone>'"
+            )
+        });
+    }
+    Ok(value_as_numeric(value.as_deref().unwrap_or("numeric")))
+}
 
 /// What is always readable about a row, whatever its other columns hold: used to
 /// find the row a selection could not read (see [`read_around`]). The timestamp is
 /// binary (the keyset key), the uid text (for the quarantine message).
 const KEYS: &str = "r.id::int8, r.\"timestamp\"::timestamptz, r.reading_uid::text";
 
-/// Columns of [`COLUMNS`] a reading cannot do without (position in the row, name):
+/// Columns of [`columns`] a reading cannot do without (position in the row, name):
 /// a NULL in one of them (a legacy table with nullable columns) makes the row
 /// unreadable (P25) rather than something to send.
 const REQUIRED: [(usize, &str); 5] = [
@@ -176,7 +237,11 @@ impl Keyset {
 
 impl Statements {
     async fn prepare(local: &Db) -> Result<Statements> {
-        let select = format!("SELECT {COLUMNS} FROM meter_readings r WHERE {PENDING}");
+        let value = legacy_columns(local).await?;
+        let select = format!(
+            "SELECT {} FROM meter_readings r WHERE {PENDING}",
+            columns(value)
+        );
         let keys = format!("SELECT {KEYS} FROM meter_readings r WHERE {PENDING}");
         Ok(Statements {
             rows: Keyset::prepare(local, "prepare batch selection", &select).await?,
@@ -289,6 +354,49 @@ struct Ctx<'a> {
     quarantined: AtomicU64,
     /// Unreadable local rows left queued because the cap was reached.
     held_local: AtomicU64,
+    /// The local connection, one round trip at a time (see [`Ctx::on_local`]);
+    /// holds why the drain's local statements stopped, once they have.
+    local_turn: tokio::sync::Mutex<Option<String>>,
+}
+
+impl Ctx<'_> {
+    /// Runs `fut`, one local round trip of the drain (`what`), once the local
+    /// statements before it have been answered, so that its timeout counts its own
+    /// wait only. Pipelined like central's, a delete queued behind one that waited
+    /// for the collector's lock ran into our round-trip timeout although it had not
+    /// even started: the connection was given up while its backend, still holding
+    /// the cycle lock, went on waiting (see `lock::acquire`).
+    ///
+    /// After a statement of the drain waited out its lock (55P03) or lost the
+    /// connection, the later ones are not sent: each would wait as long again, for
+    /// batches central already has, which the next cycle sends again as no-ops (P4).
+    async fn on_local<T>(&self, what: &str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let mut stopped = self.local_turn.lock().await;
+        if let Some(why) = stopped.as_ref() {
+            return Err(Error::new(
+                Kind::Db,
+                format!("{what}: not sent, since {why}; the readings stay queued"),
+            )
+            .with_side(Side::Local));
+        }
+        let r = fut.await;
+        match r {
+            Err(e) if e.code() == Some(crate::error::LOCK_NOT_AVAILABLE) => {
+                *stopped = Some("a local statement waited out its lock".into());
+                Err(e.with_context(format!(
+                    "{what}: meter_readings is locked by another session (VACUUM FULL, ALTER \
+                     TABLE, a long transaction of the collector's) for longer than {} ms; the \
+                     readings stay queued and are sent again once it is free",
+                    self.local.lock_wait().as_millis()
+                )))
+            }
+            Err(e) if e.is_connection_lost() => {
+                *stopped = Some("the local connection was lost".into());
+                Err(e)
+            }
+            other => other,
+        }
+    }
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -361,6 +469,7 @@ pub async fn drain(
         isolating: tokio::sync::Mutex::new(()),
         quarantined: AtomicU64::new(0),
         held_local: AtomicU64::new(0),
+        local_turn: tokio::sync::Mutex::new(None),
     };
     let depth = cfg.upload_pipeline_depth.max(1);
     let mut pace = Pace::resume(cfg.batch_size);
@@ -652,7 +761,10 @@ async fn select_batch(
         }
         Ok(c)
     };
-    match local.timed("select batch", read).await {
+    match ctx
+        .on_local("select batch", local.timed("select batch", read))
+        .await
+    {
         Ok(c) => c.finish(ctx).await,
         Err(e) if is_unreadable(&e) => read_around(ctx, key, limit, e).await,
         Err(e) => Err(e),
@@ -773,20 +885,16 @@ async fn read_around(
     let (local, st) = (ctx.local, ctx.st);
     let rows = match &key {
         None => {
-            local
-                .timed(
-                    "select batch keys",
-                    local.client().query(&st.keys.first, &[&limit]),
-                )
+            let params: [&(dyn ToSql + Sync); 1] = [&limit];
+            let keys = local.client().query(&st.keys.first, &params);
+            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
                 .await?
         }
         Some((ts, id)) => {
             let ts = ts.as_deref().map(Encoded);
-            local
-                .timed(
-                    "select batch keys",
-                    local.client().query(&st.keys.after, &[&limit, &ts, id]),
-                )
+            let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, id];
+            let keys = local.client().query(&st.keys.after, &params);
+            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
                 .await?
         }
     };
@@ -804,13 +912,10 @@ async fn read_around(
     todo.push(0..keys.len());
     while let Some(range) = todo.pop() {
         let ids: Vec<i64> = keys[range.clone()].iter().map(|k| k.0).collect();
-        match local
-            .timed(
-                "select readings by id",
-                local.client().query(&st.by_ids, &[&ids]),
-            )
-            .await
-        {
+        let what = "select readings by id";
+        let params: [&(dyn ToSql + Sync); 1] = [&ids];
+        let by_ids = local.client().query(&st.by_ids, &params);
+        match ctx.on_local(what, local.timed(what, by_ids)).await {
             Ok(rows) => {
                 for row in &rows {
                     c.take(row);
@@ -1067,14 +1172,9 @@ async fn refuses_the_newest(
     let limit = verdict::FANOUT as i64;
     let ts = ts.as_deref().map(Encoded);
     let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, &id];
-    let rows = match ctx
-        .local
-        .timed(
-            "select the newest readings",
-            ctx.local.client().query(&ctx.st.newest, &params),
-        )
-        .await
-    {
+    let what = "select the newest readings";
+    let newest = ctx.local.client().query(&ctx.st.newest, &params);
+    let rows = match ctx.on_local(what, ctx.local.timed(what, newest)).await {
         Ok(rows) => rows,
         // A row the server cannot send: no confirmation from these.
         Err(e) if is_unreadable(&e) => return Ok(None),
@@ -1379,10 +1479,14 @@ async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> 
         )
     };
     let params: [&(dyn ToSql + Sync); 1] = [&ids];
-    let n = run(ctx.local, ctx.retries, &what, || {
-        ctx.local.client().execute(st, &params)
-    })
-    .await?;
+    let n = ctx
+        .on_local(
+            &what,
+            run(ctx.local, ctx.retries, &what, || {
+                ctx.local.client().execute(st, &params)
+            }),
+        )
+        .await?;
     if n != ids.len() as u64 {
         // Someone else removed some of them meanwhile; central has them all anyway.
         log::debug!("upload: deleted {n} of {} uploaded readings", ids.len());
@@ -1394,11 +1498,12 @@ async fn delete(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<()> 
 async fn quarantine(ctx: &Ctx<'_>, id: i64, uid: &str, msg: &str) -> Result<()> {
     log::warn!("upload: quarantined reading id {id} (reading_uid {uid}): {msg}");
     let params: [&(dyn ToSql + Sync); 2] = [&id, &msg];
-    run(
-        ctx.local,
-        ctx.retries,
-        "quarantine a rejected reading",
-        || ctx.local.client().execute(&ctx.st.quarantine, &params),
+    let what = "quarantine a rejected reading";
+    ctx.on_local(
+        what,
+        run(ctx.local, ctx.retries, what, || {
+            ctx.local.client().execute(&ctx.st.quarantine, &params)
+        }),
     )
     .await?;
     Ok(())
@@ -1449,7 +1554,8 @@ pub async fn requeue(local: &Db, ids: Option<&[i64]>) -> Result<u64> {
             local
                 .execute(
                     "requeue quarantined readings",
-                    "UPDATE meter_readings SET sync_error = NULL WHERE sync_error IS NOT NULL",
+                    // Through meter_readings_quarantined_idx, past the retained readings.
+                    &format!("UPDATE meter_readings SET sync_error = NULL WHERE {QUARANTINED}"),
                     &[],
                 )
                 .await?
@@ -1559,22 +1665,75 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
     }
 }
 
+/// Retained readings `resend` queues again per statement: each statement is its own
+/// short transaction, as the purge's are. One UPDATE of a day's readings on a busy
+/// gateway (a million rows: 22 s on the development machine, minutes on a
+/// gateway's flash) ran into the local `statement_timeout`, so that `resend`
+/// failed with nothing queued, and it wrote the whole table's worth of WAL in one
+/// transaction.
+const RESEND_BATCH: i64 = 5000;
+
 /// `meter-sync resend --since`: queues again the retained readings uploaded at or
 /// after `since` (a timestamp PostgreSQL reads), for a central restored from a
 /// backup older than them. Central ignores the ones it still has (`ON CONFLICT DO
 /// NOTHING` on `reading_uid`), so each arrives once. Returns how many were queued.
+///
+/// [`RESEND_BATCH`] readings at a time, oldest upload first, each batch committed
+/// at once: a resend cut short (the database went away) has queued the oldest,
+/// and running it again queues the rest. Readings marked between the start of the
+/// resend and each batch are not taken: a running daemon uploads and marks what
+/// the first batches queued, and those must not be queued again by the later ones
+/// (the loop would chase the daemon's uploads). Readings marked "in the future"
+/// (the gateway's clock was ahead when they were uploaded, then corrected) are.
 pub async fn resend(local: &Db, since: &str) -> Result<u64> {
-    let n = local
-        .execute(
-            "queue retained readings again",
-            "UPDATE meter_readings SET is_synchronized = false, synced_at = NULL \
-             WHERE is_synchronized AND synced_at IS NOT NULL \
-               AND synced_at >= $1::text::timestamptz",
-            &[&since],
-        )
-        .await?;
-    log::info!("resend: {n} retained reading(s) uploaded since {since} queued again");
-    Ok(n)
+    let started: std::time::SystemTime = cell(
+        &local
+            .query_one("start the resend", "SELECT statement_timestamp()", &[])
+            .await?,
+        0,
+        "start the resend",
+    )?;
+    let mut total = 0u64;
+    loop {
+        // The condition stands in the UPDATE as well: a row the purge or another
+        // resend changed while this waited for its lock is re-checked against it
+        // (see purge_retained). `picked` says whether more may be left, `queued`
+        // how many this batch took.
+        let row = local
+            .query_one(
+                "queue retained readings again",
+                "WITH picked AS (
+                     SELECT id FROM meter_readings
+                     WHERE is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at >= $1::text::timestamptz
+                       AND (synced_at < $2 OR synced_at > statement_timestamp())
+                     ORDER BY synced_at LIMIT $3),
+                 queued AS (
+                     UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
+                     WHERE id IN (SELECT id FROM picked)
+                       AND is_synchronized AND synced_at IS NOT NULL
+                       AND synced_at >= $1::text::timestamptz
+                       AND (synced_at < $2 OR synced_at > statement_timestamp())
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM queued)",
+                &[&since, &started, &RESEND_BATCH],
+            )
+            .await
+            .map_err(|e| {
+                e.with_context(format!(
+                    "queue retained readings again ({total} queued before this; \
+                     the same resend again queues the rest)"
+                ))
+            })?;
+        let picked: i64 = cell(&row, 0, "queue retained readings again")?;
+        let queued: i64 = cell(&row, 1, "queue retained readings again")?;
+        total += queued as u64;
+        if picked < RESEND_BATCH {
+            break;
+        }
+    }
+    log::info!("resend: {total} retained reading(s) uploaded since {since} queued again");
+    Ok(total)
 }
 
 #[cfg(test)]

@@ -168,6 +168,84 @@ fn r12_status_of_an_unmigrated_local_database_still_prints_its_json() {
     assert!(r.stdout.contains("local:"), "{}", r.all());
 }
 
+/// Rows of `meter_readings` read by sequential scans so far, once every session of
+/// the daemon has ended (a backend hands its counters over as it exits).
+fn readings_seq_read(c: &mut support::Client) -> i64 {
+    assert!(wait_until(Duration::from_secs(10), || {
+        c.query_one(
+            "SELECT count(*) = 0 FROM pg_stat_activity
+             WHERE application_name LIKE 'meter-sync%' AND datname = current_database()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    }));
+    c.batch_execute("SELECT pg_stat_clear_snapshot()").unwrap();
+    c.query_one(
+        "SELECT coalesce(seq_tup_read, 0) FROM pg_stat_user_tables WHERE relname = 'meter_readings'",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// The queue's counts (each cycle's start line, the heartbeat and metrics after it,
+/// `status`) go through the partial indexes and never read the readings retained
+/// for the resend window (UPLOAD_RETAIN_HOURS). Before, each count was one scan of
+/// the whole table, retained readings included: three a cycle, a day's readings
+/// each on a busy gateway (60,000 rows read per count here).
+#[test]
+fn counting_the_queue_never_reads_the_retained_readings() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24);
+    seed(&s);
+    let mut c = s.local();
+    c.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
+         SELECT 'retained', timestamptz '2025-06-01 00:00:00+00' + g * interval '1 second', g, 'kWh', true, now()
+         FROM generate_series(1, 60000) g",
+    )
+    .unwrap();
+    // As autovacuum leaves a gateway's table.
+    c.batch_execute("VACUUM ANALYZE meter_readings").unwrap();
+    let before = readings_seq_read(&mut c);
+    let (code, v) = json(&s);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        (&v["queue_size"], &v["quarantined"]),
+        (&5.into(), &2.into())
+    );
+    let after_status = readings_seq_read(&mut c);
+    assert!(
+        after_status - before < 1000,
+        "status read {} rows of meter_readings sequentially",
+        after_status - before
+    );
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(
+        run.stderr.contains("5 reading(s) waiting, 2 quarantined"),
+        "{}",
+        run.stderr
+    );
+    let after_once = readings_seq_read(&mut c);
+    assert!(
+        after_once - after_status < 1000,
+        "a cycle read {} rows of meter_readings sequentially",
+        after_once - after_status
+    );
+    let rq = s.run(&["requeue", "--all"]);
+    rq.assert_ok();
+    assert!(rq.stdout.contains("requeued 2"), "{}", rq.all());
+    let after_requeue = readings_seq_read(&mut c);
+    assert!(
+        after_requeue - after_once < 1000,
+        "requeue read {} rows of meter_readings sequentially",
+        after_requeue - after_once
+    );
+    assert_eq!(s.local_count("meter_readings WHERE is_synchronized"), 60005);
+}
+
 /// Checks the text exposition format line by line: HELP/TYPE before samples,
 /// valid names, label syntax, float values, no duplicate series. Returns the
 /// samples as (series, value).

@@ -1434,6 +1434,81 @@ fn the_purge_never_deletes_what_resend_has_just_queued_again() {
     assert_eq!(s.central_count("meter_readings"), 20);
 }
 
+/// `resend` of a large window queues it in batches, each its own short transaction
+/// committed at once, rather than in one UPDATE of every retained reading: a day's
+/// readings on a busy gateway (a million rows took 22 s here) ran into the local
+/// statement timeout, and `resend` failed with nothing queued. Here one retained
+/// reading, the newest, is locked by someone else: the batches before it are
+/// queued and visible while `resend` waits for it (one UPDATE had queued none).
+/// A reading marked while the gateway's clock was ahead is queued as well (the
+/// batches leave out only what was marked after the resend started).
+#[test]
+fn resend_queues_a_large_window_in_short_transactions() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24);
+    let mut l = s.local();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
+         SELECT 'meter-' || (g % 50), timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second',
+                g, 'kWh', true, now() - interval '1 hour' + g * interval '1 millisecond'
+         FROM generate_series(1, 12000) g;
+         -- Uploaded while the gateway's clock was a year ahead.
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized, synced_at)
+         VALUES ('ahead', '2026-01-01 00:00:00+00', 1, 'kWh', true, now() + interval '1 year');",
+    )
+    .unwrap();
+    let mut other = s.local();
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(
+        "SELECT 1 FROM meter_readings WHERE id = (SELECT max(id) FROM meter_readings WHERE meter_id <> 'ahead') FOR UPDATE",
+    )
+    .unwrap();
+    let mut d = s.spawn(&["resend", "--since", "2026-01-01"]);
+    let mut probe = s.local();
+    let waits = support::wait_until(Duration::from_secs(30), || {
+        probe
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%UPDATE meter_readings%'
+                   AND application_name LIKE 'meter-sync%' AND datname = current_database()",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    });
+    assert!(
+        waits,
+        "resend never waited for the locked reading: {}",
+        d.log_text()
+    );
+    let queued = s.local_count("meter_readings WHERE NOT is_synchronized");
+    assert!(
+        queued >= 10_000,
+        "while resend waits for the last reading, only {queued} of the 12000 are queued: \
+         one transaction for the whole window"
+    );
+    tx.commit().unwrap();
+    assert_eq!(
+        d.wait_exit(Duration::from_secs(60)),
+        Some(Some(0)),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        d.log_text().contains("12001 retained reading(s)"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE NOT is_synchronized"),
+        12_001
+    );
+    assert_eq!(
+        s.local_count("meter_readings WHERE synced_at IS NOT NULL"),
+        0
+    );
+}
+
 /// A central `meter_readings` an operator created by hand without the unique key
 /// (reading_uid, "timestamp"): COPY never needs it, so a batch sent twice (resend,
 /// or a crash between central's commit and the local delete) was stored twice,
@@ -1779,4 +1854,305 @@ fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches()
     assert!(!log.contains("quarantined reading"), "{log}");
     assert_eq!(rows(&mut s.central(), ""), before);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
+}
+
+/// The collector's maintenance takes `ACCESS EXCLUSIVE` on the local
+/// `meter_readings` (VACUUM FULL, an ALTER TABLE) while batches are in flight:
+/// their local deletes wait for it. Each gives up with 55P03 at the session's
+/// `lock_timeout`, the drain stops, the rest of the cycle runs on the same
+/// connection, and nothing is lost or duplicated once the lock is gone. Before,
+/// the first delete ran into the statement timeout (retried three times) and those
+/// pipelined behind it into the round-trip timeout ("no answer within 3000 ms"):
+/// the connection was given up while its backend still waited, holding the cycle
+/// lock, so the meters and tenant phases failed with "another meter-sync took the
+/// cycle lock".
+#[test]
+fn a_local_lock_held_by_the_collectors_maintenance_fails_only_the_upload() {
+    let mut s = Sandbox::new();
+    s.set("DB_QUERY_TIMEOUT_MS", 3000).set("BATCH_SIZE", 100);
+    let mut c = s.central();
+    // Each batch takes half a second centrally: several are in flight at the lock.
+    c.batch_execute(
+        "CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$;
+         CREATE TRIGGER slow_batch AFTER INSERT ON meter_readings
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();",
+    )
+    .unwrap();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 1000, 0);
+    let written = rows(&mut l, "");
+    let mut d = s.spawn(&["once"]);
+    let in_central = support::wait_until(Duration::from_secs(30), || {
+        c.query_one(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE wait_event = 'PgSleep'
+             AND datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert!(in_central, "no batch reached central: {}", d.log_text());
+    let mut maintenance = s.local();
+    let mut tx = maintenance.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE meter_readings IN ACCESS EXCLUSIVE MODE")
+        .unwrap();
+    let code = d.wait_exit(Duration::from_secs(60));
+    tx.commit().unwrap();
+    let log = d.log_text();
+    assert_eq!(code, Some(Some(1)), "{log}");
+    assert!(
+        log.contains("upload phase failed") && log.contains("SQLSTATE 55P03"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("took the cycle lock") && !log.contains("no answer within"),
+        "{log}"
+    );
+    let downloads: i64 = l
+        .query_one(
+            "SELECT count(*) FROM sync_logs WHERE sync_type IN ('meters', 'tenant') AND success",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(downloads, 2, "the downloads must run as usual:\n{log}");
+
+    c.batch_execute("DROP TRIGGER slow_batch ON meter_readings")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading once, as written");
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// A collector's own, older table with other types than SPEC §4: a `double
+/// precision` value arrives with every digit it holds (the cast to numeric kept 15
+/// significant digits: 0.1 + 0.2 arrived as 0.3), NaN and infinities included; a
+/// `timestamp without time zone` is uploaded as UTC, and the daemon says so once,
+/// with the ALTER TABLE that fixes a collector writing local time.
+#[test]
+fn legacy_float_values_keep_every_digit_and_a_zoneless_timestamp_is_said() {
+    let s = Sandbox::new();
+    let mut l = s.local();
+    l.batch_execute(
+        "ALTER TABLE meter_readings ALTER COLUMN value TYPE double precision,
+                                   ALTER COLUMN \"timestamp\" TYPE timestamp;
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'm-' || g, timestamp '2026-01-01 12:00:00' + g * interval '1 minute', v, 'kWh'
+         FROM unnest(ARRAY[0.1::float8 + 0.2::float8, 1234567.891234567, 2.0 / 3.0, 1e-300,
+                           1.7976931348623157e308, 'NaN', '-Infinity', -0.0]) WITH ORDINALITY AS t(v, g)",
+    )
+    .unwrap();
+    let want: Vec<(String, String)> = l
+        .query(
+            "SELECT meter_id::text, value::text::numeric::text FROM meter_readings ORDER BY id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let mut c = s.central();
+    let got: Vec<(String, String)> = c
+        .query(
+            "SELECT meter_id::text, value::text FROM meter_readings ORDER BY \"timestamp\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(got[0].1, "0.30000000000000004");
+    let first: String = c
+        .query_one(
+            "SELECT (min(\"timestamp\") AT TIME ZONE 'UTC')::text FROM meter_readings",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(first, "2026-01-01 12:01:00");
+    assert_eq!(
+        run.stderr.matches("is timestamp without time zone").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("TYPE timestamptz USING"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A collector's own table whose `is_synchronized` is nullable, and a collector
+/// that writes NULL there (an ORM writing every mapped column): those readings
+/// were never uploaded, counted or purged (NULL is neither true nor false). After
+/// `migrate` the ones already written and the ones written later arrive.
+#[test]
+fn readings_a_legacy_collector_writes_with_a_null_is_synchronized_are_uploaded() {
+    let s = Sandbox::empty();
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE TABLE meter_readings (
+             id serial PRIMARY KEY, meter_id text NOT NULL, \"timestamp\" timestamptz NOT NULL,
+             value numeric NOT NULL, unit text NOT NULL, metadata jsonb,
+             created_at timestamptz DEFAULT now(), is_synchronized boolean DEFAULT false
+         );
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, is_synchronized)
+         VALUES ('before', '2026-01-01 10:00:00+00', 1, 'kWh', NULL);",
+    )
+    .unwrap();
+    s.migrate();
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, metadata, is_synchronized)
+         VALUES ('after', '2026-01-01 10:01:00+00', 2, 'kWh', NULL, NULL)",
+    )
+    .unwrap();
+    let status = s.run(&["status"]);
+    assert!(
+        status.stdout.contains("2 reading(s) waiting"),
+        "{}",
+        status.all()
+    );
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 2);
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// A collector's own, older table without `metadata` and `created_at` (and with
+/// an extra column, another column order, a `serial` id and a `text` meter id):
+/// `migrate` adds what the upload reads, and the readings arrive. Before, the table
+/// migrated cleanly and every upload failed with "column r.metadata does not exist".
+#[test]
+fn a_legacy_table_without_metadata_or_created_at_is_migrated_and_uploads() {
+    let s = Sandbox::empty();
+    let mut l = s.local();
+    l.batch_execute(
+        "CREATE TABLE meter_readings (
+             id              serial PRIMARY KEY,
+             quality         integer,
+             unit            text NOT NULL,
+             \"timestamp\"     timestamptz NOT NULL,
+             meter_id        text NOT NULL,
+             value           numeric NOT NULL,
+             is_synchronized boolean NOT NULL DEFAULT false
+         );
+         INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit, quality)
+         VALUES ('old-1', '2026-01-01 10:00:00+00', 1.5, 'kWh', 3),
+                ('old-2', '2026-01-01 10:01:00+00', 2.5, 'kWh', 3);",
+    )
+    .unwrap();
+    s.migrate();
+    // The legacy collector goes on writing the columns it knows.
+    l.batch_execute(
+        "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+         SELECT 'new-' || g, timestamptz '2026-01-01 00:00:00+00' + g * interval '1 second', g, 'kWh'
+         FROM generate_series(1, 3) g",
+    )
+    .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    let mut c = s.central();
+    let got: Vec<(String, String, bool)> = c
+        .query(
+            "SELECT meter_id::text, value::text, created_at IS NULL FROM meter_readings
+             ORDER BY \"timestamp\"",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(got.len(), 5, "{}", run.stderr);
+    assert_eq!(
+        &got[3..],
+        [
+            ("old-1".to_string(), "1.5".to_string(), true),
+            ("old-2".to_string(), "2.5".to_string(), true),
+        ]
+    );
+    assert!(
+        got[..3].iter().all(|(_, _, no_created)| !no_created),
+        "{got:?}"
+    );
+    assert_eq!(s.local_count("meter_readings"), 0);
+}
+
+/// The resend window under a fault between the central commit and the local mark
+/// (the daemon's local session is terminated while batches are in flight): the
+/// batches central committed but local did not mark go again as no-ops, every
+/// reading ends up retained and marked exactly once centrally, and the cycles after
+/// that upload nothing: a retained reading goes again only by `resend`.
+#[test]
+fn retained_readings_survive_a_lost_local_session_after_the_central_commit() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 24)
+        .set("BATCH_SIZE", 100)
+        .set("SYNC_INTERVAL_SECONDS", 1);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE FUNCTION slow_batch() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.3); RETURN NULL; END $$;
+         CREATE TRIGGER slow_batch AFTER INSERT ON meter_readings
+           FOR EACH STATEMENT EXECUTE FUNCTION slow_batch();",
+    )
+    .unwrap();
+    let mut l = s.local();
+    support::insert_readings(&mut l, 600, 0);
+    let written = rows(&mut l, "");
+    let d = s.spawn(&["run"]);
+    assert!(
+        support::wait_until(Duration::from_secs(30), || s
+            .central_count("meter_readings")
+            >= 100),
+        "{}",
+        d.log_text()
+    );
+    l.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'meter-sync[%'",
+        &[],
+    )
+    .unwrap();
+    let settled = support::wait_until(Duration::from_secs(60), || {
+        s.local_count("meter_readings WHERE NOT is_synchronized") == 0
+    });
+    assert!(settled, "{}", d.log_text());
+    let log = d.log_text();
+    assert!(log.contains("were already in central"), "{log}");
+    let cycles = log.matches("cycle finished").count();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || d
+            .log_text()
+            .matches("cycle finished")
+            .count()
+            >= cycles + 2),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(central_duplicates(&mut c), 0);
+    assert_eq!(rows(&mut c, ""), written, "every reading once, as written");
+    assert_eq!(
+        s.local_count("meter_readings WHERE is_synchronized AND synced_at IS NOT NULL"),
+        600
+    );
+    let uploads: i64 = l
+        .query_one(
+            "SELECT coalesce(sum(records_processed), 0)::bigint FROM sync_logs WHERE sync_type = 'upload'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(
+        uploads <= 600 + 800,
+        "retained readings were uploaded again and again: {uploads} delivered\n{}",
+        d.log_text()
+    );
+    let last = d.log_text();
+    let tail = &last[last.rfind("cycle started").unwrap()..];
+    assert!(tail.contains("0 reading(s) waiting"), "{tail}");
 }
