@@ -488,6 +488,12 @@ impl Db {
         self.in_transaction_of(1, statement).await
     }
 
+    /// The `statement_timeout` each of `statements` statements of one
+    /// [`Db::in_transaction_of`] runs under.
+    pub fn statement_timeout_of(&self, statements: u32) -> Duration {
+        statement_timeout(self.timeout) / statements.max(1)
+    }
+
     /// [`Db::in_transaction`] for a `statement` that runs `statements` statements
     /// (upload's COPY in parts): each gets an equal share of the statement timeout,
     /// so that together they are still cancelled by the server (57014) before our
@@ -499,7 +505,7 @@ impl Db {
     ) -> std::result::Result<T, tokio_postgres::Error> {
         let mut begin = format!("BEGIN; {}", self.settings);
         if statements > 1 {
-            let share = statement_timeout(self.timeout) / statements;
+            let share = self.statement_timeout_of(statements);
             begin.push_str(&format!(
                 "; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
                 share.as_millis().max(1),

@@ -51,6 +51,9 @@ pub struct Error {
     /// SQLSTATE, i.e. the server did not answer for a statement): the caller must
     /// reconnect rather than retry on it.
     closed: bool,
+    /// A cancel (57014) that came sooner than the statement timeout could have:
+    /// see [`Error::cancelled_by_someone`].
+    cancelled_by_someone: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +68,7 @@ impl Error {
             source: None,
             code: None,
             closed: false,
+            cancelled_by_someone: false,
         }
     }
 
@@ -83,6 +87,7 @@ impl Error {
             source: Some(Box::new(e)),
             code,
             closed,
+            cancelled_by_someone: false,
         }
     }
 
@@ -96,6 +101,7 @@ impl Error {
             source: None,
             code: None,
             closed: true,
+            cancelled_by_someone: false,
         }
     }
 
@@ -131,6 +137,20 @@ impl Error {
         self
     }
 
+    /// Marks a statement cancelled (57014) before its `statement_timeout` could
+    /// have run out: someone cancelled it (an operator's `pg_cancel_backend`, a
+    /// tool that clears sessions for a migration), so it says nothing about its
+    /// size, and sending it again can succeed at once.
+    pub fn cancelled_by_someone(mut self) -> Error {
+        self.cancelled_by_someone = self.code() == Some(QUERY_CANCELED);
+        self
+    }
+
+    /// See [`Error::cancelled_by_someone`].
+    pub fn is_cancelled_by_someone(&self) -> bool {
+        self.cancelled_by_someone
+    }
+
     pub fn kind(&self) -> Kind {
         self.kind
     }
@@ -150,13 +170,21 @@ impl Error {
     }
 
     /// Whether the same round trip, sent again at once on the same connection, can
-    /// succeed: transient, the connection still usable, and not a lock wait that
-    /// ran out (55P03, `lock_timeout`). A lock held that long is maintenance (a
-    /// `CREATE INDEX` without `CONCURRENTLY`, `VACUUM FULL`, an `ALTER TABLE`),
-    /// which 100 ms more do not outlast, and each retry would wait as long again;
-    /// the next cycle tries again.
+    /// succeed: transient, the connection still usable, not a lock wait that ran
+    /// out (55P03, `lock_timeout`) and not a lack of resources (class 53). A lock
+    /// held that long is maintenance (a `CREATE INDEX` without `CONCURRENTLY`,
+    /// `VACUUM FULL`, an `ALTER TABLE`), which 100 ms more do not outlast, and each
+    /// retry would wait as long again. A full disk (53100) or a configured limit
+    /// (53400) is not freed in 100 ms either, and each retry of each batch in the
+    /// upload's pipeline sent its readings again into it (a central whose disk
+    /// filled got 32 COPYs per gateway and cycle instead of 8, with a warning for
+    /// each). The next cycle tries again.
     pub fn is_worth_retrying_now(&self) -> bool {
-        self.is_transient() && !self.is_connection_lost() && self.code() != Some(LOCK_NOT_AVAILABLE)
+        self.is_transient()
+            && !self.is_connection_lost()
+            && !self
+                .code()
+                .is_some_and(|c| c == LOCK_NOT_AVAILABLE || c.starts_with("53"))
     }
 
     /// Whether trying the same thing later can succeed: a lost connection, a timeout,
@@ -179,6 +207,10 @@ impl Error {
 /// SQLSTATE read_only_sql_transaction: a write reached a server in recovery.
 pub const READ_ONLY: &str = "25006";
 
+/// SQLSTATE query_canceled: a `statement_timeout` ran out, or someone cancelled
+/// the statement.
+pub const QUERY_CANCELED: &str = "57014";
+
 /// SQLSTATE lock_not_available: a `lock_timeout` ran out.
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
@@ -192,7 +224,7 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
         || code.starts_with("57P")
         || code.starts_with("58")
         || code == LOCK_NOT_AVAILABLE
-        || code == "57014" // query_canceled: statement_timeout or pg_cancel_backend
+        || code == QUERY_CANCELED
 }
 
 impl fmt::Display for Error {
@@ -299,5 +331,32 @@ mod tests {
         assert!(lock.is_transient());
         assert!(!lock.is_worth_retrying_now());
         assert!(!coded("23505").is_worth_retrying_now());
+    }
+
+    #[test]
+    fn only_a_cancel_can_be_one_by_someone() {
+        let coded = |c: &str| Error {
+            code: Some(c.to_string()),
+            ..Error::new(Kind::Db, "copy batch of 100")
+        };
+        let cancel = coded(QUERY_CANCELED).cancelled_by_someone();
+        assert!(cancel.is_cancelled_by_someone());
+        assert!(cancel.is_worth_retrying_now());
+        assert!(!coded(QUERY_CANCELED).is_cancelled_by_someone());
+        assert!(!coded("53200")
+            .cancelled_by_someone()
+            .is_cancelled_by_someone());
+    }
+
+    #[test]
+    fn a_lack_of_resources_waits_for_the_next_cycle() {
+        for c in ["53000", "53100", "53200", "53400"] {
+            let e = Error {
+                code: Some(c.to_string()),
+                ..Error::new(Kind::Db, "copy batch of 100")
+            };
+            assert!(e.is_transient(), "{c}");
+            assert!(!e.is_worth_retrying_now(), "{c}");
+        }
     }
 }

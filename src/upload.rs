@@ -316,12 +316,38 @@ struct Ctx<'a> {
 /// counts it only when not, and afterwards only when it stopped at its time budget
 /// (each count is a scan of the whole queue, seconds on a gateway with a week's
 /// backlog; the heartbeat and the metrics file count it after the cycle anyway).
+///
+/// A drain that fails says how many readings it delivered before (see [`Failed`]).
 pub async fn drain(
     cfg: &Config,
     local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
     queued: Option<i64>,
+) -> Result<PhaseResult, Failed> {
+    let mut delivered = 0;
+    drain_counting(cfg, local, central, shutdown, queued, &mut delivered)
+        .await
+        .map_err(|error| Failed { delivered, error })
+}
+
+/// A drain that ended with an error after it had delivered `delivered` readings:
+/// those are in central and gone from the queue, and count in `sync_logs` and the
+/// metrics like those of a drain that succeeded (a drain of a week's backlog that
+/// central's restart cut short at its end counted 0 there).
+pub struct Failed {
+    pub delivered: u64,
+    pub error: Error,
+}
+
+/// [`drain`], keeping `delivered` up to date once batches are delivered.
+async fn drain_counting(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+    shutdown: &Shutdown,
+    queued: Option<i64>,
+    delivered: &mut u64,
 ) -> Result<PhaseResult> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
@@ -479,6 +505,7 @@ pub async fn drain(
         }
     }
 
+    *delivered = total.delivered;
     if failure.is_none() {
         if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
             failure = Some(e);
@@ -1242,7 +1269,7 @@ fn needs_fallback(e: &Error) -> bool {
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
     let parts = copy_parts(rows);
-    central_call(ctx, &what, || {
+    central_call(ctx, &what, parts.len() as u32, || {
         let data = parts.iter().map(|r| batch.copy_data(r.clone())).collect();
         ctx.central.in_transaction_of(
             parts.len() as u32,
@@ -1301,18 +1328,25 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
         .map(|(e, (_, t))| (e as &(dyn ToSql + Sync), t.clone()))
         .collect();
     let what = format!("insert batch of {} with ON CONFLICT DO NOTHING", rows.len());
-    central_call(ctx, &what, || {
+    central_call(ctx, &what, 1, || {
         ctx.central
             .in_transaction(ctx.central.client().execute_typed(INSERT, &params))
     })
     .await
 }
 
-/// One central round trip, timed from when it reaches the head of the pipeline (see
-/// [`Pipeline`]), retried like [`Db::retrying`] when transient, except after a
-/// failure that may be about the batch's size: that one is retried smaller by the
-/// drain, not unchanged here.
-async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, mut op: F) -> Result<T>
+/// One central round trip of a transaction of `statements` statements, timed from
+/// when it reaches the head of the pipeline (see [`Pipeline`]), retried like
+/// [`Db::retrying`] when transient, except after a failure that may be about the
+/// batch's size: that one is retried smaller by the drain, not unchanged here.
+///
+/// A cancel (57014) that comes back sooner after the round trip was sent than a
+/// statement of it may run ([`Db::statement_timeout_of`]) cannot be central's
+/// `statement_timeout`, whatever the server's language says: someone cancelled it
+/// ([`Error::cancelled_by_someone`]), and it is retried as it is. Taken for a
+/// timeout, an operator's `pg_cancel_backend` halved the batches ("failed because
+/// of its size") for a batch central had not found too large at all.
+async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, statements: u32, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
@@ -1321,6 +1355,7 @@ where
     let mut n = 0;
     loop {
         let fut = op();
+        let sent = Instant::now();
         let r = ctx
             .pipe
             .timed(
@@ -1328,7 +1363,14 @@ where
                 async { fut.await.map_err(|e| Error::db(db.side(), what, e)) },
                 || Error::timeout(db.side(), what, db.timeout()),
             )
-            .await;
+            .await
+            .map_err(|e| {
+                if sent.elapsed() < db.statement_timeout_of(statements) {
+                    e.cancelled_by_someone()
+                } else {
+                    e
+                }
+            });
         match r {
             Err(e)
                 if e.is_worth_retrying_now()

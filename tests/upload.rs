@@ -1780,3 +1780,80 @@ fn a_central_lock_held_for_maintenance_is_waited_out_without_shrinking_batches()
     assert_eq!(rows(&mut s.central(), ""), before);
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
 }
+
+/// Central's disk fills while a backlog drains (53100 disk_full, which PostgreSQL
+/// raises when it cannot extend the table's file; here a central trigger raises it
+/// from the fourth batch on, as a tablespace on a full file system did by hand).
+/// Each batch then in flight fails once: none is sent again within the cycle (100
+/// ms do not free a disk, and each retry wrote the batch into it again, with a
+/// warning per batch and retry); nothing is quarantined; the three batches central
+/// took before count in `sync_logs` and the metrics although the phase failed; and
+/// once central has room the queue drains, each reading once.
+#[test]
+fn a_central_disk_that_fills_mid_drain_is_not_retried_in_place_and_its_uploads_count() {
+    let mut s = Sandbox::new();
+    let metrics = s.dir.join("meter-sync.prom");
+    s.set("BATCH_SIZE", 10)
+        .set("UPLOAD_PIPELINE_DEPTH", 8)
+        .set("MAX_QUERY_RETRIES", 3)
+        .set("METRICS_TEXTFILE", metrics.display());
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE SEQUENCE copies;
+         CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('copies') > 3 THEN
+                   RAISE EXCEPTION 'could not extend file: No space left on device'
+                   USING ERRCODE = 'disk_full';
+               END IF;
+               RETURN NULL; END $$;
+         CREATE TRIGGER disk_full BEFORE INSERT ON meter_readings
+             FOR EACH STATEMENT EXECUTE FUNCTION disk_full();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let copies: i64 = c
+        .query_one("SELECT last_value FROM copies", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        copies - 3 <= 8,
+        "central was sent {} batches into a full disk in one cycle (at most the 8 in \
+         flight when the first failed):\n{}",
+        copies - 3,
+        run.stderr
+    );
+    assert!(
+        !run.stderr
+            .lines()
+            .any(|l| l.contains("53100") && l.contains("retry")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("No space left on device"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut s.local()), vec![]);
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(s.local_count("meter_readings"), 170);
+    let (ok, records, error) = last_upload_log(&s);
+    assert!(!ok && error.is_some_and(|e| e.contains("53100")));
+    assert_eq!(records, 30, "readings central took before its disk filled");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("meter_sync_readings_uploaded_total 30\n"),
+        "{text}"
+    );
+
+    c.batch_execute("DROP TRIGGER disk_full ON meter_readings")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+    let synced: i64 = upload_logs(&s).iter().map(|l| i64::from(l.1)).sum();
+    assert_eq!(synced, 200, "{:?}", upload_logs(&s));
+}

@@ -23,11 +23,12 @@ static REMEMBERED: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether a failed batch may have failed because of its size: a round trip that
 /// did not answer in time (ours, `DB_QUERY_TIMEOUT_MS`), a statement cancelled by
-/// central's `statement_timeout` (57014), central out of memory (53200), or a
+/// central's `statement_timeout` (57014, unless it came before that could run
+/// out: [`Error::cancelled_by_someone`]), central out of memory (53200), or a
 /// protocol violation (08P01: a message over a proxy's size limit, PgBouncer's
 /// `max_packet_size`). Smaller batches may pass where this one did not.
 pub fn is_size_failure(e: &Error) -> bool {
-    size_failure(e.kind(), e.code())
+    size_failure(e.kind(), e.code()) && !e.is_cancelled_by_someone()
 }
 
 fn size_failure(kind: Kind, code: Option<&str>) -> bool {
