@@ -930,6 +930,24 @@ async fn isolate(
     first: Error,
     t: &mut Tally,
 ) -> Result<()> {
+    let _one_at_a_time = ctx.isolating.lock().await;
+    if batch.len() > 1 && ctx.central_fault.load(Ordering::SeqCst) {
+        // Said once, by the batch that found it: with a full pipeline, the batches
+        // behind it added two info lines each for nothing they did, every cycle
+        // for as long as central's fault lasted.
+        log::debug!(
+            "upload: central refused a batch of {} ({first}) as well; not taken apart",
+            batch.len()
+        );
+        return Err(Error::new(
+            Kind::Db,
+            format!(
+                "upload: central refused a batch of {} ({first}), and another batch showed \
+                 central refusing readings alike; the batch stays queued",
+                batch.len()
+            ),
+        ));
+    }
     log::info!(
         "upload: central refused a batch of {} ({first}); taking it apart",
         batch.len()
@@ -949,7 +967,8 @@ async fn isolate(
     r.map(|_| ())
 }
 
-/// [`isolate`]'s search; returns how many readings were refused alone.
+/// [`isolate`]'s search, one batch at a time (the caller holds `isolating`);
+/// returns how many readings were refused alone.
 async fn take_apart(
     ctx: &Ctx<'_>,
     seq: u64,
@@ -963,19 +982,9 @@ async fn take_apart(
     let mut asked = false;
     // Refused ranges still to take apart; the leftmost on top.
     let mut todo: Vec<(Range<usize>, Error)> = Vec::new();
-    let _one_at_a_time = ctx.isolating.lock().await;
     if batch.len() == 1 {
         // Nothing to compare it with here: see verdict::decide.
         found.push((0, first));
-    } else if ctx.central_fault.load(Ordering::SeqCst) {
-        return Err(Error::new(
-            Kind::Db,
-            format!(
-                "upload: central refused a batch of {} ({first}), and another batch showed \
-                 central refusing readings alike; the batch stays queued",
-                batch.len()
-            ),
-        ));
     } else {
         todo.push((0..batch.len(), first));
     }

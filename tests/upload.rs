@@ -1857,3 +1857,51 @@ fn a_central_disk_that_fills_mid_drain_is_not_retried_in_place_and_its_uploads_c
     let synced: i64 = upload_logs(&s).iter().map(|l| i64::from(l.1)).sum();
     assert_eq!(synced, 200, "{:?}", upload_logs(&s));
 }
+
+/// A maintenance window on central: from the 31st reading on, a central trigger
+/// refuses every reading (P0001, as an operator's "read-only for maintenance"
+/// trigger does), then the window closes. With a full pipeline, the readings taken
+/// before arrive, none is quarantined, and the held cycle says so once: one batch is
+/// taken apart, the seven behind it are not (each added two info lines before,
+/// "taking it apart" and "took a batch of 10 apart in 0 statement(s)", every cycle
+/// of the window). Once the window is over the queue drains, each reading once.
+#[test]
+fn p24_a_maintenance_window_refusing_every_reading_is_said_once_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10).set("UPLOAD_PIPELINE_DEPTH", 8);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE TABLE window_open (open boolean NOT NULL);
+         INSERT INTO window_open VALUES (true);
+         CREATE SEQUENCE rows_seen;
+         CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('rows_seen') > 30 AND (SELECT open FROM window_open) THEN
+                   RAISE EXCEPTION 'central is in a maintenance window';
+               END IF;
+               RETURN NEW; END $$;
+         CREATE TRIGGER maintenance BEFORE INSERT ON meter_readings
+             FOR EACH ROW EXECUTE FUNCTION maintenance();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 300, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let (ok, records, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(
+        !ok && err.contains("P0001") && err.contains("nothing quarantined"),
+        "{err}"
+    );
+    assert_eq!(records, 30);
+    assert_eq!(quarantined(&mut s.local()), vec![]);
+    let said = |what: &str| run.stderr.matches(what).count();
+    assert_eq!(said("taking it apart"), 1, "{}", run.stderr);
+    assert_eq!(said("apart in 0 statement(s)"), 0, "{}", run.stderr);
+
+    c.batch_execute("UPDATE window_open SET open = false")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+}
