@@ -312,7 +312,14 @@ impl Db {
             attempt += 1;
             // What does not heal by waiting (a malformed file, a refused certificate,
             // a server that rejects our credentials) is not retried within the cycle.
-            if attempt >= cfg.max_connection_retries || !err.is_transient() {
+            // Nor is a server that says it is full (53300): a fleet that asked again
+            // within seconds kept it full, each refusal a fork, a TLS handshake and
+            // (for a role's CONNECTION LIMIT) a SCRAM exchange on central, five per
+            // gateway and cycle instead of one; the next cycle asks again.
+            if attempt >= cfg.max_connection_retries
+                || !err.is_transient()
+                || err.code() == Some(crate::error::TOO_MANY_CONNECTIONS)
+            {
                 return Err(err);
             }
             let cap = backoff_cap(attempt - 1);

@@ -211,6 +211,10 @@ pub const READ_ONLY: &str = "25006";
 /// the statement.
 pub const QUERY_CANCELED: &str = "57014";
 
+/// SQLSTATE too_many_connections: the server's `max_connections`, or a role's or
+/// database's `CONNECTION LIMIT`, is reached.
+pub const TOO_MANY_CONNECTIONS: &str = "53300";
+
 /// SQLSTATE lock_not_available: a `lock_timeout` ran out.
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
