@@ -560,10 +560,21 @@ fn after_failure(pace: &mut Pace, e: &Error, rows: usize, central: &Db) -> bool 
     if e.side() != Some(Side::Central) || !is_size_failure(e) {
         return false;
     }
+    let size = pace.size();
     let next = pace.failed_by_size(rows);
     let retry =
         next == AfterSizeFailure::RetrySmaller && !e.is_connection_lost() && !central.is_closed();
-    log::warn!(
+    // Said by the failure that changed something. When a timeout gives the
+    // connection up, every other batch in the pipeline fails with it at once
+    // (selected at the old size, they halve nothing): one warning each said the
+    // same thing again, eight per dead link at the default depth.
+    let level = if pace.size() < size || next == AfterSizeFailure::GiveUp {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    };
+    log::log!(
+        level,
         "upload: a batch of {rows} failed because of its size ({e}); {}",
         match (next, retry) {
             (AfterSizeFailure::GiveUp, _) => "already at 1 reading per batch".to_string(),

@@ -744,6 +744,17 @@ fn p18_central_link_silent_mid_drain_bounded_then_recovers() {
         failure.contains("central") && failure.contains("no answer within 1500 ms"),
         "{failure}"
     );
+    // Said once, not once per batch in the pipeline the dead link failed with it.
+    let said = log[log_mark..]
+        .lines()
+        .take_while(|l| !l.contains("upload phase failed"))
+        .filter(|l| l.contains("failed because of its size"))
+        .count();
+    assert!(
+        said <= 1,
+        "{said} warnings for one dead link:\n{}",
+        &log[log_mark..]
+    );
     let (central_then, local_then) = (
         s.central_count("meter_readings"),
         s.local_count("meter_readings"),
