@@ -51,9 +51,9 @@ pub struct Error {
     /// SQLSTATE, i.e. the server did not answer for a statement): the caller must
     /// reconnect rather than retry on it.
     closed: bool,
-    /// A cancel (57014) that came sooner than the statement timeout could have:
-    /// see [`Error::cancelled_by_someone`].
-    cancelled_by_someone: bool,
+    /// What failed cannot have been about the size of what was sent: see
+    /// [`Error::cancelled_by_someone`], [`Error::commit_unanswered`].
+    not_about_size: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -68,7 +68,7 @@ impl Error {
             source: None,
             code: None,
             closed: false,
-            cancelled_by_someone: false,
+            not_about_size: false,
         }
     }
 
@@ -87,7 +87,7 @@ impl Error {
             source: Some(Box::new(e)),
             code,
             closed,
-            cancelled_by_someone: false,
+            not_about_size: false,
         }
     }
 
@@ -101,7 +101,7 @@ impl Error {
             source: None,
             code: None,
             closed: true,
-            cancelled_by_someone: false,
+            not_about_size: false,
         }
     }
 
@@ -142,13 +142,38 @@ impl Error {
     /// tool that clears sessions for a migration), so it says nothing about its
     /// size, and sending it again can succeed at once.
     pub fn cancelled_by_someone(mut self) -> Error {
-        self.cancelled_by_someone = self.code() == Some(QUERY_CANCELED);
+        self.not_about_size |= self.code() == Some(QUERY_CANCELED);
         self
     }
 
-    /// See [`Error::cancelled_by_someone`].
-    pub fn is_cancelled_by_someone(&self) -> bool {
-        self.cancelled_by_someone
+    /// Marks a round trip that timed out after its statement was answered, so
+    /// only the COMMIT was: central did not acknowledge the commit in time,
+    /// which is a synchronous standby that does not confirm (or a central that
+    /// cannot flush its WAL), not a batch too large for it; the message says so.
+    pub fn commit_unanswered(mut self) -> Error {
+        if self.kind == Kind::Timeout {
+            self.not_about_size = true;
+            self.context = format!(
+                "{}; the statement was answered, its COMMIT was not (a synchronous standby \
+                 that does not confirm?)",
+                self.context
+            );
+        }
+        self
+    }
+
+    /// Marks an error that says nothing about the size of what was sent: a round
+    /// trip that failed before it was its turn (the upload's pipeline gave the
+    /// connection up for another one's timeout).
+    pub fn not_about_size(mut self) -> Error {
+        self.not_about_size = true;
+        self
+    }
+
+    /// See [`Error::not_about_size`], [`Error::cancelled_by_someone`] and
+    /// [`Error::commit_unanswered`].
+    pub fn is_not_about_size(&self) -> bool {
+        self.not_about_size
     }
 
     pub fn kind(&self) -> Kind {
@@ -344,12 +369,25 @@ mod tests {
             ..Error::new(Kind::Db, "copy batch of 100")
         };
         let cancel = coded(QUERY_CANCELED).cancelled_by_someone();
-        assert!(cancel.is_cancelled_by_someone());
+        assert!(cancel.is_not_about_size());
         assert!(cancel.is_worth_retrying_now());
-        assert!(!coded(QUERY_CANCELED).is_cancelled_by_someone());
-        assert!(!coded("53200")
-            .cancelled_by_someone()
-            .is_cancelled_by_someone());
+        assert!(!coded(QUERY_CANCELED).is_not_about_size());
+        assert!(!coded(QUERY_CANCELED)
+            .commit_unanswered()
+            .is_not_about_size());
+        assert!(!coded("53200").cancelled_by_someone().is_not_about_size());
+    }
+
+    #[test]
+    fn an_unanswered_commit_is_not_about_size_and_says_so() {
+        let e = Error::timeout(
+            Side::Central,
+            "copy batch of 100",
+            std::time::Duration::from_secs(30),
+        )
+        .commit_unanswered();
+        assert!(e.is_not_about_size() && e.is_connection_lost());
+        assert!(e.to_string().contains("its COMMIT was not"), "{e}");
     }
 
     #[test]

@@ -1289,14 +1289,26 @@ fn needs_fallback(e: &Error) -> bool {
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
     let parts = copy_parts(rows);
-    central_call(ctx, &what, parts.len() as u32, || {
+    let answered = AtomicBool::new(false);
+    central_call(ctx, &what, parts.len() as u32, &answered, || {
         let data = parts.iter().map(|r| batch.copy_data(r.clone())).collect();
         ctx.central.in_transaction_of(
             parts.len() as u32,
-            ctx.central.client().copy_in_all(&ctx.st.copy, data),
+            noting(
+                &answered,
+                ctx.central.client().copy_in_all(&ctx.st.copy, data),
+            ),
         )
     })
     .await
+}
+
+/// `statement`, noting in `answered` when its answer has come back (see
+/// [`central_call`]). Sends on its first poll as `statement` does.
+async fn noting<T>(answered: &AtomicBool, statement: impl Future<Output = T>) -> T {
+    let r = statement.await;
+    answered.store(true, Ordering::SeqCst);
+    r
 }
 
 /// At most this many rows per COPY statement for a batch of [`CHUNKED_FROM`] to
@@ -1348,9 +1360,12 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
         .map(|(e, (_, t))| (e as &(dyn ToSql + Sync), t.clone()))
         .collect();
     let what = format!("insert batch of {} with ON CONFLICT DO NOTHING", rows.len());
-    central_call(ctx, &what, 1, || {
-        ctx.central
-            .in_transaction(ctx.central.client().execute_typed(INSERT, &params))
+    let answered = AtomicBool::new(false);
+    central_call(ctx, &what, 1, &answered, || {
+        ctx.central.in_transaction(noting(
+            &answered,
+            ctx.central.client().execute_typed(INSERT, &params),
+        ))
     })
     .await
 }
@@ -1366,7 +1381,19 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
 /// ([`Error::cancelled_by_someone`]), and it is retried as it is. Taken for a
 /// timeout, an operator's `pg_cancel_backend` halved the batches ("failed because
 /// of its size") for a batch central had not found too large at all.
-async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, statements: u32, mut op: F) -> Result<T>
+///
+/// Likewise a round trip that timed out after its statement was answered (`op`
+/// sets `answered` then, see [`noting`]) waited only for the COMMIT
+/// ([`Error::commit_unanswered`]): a synchronous standby that does not confirm.
+/// Taken for a batch too large, it halved the batches cycle after cycle down to
+/// one reading while the standby was away, each cycle with the wrong reason.
+async fn central_call<T, F, Fut>(
+    ctx: &Ctx<'_>,
+    what: &str,
+    statements: u32,
+    answered: &AtomicBool,
+    mut op: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
@@ -1374,6 +1401,7 @@ where
     let db = ctx.central;
     let mut n = 0;
     loop {
+        answered.store(false, Ordering::SeqCst);
         let fut = op();
         let sent = Instant::now();
         let r = ctx
@@ -1385,6 +1413,11 @@ where
             )
             .await
             .map_err(|e| {
+                let e = if answered.load(Ordering::SeqCst) {
+                    e.commit_unanswered()
+                } else {
+                    e
+                };
                 if sent.elapsed() < db.statement_timeout_of(statements) {
                     e.cancelled_by_someone()
                 } else {

@@ -304,6 +304,14 @@ fn durability_an_upload_is_acknowledged_only_once_the_synchronous_standby_has_it
         err.as_deref().unwrap_or("").contains("no answer within"),
         "{err:?}"
     );
+    // A commit that waits for a standby says so, and is not taken for a batch
+    // too large (before, each such cycle halved the batches, down to one reading).
+    let log = first.all();
+    assert!(log.contains("its COMMIT was not"), "{log}");
+    assert!(
+        !log.contains("because of its size") && !log.contains("halved"),
+        "{log}"
+    );
 
     // The standby "arrives" (here: central stops asking for one): the waiting
     // commits complete, and the next cycle finds the readings there already.

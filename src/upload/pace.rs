@@ -23,12 +23,14 @@ static REMEMBERED: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether a failed batch may have failed because of its size: a round trip that
 /// did not answer in time (ours, `DB_QUERY_TIMEOUT_MS`), a statement cancelled by
-/// central's `statement_timeout` (57014, unless it came before that could run
-/// out: [`Error::cancelled_by_someone`]), central out of memory (53200), or a
+/// central's `statement_timeout` (57014), central out of memory (53200), or a
 /// protocol violation (08P01: a message over a proxy's size limit, PgBouncer's
-/// `max_packet_size`). Smaller batches may pass where this one did not.
+/// `max_packet_size`). Smaller batches may pass where this one did not. Not a
+/// cancel that came before the timeout could run out, a timeout that waited only
+/// for the COMMIT, nor a round trip the pipeline gave up before its turn
+/// ([`Error::is_not_about_size`]).
 pub fn is_size_failure(e: &Error) -> bool {
-    size_failure(e.kind(), e.code()) && !e.is_cancelled_by_someone()
+    size_failure(e.kind(), e.code()) && !e.is_not_about_size()
 }
 
 fn size_failure(kind: Kind, code: Option<&str>) -> bool {
@@ -207,7 +209,8 @@ impl Pipeline {
             alive = self.reach_head(ticket.n) => alive,
         };
         if !alive {
-            return Err(timeout());
+            // Never sent, or never its turn: what it carried was not to blame.
+            return Err(timeout().not_about_size());
         }
         let r = crate::notify::while_bounded(tokio::time::timeout(limit, fut)).await;
         if r.is_err() {
@@ -390,6 +393,12 @@ mod tests {
             .iter()
             .all(|r| r.as_ref().is_err_and(|e| e.kind() == Kind::Timeout)));
         assert_eq!(start.elapsed(), limit);
+        // Only the head waited its limit; the others say nothing about their size.
+        let sized = results
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(is_size_failure))
+            .count();
+        assert_eq!(sized, 1);
         // And so does anything sent on the dead connection afterwards.
         let r = pipe.timed(limit, async { Ok(1) }, || {
             Error::timeout(Side::Central, "late", limit)
