@@ -312,13 +312,15 @@ impl Db {
             attempt += 1;
             // What does not heal by waiting (a malformed file, a refused certificate,
             // a server that rejects our credentials) is not retried within the cycle.
-            // Nor is a server that says it is full (53300): a fleet that asked again
+            // Nor is a central that says it is full (53300): a fleet that asked again
             // within seconds kept it full, each refusal a fork, a TLS handshake and
             // (for a role's CONNECTION LIMIT) a SCRAM exchange on central, five per
-            // gateway and cycle instead of one; the next cycle asks again.
+            // gateway and cycle instead of one; the next cycle asks again. The
+            // gateway's own server has no fleet behind it and is asked as before.
             if attempt >= cfg.max_connection_retries
                 || !err.is_transient()
-                || err.code() == Some(crate::error::TOO_MANY_CONNECTIONS)
+                || (db.side == Side::Central
+                    && err.code() == Some(crate::error::TOO_MANY_CONNECTIONS))
             {
                 return Err(err);
             }
