@@ -426,7 +426,7 @@ async fn drain_counting(
             restart = false;
             key = None;
             exhausted = false;
-            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+            if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
                 failure = failure.or(Some(e));
                 continue;
             }
@@ -435,7 +435,7 @@ async fn drain_counting(
         if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
             // The refused readings of this pass are decided before the next pass
             // would read them again.
-            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+            if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
                 failure = Some(e);
                 continue;
             }
@@ -505,12 +505,12 @@ async fn drain_counting(
         }
     }
 
-    *delivered = total.delivered;
     if failure.is_none() {
-        if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+        if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
             failure = Some(e);
         }
     }
+    *delivered = total.delivered;
     let quarantined = ctx.quarantined.load(Ordering::SeqCst);
     pace.remember();
     let elapsed = start.elapsed();
@@ -1164,9 +1164,12 @@ fn candidate(ctx: &Ctx<'_>, order: (u64, usize), id: i64, uid: String, why: &Err
 }
 
 /// Decides on the refused readings collected so far ([`verdict::decide`]) and
-/// quarantines those it says, oldest first. Fails with the reason when the rest
-/// must stay queued (no evidence against them, or the cap).
-async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
+/// quarantines those it says, oldest first, once central has refused each of them
+/// again ([`ask_again`]); what it takes then is delivered and counted in `t`.
+/// Fails with the reason when the rest must stay queued (no evidence against
+/// them, or the cap).
+async fn quarantine_candidates(ctx: &Ctx<'_>, t: &mut Tally) -> Result<()> {
+    let accepted = t.delivered;
     let mut cands = std::mem::take(&mut *ctx.candidates.lock().unwrap_or_else(|e| e.into_inner()));
     cands.sort_by_key(|c| c.order);
     let codes: Vec<&str> = cands.iter().map(|c| c.code.as_str()).collect();
@@ -1182,9 +1185,9 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
         accepted,
         ctx.quarantined.load(Ordering::SeqCst),
     );
-    for c in &cands[..decision.quarantine] {
+    for (c, message) in ask_again(ctx, &cands[..decision.quarantine], t).await? {
         if claim_quarantine(ctx) {
-            quarantine(ctx, c.id, &c.uid, &c.message).await?;
+            quarantine(ctx, c.id, &c.uid, &message).await?;
         }
     }
     let held_local = ctx.held_local.swap(0, Ordering::SeqCst);
@@ -1205,6 +1208,70 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
         Some(h) => Err(Error::new(Kind::Db, h)),
         None => Ok(()),
     }
+}
+
+/// Sends each of `cands` alone once more, all in one round trip, before they are
+/// quarantined: a refusal that was central's for a moment (a maintenance trigger
+/// switched off while a batch was taken apart, a referenced table reloaded) is
+/// delivered now, where it waited for `requeue` before (the readings refused just
+/// before the window closed were quarantined, the rest of the batch delivered).
+/// Returns those refused again, with central's message. Costs a statement per
+/// reading about to be quarantined, at most the cap per cycle.
+async fn ask_again<'c>(
+    ctx: &Ctx<'_>,
+    cands: &'c [Candidate],
+    t: &mut Tally,
+) -> Result<Vec<(&'c Candidate, String)>> {
+    if cands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = cands.iter().map(|c| c.id).collect();
+    let rows = ctx
+        .local
+        .timed(
+            "select refused readings again",
+            ctx.local.client().query(&ctx.st.by_ids, &[&ids]),
+        )
+        .await?;
+    let mut c = Collect::new(rows.len());
+    for row in &rows {
+        c.take(row);
+    }
+    let batch = c.finish(ctx).await?.batch;
+    let read = batch.ids(0..batch.len());
+    let at: Vec<usize> = cands
+        .iter()
+        .map(|c| read.iter().position(|&id| id == c.id).unwrap_or(usize::MAX))
+        .collect();
+    let sent: Vec<usize> = at.iter().copied().filter(|&p| p != usize::MAX).collect();
+    t.statements += sent.len() as u64;
+    let results = join_all(sent.iter().map(|&p| insert(ctx, &batch, p..p + 1))).await;
+    let mut answers: std::collections::HashMap<usize, Result<u64>> =
+        sent.into_iter().zip(results).collect();
+    let mut again = Vec::new();
+    for (cand, p) in cands.iter().zip(at) {
+        // Gone from the queue meanwhile (or no longer readable, quarantined by
+        // finish above): nothing to decide.
+        let Some(answer) = answers.remove(&p) else {
+            continue;
+        };
+        match answer {
+            Ok(inserted) => {
+                delete(ctx, &batch, p..p + 1).await?;
+                t.delivered += 1;
+                t.already += 1 - inserted.min(1);
+                log::info!(
+                    "upload: central took reading id {} (reading_uid {}) when asked again; \
+                     not quarantined",
+                    cand.id,
+                    cand.uid
+                );
+            }
+            Err(e) if is_row_rejection(&e) => again.push((cand, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(again)
 }
 
 /// Inserts `rows` of `batch` centrally in one statement; returns how many were new

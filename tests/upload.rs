@@ -1905,3 +1905,40 @@ fn p24_a_maintenance_window_refusing_every_reading_is_said_once_and_quarantines_
     assert_eq!(s.local_count("meter_readings"), 0);
     assert_eq!(rows(&mut s.central(), ""), before);
 }
+
+/// A refusal window that closes while a batch is taken apart: central's trigger
+/// refuses every reading for its first 19 statements (a maintenance window), then
+/// none. The first batch of 32 is refused, its 16 slices too, and the two readings
+/// of its first slice alone; then the window closes and central takes the rest.
+/// Those two were refused for central's moment, not for what they hold: asked
+/// again before quarantine, they are delivered, nothing is quarantined (before,
+/// both waited for `requeue`), and the cycle succeeds with every reading once.
+#[test]
+fn p7_readings_refused_just_before_a_window_closes_are_asked_again_not_quarantined() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 32).set("UPLOAD_PIPELINE_DEPTH", 1);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE SEQUENCE refusals;
+         CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('refusals') <= 19 THEN
+                   RAISE EXCEPTION 'central is in a maintenance window';
+               END IF;
+               RETURN NEW; END $$;
+         CREATE TRIGGER maintenance BEFORE INSERT ON meter_readings
+             FOR EACH ROW EXECUTE FUNCTION maintenance();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    assert!(
+        run.stderr.contains("P0001"),
+        "the window was met: {}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut s.local()), vec![], "{}", run.stderr);
+    assert_eq!(last_upload_log(&s), (true, 200, None), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+}
