@@ -52,7 +52,8 @@ pub struct Error {
     /// reconnect rather than retry on it.
     closed: bool,
     /// What failed cannot have been about the size of what was sent: see
-    /// [`Error::cancelled_by_someone`], [`Error::commit_unanswered`].
+    /// [`Error::not_about_size`], [`Error::cancelled_by_someone`],
+    /// [`Error::commit_unanswered`].
     not_about_size: bool,
 }
 
