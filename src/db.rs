@@ -200,10 +200,20 @@ impl Db {
         let closed_by = Arc::new(Mutex::new(None));
         let driver = tokio::spawn({
             let closed_by = Arc::clone(&closed_by);
+            let mut connection = connection;
             async move {
-                let why = match connection.await {
-                    Ok(()) => format!("{side}: connection closed by the server"),
-                    Err(e) => Error::db(side, "connection closed", e).to_string(),
+                // tokio-postgres would log a notice bare ("WARNING: terminating
+                // connection due to immediate shutdown command", on central's bad
+                // day): said here with the database it came from.
+                let why = loop {
+                    match futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notice(n))) => {
+                            log::info!("{side}: the server says: {}: {}", n.severity(), n.message())
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break Error::db(side, "connection closed", e).to_string(),
+                        None => break format!("{side}: connection closed by the server"),
+                    }
                 };
                 log::debug!("{why}");
                 *closed_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
