@@ -197,12 +197,12 @@ pub async fn run(
                     summary: r.summary,
                 }
             }
-            Err(e) => {
+            Err((records, e)) => {
                 log::error!("{} phase failed: {e}", phase.as_str());
                 conns.drop_if_lost(&e);
                 PhaseOutcome {
                     phase,
-                    records: 0,
+                    records,
                     duration,
                     error: Some(e.to_string()),
                     summary: String::new(),
@@ -226,7 +226,8 @@ async fn run_phase(
     conns: &mut Connections,
     shutdown: &Shutdown,
     queued: Option<i64>,
-) -> Result<PhaseResult> {
+) -> Result<PhaseResult, (u64, Error)> {
+    let nothing_done = |e| (0, e);
     conns
         .ensure_local(cfg, shutdown)
         .await
@@ -237,15 +238,25 @@ async fn run_phase(
                 "local: another meter-sync took the cycle lock while this one reconnected; \
              this cycle stops here",
             ),
-        })?;
-    conns.ensure_central(cfg, shutdown).await?;
+        })
+        .map_err(nothing_done)?;
+    conns
+        .ensure_central(cfg, shutdown)
+        .await
+        .map_err(nothing_done)?;
     let (Some(local), Some(central)) = (conns.local.as_mut(), conns.central.as_mut()) else {
         unreachable!("both connections were just ensured");
     };
     match phase {
-        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown, queued).await,
-        Phase::Meters => download::sync_table(Downloaded::Meters, cfg, local, central).await,
-        Phase::Tenant => download::sync_table(Downloaded::Tenants, cfg, local, central).await,
+        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown, queued)
+            .await
+            .map_err(|f| (f.delivered, f.error)),
+        Phase::Meters => download::sync_table(Downloaded::Meters, cfg, local, central)
+            .await
+            .map_err(nothing_done),
+        Phase::Tenant => download::sync_table(Downloaded::Tenants, cfg, local, central)
+            .await
+            .map_err(nothing_done),
     }
 }
 

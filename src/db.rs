@@ -200,10 +200,20 @@ impl Db {
         let closed_by = Arc::new(Mutex::new(None));
         let driver = tokio::spawn({
             let closed_by = Arc::clone(&closed_by);
+            let mut connection = connection;
             async move {
-                let why = match connection.await {
-                    Ok(()) => format!("{side}: connection closed by the server"),
-                    Err(e) => Error::db(side, "connection closed", e).to_string(),
+                // tokio-postgres would log a notice bare ("WARNING: terminating
+                // connection due to immediate shutdown command", on central's bad
+                // day): said here with the database it came from.
+                let why = loop {
+                    match futures_util::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(tokio_postgres::AsyncMessage::Notice(n))) => {
+                            log::info!("{side}: the server says: {}: {}", n.severity(), n.message())
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break Error::db(side, "connection closed", e).to_string(),
+                        None => break format!("{side}: connection closed by the server"),
+                    }
                 };
                 log::debug!("{why}");
                 *closed_by.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
@@ -315,7 +325,16 @@ impl Db {
             attempt += 1;
             // What does not heal by waiting (a malformed file, a refused certificate,
             // a server that rejects our credentials) is not retried within the cycle.
-            if attempt >= cfg.max_connection_retries || !err.is_transient() {
+            // Nor is a central that says it is full (53300): a fleet that asked again
+            // within seconds kept it full, each refusal a fork, a TLS handshake and
+            // (for a role's CONNECTION LIMIT) a SCRAM exchange on central, five per
+            // gateway and cycle instead of one; the next cycle asks again. The
+            // gateway's own server has no fleet behind it and is asked as before.
+            if attempt >= cfg.max_connection_retries
+                || !err.is_transient()
+                || (db.side == Side::Central
+                    && err.code() == Some(crate::error::TOO_MANY_CONNECTIONS))
+            {
                 return Err(err);
             }
             let cap = backoff_cap(attempt - 1);
@@ -500,6 +519,12 @@ impl Db {
         self.in_transaction_of(1, statement).await
     }
 
+    /// The `statement_timeout` each of `statements` statements of one
+    /// [`Db::in_transaction_of`] runs under.
+    pub fn statement_timeout_of(&self, statements: u32) -> Duration {
+        statement_timeout(self.timeout) / statements.max(1)
+    }
+
     /// [`Db::in_transaction`] for a `statement` that runs `statements` statements
     /// (upload's COPY in parts): each gets an equal share of the statement timeout,
     /// so that together they are still cancelled by the server (57014) before our
@@ -511,7 +536,7 @@ impl Db {
     ) -> std::result::Result<T, tokio_postgres::Error> {
         let mut begin = format!("BEGIN; {}", self.settings);
         if statements > 1 {
-            let share = statement_timeout(self.timeout) / statements;
+            let share = self.statement_timeout_of(statements);
             begin.push_str(&format!(
                 "; SET LOCAL statement_timeout = {}; SET LOCAL lock_timeout = {}",
                 share.as_millis().max(1),

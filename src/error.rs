@@ -51,6 +51,10 @@ pub struct Error {
     /// SQLSTATE, i.e. the server did not answer for a statement): the caller must
     /// reconnect rather than retry on it.
     closed: bool,
+    /// What failed cannot have been about the size of what was sent: see
+    /// [`Error::not_about_size`], [`Error::cancelled_by_someone`],
+    /// [`Error::commit_unanswered`].
+    not_about_size: bool,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -65,6 +69,7 @@ impl Error {
             source: None,
             code: None,
             closed: false,
+            not_about_size: false,
         }
     }
 
@@ -83,6 +88,7 @@ impl Error {
             source: Some(Box::new(e)),
             code,
             closed,
+            not_about_size: false,
         }
     }
 
@@ -96,6 +102,7 @@ impl Error {
             source: None,
             code: None,
             closed: true,
+            not_about_size: false,
         }
     }
 
@@ -131,6 +138,45 @@ impl Error {
         self
     }
 
+    /// Marks a statement cancelled (57014) before its `statement_timeout` could
+    /// have run out: someone cancelled it (an operator's `pg_cancel_backend`, a
+    /// tool that clears sessions for a migration), so it says nothing about its
+    /// size, and sending it again can succeed at once.
+    pub fn cancelled_by_someone(mut self) -> Error {
+        self.not_about_size |= self.code() == Some(QUERY_CANCELED);
+        self
+    }
+
+    /// Marks a round trip that timed out after its statement was answered, so
+    /// only the COMMIT was: central did not acknowledge the commit in time,
+    /// which is a synchronous standby that does not confirm (or a central that
+    /// cannot flush its WAL), not a batch too large for it; the message says so.
+    pub fn commit_unanswered(mut self) -> Error {
+        if self.kind == Kind::Timeout {
+            self.not_about_size = true;
+            self.context = format!(
+                "{}; the statement was answered, its COMMIT was not (a synchronous standby \
+                 that does not confirm?)",
+                self.context
+            );
+        }
+        self
+    }
+
+    /// Marks an error that says nothing about the size of what was sent: a round
+    /// trip that failed before it was its turn (the upload's pipeline gave the
+    /// connection up for another one's timeout).
+    pub fn not_about_size(mut self) -> Error {
+        self.not_about_size = true;
+        self
+    }
+
+    /// See [`Error::not_about_size`], [`Error::cancelled_by_someone`] and
+    /// [`Error::commit_unanswered`].
+    pub fn is_not_about_size(&self) -> bool {
+        self.not_about_size
+    }
+
     pub fn kind(&self) -> Kind {
         self.kind
     }
@@ -160,13 +206,21 @@ impl Error {
     }
 
     /// Whether the same round trip, sent again at once on the same connection, can
-    /// succeed: transient, the connection still usable, and not a lock wait that
-    /// ran out (55P03, `lock_timeout`). A lock held that long is maintenance (a
-    /// `CREATE INDEX` without `CONCURRENTLY`, `VACUUM FULL`, an `ALTER TABLE`),
-    /// which 100 ms more do not outlast, and each retry would wait as long again;
-    /// the next cycle tries again.
+    /// succeed: transient, the connection still usable, not a lock wait that ran
+    /// out (55P03, `lock_timeout`) and not a lack of resources (class 53). A lock
+    /// held that long is maintenance (a `CREATE INDEX` without `CONCURRENTLY`,
+    /// `VACUUM FULL`, an `ALTER TABLE`), which 100 ms more do not outlast, and each
+    /// retry would wait as long again. A full disk (53100) or a configured limit
+    /// (53400) is not freed in 100 ms either, and each retry of each batch in the
+    /// upload's pipeline sent its readings again into it (a central whose disk
+    /// filled got 32 COPYs per gateway and cycle instead of 8, with a warning for
+    /// each). The next cycle tries again.
     pub fn is_worth_retrying_now(&self) -> bool {
-        self.is_transient() && !self.is_connection_lost() && self.code() != Some(LOCK_NOT_AVAILABLE)
+        self.is_transient()
+            && !self.is_connection_lost()
+            && !self
+                .code()
+                .is_some_and(|c| c == LOCK_NOT_AVAILABLE || c.starts_with("53"))
     }
 
     /// Whether trying the same thing later can succeed: a lost connection, a timeout,
@@ -189,6 +243,14 @@ impl Error {
 /// SQLSTATE read_only_sql_transaction: a write reached a server in recovery.
 pub const READ_ONLY: &str = "25006";
 
+/// SQLSTATE query_canceled: a `statement_timeout` ran out, or someone cancelled
+/// the statement.
+pub const QUERY_CANCELED: &str = "57014";
+
+/// SQLSTATE too_many_connections: the server's `max_connections`, or a role's or
+/// database's `CONNECTION LIMIT`, is reached.
+pub const TOO_MANY_CONNECTIONS: &str = "53300";
+
 /// SQLSTATE lock_not_available: a `lock_timeout` ran out.
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
 
@@ -202,7 +264,7 @@ pub fn is_transient_sqlstate(code: &str) -> bool {
         || code.starts_with("57P")
         || code.starts_with("58")
         || code == LOCK_NOT_AVAILABLE
-        || code == "57014" // query_canceled: statement_timeout or pg_cancel_backend
+        || code == QUERY_CANCELED
 }
 
 impl fmt::Display for Error {
@@ -309,5 +371,45 @@ mod tests {
         assert!(lock.is_transient());
         assert!(!lock.is_worth_retrying_now());
         assert!(!coded("23505").is_worth_retrying_now());
+    }
+
+    #[test]
+    fn only_a_cancel_can_be_one_by_someone() {
+        let coded = |c: &str| Error {
+            code: Some(c.to_string()),
+            ..Error::new(Kind::Db, "copy batch of 100")
+        };
+        let cancel = coded(QUERY_CANCELED).cancelled_by_someone();
+        assert!(cancel.is_not_about_size());
+        assert!(cancel.is_worth_retrying_now());
+        assert!(!coded(QUERY_CANCELED).is_not_about_size());
+        assert!(!coded(QUERY_CANCELED)
+            .commit_unanswered()
+            .is_not_about_size());
+        assert!(!coded("53200").cancelled_by_someone().is_not_about_size());
+    }
+
+    #[test]
+    fn an_unanswered_commit_is_not_about_size_and_says_so() {
+        let e = Error::timeout(
+            Side::Central,
+            "copy batch of 100",
+            std::time::Duration::from_secs(30),
+        )
+        .commit_unanswered();
+        assert!(e.is_not_about_size() && e.is_connection_lost());
+        assert!(e.to_string().contains("its COMMIT was not"), "{e}");
+    }
+
+    #[test]
+    fn a_lack_of_resources_waits_for_the_next_cycle() {
+        for c in ["53000", "53100", "53200", "53400"] {
+            let e = Error {
+                code: Some(c.to_string()),
+                ..Error::new(Kind::Db, "copy batch of 100")
+            };
+            assert!(e.is_transient(), "{c}");
+            assert!(!e.is_worth_retrying_now(), "{c}");
+        }
     }
 }

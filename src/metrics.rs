@@ -59,12 +59,13 @@ impl Metrics {
             let s = &mut self.phases[o.phase.index()];
             s.last_duration = Some(o.duration);
             s.last_ok = Some(o.ok());
+            // A drain that failed part way delivered its readings all the same.
+            if o.phase == Phase::Upload {
+                self.readings_uploaded += o.records;
+            }
             if o.ok() {
                 s.last_success = Some(now);
                 s.last_success_duration = Some(o.duration);
-                if o.phase == Phase::Upload {
-                    self.readings_uploaded += o.records;
-                }
             } else {
                 s.errors += 1;
             }

@@ -41,6 +41,8 @@ pub struct PhaseResult {
 #[derive(Clone, Debug)]
 pub struct PhaseOutcome {
     pub phase: Phase,
+    /// Also of a phase that failed part way: an upload cut short by central
+    /// delivered its readings all the same.
     pub records: u64,
     pub duration: Duration,
     pub error: Option<String>,

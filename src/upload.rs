@@ -424,12 +424,38 @@ impl Ctx<'_> {
 /// counts it only when not, and afterwards only when it stopped at its time budget
 /// (each count is a scan of the whole queue, seconds on a gateway with a week's
 /// backlog; the heartbeat and the metrics file count it after the cycle anyway).
+///
+/// A drain that fails says how many readings it delivered before (see [`Failed`]).
 pub async fn drain(
     cfg: &Config,
     local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
     queued: Option<i64>,
+) -> Result<PhaseResult, Failed> {
+    let mut delivered = 0;
+    drain_counting(cfg, local, central, shutdown, queued, &mut delivered)
+        .await
+        .map_err(|error| Failed { delivered, error })
+}
+
+/// A drain that ended with an error after it had delivered `delivered` readings:
+/// those are in central and gone from the queue, and count in `sync_logs` and the
+/// metrics like those of a drain that succeeded (a drain of a week's backlog that
+/// central's restart cut short at its end counted 0 there).
+pub struct Failed {
+    pub delivered: u64,
+    pub error: Error,
+}
+
+/// [`drain`], keeping `delivered` up to date once batches are delivered.
+async fn drain_counting(
+    cfg: &Config,
+    local: &mut LockedLocal,
+    central: &mut Db,
+    shutdown: &Shutdown,
+    queued: Option<i64>,
+    delivered: &mut u64,
 ) -> Result<PhaseResult> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
@@ -514,7 +540,7 @@ pub async fn drain(
             restart = false;
             key = None;
             exhausted = false;
-            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+            if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
                 failure = failure.or(Some(e));
                 continue;
             }
@@ -523,7 +549,7 @@ pub async fn drain(
         if may_start && exhausted && inflight.is_empty() && reader.is_none() && !rescanned {
             // The refused readings of this pass are decided before the next pass
             // would read them again.
-            if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+            if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
                 failure = Some(e);
                 continue;
             }
@@ -599,10 +625,11 @@ pub async fn drain(
     }
 
     if failure.is_none() {
-        if let Err(e) = quarantine_candidates(&ctx, total.delivered).await {
+        if let Err(e) = quarantine_candidates(&ctx, &mut total).await {
             failure = Some(e);
         }
     }
+    *delivered = total.delivered;
     let quarantined = ctx.quarantined.load(Ordering::SeqCst);
     pace.remember();
     let elapsed = start.elapsed();
@@ -652,16 +679,19 @@ fn after_failure(pace: &mut Pace, e: &Error, rows: usize, central: &Db) -> bool 
     if e.side() != Some(Side::Central) || !is_size_failure(e) {
         return false;
     }
-    // Selected before an earlier halving: the batches in flight behind the one that
-    // halved fail alike (all of them at once after a timeout), and say it once.
-    let level = if rows > pace.size() {
-        log::Level::Debug
-    } else {
-        log::Level::Warn
-    };
+    let size = pace.size();
     let next = pace.failed_by_size(rows);
     let retry =
         next == AfterSizeFailure::RetrySmaller && !e.is_connection_lost() && !central.is_closed();
+    // Said by the failure that changed something. When a timeout gives the
+    // connection up, every other batch in the pipeline fails with it at once
+    // (selected at the old size, they halve nothing): one warning each said the
+    // same thing again, eight per dead link at the default depth.
+    let level = if pace.size() < size || next == AfterSizeFailure::GiveUp {
+        log::Level::Warn
+    } else {
+        log::Level::Debug
+    };
     log::log!(
         level,
         "upload: a batch of {rows} failed because of its size ({e}); {}",
@@ -1026,6 +1056,24 @@ async fn isolate(
     first: Error,
     t: &mut Tally,
 ) -> Result<()> {
+    let _one_at_a_time = ctx.isolating.lock().await;
+    if batch.len() > 1 && ctx.central_fault.load(Ordering::SeqCst) {
+        // Said once, by the batch that found it: with a full pipeline, the batches
+        // behind it added two info lines each for nothing they did, every cycle
+        // for as long as central's fault lasted.
+        log::debug!(
+            "upload: central refused a batch of {} ({first}) as well; not taken apart",
+            batch.len()
+        );
+        return Err(Error::new(
+            Kind::Db,
+            format!(
+                "upload: central refused a batch of {} ({first}), and another batch showed \
+                 central refusing readings alike; the batch stays queued",
+                batch.len()
+            ),
+        ));
+    }
     log::info!(
         "upload: central refused a batch of {} ({first}); taking it apart",
         batch.len()
@@ -1045,7 +1093,8 @@ async fn isolate(
     r.map(|_| ())
 }
 
-/// [`isolate`]'s search; returns how many readings were refused alone.
+/// [`isolate`]'s search, one batch at a time (the caller holds `isolating`);
+/// returns how many readings were refused alone.
 async fn take_apart(
     ctx: &Ctx<'_>,
     seq: u64,
@@ -1059,19 +1108,9 @@ async fn take_apart(
     let mut asked = false;
     // Refused ranges still to take apart; the leftmost on top.
     let mut todo: Vec<(Range<usize>, Error)> = Vec::new();
-    let _one_at_a_time = ctx.isolating.lock().await;
     if batch.len() == 1 {
         // Nothing to compare it with here: see verdict::decide.
         found.push((0, first));
-    } else if ctx.central_fault.load(Ordering::SeqCst) {
-        return Err(Error::new(
-            Kind::Db,
-            format!(
-                "upload: central refused a batch of {} ({first}), and another batch showed \
-                 central refusing readings alike; the batch stays queued",
-                batch.len()
-            ),
-        ));
     } else {
         todo.push((0..batch.len(), first));
     }
@@ -1235,9 +1274,12 @@ fn candidate(ctx: &Ctx<'_>, order: (u64, usize), id: i64, uid: String, why: &Err
 }
 
 /// Decides on the refused readings collected so far ([`verdict::decide`]) and
-/// quarantines those it says, oldest first. Fails with the reason when the rest
-/// must stay queued (no evidence against them, or the cap).
-async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
+/// quarantines those it says, oldest first, once central has refused each of them
+/// again ([`ask_again`]); what it takes then is delivered and counted in `t`.
+/// Fails with the reason when the rest must stay queued (no evidence against
+/// them, or the cap).
+async fn quarantine_candidates(ctx: &Ctx<'_>, t: &mut Tally) -> Result<()> {
+    let accepted = t.delivered;
     let mut cands = std::mem::take(&mut *ctx.candidates.lock().unwrap_or_else(|e| e.into_inner()));
     cands.sort_by_key(|c| c.order);
     let codes: Vec<&str> = cands.iter().map(|c| c.code.as_str()).collect();
@@ -1253,9 +1295,9 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
         accepted,
         ctx.quarantined.load(Ordering::SeqCst),
     );
-    for c in &cands[..decision.quarantine] {
+    for (c, message) in ask_again(ctx, &cands[..decision.quarantine], t).await? {
         if claim_quarantine(ctx) {
-            quarantine(ctx, c.id, &c.uid, &c.message).await?;
+            quarantine(ctx, c.id, &c.uid, &message).await?;
         }
     }
     let held_local = ctx.held_local.swap(0, Ordering::SeqCst);
@@ -1276,6 +1318,70 @@ async fn quarantine_candidates(ctx: &Ctx<'_>, accepted: u64) -> Result<()> {
         Some(h) => Err(Error::new(Kind::Db, h)),
         None => Ok(()),
     }
+}
+
+/// Sends each of `cands` alone once more, all in one round trip, before they are
+/// quarantined: a refusal that was central's for a moment (a maintenance trigger
+/// switched off while a batch was taken apart, a referenced table reloaded) is
+/// delivered now, where it waited for `requeue` before (the readings refused just
+/// before the window closed were quarantined, the rest of the batch delivered).
+/// Returns those refused again, with central's message. Costs a statement per
+/// reading about to be quarantined, at most the cap per cycle.
+async fn ask_again<'c>(
+    ctx: &Ctx<'_>,
+    cands: &'c [Candidate],
+    t: &mut Tally,
+) -> Result<Vec<(&'c Candidate, String)>> {
+    if cands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = cands.iter().map(|c| c.id).collect();
+    let rows = ctx
+        .local
+        .timed(
+            "select refused readings again",
+            ctx.local.client().query(&ctx.st.by_ids, &[&ids]),
+        )
+        .await?;
+    let mut c = Collect::new(rows.len());
+    for row in &rows {
+        c.take(row);
+    }
+    let batch = c.finish(ctx).await?.batch;
+    let read = batch.ids(0..batch.len());
+    let at: Vec<usize> = cands
+        .iter()
+        .map(|c| read.iter().position(|&id| id == c.id).unwrap_or(usize::MAX))
+        .collect();
+    let sent: Vec<usize> = at.iter().copied().filter(|&p| p != usize::MAX).collect();
+    t.statements += sent.len() as u64;
+    let results = join_all(sent.iter().map(|&p| insert(ctx, &batch, p..p + 1))).await;
+    let mut answers: std::collections::HashMap<usize, Result<u64>> =
+        sent.into_iter().zip(results).collect();
+    let mut again = Vec::new();
+    for (cand, p) in cands.iter().zip(at) {
+        // Gone from the queue meanwhile (or no longer readable, quarantined by
+        // finish above): nothing to decide.
+        let Some(answer) = answers.remove(&p) else {
+            continue;
+        };
+        match answer {
+            Ok(inserted) => {
+                delete(ctx, &batch, p..p + 1).await?;
+                t.delivered += 1;
+                t.already += 1 - inserted.min(1);
+                log::info!(
+                    "upload: central took reading id {} (reading_uid {}) when asked again; \
+                     not quarantined",
+                    cand.id,
+                    cand.uid
+                );
+            }
+            Err(e) if is_row_rejection(&e) => again.push((cand, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(again)
 }
 
 /// Inserts `rows` of `batch` centrally in one statement; returns how many were new
@@ -1360,14 +1466,26 @@ fn needs_fallback(e: &Error) -> bool {
 async fn copy(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) -> Result<u64> {
     let what = format!("copy batch of {}", rows.len());
     let parts = copy_parts(rows);
-    central_call(ctx, &what, || {
+    let answered = AtomicBool::new(false);
+    central_call(ctx, &what, parts.len() as u32, &answered, || {
         let data = parts.iter().map(|r| batch.copy_data(r.clone())).collect();
         ctx.central.in_transaction_of(
             parts.len() as u32,
-            ctx.central.client().copy_in_all(&ctx.st.copy, data),
+            noting(
+                &answered,
+                ctx.central.client().copy_in_all(&ctx.st.copy, data),
+            ),
         )
     })
     .await
+}
+
+/// `statement`, noting in `answered` when its answer has come back (see
+/// [`central_call`]). Sends on its first poll as `statement` does.
+async fn noting<T>(answered: &AtomicBool, statement: impl Future<Output = T>) -> T {
+    let r = statement.await;
+    answered.store(true, Ordering::SeqCst);
+    r
 }
 
 /// At most this many rows per COPY statement for a batch of [`CHUNKED_FROM`] to
@@ -1419,18 +1537,40 @@ async fn insert_on_conflict(ctx: &Ctx<'_>, batch: &Batch, rows: Range<usize>) ->
         .map(|(e, (_, t))| (e as &(dyn ToSql + Sync), t.clone()))
         .collect();
     let what = format!("insert batch of {} with ON CONFLICT DO NOTHING", rows.len());
-    central_call(ctx, &what, || {
-        ctx.central
-            .in_transaction(ctx.central.client().execute_typed(INSERT, &params))
+    let answered = AtomicBool::new(false);
+    central_call(ctx, &what, 1, &answered, || {
+        ctx.central.in_transaction(noting(
+            &answered,
+            ctx.central.client().execute_typed(INSERT, &params),
+        ))
     })
     .await
 }
 
-/// One central round trip, timed from when it reaches the head of the pipeline (see
-/// [`Pipeline`]), retried like [`Db::retrying`] when transient, except after a
-/// failure that may be about the batch's size: that one is retried smaller by the
-/// drain, not unchanged here.
-async fn central_call<T, F, Fut>(ctx: &Ctx<'_>, what: &str, mut op: F) -> Result<T>
+/// One central round trip of a transaction of `statements` statements, timed from
+/// when it reaches the head of the pipeline (see [`Pipeline`]), retried like
+/// [`Db::retrying`] when transient, except after a failure that may be about the
+/// batch's size: that one is retried smaller by the drain, not unchanged here.
+///
+/// A cancel (57014) that comes back sooner after the round trip was sent than a
+/// statement of it may run ([`Db::statement_timeout_of`]) cannot be central's
+/// `statement_timeout`, whatever the server's language says: someone cancelled it
+/// ([`Error::cancelled_by_someone`]), and it is retried as it is. Taken for a
+/// timeout, an operator's `pg_cancel_backend` halved the batches ("failed because
+/// of its size") for a batch central had not found too large at all.
+///
+/// Likewise a round trip that timed out after its statement was answered (`op`
+/// sets `answered` then, see [`noting`]) waited only for the COMMIT
+/// ([`Error::commit_unanswered`]): a synchronous standby that does not confirm.
+/// Taken for a batch too large, it halved the batches cycle after cycle down to
+/// one reading while the standby was away, each cycle with the wrong reason.
+async fn central_call<T, F, Fut>(
+    ctx: &Ctx<'_>,
+    what: &str,
+    statements: u32,
+    answered: &AtomicBool,
+    mut op: F,
+) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<T, tokio_postgres::Error>>,
@@ -1438,7 +1578,9 @@ where
     let db = ctx.central;
     let mut n = 0;
     loop {
+        answered.store(false, Ordering::SeqCst);
         let fut = op();
+        let sent = Instant::now();
         let r = ctx
             .pipe
             .timed(
@@ -1446,7 +1588,19 @@ where
                 async { fut.await.map_err(|e| Error::db(db.side(), what, e)) },
                 || Error::timeout(db.side(), what, db.timeout()),
             )
-            .await;
+            .await
+            .map_err(|e| {
+                let e = if answered.load(Ordering::SeqCst) {
+                    e.commit_unanswered()
+                } else {
+                    e
+                };
+                if sent.elapsed() < db.statement_timeout_of(statements) {
+                    e.cancelled_by_someone()
+                } else {
+                    e
+                }
+            });
         match r {
             Err(e)
                 if e.is_worth_retrying_now()

@@ -744,6 +744,17 @@ fn p18_central_link_silent_mid_drain_bounded_then_recovers() {
         failure.contains("central") && failure.contains("no answer within 1500 ms"),
         "{failure}"
     );
+    // Said once, not once per batch in the pipeline the dead link failed with it.
+    let said = log[log_mark..]
+        .lines()
+        .take_while(|l| !l.contains("upload phase failed"))
+        .filter(|l| l.contains("failed because of its size"))
+        .count();
+    assert!(
+        said <= 1,
+        "{said} warnings for one dead link:\n{}",
+        &log[log_mark..]
+    );
     let (central_then, local_then) = (
         s.central_count("meter_readings"),
         s.local_count("meter_readings"),
@@ -1064,4 +1075,44 @@ fn p12_sigterm_while_the_heartbeat_waits_on_central_exits_at_once() {
         "took {took:?}:\n{}",
         d.log_text()
     );
+}
+
+/// P13 with central full: it refuses the gateway's connections with 53300 (here
+/// the gateway role's `CONNECTION LIMIT 0`; `max_connections` reached says the same
+/// to every client). The cycle asks once, not `MAX_CONNECTION_RETRIES` times (a
+/// fleet asking again within seconds kept central full: each refusal a fork, a TLS
+/// handshake and a SCRAM exchange there), says why, quarantines nothing; once
+/// central takes connections again the queue drains.
+#[test]
+fn p13_a_central_that_says_it_is_full_is_asked_once_per_cycle() {
+    let (mut s, proxy) = central_via_proxy();
+    let role = format!("gw_{}", s.central_db);
+    let mut admin = s.central();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{}' CONNECTION LIMIT 0;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};",
+            support::CENTRAL_PASSWORD
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role)
+        .set("MAX_CONNECTION_RETRIES", 5);
+    s.insert_readings(20);
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("too many connections for role") && run.stderr.contains("53300"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(proxy.connections_total(), 1, "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings WHERE sync_error IS NULL"), 20);
+
+    admin
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.central_count("meter_readings"), 20);
+    assert_eq!(s.local_count("meter_readings"), 0);
 }

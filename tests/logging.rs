@@ -142,6 +142,34 @@ fn error_messages_name_the_side_once() {
     }
 }
 
+/// A notice a server sends the daemon's session (central's "terminating connection
+/// due to immediate shutdown command" on a bad day; here a central trigger's
+/// `RAISE WARNING`) is logged naming the database it came from, not bare.
+#[test]
+fn a_server_notice_names_its_database() {
+    let s = Sandbox::new();
+    s.central()
+        .batch_execute(
+            "CREATE FUNCTION warn() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN RAISE WARNING 'central is about to restart'; RETURN NULL; END $$;
+             CREATE TRIGGER warn BEFORE INSERT ON meter_readings
+                 FOR EACH STATEMENT EXECUTE FUNCTION warn();",
+        )
+        .unwrap();
+    s.insert_readings(3);
+    let r = s.run(&["once"]);
+    r.assert_ok();
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("central is about to restart"))
+        .unwrap_or_else(|| panic!("the notice is not logged:\n{}", r.stderr));
+    assert!(
+        line.contains("central: the server says: WARNING: central is about to restart"),
+        "{line}"
+    );
+}
+
 /// A meter name central sends with a newline (and a terminal escape) in it is
 /// logged on one line: it cannot forge a line of its own.
 #[test]

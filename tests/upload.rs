@@ -2156,3 +2156,165 @@ fn retained_readings_survive_a_lost_local_session_after_the_central_commit() {
     let tail = &last[last.rfind("cycle started").unwrap()..];
     assert!(tail.contains("0 reading(s) waiting"), "{tail}");
 }
+
+/// Central's disk fills while a backlog drains (53100 disk_full, which PostgreSQL
+/// raises when it cannot extend the table's file; here a central trigger raises it
+/// from the fourth batch on, as a tablespace on a full file system did by hand).
+/// Each batch then in flight fails once: none is sent again within the cycle (100
+/// ms do not free a disk, and each retry wrote the batch into it again, with a
+/// warning per batch and retry); nothing is quarantined; the three batches central
+/// took before count in `sync_logs` and the metrics although the phase failed; and
+/// once central has room the queue drains, each reading once.
+#[test]
+fn a_central_disk_that_fills_mid_drain_is_not_retried_in_place_and_its_uploads_count() {
+    let mut s = Sandbox::new();
+    let metrics = s.dir.join("meter-sync.prom");
+    s.set("BATCH_SIZE", 10)
+        .set("UPLOAD_PIPELINE_DEPTH", 8)
+        .set("MAX_QUERY_RETRIES", 3)
+        .set("METRICS_TEXTFILE", metrics.display());
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE SEQUENCE copies;
+         CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('copies') > 3 THEN
+                   RAISE EXCEPTION 'could not extend file: No space left on device'
+                   USING ERRCODE = 'disk_full';
+               END IF;
+               RETURN NULL; END $$;
+         CREATE TRIGGER disk_full BEFORE INSERT ON meter_readings
+             FOR EACH STATEMENT EXECUTE FUNCTION disk_full();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let copies: i64 = c
+        .query_one("SELECT last_value FROM copies", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        copies - 3 <= 8,
+        "central was sent {} batches into a full disk in one cycle (at most the 8 in \
+         flight when the first failed):\n{}",
+        copies - 3,
+        run.stderr
+    );
+    assert!(
+        !run.stderr
+            .lines()
+            .any(|l| l.contains("53100") && l.contains("retry")),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("No space left on device"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut s.local()), vec![]);
+    assert_eq!(s.central_count("meter_readings"), 30);
+    assert_eq!(s.local_count("meter_readings"), 170);
+    let (ok, records, error) = last_upload_log(&s);
+    assert!(!ok && error.is_some_and(|e| e.contains("53100")));
+    assert_eq!(records, 30, "readings central took before its disk filled");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        text.contains("meter_sync_readings_uploaded_total 30\n"),
+        "{text}"
+    );
+
+    c.batch_execute("DROP TRIGGER disk_full ON meter_readings")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+    let synced: i64 = upload_logs(&s).iter().map(|l| i64::from(l.1)).sum();
+    assert_eq!(synced, 200, "{:?}", upload_logs(&s));
+}
+
+/// A maintenance window on central: from the 31st reading on, a central trigger
+/// refuses every reading (P0001, as an operator's "read-only for maintenance"
+/// trigger does), then the window closes. With a full pipeline, the readings taken
+/// before arrive, none is quarantined, and the held cycle says so once: one batch is
+/// taken apart, the seven behind it are not (each added two info lines before,
+/// "taking it apart" and "took a batch of 10 apart in 0 statement(s)", every cycle
+/// of the window). Once the window is over the queue drains, each reading once.
+#[test]
+fn p24_a_maintenance_window_refusing_every_reading_is_said_once_and_quarantines_nothing() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 10).set("UPLOAD_PIPELINE_DEPTH", 8);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE TABLE window_open (open boolean NOT NULL);
+         INSERT INTO window_open VALUES (true);
+         CREATE SEQUENCE rows_seen;
+         CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('rows_seen') > 30 AND (SELECT open FROM window_open) THEN
+                   RAISE EXCEPTION 'central is in a maintenance window';
+               END IF;
+               RETURN NEW; END $$;
+         CREATE TRIGGER maintenance BEFORE INSERT ON meter_readings
+             FOR EACH ROW EXECUTE FUNCTION maintenance();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 300, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    run.assert_code(1);
+    let (ok, records, err) = last_upload_log(&s);
+    let err = err.unwrap_or_default();
+    assert!(
+        !ok && err.contains("P0001") && err.contains("nothing quarantined"),
+        "{err}"
+    );
+    assert_eq!(records, 30);
+    assert_eq!(quarantined(&mut s.local()), vec![]);
+    let said = |what: &str| run.stderr.matches(what).count();
+    assert_eq!(said("taking it apart"), 1, "{}", run.stderr);
+    assert_eq!(said("apart in 0 statement(s)"), 0, "{}", run.stderr);
+
+    c.batch_execute("UPDATE window_open SET open = false")
+        .unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+}
+
+/// A refusal window that closes while a batch is taken apart: central's trigger
+/// refuses every reading for its first 19 statements (a maintenance window), then
+/// none. The first batch of 32 is refused, its 16 slices too, and the two readings
+/// of its first slice alone; then the window closes and central takes the rest.
+/// Those two were refused for central's moment, not for what they hold: asked
+/// again before quarantine, they are delivered, nothing is quarantined (before,
+/// both waited for `requeue`), and the cycle succeeds with every reading once.
+#[test]
+fn p7_readings_refused_just_before_a_window_closes_are_asked_again_not_quarantined() {
+    let mut s = Sandbox::new();
+    s.set("BATCH_SIZE", 32).set("UPLOAD_PIPELINE_DEPTH", 1);
+    let mut c = s.central();
+    c.batch_execute(
+        "CREATE SEQUENCE refusals;
+         CREATE FUNCTION maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN IF nextval('refusals') <= 19 THEN
+                   RAISE EXCEPTION 'central is in a maintenance window';
+               END IF;
+               RETURN NEW; END $$;
+         CREATE TRIGGER maintenance BEFORE INSERT ON meter_readings
+             FOR EACH ROW EXECUTE FUNCTION maintenance();",
+    )
+    .unwrap();
+    support::insert_readings(&mut s.local(), 200, 0);
+    let before = rows(&mut s.local(), "");
+    let run = s.run(&["once"]);
+    assert!(
+        run.stderr.contains("P0001"),
+        "the window was met: {}",
+        run.stderr
+    );
+    assert_eq!(quarantined(&mut s.local()), vec![], "{}", run.stderr);
+    assert_eq!(last_upload_log(&s), (true, 200, None), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(rows(&mut s.central(), ""), before);
+}

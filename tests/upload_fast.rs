@@ -211,6 +211,54 @@ fn a_single_reading_that_central_always_cancels_fails_the_phase_and_stays_queued
     );
 }
 
+/// An operator cancels one of the gateway's statements on central
+/// (`pg_cancel_backend`: 57014, as a statement timeout, but long before the timeout
+/// could have run out; here the third batch's trigger cancels its own backend): the
+/// batch is sent again as it was, not taken for too large (no halving, nothing
+/// quarantined), and the cycle uploads every reading, each once.
+#[test]
+fn a_batch_an_operator_cancels_is_sent_again_not_halved() {
+    let mut s = Sandbox::new();
+    let mut admin = s.central();
+    admin
+        .batch_execute(
+            "CREATE SEQUENCE copies;
+             CREATE FUNCTION cancelled() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN IF nextval('copies') = 3 THEN
+                       PERFORM pg_cancel_backend(pg_backend_pid());
+                       PERFORM pg_sleep(5);
+                   END IF;
+                   RETURN NULL; END $$;
+             CREATE TRIGGER cancelled BEFORE INSERT ON meter_readings
+                 FOR EACH STATEMENT EXECUTE FUNCTION cancelled();",
+        )
+        .unwrap();
+    s.set("BATCH_SIZE", 10)
+        .set("UPLOAD_PIPELINE_DEPTH", 8)
+        .set("DB_QUERY_TIMEOUT_MS", 10000);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 200, 0);
+    let before = rows(&mut l);
+    let run = s.run(&["once"]);
+    let log = run.all();
+    assert_eq!(upload_ok(&s), Some((true, 200)), "{log}");
+    assert!(
+        log.contains("due to user request"),
+        "the cancel was met: {log}"
+    );
+    assert!(
+        !log.contains("because of its size") && !log.contains("halved"),
+        "{log}"
+    );
+    assert_eq!(rows(&mut admin), before);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    let copies: i64 = admin
+        .query_one("SELECT last_value FROM copies", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(copies, 21, "20 batches and the cancelled one again: {log}");
+}
+
 /// The drain's second pass (P6): a reading the collector writes during the drain with
 /// a timestamp behind the pass (a meter catching up on its buffer) is still uploaded
 /// in the same cycle, although the second pass now runs only when the queue holds a

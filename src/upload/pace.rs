@@ -49,8 +49,11 @@ static REMEMBERED_STREAK: AtomicU32 = AtomicU32::new(0);
 /// protocol violation (08P01: a message over a proxy's size limit, PgBouncer's
 /// `max_packet_size`, "bad packet header"), unless it is one of
 /// [`POOLER_NOT_ABOUT_SIZE`]. Smaller batches may pass where this one did not.
+/// Not a cancel that came before the timeout could run out, a timeout that waited
+/// only for the COMMIT, nor a round trip the pipeline gave up before its turn
+/// ([`Error::is_not_about_size`]).
 pub fn is_size_failure(e: &Error) -> bool {
-    size_failure(e.kind(), e.code(), e.server_message())
+    size_failure(e.kind(), e.code(), e.server_message()) && !e.is_not_about_size()
 }
 
 /// PgBouncer sends every error of its own as 08P01, whatever its cause. These
@@ -260,7 +263,8 @@ impl Pipeline {
             alive = self.reach_head(ticket.n) => alive,
         };
         if !alive {
-            return Err(timeout());
+            // Never sent, or never its turn: what it carried was not to blame.
+            return Err(timeout().not_about_size());
         }
         let r = crate::notify::while_bounded(tokio::time::timeout(limit, fut)).await;
         if r.is_err() {
@@ -494,6 +498,12 @@ mod tests {
             .iter()
             .all(|r| r.as_ref().is_err_and(|e| e.kind() == Kind::Timeout)));
         assert_eq!(start.elapsed(), limit);
+        // Only the head waited its limit; the others say nothing about their size.
+        let sized = results
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(is_size_failure))
+            .count();
+        assert_eq!(sized, 1);
         // And so does anything sent on the dead connection afterwards.
         let r = pipe.timed(limit, async { Ok(1) }, || {
             Error::timeout(Side::Central, "late", limit)
