@@ -118,36 +118,6 @@ impl PgBouncer {
         panic!("pgbouncer did not start:\n{last}");
     }
 
-    /// Stops it with `sig` (SIGTERM: immediate shutdown; SIGINT: safe shutdown,
-    /// PAUSE then SHUTDOWN; SIGKILL: a crash), waits until it is gone, and starts
-    /// it again on the same port with the same configuration.
-    pub fn restart_after(&mut self, sig: i32) {
-        self.signal(sig);
-        if let Some(mut c) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "pgbouncer did not exit on {sig}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        let bin = binary().expect("pgbouncer is installed");
-        self.child = Some(spawn(&bin, &self.dir.join("pgbouncer.ini")));
-        assert!(
-            self.wait_listening(Duration::from_secs(10)),
-            "pgbouncer did not start again:\n{}",
-            self.log_text()
-        );
-    }
-
-    /// Sends `sig` to the PgBouncer process itself.
-    pub fn signal(&self, sig: i32) {
-        if let Some(pid) = self.daemon_pid() {
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
-    }
-
     fn wait_listening(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
