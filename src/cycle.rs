@@ -9,7 +9,7 @@ use crate::db::Db;
 use crate::download::{self, Downloaded};
 use crate::error::{Error, Kind, Result};
 use crate::lock::{self, Acquired, LockHolder, LockedLocal};
-use crate::report::{CycleReport, Phase, PhaseOutcome, PhaseResult};
+use crate::report::{CycleReport, Phase, PhaseFailed, PhaseOutcome, PhaseResult};
 use crate::shutdown::Shutdown;
 
 /// The two connections, opened lazily and reopened after they are lost. The local
@@ -197,7 +197,7 @@ pub async fn run(
                     summary: r.summary,
                 }
             }
-            Err((records, e)) => {
+            Err(PhaseFailed { records, error: e }) => {
                 log::error!("{} phase failed: {e}", phase.as_str());
                 conns.drop_if_lost(&e);
                 PhaseOutcome {
@@ -226,8 +226,7 @@ async fn run_phase(
     conns: &mut Connections,
     shutdown: &Shutdown,
     queued: Option<i64>,
-) -> Result<PhaseResult, (u64, Error)> {
-    let nothing_done = |e| (0, e);
+) -> Result<PhaseResult, PhaseFailed> {
     conns
         .ensure_local(cfg, shutdown)
         .await
@@ -238,25 +237,15 @@ async fn run_phase(
                 "local: another meter-sync took the cycle lock while this one reconnected; \
              this cycle stops here",
             ),
-        })
-        .map_err(nothing_done)?;
-    conns
-        .ensure_central(cfg, shutdown)
-        .await
-        .map_err(nothing_done)?;
+        })?;
+    conns.ensure_central(cfg, shutdown).await?;
     let (Some(local), Some(central)) = (conns.local.as_mut(), conns.central.as_mut()) else {
         unreachable!("both connections were just ensured");
     };
     match phase {
-        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown, queued)
-            .await
-            .map_err(|f| (f.delivered, f.error)),
-        Phase::Meters => download::sync_table(Downloaded::Meters, cfg, local, central)
-            .await
-            .map_err(nothing_done),
-        Phase::Tenant => download::sync_table(Downloaded::Tenants, cfg, local, central)
-            .await
-            .map_err(nothing_done),
+        Phase::Upload => crate::upload::drain(cfg, local, central, shutdown, queued).await,
+        Phase::Meters => Ok(download::sync_table(Downloaded::Meters, cfg, local, central).await?),
+        Phase::Tenant => Ok(download::sync_table(Downloaded::Tenants, cfg, local, central).await?),
     }
 }
 

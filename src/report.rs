@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::error::Error;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
     Upload,
@@ -35,6 +37,20 @@ pub struct PhaseResult {
     pub records: u64,
     /// A human summary of the counts ("uploaded 300 in 3 batches, 0 quarantined").
     pub summary: String,
+}
+
+/// A phase that ended with an error after it had done `records` of its work (an
+/// upload cut short by central delivered its readings all the same). An error
+/// before any of it converts with `?`.
+pub struct PhaseFailed {
+    pub records: u64,
+    pub error: Error,
+}
+
+impl From<Error> for PhaseFailed {
+    fn from(error: Error) -> PhaseFailed {
+        PhaseFailed { records: 0, error }
+    }
 }
 
 /// What one phase did.

@@ -33,7 +33,7 @@ use crate::config::{Config, Side, UploadMethod};
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
 use crate::lock::LockedLocal;
-use crate::report::PhaseResult;
+use crate::report::{PhaseFailed, PhaseResult};
 use crate::shutdown::Shutdown;
 use batch::{Batch, Builder, Encoded, Raw, CENTRAL_COLUMNS};
 use pace::{is_size_failure, AfterSizeFailure, Pace, Pipeline, POOLER_TURN};
@@ -397,6 +397,15 @@ impl Ctx<'_> {
             other => other,
         }
     }
+
+    /// [`Ctx::on_local`] for one round trip within the local timeout.
+    async fn on_local_timed<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        self.on_local(what, self.local.timed(what, fut)).await
+    }
 }
 
 /// Drains the queue until it is empty, shutdown is requested or the time budget is
@@ -425,38 +434,17 @@ impl Ctx<'_> {
 /// (each count is a scan of the whole queue, seconds on a gateway with a week's
 /// backlog; the heartbeat and the metrics file count it after the cycle anyway).
 ///
-/// A drain that fails says how many readings it delivered before (see [`Failed`]).
+/// A drain that fails says how many readings it delivered before
+/// ([`PhaseFailed::records`]): those are in central and gone from the queue, and
+/// count in `sync_logs` and the metrics like those of a drain that succeeded (a
+/// drain of a week's backlog that central's restart cut short counted 0 there).
 pub async fn drain(
     cfg: &Config,
     local: &mut LockedLocal,
     central: &mut Db,
     shutdown: &Shutdown,
     queued: Option<i64>,
-) -> Result<PhaseResult, Failed> {
-    let mut delivered = 0;
-    drain_counting(cfg, local, central, shutdown, queued, &mut delivered)
-        .await
-        .map_err(|error| Failed { delivered, error })
-}
-
-/// A drain that ended with an error after it had delivered `delivered` readings:
-/// those are in central and gone from the queue, and count in `sync_logs` and the
-/// metrics like those of a drain that succeeded (a drain of a week's backlog that
-/// central's restart cut short at its end counted 0 there).
-pub struct Failed {
-    pub delivered: u64,
-    pub error: Error,
-}
-
-/// [`drain`], keeping `delivered` up to date once batches are delivered.
-async fn drain_counting(
-    cfg: &Config,
-    local: &mut LockedLocal,
-    central: &mut Db,
-    shutdown: &Shutdown,
-    queued: Option<i64>,
-    delivered: &mut u64,
-) -> Result<PhaseResult> {
+) -> Result<PhaseResult, PhaseFailed> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
     purge_retained(local, cfg.upload_retain).await;
@@ -629,7 +617,6 @@ async fn drain_counting(
             failure = Some(e);
         }
     }
-    *delivered = total.delivered;
     let quarantined = ctx.quarantined.load(Ordering::SeqCst);
     pace.remember();
     let elapsed = start.elapsed();
@@ -646,7 +633,10 @@ async fn drain_counting(
             total.batches,
             quarantined
         );
-        return Err(e);
+        return Err(PhaseFailed {
+            records: total.delivered,
+            error: e,
+        });
     }
     let mut summary = format!(
         "uploaded {} in {} batches, {} quarantined",
@@ -657,7 +647,10 @@ async fn drain_counting(
     }
     match stopped {
         Some(why @ Stop::Budget) => {
-            let remaining = count_pending(local).await?;
+            let remaining = count_pending(local).await.map_err(|error| PhaseFailed {
+                records: total.delivered,
+                error,
+            })?;
             log::info!("upload: {why}; {remaining} reading(s) left for the next cycle");
             summary.push_str(&format!("; stopped: {why}, {remaining} remaining"));
         }
@@ -791,10 +784,7 @@ async fn select_batch(
         }
         Ok(c)
     };
-    match ctx
-        .on_local("select batch", local.timed("select batch", read))
-        .await
-    {
+    match ctx.on_local_timed("select batch", read).await {
         Ok(c) => c.finish(ctx).await,
         Err(e) if is_unreadable(&e) => read_around(ctx, key, limit, e).await,
         Err(e) => Err(e),
@@ -917,15 +907,13 @@ async fn read_around(
         None => {
             let params: [&(dyn ToSql + Sync); 1] = [&limit];
             let keys = local.client().query(&st.keys.first, &params);
-            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
-                .await?
+            ctx.on_local_timed("select batch keys", keys).await?
         }
         Some((ts, id)) => {
             let ts = ts.as_deref().map(Encoded);
             let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, id];
             let keys = local.client().query(&st.keys.after, &params);
-            ctx.on_local("select batch keys", local.timed("select batch keys", keys))
-                .await?
+            ctx.on_local_timed("select batch keys", keys).await?
         }
     };
     let mut keys: Vec<(i64, Option<Bytes>, Option<String>)> = Vec::with_capacity(rows.len());
@@ -942,10 +930,9 @@ async fn read_around(
     todo.push(0..keys.len());
     while let Some(range) = todo.pop() {
         let ids: Vec<i64> = keys[range.clone()].iter().map(|k| k.0).collect();
-        let what = "select readings by id";
         let params: [&(dyn ToSql + Sync); 1] = [&ids];
         let by_ids = local.client().query(&st.by_ids, &params);
-        match ctx.on_local(what, local.timed(what, by_ids)).await {
+        match ctx.on_local_timed("select readings by id", by_ids).await {
             Ok(rows) => {
                 for row in &rows {
                     c.take(row);
@@ -1211,9 +1198,11 @@ async fn refuses_the_newest(
     let limit = verdict::FANOUT as i64;
     let ts = ts.as_deref().map(Encoded);
     let params: [&(dyn ToSql + Sync); 3] = [&limit, &ts, &id];
-    let what = "select the newest readings";
     let newest = ctx.local.client().query(&ctx.st.newest, &params);
-    let rows = match ctx.on_local(what, ctx.local.timed(what, newest)).await {
+    let rows = match ctx
+        .on_local_timed("select the newest readings", newest)
+        .await
+    {
         Ok(rows) => rows,
         // A row the server cannot send: no confirmation from these.
         Err(e) if is_unreadable(&e) => return Ok(None),
@@ -1847,6 +1836,20 @@ pub async fn resend(local: &Db, since: &str) -> Result<u64> {
         0,
         "start the resend",
     )?;
+    // Retained, uploaded at or after `since` ($1), and not marked since the resend
+    // started ($2), unless "in the future".
+    let resendable = "is_synchronized AND synced_at IS NOT NULL \
+         AND synced_at >= $1::text::timestamptz \
+         AND (synced_at < $2 OR synced_at > statement_timestamp())";
+    let sql = format!(
+        "WITH picked AS (
+             SELECT id FROM meter_readings WHERE {resendable} ORDER BY synced_at LIMIT $3),
+         queued AS (
+             UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
+             WHERE id IN (SELECT id FROM picked) AND {resendable}
+             RETURNING 1)
+         SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM queued)"
+    );
     let mut total = 0u64;
     loop {
         // The condition stands in the UPDATE as well: a row the purge or another
@@ -1856,20 +1859,7 @@ pub async fn resend(local: &Db, since: &str) -> Result<u64> {
         let row = local
             .query_one(
                 "queue retained readings again",
-                "WITH picked AS (
-                     SELECT id FROM meter_readings
-                     WHERE is_synchronized AND synced_at IS NOT NULL
-                       AND synced_at >= $1::text::timestamptz
-                       AND (synced_at < $2 OR synced_at > statement_timestamp())
-                     ORDER BY synced_at LIMIT $3),
-                 queued AS (
-                     UPDATE meter_readings SET is_synchronized = false, synced_at = NULL
-                     WHERE id IN (SELECT id FROM picked)
-                       AND is_synchronized AND synced_at IS NOT NULL
-                       AND synced_at >= $1::text::timestamptz
-                       AND (synced_at < $2 OR synced_at > statement_timestamp())
-                     RETURNING 1)
-                 SELECT (SELECT count(*) FROM picked), (SELECT count(*) FROM queued)",
+                &sql,
                 &[&since, &started, &RESEND_BATCH],
             )
             .await

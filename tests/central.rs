@@ -110,6 +110,38 @@ fn stop(d: &mut Daemon) {
     );
 }
 
+/// Waits until central (`c`) holds at least `n` readings: the drain is under way.
+fn wait_for_the_drain(c: &mut Client, n: i64, d: &Daemon) {
+    let mid = wait_until(Duration::from_secs(60), || {
+        c.query_one("SELECT count(*) FROM meter_readings", &[])
+            .map(|r| r.get::<_, i64>(0) >= n)
+            .unwrap_or(false)
+    });
+    assert!(mid, "the drain never started:\n{}", d.log_text());
+}
+
+/// After a fault mid-drain (`what`): the same daemon process drains the rest
+/// `within` the bound, quarantining nothing. Stops it and returns its log.
+fn drained_by_the_same_process(
+    s: &Sandbox,
+    d: &mut Daemon,
+    within: Duration,
+    what: &str,
+) -> String {
+    let drained = wait_until(within, || pending(s) == 0);
+    let still_running = d.wait_exit(Duration::from_millis(10)).is_none();
+    stop(d);
+    let log = d.log_text();
+    assert!(drained, "{} left after {what}:\n{log}", pending(s));
+    assert!(still_running, "the daemon exited:\n{log}");
+    assert_eq!(
+        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
+        0,
+        "readings were quarantined:\n{log}"
+    );
+    log
+}
+
 #[test]
 fn p22_three_gateways_sync_through_pgbouncer_in_transaction_mode() {
     three_gateways_through_pgbouncer("p22", &Settings::default());
@@ -737,14 +769,7 @@ fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes
     let total = expected.len() as i64;
 
     let mut d = s.spawn(&["run"]);
-    let mut p = primary.connect(&name);
-    let mid = wait_until(Duration::from_secs(60), || {
-        p.query_one("SELECT count(*) FROM meter_readings", &[])
-            .map(|r| r.get::<_, i64>(0) >= 1000)
-            .unwrap_or(false)
-    });
-    assert!(mid, "the drain never started:\n{}", d.log_text());
-    drop(p);
+    wait_for_the_drain(&mut primary.connect(&name), 1000, &d);
     primary.crash();
     let left_at_crash = pending(&s);
     assert!(
@@ -755,17 +780,7 @@ fn p23_the_same_process_drains_to_the_promoted_standby_after_the_primary_crashes
     // is promoted.
     std::thread::sleep(Duration::from_millis(1500));
     standby.promote();
-    let drained = wait_until(Duration::from_secs(90), || pending(&s) == 0);
-    let still_running = d.wait_exit(Duration::from_millis(10)).is_none();
-    stop(&mut d);
-    let log = d.log_text();
-    assert!(drained, "{} left after the failover:\n{log}", pending(&s));
-    assert!(still_running, "the daemon exited:\n{log}");
-    assert_eq!(
-        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
-        0,
-        "readings were quarantined:\n{log}"
-    );
+    let log = drained_by_the_same_process(&s, &mut d, Duration::from_secs(90), "the failover");
     expected.sort();
     let got = central_readings(&mut standby.connect(&name));
     assert_eq!(got.len() as i64, total, "{log}");
@@ -867,14 +882,7 @@ fn a_central_crash_mid_drain_is_survived_by_the_same_process() {
     let mut expected = collect(&mut s.local(), 5000, 0);
 
     let mut d = s.spawn(&["run"]);
-    let mut c = central.connect(&name);
-    let mid = wait_until(Duration::from_secs(60), || {
-        c.query_one("SELECT count(*) FROM meter_readings", &[])
-            .map(|r| r.get::<_, i64>(0) >= 500)
-            .unwrap_or(false)
-    });
-    assert!(mid, "the drain never started:\n{}", d.log_text());
-    drop(c);
+    wait_for_the_drain(&mut central.connect(&name), 500, &d);
     central.kill_postmaster();
     assert!(
         pending(&s) > 0,
@@ -882,17 +890,7 @@ fn a_central_crash_mid_drain_is_survived_by_the_same_process() {
     );
     std::thread::sleep(Duration::from_millis(500));
     central.start_after_crash();
-    let drained = wait_until(Duration::from_secs(60), || pending(&s) == 0);
-    let still_running = d.wait_exit(Duration::from_millis(10)).is_none();
-    stop(&mut d);
-    let log = d.log_text();
-    assert!(drained, "{} left after the crash:\n{log}", pending(&s));
-    assert!(still_running, "the daemon exited:\n{log}");
-    assert_eq!(
-        s.local_count("meter_readings WHERE sync_error IS NOT NULL"),
-        0,
-        "readings were quarantined:\n{log}"
-    );
+    let log = drained_by_the_same_process(&s, &mut d, Duration::from_secs(60), "the crash");
     expected.sort();
     assert!(
         central_readings(&mut central.connect(&name)) == expected,
