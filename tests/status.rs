@@ -146,6 +146,41 @@ fn r12_status_with_a_database_away() {
     assert_eq!(v["running"], Value::Null);
 }
 
+/// A gateway without a battery-backed clock that ran ahead (a bad RTC, an image's
+/// future build date) and was then set right by NTP leaves `sync_logs` rows
+/// stamped in the future. The last run of each phase is the last one written:
+/// ordered by `timestamp`, the future rows hid every run since, and a phase
+/// failing now was shown "ok" until the clock caught up with them (years).
+#[test]
+fn status_shows_the_last_run_written_after_the_clock_was_set_back() {
+    let mut s = Sandbox::new();
+    s.local()
+        .batch_execute(
+            "INSERT INTO sync_logs (sync_type, success, records_processed, duration_ms, \"timestamp\")
+             SELECT t, true, 1, 2, now() + interval '3 years'
+             FROM unnest(ARRAY['upload', 'meters', 'tenant']) t",
+        )
+        .unwrap();
+    // Then the clock is right again, and every phase fails: central is away.
+    s.set("POSTGRES_CLIENT_PORT", support::free_port());
+    s.set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["once"]).assert_code(1);
+    let (code, v) = json(&s);
+    assert_eq!(code, Some(0), "{v}");
+    for p in ["upload", "meters", "tenant"] {
+        let phase = &v["phases"][p];
+        assert_eq!(phase["last_run_ok"], false, "{p}: {v}");
+        assert!(
+            phase["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("central")),
+            "{p}: {v}"
+        );
+    }
+    let text = s.run(&["status"]).stdout;
+    assert_eq!(text.matches(" FAILED: ").count(), 3, "{text}");
+}
+
 /// A local database that answers but is not migrated: `status --json` used to print
 /// nothing (exit 1), so a monitoring probe got no JSON at all. The JSON is printed,
 /// the local side not usable, with the reason.
