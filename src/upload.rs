@@ -1771,7 +1771,13 @@ async fn check_central_key(central: &Db) -> Result<()> {
 /// statements per cycle. With no window, whatever an earlier window retained goes.
 /// A failure is logged and left for the next cycle: the purge never holds up the
 /// upload.
+///
+/// First, readings marked "in the future" get their window restarted
+/// ([`restart_future_windows`]).
 async fn purge_retained(local: &Db, window: std::time::Duration) {
+    if !window.is_zero() && !restart_future_windows(local).await {
+        return;
+    }
     let secs = window.as_secs_f64();
     let mut total = 0u64;
     for _ in 0..PURGE_ROUNDS {
@@ -1781,13 +1787,15 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
                 // The condition twice: a row that `resend` queues again while this
                 // waits for its lock is re-checked against the outer one only
                 // (PostgreSQL's EvalPlanQual), and must then stay.
+                // A window of 0 takes every retained reading, also one marked
+                // "in the future".
                 "DELETE FROM meter_readings WHERE id IN (
                      SELECT id FROM meter_readings
                      WHERE is_synchronized AND synced_at IS NOT NULL
-                       AND synced_at < now() - make_interval(secs => $1::float8)
+                       AND ($1::float8 = 0 OR synced_at < now() - make_interval(secs => $1::float8))
                      LIMIT $2)
                    AND is_synchronized AND synced_at IS NOT NULL
-                   AND synced_at < now() - make_interval(secs => $1::float8)",
+                   AND ($1::float8 = 0 OR synced_at < now() - make_interval(secs => $1::float8))",
                 &[&secs, &PURGE_BATCH],
             )
             .await
@@ -1806,6 +1814,50 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
     if total > 0 {
         log::info!("upload: purged {total} retained reading(s) past the resend window");
     }
+}
+
+/// Readings marked uploaded "in the future" (`synced_at` after the local `now()`)
+/// were marked while the gateway's clock ran ahead, which NTP has set back since
+/// (a gateway without a battery-backed clock boots at whatever date its image or
+/// RTC gives it). When they were really uploaded is not known, only that it was no
+/// later than now; so their window starts now, as if uploaded at this moment, and
+/// they are kept for the whole of it, no longer. Left as they were, the purge
+/// waited for the clock to catch up with them: years of retention for a window of
+/// hours. [`PURGE_BATCH`] per statement, at most [`PURGE_ROUNDS`] statements per
+/// cycle, like the purge. False: the local database failed (logged), purge later.
+async fn restart_future_windows(local: &Db) -> bool {
+    let mut total = 0u64;
+    for _ in 0..PURGE_ROUNDS {
+        let n = match local
+            .execute(
+                "restart the resend window of readings marked in the future",
+                // The condition twice, for the reason given in purge_retained.
+                "UPDATE meter_readings SET synced_at = now() WHERE id IN (
+                     SELECT id FROM meter_readings
+                     WHERE is_synchronized AND synced_at > now() LIMIT $1)
+                   AND is_synchronized AND synced_at > now()",
+                &[&PURGE_BATCH],
+            )
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                log::warn!("upload: {e}; retained readings are purged in a later cycle");
+                return false;
+            }
+        };
+        total += n;
+        if n < PURGE_BATCH as u64 {
+            break;
+        }
+    }
+    if total > 0 {
+        log::warn!(
+            "upload: {total} retained reading(s) were marked uploaded in the future (the \
+             gateway's clock was ahead and has been set back); their resend window starts now"
+        );
+    }
+    true
 }
 
 /// Retained readings `resend` queues again per statement: each statement is its own
