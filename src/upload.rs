@@ -447,7 +447,7 @@ pub async fn drain(
 ) -> Result<PhaseResult, PhaseFailed> {
     let (local, central): (&Db, &Db) = (local, central);
     let start = Instant::now();
-    purge_retained(local, cfg.upload_retain).await;
+    purge_retained(local, central, cfg.upload_retain).await;
     let queued = match queued {
         Some(n) => n,
         None => count_pending(local).await?,
@@ -1766,17 +1766,41 @@ async fn check_central_key(central: &Db) -> Result<()> {
     Ok(())
 }
 
+/// How far the gateway's clock may be from central's for the purge to trust it: far
+/// below any window (an hour at least), far above what NTP leaves or a round trip
+/// adds.
+const CLOCK_TOLERANCE: Duration = Duration::from_secs(300);
+
+/// Whether the last purge found the gateway's clock off central's (said once).
+static CLOCK_OFF: AtomicBool = AtomicBool::new(false);
+
 /// Deletes retained readings whose resend window (`UPLOAD_RETAIN_HOURS`, counted
 /// from the upload) is over, [`PURGE_BATCH`] at a time and at most [`PURGE_ROUNDS`]
 /// statements per cycle. With no window, whatever an earlier window retained goes.
 /// A failure is logged and left for the next cycle: the purge never holds up the
 /// upload.
 ///
-/// First, readings marked "in the future" get their window restarted
-/// ([`restart_future_windows`]).
-async fn purge_retained(local: &Db, window: std::time::Duration) {
-    if !window.is_zero() && !restart_future_windows(local).await {
-        return;
+/// The window is counted on the gateway's clock, which jumps by years on a gateway
+/// without a battery-backed clock. So when there is something to purge or re-time,
+/// the purge first compares that clock with central's (one small statement on
+/// central, only then) and does nothing while they differ by more than
+/// [`CLOCK_TOLERANCE`]: a clock stepped ahead would purge every retained reading
+/// at once, one set back re-time them wrongly. Then readings marked "in the future"
+/// get their window restarted ([`restart_future_windows`]).
+async fn purge_retained(local: &Db, central: &Db, window: Duration) {
+    if !window.is_zero() {
+        match clock_agrees(local, central, window).await {
+            Ok(Some(future)) => {
+                if future && !restart_future_windows(local).await {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("upload: {e}; retained readings are purged in a later cycle");
+                return;
+            }
+        }
     }
     let secs = window.as_secs_f64();
     let mut total = 0u64;
@@ -1814,6 +1838,57 @@ async fn purge_retained(local: &Db, window: std::time::Duration) {
     if total > 0 {
         log::info!("upload: purged {total} retained reading(s) past the resend window");
     }
+}
+
+/// Whether the purge may go on: None when there is nothing to purge or re-time, or
+/// when the gateway's clock is off central's (said at warn when it starts to be, at
+/// info when it no longer is); else whether readings are marked in the future.
+async fn clock_agrees(local: &Db, central: &Db, window: Duration) -> Result<Option<bool>> {
+    let what = "look for retained readings to purge";
+    let row = local
+        .query_one(
+            what,
+            "SELECT now(),
+                    EXISTS (SELECT 1 FROM meter_readings WHERE is_synchronized AND synced_at > now()),
+                    EXISTS (SELECT 1 FROM meter_readings WHERE is_synchronized
+                              AND synced_at < now() - make_interval(secs => $1::float8))",
+            &[&window.as_secs_f64()],
+        )
+        .await?;
+    let mine: std::time::SystemTime = cell(&row, 0, what)?;
+    let future: bool = cell(&row, 1, what)?;
+    let expired: bool = cell(&row, 2, what)?;
+    if !future && !expired {
+        return Ok(None);
+    }
+    let no_params: &[(&(dyn ToSql + Sync), Type)] = &[];
+    let theirs: std::time::SystemTime = central
+        .timed(
+            "read central's clock",
+            central.client().query_typed_one("SELECT now()", no_params),
+        )
+        .await?
+        .get(0);
+    let off = theirs.duration_since(mine).unwrap_or_else(|e| e.duration());
+    let stamp = |t| crate::utc::Utc::of(t).rfc3339();
+    if off > CLOCK_TOLERANCE {
+        if !CLOCK_OFF.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "upload: the gateway's clock ({}) is {} s off central's ({}); retained readings \
+                 are neither purged nor re-timed until it is right (NTP)",
+                stamp(mine),
+                off.as_secs(),
+                stamp(theirs)
+            );
+        }
+        return Ok(None);
+    }
+    if CLOCK_OFF.swap(false, Ordering::Relaxed) {
+        log::info!(
+            "upload: the gateway's clock agrees with central's again; purging retained readings"
+        );
+    }
+    Ok(Some(future))
 }
 
 /// Readings marked uploaded "in the future" (`synced_at` after the local `now()`)
