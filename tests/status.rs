@@ -181,6 +181,34 @@ fn status_shows_the_last_run_written_after_the_clock_was_set_back() {
     assert_eq!(text.matches(" FAILED: ").count(), 3, "{text}");
 }
 
+/// A meter whose clock was reset stamps its readings before 1970 (the gateway
+/// uploads them as written). The metrics file gave the oldest waiting one's
+/// timestamp as 0 (1970-01-01) while `status` said 1969: a Unix time before the
+/// epoch is negative.
+#[test]
+fn the_oldest_pending_timestamp_before_1970_is_negative_in_the_metrics_file() {
+    let mut s = Sandbox::new();
+    s.local()
+        .batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             VALUES ('apollo', '1969-07-20 20:17:40+00', 1, 'kWh')",
+        )
+        .unwrap();
+    let file = s.dir.join("meter-sync.prom");
+    s.set("METRICS_TEXTFILE", file.display())
+        .set("POSTGRES_CLIENT_PORT", support::free_port())
+        .set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["once"]).assert_code(1);
+    let samples = parse_prometheus(&std::fs::read_to_string(&file).unwrap());
+    let ts = samples
+        .iter()
+        .find(|(n, _)| n == "meter_sync_oldest_pending_timestamp_seconds")
+        .map(|(_, v)| *v);
+    assert_eq!(ts, Some(-14_182_940.0), "{samples:?}");
+    let (_, v) = json(&s);
+    assert_eq!(v["oldest_pending_at"], "1969-07-20T20:17:40.000Z", "{v}");
+}
+
 /// A local database that answers but is not migrated: `status --json` used to print
 /// nothing (exit 1), so a monitoring probe got no JSON at all. The JSON is printed,
 /// the local side not usable, with the reason.
