@@ -217,15 +217,26 @@ fn plan(t: &Table, s: &Settings, local: Local) -> Plan {
             false,
         ),
         Local::None => full("no watermark yet", true),
-        Local::Saved(_) if !t.reconciled.load(Ordering::Relaxed) => {
-            full("first download since start", true)
-        }
-        Local::Saved(sv) if sv.full_due => Plan::Full {
-            reason: format!("the last one is {} s old", s.full_every.as_secs()),
-            remember: true,
+        Local::Saved(sv) => match reconciled_at(t) {
+            None => full("first download since start", true),
+            Some(at) if at.elapsed() >= s.full_every => Plan::Full {
+                reason: format!("the last one is {} s old", s.full_every.as_secs()),
+                remember: true,
+            },
+            Some(_) => Plan::Changes(sv),
         },
-        Local::Saved(sv) => Plan::Changes(sv),
     }
+}
+
+/// When this process last reconciled `t` in full. The schedule is kept here, on
+/// the monotonic clock, rather than in the local `download_watermark.full_at`: a
+/// gateway's wall clock (and its PostgreSQL's `now()`) jumps by years when NTP
+/// sets it after a boot without a battery-backed clock. Set back, it left
+/// `full_at` in the future and no full reconciliation came until the clock caught
+/// up; and every process reconciles in full at its start anyway, so the stored
+/// time never decided more than this one does.
+fn reconciled_at(t: &Table) -> Option<Instant> {
+    *t.reconciled_at.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A central that predates change tracking.
@@ -250,7 +261,7 @@ async fn sync(
     central: &mut Db,
 ) -> Result<PhaseResult> {
     let start = Instant::now();
-    let saved = watermark::load(local, t.table, s.full_every).await?;
+    let saved = watermark::load(local, t.table).await?;
     let fetch = match plan(t, s, saved) {
         Plan::Full { reason, remember } => {
             log::info!("{}: full reconciliation ({reason})", t.table);
@@ -602,7 +613,7 @@ async fn download(
     )
     .await?;
     if full {
-        t.reconciled.store(true, Ordering::Relaxed);
+        *t.reconciled_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     }
     if let Some(o) = offset {
         *t.offset.lock().unwrap_or_else(|e| e.into_inner()) = o;

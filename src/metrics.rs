@@ -40,10 +40,13 @@ pub struct Metrics {
     last_cycle_duration: Option<Duration>,
 }
 
+/// Unix time; negative before 1970 (a reading from a meter whose clock was reset),
+/// rather than 0, which would name a date the reading does not have.
 fn epoch_seconds(t: SystemTime) -> f64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64()
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(after) => after.as_secs_f64(),
+        Err(before) => -before.duration().as_secs_f64(),
+    }
 }
 
 impl Metrics {

@@ -129,6 +129,9 @@ async fn read_local(db: &Db) -> Result<Local> {
             &[],
         )
         .await?;
+    // The last run is the last row written (the largest id), not the latest
+    // timestamp: rows stamped while the gateway's clock ran ahead would otherwise
+    // stand for the last run until the clock, set right since, caught up with them.
     let phases = db
         .query(
             "read the last run of each phase",
@@ -137,9 +140,9 @@ async fn read_local(db: &Db) -> Result<Local> {
                         {s_ts}, s.records_processed, s.duration_ms \
                  FROM unnest($1::text[]) WITH ORDINALITY k(t, n) \
                  LEFT JOIN LATERAL (SELECT * FROM sync_logs WHERE sync_type = k.t \
-                                    ORDER BY \"timestamp\" DESC, id DESC LIMIT 1) r ON true \
+                                    ORDER BY id DESC LIMIT 1) r ON true \
                  LEFT JOIN LATERAL (SELECT * FROM sync_logs WHERE sync_type = k.t AND success \
-                                    ORDER BY \"timestamp\" DESC, id DESC LIMIT 1) s ON true \
+                                    ORDER BY id DESC LIMIT 1) s ON true \
                  ORDER BY k.n",
                 r_ts = ts("r.\"timestamp\""),
                 s_ts = ts("s.\"timestamp\"")

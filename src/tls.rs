@@ -414,6 +414,11 @@ pub struct Refusal {
     detail: String,
     /// The chain was checked because a root file is set under prefer/require.
     implied: bool,
+    /// The gateway's clock at the handshake: a certificate expired or not valid
+    /// yet is most often a gateway clock that is wrong (no battery-backed clock, NTP
+    /// not through yet), and an operator reading the error on central
+    /// (`gateway_status.last_error`) does not see that clock otherwise.
+    at: SystemTime,
 }
 
 impl fmt::Display for Refusal {
@@ -442,15 +447,22 @@ impl fmt::Display for Refusal {
                 }
             )?,
             Cause::Expired => {
-                f.write_str("server certificate refused: it has expired")?;
+                write!(
+                    f,
+                    "server certificate refused: it has expired by this gateway's clock ({})",
+                    crate::utc::Utc::of(self.at).rfc3339()
+                )?;
                 if self.implied {
                     f.write_str(
                         " (with a root file set, sslmode=prefer and require verify the chain, as libpq does)",
                     )?;
                 }
             }
-            Cause::NotYetValid => f.write_str(
-                "server certificate refused: it is not valid yet (is the gateway's clock right?)",
+            Cause::NotYetValid => write!(
+                f,
+                "server certificate refused: it is not valid yet by this gateway's clock ({}; \
+                 is the clock right?)",
+                crate::utc::Utc::of(self.at).rfc3339()
             )?,
             Cause::CaAsServerCertificate => f.write_str(
                 "server certificate refused: it is a CA certificate (basicConstraints CA:TRUE), \
@@ -521,6 +533,7 @@ impl TlsConnect<Socket> for Connect {
                     trusted: with.trusted,
                     detail,
                     implied: with.implied,
+                    at: SystemTime::now(),
                 }),
             }
         })
@@ -649,6 +662,7 @@ mod tests {
             trusted: "POSTGRES_CLIENT_SSLROOTCERT (/etc/ca.pem)".into(),
             detail: "library words".into(),
             implied: false,
+            at: SystemTime::UNIX_EPOCH,
         }
         .to_string()
     }
@@ -676,8 +690,16 @@ mod tests {
                 "fd00::5",
                 "not issued for the address fd00::5",
             ),
-            (Cause::Expired, "c.example", "it has expired"),
-            (Cause::NotYetValid, "c.example", "not valid yet"),
+            (
+                Cause::Expired,
+                "c.example",
+                "it has expired by this gateway's clock (1970-01-01T00:00:00.000Z)",
+            ),
+            (
+                Cause::NotYetValid,
+                "c.example",
+                "not valid yet by this gateway's clock (1970-01-01T00:00:00.000Z; is the clock right?)",
+            ),
             (
                 Cause::CaAsServerCertificate,
                 "c.example",

@@ -977,6 +977,40 @@ fn p21_full_reconciliation_at_start_and_then_periodically_repairs_what_stamps_ca
     );
 }
 
+/// The periodic full reconciliation keeps its schedule when the gateway's clock is
+/// set back (NTP correcting a clock that ran ahead). It was due when the local
+/// `now() - full_at` reached `DOWNLOAD_FULL_EVERY_SECONDS`: a full reconciliation
+/// done while the clock was three years ahead left `full_at` in the future, and
+/// none came for three years, so a hand edit (or a central delete) was never
+/// repaired while the daemon ran.
+#[test]
+fn p21_the_periodic_full_reconciliation_keeps_its_schedule_when_the_clock_is_set_back() {
+    let mut s = Sandbox::new();
+    three_meters(&s);
+    s.set("DOWNLOAD_FULL_EVERY_SECONDS", 3);
+    let d = running(&s);
+    // As a full reconciliation left it while the gateway's clock ran ahead.
+    s.local()
+        .batch_execute("UPDATE download_watermark SET full_at = now() + interval '3 years'")
+        .unwrap();
+    s.local()
+        .batch_execute("UPDATE meters SET name = 'edited by hand' WHERE meter_id = 'm-1'")
+        .unwrap();
+    let at = d.log_text().len();
+    assert!(
+        support::wait_until(Duration::from_secs(20), || {
+            d.log_text()[at..].contains("meters: full reconciliation (the last one is 3 s old)")
+                && s.local()
+                    .query_one("SELECT name::text FROM meters WHERE meter_id = 'm-1'", &[])
+                    .unwrap()
+                    .get::<_, String>(0)
+                    == "Main hall"
+        }),
+        "no periodic reconciliation repaired the edit:\n{}",
+        &d.log_text()[at..]
+    );
+}
+
 #[test]
 fn p20_a_central_without_change_tracking_gets_full_downloads_and_one_warning() {
     let s = Sandbox::new();

@@ -146,6 +146,69 @@ fn r12_status_with_a_database_away() {
     assert_eq!(v["running"], Value::Null);
 }
 
+/// A gateway without a battery-backed clock that ran ahead (a bad RTC, an image's
+/// future build date) and was then set right by NTP leaves `sync_logs` rows
+/// stamped in the future. The last run of each phase is the last one written:
+/// ordered by `timestamp`, the future rows hid every run since, and a phase
+/// failing now was shown "ok" until the clock caught up with them (years).
+#[test]
+fn status_shows_the_last_run_written_after_the_clock_was_set_back() {
+    let mut s = Sandbox::new();
+    s.local()
+        .batch_execute(
+            "INSERT INTO sync_logs (sync_type, success, records_processed, duration_ms, \"timestamp\")
+             SELECT t, true, 1, 2, now() + interval '3 years'
+             FROM unnest(ARRAY['upload', 'meters', 'tenant']) t",
+        )
+        .unwrap();
+    // Then the clock is right again, and every phase fails: central is away.
+    s.set("POSTGRES_CLIENT_PORT", support::free_port());
+    s.set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["once"]).assert_code(1);
+    let (code, v) = json(&s);
+    assert_eq!(code, Some(0), "{v}");
+    for p in ["upload", "meters", "tenant"] {
+        let phase = &v["phases"][p];
+        assert_eq!(phase["last_run_ok"], false, "{p}: {v}");
+        assert!(
+            phase["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("central")),
+            "{p}: {v}"
+        );
+    }
+    let text = s.run(&["status"]).stdout;
+    assert_eq!(text.matches(" FAILED: ").count(), 3, "{text}");
+}
+
+/// A meter whose clock was reset stamps its readings before 1970 (the gateway
+/// uploads them as written). The metrics file gave the oldest waiting one's
+/// timestamp as 0 (1970-01-01) while `status` said 1969: a Unix time before the
+/// epoch is negative.
+#[test]
+fn the_oldest_pending_timestamp_before_1970_is_negative_in_the_metrics_file() {
+    let mut s = Sandbox::new();
+    s.local()
+        .batch_execute(
+            "INSERT INTO meter_readings (meter_id, \"timestamp\", value, unit)
+             VALUES ('apollo', '1969-07-20 20:17:40+00', 1, 'kWh')",
+        )
+        .unwrap();
+    let file = s.dir.join("meter-sync.prom");
+    s.set("METRICS_TEXTFILE", file.display())
+        .set("POSTGRES_CLIENT_PORT", support::free_port())
+        .set("MAX_CONNECTION_RETRIES", 1);
+    s.run(&["once"]).assert_code(1);
+    let samples = parse_prometheus(&std::fs::read_to_string(&file).unwrap());
+    let ts = samples
+        .iter()
+        .find(|(n, _)| n == "meter_sync_oldest_pending_timestamp_seconds")
+        .map(|(_, v)| *v);
+    assert_eq!(ts, Some(-14_182_940.0), "{samples:?}");
+    let (_, v) = json(&s);
+    assert_eq!(v["oldest_pending_at"], "1969-07-20T20:17:40.000Z", "{v}");
+}
+
 /// A local database that answers but is not migrated: `status --json` used to print
 /// nothing (exit 1), so a monitoring probe got no JSON at all. The JSON is printed,
 /// the local side not usable, with the reason.

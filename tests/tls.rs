@@ -139,6 +139,27 @@ fn expired_central() -> &'static Cluster {
     })
 }
 
+/// Signed by the cluster's CA for localhost, valid only from 2099: what every
+/// certificate is to a gateway whose clock is behind (booted at 1970, at 2000, at
+/// its image's build date, before NTP has set it).
+fn not_yet_valid_central() -> &'static Cluster {
+    static C: OnceLock<&'static Cluster> = OnceLock::new();
+    C.get_or_init(|| {
+        central_with("", |c| {
+            let dir = &c.certs.as_ref().unwrap().dir;
+            support::certs::issue_dated(
+                dir,
+                "future",
+                &ca_of(c),
+                "localhost",
+                "DNS:localhost,IP:127.0.0.1",
+                "20990101000000Z",
+                "21000101000000Z",
+            )
+        })
+    })
+}
+
 /// Password and a client certificate signed by its CA whose CN is the user.
 fn client_cert_central() -> &'static Cluster {
     static C: OnceLock<&'static Cluster> = OnceLock::new();
@@ -393,6 +414,26 @@ fn an_expired_certificate_is_refused() {
         assert_refused(
             &migrate_remote(&s),
             &["server certificate refused: it has expired"],
+        );
+    }
+}
+
+/// A gateway whose clock is behind (no battery-backed clock, NTP not through
+/// yet) finds central's certificate not valid yet. The message must say so and
+/// point at the clock, with the time the gateway believes: with the vendored
+/// OpenSSL 3.6 ("certificate is not yet valid or the system clock is incorrect")
+/// it was an unnamed "TLS handshake with localhost failed: error:0A000086…".
+#[test]
+fn a_certificate_not_valid_yet_is_refused_naming_the_gateways_clock() {
+    let mut s = sandbox_against(not_yet_valid_central());
+    for mode in ["verify-full", "verify-ca"] {
+        s.set("POSTGRES_CLIENT_SSLMODE", mode);
+        assert_refused(
+            &migrate_remote(&s),
+            &[
+                "server certificate refused: it is not valid yet by this gateway's clock (",
+                "is the clock right?",
+            ],
         );
     }
 }

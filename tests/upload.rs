@@ -1281,6 +1281,51 @@ fn retained_readings_are_purged_after_the_window() {
     assert_eq!(s.central_count("meter_readings"), 60);
 }
 
+/// Readings uploaded while the gateway's clock ran ahead (no battery-backed clock,
+/// set back by NTP later) have `synced_at` in the future. The purge waited for the
+/// clock to catch up with them: three years of retention for a window of hours, and
+/// not even `UPLOAD_RETAIN_HOURS=0`, which purges whatever was retained, removed
+/// them. Such a reading's window now starts when the purge first finds it in the
+/// future: it is kept the whole window (a central restored from a backup may still
+/// need it), then purged.
+#[test]
+fn retained_readings_marked_while_the_clock_ran_ahead_are_purged_after_the_window() {
+    let mut s = Sandbox::new();
+    s.set("UPLOAD_RETAIN_HOURS", 2);
+    let mut l = s.local();
+    support::insert_readings(&mut l, 30, 0);
+    s.run(&["once"]).assert_ok();
+    // Twenty were uploaded while the clock was three years ahead.
+    let ahead = "UPDATE meter_readings SET synced_at = now() + interval '3 years'
+                 WHERE id IN (SELECT id FROM meter_readings WHERE synced_at IS NOT NULL
+                              ORDER BY id LIMIT 20)";
+    l.batch_execute(ahead).unwrap();
+    s.run(&["once"]).assert_ok();
+    assert_eq!(
+        s.local_count("meter_readings"),
+        30,
+        "kept within the window"
+    );
+    // Three hours later every one of them is past its window.
+    l.batch_execute("UPDATE meter_readings SET synced_at = synced_at - interval '3 hours'")
+        .unwrap();
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(run.stderr.contains("purged 30 retained"), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 0);
+
+    // With the window switched off, whatever was retained goes at once.
+    support::insert_readings(&mut l, 10, 100);
+    s.run(&["once"]).assert_ok();
+    l.batch_execute(ahead).unwrap();
+    s.unset("UPLOAD_RETAIN_HOURS");
+    let run = s.run(&["once"]);
+    run.assert_ok();
+    assert!(run.stderr.contains("purged 10 retained"), "{}", run.stderr);
+    assert_eq!(s.local_count("meter_readings"), 0);
+    assert_eq!(s.central_count("meter_readings"), 40);
+}
+
 /// `resend`: a bad timestamp is a usage error (64) in one line naming it; an
 /// unreachable local database exits 1.
 #[test]

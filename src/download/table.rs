@@ -2,6 +2,7 @@
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
+use std::time::Instant;
 
 /// One downloaded table: its key and the columns compared and copied (the key
 /// excluded), each with the type it is staged as. Central values are cast to these
@@ -15,9 +16,11 @@ pub struct Table {
     /// "meters", "tenants": for log lines about the table.
     pub plural: &'static str,
     pub columns: &'static [(&'static str, &'static str)],
-    /// Set once this process has reconciled the table in full: the first download
-    /// of every process is a full one.
-    pub reconciled: AtomicBool,
+    /// When this process last reconciled the table in full (None: not yet, so the
+    /// first download of every process is a full one). Monotonic: the next one is
+    /// due `DOWNLOAD_FULL_EVERY_SECONDS` later whatever the gateway's wall clock does
+    /// (see `plan` in download.rs).
+    pub reconciled_at: Mutex<Option<Instant>>,
     /// Set once the "central has no change tracking" warning was logged.
     pub warned_untracked: AtomicBool,
     /// Central lacks the snapshot functions (before PostgreSQL 13).
@@ -70,7 +73,7 @@ pub static METERS: Table = Table {
         ("configuration", "jsonb"),
         ("updated_at", "timestamptz"),
     ],
-    reconciled: AtomicBool::new(false),
+    reconciled_at: Mutex::new(None),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
     offset: Mutex::new(None),
@@ -87,7 +90,7 @@ pub static TENANTS: Table = Table {
         ("metadata", "jsonb"),
         ("updated_at", "timestamptz"),
     ],
-    reconciled: AtomicBool::new(false),
+    reconciled_at: Mutex::new(None),
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
     offset: Mutex::new(None),

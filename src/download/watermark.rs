@@ -31,8 +31,6 @@ pub struct Saved {
     /// a promoted standby). None: not recorded (written before migration 0004).
     pub central_started: Option<SystemTime>,
     pub watermark: u64,
-    /// The last full reconciliation is at least `DOWNLOAD_FULL_EVERY_SECONDS` old.
-    pub full_due: bool,
 }
 
 /// What the local side knows about a table's last download.
@@ -47,15 +45,13 @@ pub enum Local {
 
 /// Reads the table's record. Outside the apply transaction: only this process
 /// writes it, under the cycle lock.
-pub async fn load(local: &Db, table: &str, full_every: Duration) -> Result<Local> {
-    let secs = full_every.as_secs_f64();
+pub async fn load(local: &Db, table: &str) -> Result<Local> {
     let res = local
         .query(
             "read download_watermark",
-            "SELECT central_db, watermark, now() - full_at >= make_interval(secs => $2), \
-                    central_started \
+            "SELECT central_db, watermark, central_started \
              FROM download_watermark WHERE table_name = $1",
-            &[&table, &secs],
+            &[&table],
         )
         .await;
     match res {
@@ -63,8 +59,7 @@ pub async fn load(local: &Db, table: &str, full_every: Duration) -> Result<Local
             Some(r) => Local::Saved(Saved {
                 central_db: r.get(0),
                 watermark: u64::try_from(r.get::<_, i64>(1)).unwrap_or(0),
-                full_due: r.get(2),
-                central_started: r.get(3),
+                central_started: r.get(2),
             }),
             None => Local::None,
         }),

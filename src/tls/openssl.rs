@@ -120,6 +120,11 @@ fn classify(e: &native_tls::Error) -> (Cause, String) {
     let text = e.to_string();
     let table = [
         ("certificate is not yet valid", Cause::NotYetValid),
+        // OpenSSL 3.6, the vendored one (a gateway whose clock is behind).
+        (
+            "certificate is not yet valid or the system clock is incorrect",
+            Cause::NotYetValid,
+        ),
         ("certificate has expired", Cause::Expired),
         ("self-signed certificate", Cause::UnknownCa),
         ("self signed certificate", Cause::UnknownCa),

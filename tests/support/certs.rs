@@ -87,6 +87,9 @@ pub fn issue(
     san: &str,
     days: i64,
 ) -> (PathBuf, PathBuf) {
+    if days < 0 {
+        return issue_dated(dir, name, ca, cn, san, "20200101000000Z", "20210101000000Z");
+    }
     let (crt, key, csr, ext) = (
         format!("{name}.crt"),
         format!("{name}.key"),
@@ -101,64 +104,89 @@ pub fn issue(
     std::fs::write(dir.join(&ext), ext_text).unwrap();
     let ca_crt = ca.0.to_str().unwrap().to_string();
     let ca_key = ca.1.to_str().unwrap().to_string();
-    if days >= 0 {
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_crt,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                &days.to_string(),
-                "-extfile",
-                &ext,
-            ],
-        );
-    } else {
-        // An expired certificate: openssl x509 cannot back-date, `openssl ca` can.
-        let db = dir.join(format!("{name}-ca"));
-        std::fs::create_dir_all(&db).unwrap();
-        std::fs::write(db.join("index.txt"), "").unwrap();
-        std::fs::write(db.join("serial"), "1000\n").unwrap();
-        let conf = format!(
-            "[ca]\ndefault_ca=t\n[t]\ndatabase={d}/index.txt\nserial={d}/serial\nnew_certs_dir={d}\n\
-             default_md=sha256\npolicy=p\ncopy_extensions=copy\n[p]\ncommonName=supplied\n",
-            d = db.display()
-        );
-        std::fs::write(db.join("ca.conf"), conf).unwrap();
-        let conf_path = db.join("ca.conf");
-        openssl(
-            dir,
-            &[
-                "ca",
-                "-batch",
-                "-config",
-                conf_path.to_str().unwrap(),
-                "-cert",
-                &ca_crt,
-                "-keyfile",
-                &ca_key,
-                "-in",
-                &csr,
-                "-out",
-                &crt,
-                "-startdate",
-                "20200101000000Z",
-                "-enddate",
-                "20210101000000Z",
-                "-extfile",
-                &ext,
-                "-notext",
-            ],
-        );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            &days.to_string(),
+            "-extfile",
+            &ext,
+        ],
+    );
+    (dir.join(crt), dir.join(key))
+}
+
+/// As [`issue`], valid from `start` to `end` (`YYYYMMDDHHMMSSZ`): an expired
+/// certificate, or one not valid yet (as a gateway whose clock is behind sees any).
+pub fn issue_dated(
+    dir: &Path,
+    name: &str,
+    ca: &(PathBuf, PathBuf),
+    cn: &str,
+    san: &str,
+    start: &str,
+    end: &str,
+) -> (PathBuf, PathBuf) {
+    let (crt, key, csr, ext) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+    );
+    new_key_and_request(dir, &key, &csr, cn, &[]);
+    let mut ext_text = String::from("basicConstraints=CA:FALSE\n");
+    if !san.is_empty() {
+        ext_text.push_str(&format!("subjectAltName={san}\n"));
     }
+    std::fs::write(dir.join(&ext), ext_text).unwrap();
+    let ca_crt = ca.0.to_str().unwrap().to_string();
+    let ca_key = ca.1.to_str().unwrap().to_string();
+    // openssl x509 cannot set the validity's start, `openssl ca` can.
+    let db = dir.join(format!("{name}-ca"));
+    std::fs::create_dir_all(&db).unwrap();
+    std::fs::write(db.join("index.txt"), "").unwrap();
+    std::fs::write(db.join("serial"), "1000\n").unwrap();
+    let conf = format!(
+        "[ca]\ndefault_ca=t\n[t]\ndatabase={d}/index.txt\nserial={d}/serial\nnew_certs_dir={d}\n\
+         default_md=sha256\npolicy=p\ncopy_extensions=copy\n[p]\ncommonName=supplied\n",
+        d = db.display()
+    );
+    std::fs::write(db.join("ca.conf"), conf).unwrap();
+    let conf_path = db.join("ca.conf");
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            conf_path.to_str().unwrap(),
+            "-cert",
+            &ca_crt,
+            "-keyfile",
+            &ca_key,
+            "-in",
+            &csr,
+            "-out",
+            &crt,
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-extfile",
+            &ext,
+            "-notext",
+        ],
+    );
     (dir.join(crt), dir.join(key))
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`host`]: scratch directories, free ports, commands that must succeed, polling.
 //! - [`certs`]: the test CA and the certificates it signs (openssl CLI).
+//! - [`clock`]: a wall clock that is wrong or jumps (libfaketime) for the local
+//!   server and the binary.
 //! - [`cluster`]: PostgreSQL servers from one initdb'd template, the shared pair,
 //!   crashes and restarts, reapers.
 //! - [`sandbox`]: a test's own databases and the binary run against them.
@@ -17,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod clock;
 pub mod cluster;
 pub mod host;
 pub mod notify;
