@@ -38,6 +38,7 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
         Command::Status { json } => status::print(cfg, json).await,
         Command::Requeue(which) => {
             let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            migrate::newer_than_known(&db, migrate::LOCAL).await?;
             let ids = match &which {
                 Requeue::All => None,
                 Requeue::Ids(ids) => Some(ids.as_slice()),
@@ -48,6 +49,7 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
         }
         Command::Resend { since } => {
             let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            migrate::newer_than_known(&db, migrate::LOCAL).await?;
             let n = upload::resend(&db, &since).await?;
             println!("queued {n} retained reading(s) uploaded since {since} again");
             if cfg.upload_retain.is_zero() {

@@ -2,6 +2,7 @@
 //! (a failure is logged and recorded, and the next phase still runs) and writes one
 //! `sync_logs` row.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::config::{Config, Side};
@@ -28,6 +29,9 @@ pub struct Connections {
 pub enum NoLocal {
     Down(Error),
     Busy(Option<LockHolder>),
+    /// The local schema is newer than this release can work with
+    /// ([`crate::migrate::newer_than_known`]): the process must stop.
+    Refused(Error),
 }
 
 impl Connections {
@@ -52,6 +56,37 @@ impl Connections {
                 log::info!(
                     "local: holding the cycle lock (no other meter-sync cycles on this database)"
                 );
+                // Before any phase touches a reading: a release rolled back below
+                // what the schema allows must not upload or delete by old rules.
+                match crate::migrate::newer_than_known(&db, crate::migrate::LOCAL).await {
+                    Ok(newer) if !newer.is_empty() => warn_once(
+                        &SAID_NEWER,
+                        &format!(
+                            "local: the schema has migration(s) newer than this release ({}); \
+                         they are compatible with it, so it runs",
+                            newer
+                                .iter()
+                                .map(|m| m.name.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == Kind::SchemaTooNew => {
+                        db.release().await;
+                        return Err(NoLocal::Refused(e));
+                    }
+                    Err(e) if e.is_connection_lost() => {
+                        self.unreachable.push(Side::Local);
+                        return Err(NoLocal::Down(e));
+                    }
+                    // A role that may not read the bookkeeping (migrations applied
+                    // by another role) runs as before this check existed.
+                    Err(e) => warn_once(
+                        &SAID_UNCHECKED,
+                        &format!("{e}; not checked for a newer schema"),
+                    ),
+                }
                 self.local = Some(db);
                 Ok(())
             }
@@ -125,6 +160,16 @@ impl Connections {
             local.release().await;
         }
         self.central = None;
+    }
+}
+
+static SAID_NEWER: AtomicBool = AtomicBool::new(false);
+static SAID_UNCHECKED: AtomicBool = AtomicBool::new(false);
+
+/// Said once per process, not at every reconnect.
+fn warn_once(said: &AtomicBool, msg: &str) {
+    if !said.swap(true, Ordering::Relaxed) {
+        log::warn!("{msg}");
     }
 }
 
@@ -231,7 +276,7 @@ async fn run_phase(
         .ensure_local(cfg, shutdown)
         .await
         .map_err(|e| match e {
-            NoLocal::Down(e) => e,
+            NoLocal::Down(e) | NoLocal::Refused(e) => e,
             NoLocal::Busy(_) => Error::new(
                 Kind::Other,
                 "local: another meter-sync took the cycle lock while this one reconnected; \

@@ -12,15 +12,28 @@ pub struct Migration {
     pub version: i32,
     pub name: &'static str,
     pub sql: &'static str,
+    /// The oldest release that still works against a schema with this migration
+    /// applied, named by the last migration that release knows (recorded with it
+    /// as `oldest_compatible`). A release that meets an applied migration it does
+    /// not know reads this to decide: run (the migration only added what it can
+    /// ignore), or refuse (it dropped or redefined what that release relies on).
+    /// 1 for every migration so far: all of them only add. docs/deploying.md,
+    /// "Rolling back across a migration".
+    pub oldest_compatible: i32,
 }
 
-/// One migration file: its version, its name, and its text compiled in.
+/// One migration file: its version, its name, and its text compiled in;
+/// `oldest_compatible = N` for one that releases before migration N cannot run against.
 macro_rules! migration {
     ($side:literal, $version:literal, $name:literal) => {
+        migration!($side, $version, $name, oldest_compatible = 1)
+    };
+    ($side:literal, $version:literal, $name:literal, oldest_compatible = $oldest:literal) => {
         Migration {
             version: $version,
             name: $name,
             sql: include_str!(concat!("../migrations/", $side, "/", $name)),
+            oldest_compatible: $oldest,
         }
     };
 }
@@ -75,18 +88,41 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         Side::Local => "migrations/local",
         Side::Central => "migrations/remote",
     };
+    // Under the migration lock: two CREATE TABLE IF NOT EXISTS at the same moment
+    // can both find no table, and the second then fails on the catalog's unique
+    // index (23505 on pg_type), which a wave of gateways started at once hit. One
+    // simple query is one transaction, so the lock ends with it.
     db.batch(
         "create migration table",
         &format!(
-            "CREATE TABLE IF NOT EXISTS {TABLE} (
+            "SELECT pg_advisory_xact_lock({LOCK_KEY});
+            CREATE TABLE IF NOT EXISTS {TABLE} (
                 version    integer PRIMARY KEY,
                 name       text NOT NULL,
                 checksum   text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )"
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                oldest_compatible integer
+            );
+            DO $$
+            BEGIN
+                IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                               WHERE table_schema = current_schema() AND table_name = '{TABLE}'
+                                 AND column_name = 'oldest_compatible') THEN
+                    ALTER TABLE {TABLE} ADD COLUMN oldest_compatible integer;
+                END IF;
+            END
+            $$"
         ),
     )
     .await?;
+    let newer = newer_than_known(db, migrations).await?;
+    if !newer.is_empty() {
+        log::warn!(
+            "{side}: {dir} has migration(s) newer than this release, applied by a newer meter-sync: {}; \
+             they are compatible with this release and stay as they are",
+            names(&newer)
+        );
+    }
     let timeout = db.timeout();
     let mut applied = 0;
     for m in migrations {
@@ -141,8 +177,11 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
             timeout,
             &what,
             tx.execute(
-                &format!("INSERT INTO {TABLE} (version, name, checksum) VALUES ($1, $2, $3)"),
-                &[&m.version, &m.name, &sum],
+                &format!(
+                    "INSERT INTO {TABLE} (version, name, checksum, oldest_compatible) \
+                     VALUES ($1, $2, $3, $4)"
+                ),
+                &[&m.version, &m.name, &sum, &m.oldest_compatible],
             ),
         )
         .await?;
@@ -151,6 +190,78 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         applied += 1;
     }
     Ok(applied)
+}
+
+/// An applied migration this release does not know.
+pub struct Unknown {
+    pub name: String,
+    pub oldest_compatible: Option<i32>,
+}
+
+fn dir(side: Side) -> &'static str {
+    match side {
+        Side::Local => "migrations/local",
+        Side::Central => "migrations/remote",
+    }
+}
+
+fn names(newer: &[Unknown]) -> String {
+    newer
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// SQLSTATEs of a bookkeeping table that is not there (never migrated) or has no
+/// `oldest_compatible` (written only by releases before it existed, which cannot
+/// have applied a migration newer than this one's).
+const UNDEFINED_TABLE: &str = "42P01";
+const UNDEFINED_COLUMN: &str = "42703";
+
+/// The applied migrations newer than every one in `migrations`, if this release
+/// can work with them; a [`Kind::SchemaTooNew`] error naming the first that says it
+/// cannot. Run by `migrate` and, on the local side, by every command that writes
+/// there, before it does: a rollback to a release too old for the schema must stop
+/// with a reason, not upload, quarantine or delete by rules the schema no longer has.
+pub async fn newer_than_known(db: &Db, migrations: &[Migration]) -> Result<Vec<Unknown>> {
+    let known = migrations.last().map_or(0, |m| m.version);
+    let sql = format!(
+        "SELECT name, oldest_compatible FROM {TABLE} WHERE version > {known} ORDER BY version"
+    );
+    let rows = match db.query("read the applied migrations", &sql, &[]).await {
+        Ok(rows) => rows,
+        Err(e) if matches!(e.code(), Some(UNDEFINED_TABLE | UNDEFINED_COLUMN)) => {
+            return Ok(vec![])
+        }
+        Err(e) => return Err(e),
+    };
+    let newer: Vec<Unknown> = rows
+        .iter()
+        .map(|r| Unknown {
+            name: r.get(0),
+            oldest_compatible: r.get(1),
+        })
+        .collect();
+    if let Some(m) = newer
+        .iter()
+        .find(|m| m.oldest_compatible.is_some_and(|o| o > known))
+    {
+        let side = db.side();
+        let dir = dir(side);
+        return Err(Error::new(
+            Kind::SchemaTooNew,
+            format!(
+                "the schema was migrated by a newer meter-sync ({dir}/{}) that releases before migration \
+                 {:04} cannot run against; this release knows migrations up to {known:04}: install that \
+                 release or a later one (docs/deploying.md, \"Rolling back across a migration\")",
+                m.name,
+                m.oldest_compatible.unwrap_or_default(),
+            ),
+        )
+        .with_side(side));
+    }
+    Ok(newer)
 }
 
 #[cfg(test)]

@@ -359,3 +359,126 @@ fn migrate_works_over_the_local_unix_socket() {
     s.run(&["migrate", "local"]).assert_ok();
     assert_eq!(tables(&mut s.local()).len(), 6);
 }
+
+/// A wave of gateways (or operators' scripts) migrating one database pair at the
+/// same moment: every process succeeds, every migration is applied once. Before,
+/// about one wave in five had a process fail with `create migration table:
+/// duplicate key value violates unique constraint "pg_type_typname_nsp_index"`
+/// (the bookkeeping table was created before the migration lock was taken).
+#[test]
+fn twenty_migrators_at_once_all_succeed_and_apply_each_migration_once() {
+    for _wave in 0..4 {
+        let s = Sandbox::empty();
+        let children: Vec<_> = (0..20)
+            .map(|_| {
+                s.command(&["migrate", "all"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let failed: Vec<String> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .filter(|o| !o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of 20 failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+        assert_eq!(
+            s.local_count("(SELECT DISTINCT version FROM meter_sync_migrations) v"),
+            7
+        );
+        assert_eq!(s.local_count("meter_sync_migrations"), 7);
+        assert_eq!(s.central_count("meter_sync_migrations"), 3);
+    }
+}
+
+/// What a newer release's `migrate local` leaves behind: one more applied
+/// migration, which says from which release on the schema can be run against.
+fn apply_a_future_local_migration(s: &Sandbox, oldest_compatible: i32) {
+    s.local()
+        .batch_execute(&format!(
+            "ALTER TABLE meter_sync_migrations ADD COLUMN IF NOT EXISTS oldest_compatible integer;
+             INSERT INTO meter_sync_migrations (version, name, checksum, oldest_compatible)
+             VALUES (99, '0099_from_the_future.sql', '0123456789abcdef', {oldest_compatible})"
+        ))
+        .unwrap();
+}
+
+/// A rollback below what the local schema allows: every command that would write
+/// readings refuses with one line naming the migration, exit 78 (systemd does not
+/// restart-loop on it), and not one reading moves. Before, the release ran against
+/// the schema as if it knew it (`once` exited 0 and uploaded).
+#[test]
+fn a_local_schema_this_release_cannot_run_against_is_refused_with_78() {
+    let s = Sandbox::new();
+    s.insert_readings(5);
+    apply_a_future_local_migration(&s, 99);
+    for args in [
+        &["once"][..],
+        &["run"],
+        &["migrate", "local"],
+        &["requeue", "--all"],
+        &["resend", "--since", "2026-01-01T00:00:00Z"],
+    ] {
+        let r = s.run(args);
+        assert_eq!(r.code, Some(78), "{args:?}: {}", r.all());
+        let errors: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| l.contains("0099_from_the_future.sql"))
+            .collect();
+        assert!(!errors.is_empty(), "{args:?}: {}", r.stderr);
+        assert!(
+            errors[0].contains("newer meter-sync") && errors[0].contains("0007"),
+            "{args:?}: {}",
+            errors[0]
+        );
+    }
+    assert_eq!(s.local_count("meter_readings WHERE NOT is_synchronized"), 5);
+    assert_eq!(s.central_count("meter_readings"), 0);
+    // The fleet's operator sees it centrally too.
+    let last_error: String = s
+        .central()
+        .query_one("SELECT last_error FROM gateway_status", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        last_error.contains("0099_from_the_future.sql"),
+        "{last_error}"
+    );
+}
+
+/// A newer release's migration that only added (the rule for this project's
+/// migrations): this release runs, says once that the schema is newer, and
+/// `migrate` leaves the newer migration alone.
+#[test]
+fn a_newer_compatible_local_schema_runs_with_a_warning() {
+    let s = Sandbox::new();
+    s.insert_readings(5);
+    apply_a_future_local_migration(&s, 1);
+    let r = s.run(&["once"]);
+    r.assert_ok();
+    assert!(
+        r.stderr
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("0099_from_the_future.sql")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.central_count("meter_readings"), 5);
+    let r = s.run(&["migrate", "local"]);
+    r.assert_ok();
+    assert!(
+        r.stderr.contains("0099_from_the_future.sql"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(s.local_count("meter_sync_migrations"), 8);
+}
