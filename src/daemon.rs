@@ -103,6 +103,12 @@ impl Gateway {
     /// never delays the report). Skipped queries and the skipped heartbeat once
     /// shutdown is requested keep the stop within its bound.
     async fn after_turn(&mut self, cfg: &Config, shutdown: &Shutdown, turn: &Turn) {
+        // The metrics file is the lock holder's: a second daemon started by hand
+        // with the unit's environment would overwrite it with a process that never
+        // cycled (no last cycle, counters at 0) every interval.
+        if matches!(turn, Turn::Busy(_)) {
+            return;
+        }
         let (conns, m) = (&mut self.conns, &mut self.metrics);
         if shutdown.is_requested() {
             write_metrics(cfg, m);
