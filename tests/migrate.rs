@@ -482,3 +482,116 @@ fn a_newer_compatible_local_schema_runs_with_a_warning() {
     );
     assert_eq!(s.local_count("meter_sync_migrations"), 8);
 }
+
+/// src/migrate.rs's checksum (FNV-1a, 64 bit), as the release that applied a file wrote it.
+fn fnv1a(sql: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sql.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// A gateway whose local schema an earlier release left at each of 0001..0006 (the
+/// bookkeeping table as those releases made it), with readings waiting, two
+/// quarantined, five retained for the resend window (from 0002 on) and a download
+/// watermark (from 0003 on), upgraded as the unit does it (`migrate local`, then
+/// the daemon): every waiting reading reaches central once, the quarantined and
+/// retained ones stay as they were, the counts are right, and a watermark without
+/// central's start time (0004) is not trusted: the meter central has is downloaded.
+#[test]
+fn upgrading_from_each_earlier_local_schema_keeps_every_reading_once() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/local");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    for applied in 1..=6 {
+        let mut s = Sandbox::empty();
+        s.run(&["migrate", "remote"]).assert_ok();
+        s.central()
+            .batch_execute(
+                "INSERT INTO meters (meter_id, name, meter_type, unit) VALUES ('m-1', 'Meter 1', 'power', 'kWh')",
+            )
+            .unwrap();
+        let mut local = s.local();
+        local
+            .batch_execute(
+                "CREATE TABLE meter_sync_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                     checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .unwrap();
+        for (i, name) in files.iter().take(applied).enumerate() {
+            let sql = std::fs::read_to_string(dir.join(name)).unwrap();
+            local.batch_execute(&sql).unwrap();
+            local
+                .execute(
+                    "INSERT INTO meter_sync_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                    &[&(i as i32 + 1), name, &fnv1a(&sql)],
+                )
+                .unwrap();
+        }
+        s.insert_readings(20);
+        local
+            .batch_execute(
+                "UPDATE meter_readings SET sync_error = 'rejected by central' WHERE id IN (3, 4)",
+            )
+            .unwrap();
+        let retained = if applied >= 2 {
+            local
+                .batch_execute(
+                    "UPDATE meter_readings SET is_synchronized = true, synced_at = now() WHERE id BETWEEN 11 AND 15",
+                )
+                .unwrap();
+            5
+        } else {
+            0
+        };
+        if applied >= 3 {
+            // A watermark far ahead of central's transactions: trusted, it would
+            // make the download skip m-1.
+            local
+                .batch_execute(
+                    "INSERT INTO download_watermark (table_name, central_db, watermark, full_at)
+                     VALUES ('meters', current_database(), 1000000000, now())",
+                )
+                .unwrap();
+        }
+        s.set("UPLOAD_RETAIN_HOURS", "24");
+        s.run(&["migrate", "local"]).assert_ok();
+        s.run(&["once"]).assert_ok();
+        let waiting = 20 - 2 - retained;
+        assert_eq!(
+            s.central_count("meter_readings"),
+            waiting,
+            "schema at {applied:04}"
+        );
+        assert_eq!(
+            s.central_count("(SELECT DISTINCT reading_uid FROM meter_readings) u"),
+            waiting
+        );
+        assert_eq!(
+            s.local_count("meter_readings WHERE sync_error IS NOT NULL AND NOT is_synchronized"),
+            2
+        );
+        assert_eq!(
+            s.local_count("meter_readings WHERE is_synchronized"),
+            waiting + retained
+        );
+        assert_eq!(
+            s.local_count("meters WHERE meter_id = 'm-1'"),
+            1,
+            "schema at {applied:04}"
+        );
+        let status = s.run(&["status", "--json"]);
+        status.assert_ok();
+        let out = status.stdout.replace(' ', "");
+        assert!(
+            out.contains("\"queue_size\":0") && out.contains("\"quarantined\":2"),
+            "schema at {applied:04}: {}",
+            status.stdout
+        );
+    }
+}
