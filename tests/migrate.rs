@@ -595,3 +595,38 @@ fn upgrading_from_each_earlier_local_schema_keeps_every_reading_once() {
         );
     }
 }
+
+/// The first install's `migrate` with a gateway's least-privilege central role
+/// (docs/security.md): the local schema is made, central's is not the gateway's to
+/// change, and the error says who applies it and what a gateway runs. Before, only
+/// `central: create migration table: permission denied for schema public`.
+#[test]
+fn a_gateway_role_that_may_not_migrate_central_is_told_who_does() {
+    let mut s = Sandbox::empty();
+    s.run(&["migrate", "remote"]).assert_ok();
+    let role = format!("gw_{}", s.central_db);
+    s.central()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{}';
+             GRANT SELECT, INSERT ON meter_readings TO {role};
+             GRANT SELECT ON meters, tenant TO {role};
+             GRANT SELECT, INSERT, UPDATE ON gateway_status TO {role};",
+            support::CENTRAL_PASSWORD
+        ))
+        .unwrap();
+    s.set("POSTGRES_CLIENT_USER", &role);
+    let r = s.run(&["migrate"]);
+    assert_eq!(r.code, Some(1), "{}", r.all());
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("permission denied") && line.contains("meter-sync migrate local"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(tables(&mut s.local()).len(), 6);
+    s.run(&["migrate", "local"]).assert_ok();
+}
