@@ -4,6 +4,10 @@
 //! brings its own macro crate, regex and TOML parsing onto every gateway for the
 //! same three behaviours (order, one transaction each, checksums).
 
+use std::time::Duration;
+
+use tokio_postgres::Transaction;
+
 use crate::config::Side;
 use crate::db::Db;
 use crate::error::{Error, Kind, Result};
@@ -84,37 +88,34 @@ pub fn for_side(side: Side) -> &'static [Migration] {
 /// were applied.
 pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
     let side = db.side();
-    let dir = match side {
-        Side::Local => "migrations/local",
-        Side::Central => "migrations/remote",
-    };
+    let dir = dir(side);
+    let timeout = db.timeout();
     // Under the migration lock: two CREATE TABLE IF NOT EXISTS at the same moment
     // can both find no table, and the second then fails on the catalog's unique
-    // index (23505 on pg_type), which a wave of gateways started at once hit. One
-    // simple query is one transaction, so the lock ends with it.
-    db.batch(
-        "create migration table",
-        &format!(
-            "SELECT pg_advisory_xact_lock({LOCK_KEY});
-            CREATE TABLE IF NOT EXISTS {TABLE} (
-                version    integer PRIMARY KEY,
-                name       text NOT NULL,
-                checksum   text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                oldest_compatible integer
-            );
-            DO $$
-            BEGIN
-                IF NOT EXISTS (SELECT 1 FROM information_schema.columns
-                               WHERE table_schema = current_schema() AND table_name = '{TABLE}'
-                                 AND column_name = 'oldest_compatible') THEN
-                    ALTER TABLE {TABLE} ADD COLUMN oldest_compatible integer;
-                END IF;
-            END
-            $$"
-        ),
-    )
-    .await?;
+    // index (23505 on pg_type), which a wave of gateways started at once hit.
+    let what = "create migration table";
+    let tx = crate::db::timed(side, timeout, what, db.client_mut().transaction()).await?;
+    lock(&tx, side, timeout, what).await?;
+    let create = format!(
+        "CREATE TABLE IF NOT EXISTS {TABLE} (
+            version    integer PRIMARY KEY,
+            name       text NOT NULL,
+            checksum   text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            oldest_compatible integer
+        );
+        DO $$
+        BEGIN
+            IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                           WHERE table_schema = current_schema() AND table_name = '{TABLE}'
+                             AND column_name = 'oldest_compatible') THEN
+                ALTER TABLE {TABLE} ADD COLUMN oldest_compatible integer;
+            END IF;
+        END
+        $$"
+    );
+    crate::db::timed(side, timeout, what, tx.batch_execute(&create)).await?;
+    crate::db::timed(side, timeout, what, tx.commit()).await?;
     let newer = newer_than_known(db, migrations).await?;
     if !newer.is_empty() {
         log::warn!(
@@ -123,18 +124,11 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
             names(&newer)
         );
     }
-    let timeout = db.timeout();
     let mut applied = 0;
     for m in migrations {
         let what = format!("migration {dir}/{}", m.name);
         let tx = crate::db::timed(side, timeout, &what, db.client_mut().transaction()).await?;
-        crate::db::timed(
-            side,
-            timeout,
-            &what,
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY]),
-        )
-        .await?;
+        lock(&tx, side, timeout, &what).await?;
         let existing = crate::db::timed(
             side,
             timeout,
@@ -190,6 +184,33 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
         applied += 1;
     }
     Ok(applied)
+}
+
+/// Takes the migration lock for `tx`. Held by another migration, it is waited for
+/// as long as that one runs, without the statement or round-trip timeout: a
+/// migration of a large table may take minutes, and a `migrate` started meanwhile
+/// (the unit's `ExecStartPre=` at a restart, another host of a wave) failed with
+/// "canceling statement due to statement timeout" instead of finding it done.
+async fn lock(tx: &Transaction<'_>, side: Side, timeout: Duration, what: &str) -> Result<()> {
+    let got: bool = crate::db::timed(
+        side,
+        timeout,
+        what,
+        tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&LOCK_KEY]),
+    )
+    .await?
+    .get(0);
+    if got {
+        return Ok(());
+    }
+    log::info!(
+        "{side}: another meter-sync migrate is migrating this database; waiting for it to finish"
+    );
+    tx.batch_execute(&format!(
+        "SET LOCAL statement_timeout = 0; SELECT pg_advisory_xact_lock({LOCK_KEY})"
+    ))
+    .await
+    .map_err(|e| Error::db(side, what, e))
 }
 
 /// An applied migration this release does not know.

@@ -630,3 +630,39 @@ fn a_gateway_role_that_may_not_migrate_central_is_told_who_does() {
     assert_eq!(tables(&mut s.local()).len(), 6);
     s.run(&["migrate", "local"]).assert_ok();
 }
+
+/// A `migrate` started while another is applying a long migration (the unit's
+/// `ExecStartPre=` at a restart during an operator's `migrate`, the next host of a
+/// wave on central) waits for it and then finds nothing to do. Before, it failed
+/// after `DB_QUERY_TIMEOUT_MS` with `canceling statement due to statement timeout`.
+#[test]
+fn a_migrate_waits_for_one_in_progress_instead_of_timing_out() {
+    let mut s = Sandbox::new();
+    s.set("DB_QUERY_TIMEOUT_MS", 1000);
+    // The other migration: its transaction holds the migration lock for 4 s.
+    let mut other = s.local();
+    other
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({})",
+            0x6d65_7465_725f_6d67_i64
+        ))
+        .unwrap();
+    let done = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        other.batch_execute("COMMIT").unwrap();
+    });
+    let start = std::time::Instant::now();
+    let r = s.run(&["migrate", "local"]);
+    done.join().unwrap();
+    r.assert_ok();
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(3500),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("waiting for it to finish"),
+        "{}",
+        r.stderr
+    );
+}
