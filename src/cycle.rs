@@ -52,26 +52,28 @@ impl Connections {
             return Err(NoLocal::Down(unreachable_now(Side::Local)));
         }
         match lock::acquire(cfg, shutdown).await {
-            Ok(Acquired::Locked(db)) => {
+            Ok(Acquired::Locked(mut db)) => {
                 log::info!(
                     "local: holding the cycle lock (no other meter-sync cycles on this database)"
                 );
                 // Before any phase touches a reading: a release rolled back below
                 // what the schema allows must not upload or delete by old rules.
-                match crate::migrate::newer_than_known(&db, crate::migrate::LOCAL).await {
-                    Ok(newer) if !newer.is_empty() => warn_once(
-                        &SAID_NEWER,
-                        &format!(
-                            "local: the schema has migration(s) newer than this release ({}); \
-                         they are compatible with it, so it runs",
-                            newer
-                                .iter()
-                                .map(|m| m.name.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ),
-                    Ok(_) => {}
+                match crate::migrate::applied(&db, crate::migrate::LOCAL).await {
+                    Ok(a) => {
+                        if !a.newer.is_empty() {
+                            warn_once(
+                                &SAID_NEWER,
+                                &format!(
+                                    "local: the schema has migration(s) newer than this release ({}); \
+                                     they are compatible with it, so it runs",
+                                    a.newer.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+                                ),
+                            );
+                        }
+                        if a.pending > 0 {
+                            apply_pending(&mut db, a.pending).await;
+                        }
+                    }
                     Err(e) if e.kind() == Kind::SchemaTooNew => {
                         db.release().await;
                         return Err(NoLocal::Refused(e));
@@ -160,6 +162,20 @@ impl Connections {
             local.release().await;
         }
         self.central = None;
+    }
+}
+
+/// Applies this release's local migrations that a database migrated before lacks.
+/// The unit's `ExecStartPre=-… migrate local` is ignored when it fails, and it
+/// fails when the local database is not up yet (a reboot, or unattended-upgrades
+/// restarting PostgreSQL in the same run that upgrades this package): the daemon
+/// then ran on the previous release's schema and failed every upload until a
+/// restart. Not on a database never migrated: creating the tables is the first
+/// install's step.
+async fn apply_pending(db: &mut LockedLocal, pending: usize) {
+    log::info!("local: {pending} migration(s) of this release not applied yet; applying them");
+    if let Err(e) = crate::migrate::run(db, crate::migrate::LOCAL).await {
+        log::warn!("{e}; run `meter-sync migrate local`");
     }
 }
 

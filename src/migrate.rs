@@ -234,34 +234,52 @@ fn names(newer: &[Unknown]) -> String {
         .join(", ")
 }
 
-/// SQLSTATEs of a bookkeeping table that is not there (never migrated) or has no
-/// `oldest_compatible` (written only by releases before it existed, which cannot
-/// have applied a migration newer than this one's).
+/// SQLSTATE of a bookkeeping table that is not there: never migrated.
 const UNDEFINED_TABLE: &str = "42P01";
-const UNDEFINED_COLUMN: &str = "42703";
 
-/// The applied migrations newer than every one in `migrations`, if this release
-/// can work with them; a [`Kind::SchemaTooNew`] error naming the first that says it
-/// cannot. Run by `migrate` and, on the local side, by every command that writes
-/// there, before it does: a rollback to a release too old for the schema must stop
-/// with a reason, not upload, quarantine or delete by rules the schema no longer has.
-pub async fn newer_than_known(db: &Db, migrations: &[Migration]) -> Result<Vec<Unknown>> {
+/// What the bookkeeping table says, against the migrations this release has.
+pub struct Applied {
+    /// Applied migrations this release does not know.
+    pub newer: Vec<Unknown>,
+    /// This release's migrations not applied yet, on a database that was migrated
+    /// before (0 on one that never was).
+    pub pending: usize,
+}
+
+/// Reads the bookkeeping table. A schema newer than this release can work with is
+/// a [`Kind::SchemaTooNew`] error naming the first migration that says so. Run by
+/// `migrate` and, on the local side, by every command that writes there, before it
+/// does: a rollback to a release too old for the schema must stop with a reason,
+/// not upload, quarantine or delete by rules the schema no longer has.
+pub async fn applied(db: &Db, migrations: &[Migration]) -> Result<Applied> {
     let known = migrations.last().map_or(0, |m| m.version);
+    // Through jsonb: a bookkeeping table written only by releases before
+    // oldest_compatible existed has no such column (and no newer migration).
     let sql = format!(
-        "SELECT name, oldest_compatible FROM {TABLE} WHERE version > {known} ORDER BY version"
+        "SELECT version, name, (to_jsonb(m) ->> 'oldest_compatible')::integer \
+         FROM {TABLE} m ORDER BY version"
     );
     let rows = match db.query("read the applied migrations", &sql, &[]).await {
         Ok(rows) => rows,
-        Err(e) if matches!(e.code(), Some(UNDEFINED_TABLE | UNDEFINED_COLUMN)) => {
-            return Ok(vec![])
+        Err(e) if e.code() == Some(UNDEFINED_TABLE) => {
+            return Ok(Applied {
+                newer: vec![],
+                pending: 0,
+            })
         }
         Err(e) => return Err(e),
     };
+    let versions: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let pending = migrations
+        .iter()
+        .filter(|m| !versions.contains(&m.version))
+        .count();
     let newer: Vec<Unknown> = rows
         .iter()
+        .filter(|r| r.get::<_, i32>(0) > known)
         .map(|r| Unknown {
-            name: r.get(0),
-            oldest_compatible: r.get(1),
+            name: r.get(1),
+            oldest_compatible: r.get(2),
         })
         .collect();
     if let Some(m) = newer
@@ -282,7 +300,12 @@ pub async fn newer_than_known(db: &Db, migrations: &[Migration]) -> Result<Vec<U
         )
         .with_side(side));
     }
-    Ok(newer)
+    Ok(Applied { newer, pending })
+}
+
+/// [`applied`]'s newer migrations.
+pub async fn newer_than_known(db: &Db, migrations: &[Migration]) -> Result<Vec<Unknown>> {
+    Ok(applied(db, migrations).await?.newer)
 }
 
 #[cfg(test)]

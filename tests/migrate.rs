@@ -666,3 +666,41 @@ fn a_migrate_waits_for_one_in_progress_instead_of_timing_out() {
         r.stderr
     );
 }
+
+/// The unit's `ExecStartPre=-… migrate local` fails and is ignored when the local
+/// database is not up yet (a reboot, or unattended-upgrades restarting PostgreSQL
+/// in the same run that upgrades meter-sync); the daemon then started on the
+/// previous release's schema and failed every upload (`column … synced_at does not
+/// exist`) until someone restarted it. It applies the local migrations its
+/// release needs itself, once it reaches the database.
+#[test]
+fn a_daemon_on_a_schema_its_migrate_could_not_reach_applies_the_migrations_itself() {
+    let s = Sandbox::new();
+    // The local schema as the first release left it: 0001 only.
+    s.local()
+        .batch_execute(
+            "DROP TABLE download_watermark;
+             DROP INDEX meter_readings_retained_idx;
+             DROP INDEX meter_readings_quarantined_idx;
+             ALTER TABLE meter_readings DROP COLUMN synced_at;
+             DELETE FROM meter_sync_migrations WHERE version > 1",
+        )
+        .unwrap();
+    s.insert_readings(10);
+    let mut d = s.spawn(&["run"]);
+    let uploaded = support::wait_until(std::time::Duration::from_secs(20), || {
+        s.central_count("meter_readings") == 10
+    });
+    d.signal(15);
+    assert_eq!(
+        d.wait_exit(std::time::Duration::from_secs(10)),
+        Some(Some(0))
+    );
+    assert!(uploaded, "{}", d.log_text());
+    assert_eq!(s.local_count("meter_sync_migrations"), 7);
+    assert!(
+        d.log_text().contains("applied migrations/local/0007"),
+        "{}",
+        d.log_text()
+    );
+}
