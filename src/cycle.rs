@@ -30,7 +30,7 @@ pub enum NoLocal {
     Down(Error),
     Busy(Option<LockHolder>),
     /// The local schema is newer than this release can work with
-    /// ([`crate::migrate::newer_than_known`]): the process must stop.
+    /// ([`crate::migrate::applied`]): the process must stop.
     Refused(Error),
 }
 

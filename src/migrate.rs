@@ -96,8 +96,10 @@ pub async fn run(db: &mut Db, migrations: &[Migration]) -> Result<usize> {
     let what = "create migration table";
     let tx = crate::db::timed(side, timeout, what, db.client_mut().transaction()).await?;
     lock(&tx, side, timeout, what).await?;
+    // A NOTICE that the table exists (every run but the first) is not news.
     let create = format!(
-        "CREATE TABLE IF NOT EXISTS {TABLE} (
+        "SET LOCAL client_min_messages = warning;
+        CREATE TABLE IF NOT EXISTS {TABLE} (
             version    integer PRIMARY KEY,
             name       text NOT NULL,
             checksum   text NOT NULL,
