@@ -102,7 +102,8 @@ Environment:
 Exit status:
   0 ok; 1 failed (once: a phase failed; migrate: a migration or a database; status,
   requeue, resend: the local database unreachable); 64 bad usage or TIMESTAMP;
-  78 invalid configuration (systemd: RestartPreventExitStatus=78). More: the README.
+  78 invalid configuration, or a local schema migrated by a newer release that says
+  this one cannot run against it (systemd: RestartPreventExitStatus=78). More: the README.
 ";
 
 /// Parses the arguments after the program name. The error is one line for stderr.

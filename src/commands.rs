@@ -4,7 +4,7 @@
 use crate::cli::{Command, Requeue};
 use crate::config::{Config, Side};
 use crate::db::Db;
-use crate::error::Result;
+use crate::error::{Error, Kind, Result};
 use crate::shutdown::{self, Shutdown};
 use crate::{daemon, migrate, status, upload};
 
@@ -30,7 +30,9 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
                     Side::Central => &cfg.central,
                 };
                 let mut db = Db::connect_with_retry(dbcfg, cfg, &Shutdown::never()).await?;
-                let n = migrate::run(&mut db, migrate::for_side(side)).await?;
+                let n = migrate::run(&mut db, migrate::for_side(side))
+                    .await
+                    .map_err(|e| who_migrates_central(side, e))?;
                 log::info!("{side}: {n} migration(s) applied");
             }
             Ok(0)
@@ -38,6 +40,7 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
         Command::Status { json } => status::print(cfg, json).await,
         Command::Requeue(which) => {
             let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            migrate::newer_than_known(&db, migrate::LOCAL).await?;
             let ids = match &which {
                 Requeue::All => None,
                 Requeue::Ids(ids) => Some(ids.as_slice()),
@@ -48,6 +51,7 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
         }
         Command::Resend { since } => {
             let db = Db::connect_with_retry(&cfg.local, cfg, &Shutdown::never()).await?;
+            migrate::newer_than_known(&db, migrate::LOCAL).await?;
             let n = upload::resend(&db, &since).await?;
             println!("queued {n} retained reading(s) uploaded since {since} again");
             if cfg.upload_retain.is_zero() {
@@ -60,4 +64,23 @@ pub async fn execute(cmd: Command, cfg: &Config) -> Result<u8> {
         // Answered before the configuration is even read.
         Command::CheckConfig | Command::Help | Command::Version => Ok(0),
     }
+}
+
+/// SQLSTATE insufficient_privilege.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
+/// A gateway's least-privilege central role may not create central's tables: that is
+/// by design (docs/central.md), and the error says so, and what to run instead.
+fn who_migrates_central(side: Side, e: Error) -> Error {
+    if side != Side::Central || e.code() != Some(INSUFFICIENT_PRIVILEGE) {
+        return e;
+    }
+    Error::new(
+        Kind::Migration,
+        format!(
+            "{e}; central's migrations are applied by its administrator with a role that owns \
+             its tables (`meter-sync migrate remote`, docs/central.md); on a gateway run \
+             `meter-sync migrate local`"
+        ),
+    )
 }

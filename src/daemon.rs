@@ -35,6 +35,8 @@ enum Turn {
     LocalDown(Error),
     /// Shutdown's grace period ran out in the middle of the cycle.
     Abandoned,
+    /// The local schema is too new for this release: the process stops (exit 78).
+    Refused(Error),
 }
 
 /// Resolves `grace` after shutdown was requested.
@@ -101,6 +103,12 @@ impl Gateway {
     /// never delays the report). Skipped queries and the skipped heartbeat once
     /// shutdown is requested keep the stop within its bound.
     async fn after_turn(&mut self, cfg: &Config, shutdown: &Shutdown, turn: &Turn) {
+        // The metrics file is the lock holder's: a second daemon started by hand
+        // with the unit's environment would overwrite it with a process that never
+        // cycled (no last cycle, counters at 0) every interval.
+        if matches!(turn, Turn::Busy(_)) {
+            return;
+        }
         let (conns, m) = (&mut self.conns, &mut self.metrics);
         if shutdown.is_requested() {
             write_metrics(cfg, m);
@@ -126,6 +134,8 @@ impl Gateway {
             Turn::LocalDown(e) => Some(Beat::not_started(&format!(
                 "local database unreachable: {e}"
             ))),
+            // Central's gateway_status is where a fleet's operator sees why.
+            Turn::Refused(e) => Some(Beat::not_started(&e.to_string())),
             // Another daemon cycles this gateway and sends its heartbeat.
             Turn::Busy(_) | Turn::Abandoned => None,
         };
@@ -154,6 +164,7 @@ async fn prepare(
         .map_err(|e| match e {
             NoLocal::Down(e) => Turn::LocalDown(e),
             NoLocal::Busy(holder) => Turn::Busy(holder),
+            NoLocal::Refused(e) => Turn::Refused(e),
         })?;
     let Some(local) = conns.local() else {
         return Ok(None);
@@ -267,8 +278,14 @@ pub async fn run(cfg: &Config, shutdown: Shutdown) -> Result<()> {
                 }
             }
             Turn::Abandoned => log::info!("cycle abandoned for shutdown"),
+            Turn::Refused(e) => crate::notify::status(&format!("stopped: {e}")),
         }
         gw.after_turn(cfg, &shutdown, &turn).await;
+        if let Turn::Refused(e) = turn {
+            crate::notify::stopping();
+            gw.conns.close().await;
+            return Err(e);
+        }
         if !shutdown.sleep(cfg.sync_interval).await {
             break;
         }
@@ -294,13 +311,13 @@ pub async fn once(cfg: &Config, shutdown: Shutdown) -> Result<u8> {
             crate::logging::repeat_error(&msg);
             return Ok(1);
         }
-        Turn::Ran(_) | Turn::LocalDown(_) | Turn::Abandoned => {}
+        Turn::Ran(_) | Turn::LocalDown(_) | Turn::Abandoned | Turn::Refused(_) => {}
     }
     gw.after_turn(cfg, &shutdown, &turn).await;
     gw.conns.close().await;
     match turn {
         Turn::Ran(report) => Ok(u8::from(!report.complete_and_ok())),
-        Turn::LocalDown(e) => Err(e),
+        Turn::LocalDown(e) | Turn::Refused(e) => Err(e),
         Turn::Busy(_) | Turn::Abandoned => Ok(1),
     }
 }

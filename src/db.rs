@@ -458,11 +458,6 @@ impl Db {
         }
     }
 
-    /// Simple-protocol statements (no parameters, no prepared statement).
-    pub async fn batch(&self, what: &str, sql: &str) -> Result<()> {
-        self.timed(what, self.client.batch_execute(sql)).await
-    }
-
     /// Opens a REPEATABLE READ READ ONLY transaction with this side's
     /// per-transaction settings (see [`central_settings`]): one snapshot for every
     /// statement in it (the download's probe, its watermark and its COPY), and the

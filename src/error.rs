@@ -32,6 +32,9 @@ pub enum Kind {
     Tls,
     /// A migration could not be applied or was edited after being applied.
     Migration,
+    /// The schema was migrated by a newer release that says this one cannot work
+    /// with it (a rollback too far): exit 78, since a restart cannot help.
+    SchemaTooNew,
     /// A round trip that did not answer within `DB_QUERY_TIMEOUT_MS`.
     Timeout,
     /// Anything else (I/O on local files, the metrics file, ...).

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
             log::error!("{e}");
             // The log may go to syslog: an interactive operator still sees why.
             meter_sync::repeat_error(&e.to_string());
-            ExitCode::from(if e.kind() == Kind::Config {
+            ExitCode::from(if matches!(e.kind(), Kind::Config | Kind::SchemaTooNew) {
                 EX_CONFIG
             } else {
                 1

@@ -345,6 +345,44 @@ fn p11_two_daemons_never_cycle_at_once() {
     );
 }
 
+/// A second daemon started by hand with the unit's environment (docs/deploying.md's
+/// `systemd-run` recipe with `run` in place of `migrate`) shares the metrics file.
+/// It runs no cycle, so the file it wrote had no last cycle, no phase and no queue:
+/// node_exporter saw the gateway flap between healthy and "daemon not running"
+/// every interval. Only the daemon that cycles writes the file.
+#[test]
+fn a_second_daemon_leaves_the_running_daemons_metrics_file_alone() {
+    let mut s = Sandbox::new();
+    let path = s.dir.join("meter-sync.prom");
+    s.set("METRICS_TEXTFILE", path.display());
+    let mut a = s.spawn(&["run"]);
+    let cycled = |p: &PathBuf| {
+        std::fs::read_to_string(p)
+            .map(|t| t.contains("\nmeter_sync_last_cycle_timestamp_seconds "))
+            .unwrap_or(false)
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || cycled(&path)),
+        "{}",
+        a.log_text()
+    );
+    let mut b = s.spawn(&["run"]);
+    b.wait_log("holds the cycle lock", Duration::from_secs(15));
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        assert!(
+            cycled(&path),
+            "the metrics file lost the running daemon's cycle:\n{}",
+            std::fs::read_to_string(&path).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    b.signal(SIGTERM);
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+    a.signal(SIGTERM);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+}
+
 /// P11: after the local connection is lost the daemon reconnects and takes the
 /// lock again, so `status` still sees it running.
 #[test]

@@ -1245,3 +1245,38 @@ fn build_deb_reads_relative_paths_from_the_callers_directory() {
     }
     let _ = fs::remove_dir_all(dir);
 }
+
+/// Re-running a rollout after fixing a release (docs/deploying.md, Ansible's
+/// "Re-running"): a gateway that already runs the release and is up reports it
+/// unchanged and keeps its daemon; before, `do_install` restarted it all the same
+/// (and waited for its health gate again), so a re-run restarted the whole fleet.
+#[test]
+fn reinstalling_the_running_release_does_not_restart_it() {
+    let s = Sandbox::new();
+    let dir = temp_dir("reinstall");
+    let (_root, fake) = configured_gateway(&s, &dir);
+    install_healthy_v1(&fake);
+    let pid = fake.systemctl(&["show", "-p", "MainPID", "--value", "meter-sync.service"]);
+    let o = fake.deploy(
+        "install",
+        &["--binary", support::bin(), "--health-timeout", "30"],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(output_text(&o).contains("unchanged"), "{}", output_text(&o));
+    assert_eq!(
+        fake.systemctl(&["show", "-p", "MainPID", "--value", "meter-sync.service"]),
+        pid,
+        "{}",
+        output_text(&o)
+    );
+    // Stopped, the same release is started again and gated as before.
+    fake.systemctl(&["stop", "meter-sync.service"]);
+    let o = fake.deploy(
+        "install",
+        &["--binary", support::bin(), "--health-timeout", "30"],
+    );
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert!(output_text(&o).contains("healthy"), "{}", output_text(&o));
+    drop(fake);
+    let _ = fs::remove_dir_all(dir);
+}

@@ -213,7 +213,16 @@ restart_if_configured() {
         return 0
     fi
     WHY=
-    if systemctl restart "$SERVICE"; then
+    if [ "$CHANGED" != 1 ] && [ "$(show ActiveState)" = active ]; then
+        # A re-run of a rollout: this release already runs here. Its health is
+        # still checked, but a restart would interrupt a drain for nothing (and,
+        # fleet-wide, restart every gateway the first run upgraded).
+        say "this release is already running: not restarted"
+        if healthy; then
+            say "meter-sync healthy"
+            return 0
+        fi
+    elif systemctl restart "$SERVICE"; then
         if healthy; then
             say "meter-sync restarted and healthy"
             return 0
