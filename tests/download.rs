@@ -1264,8 +1264,14 @@ fn rls_sandbox(s: &mut Sandbox) -> (String, String) {
          FROM generate_series(1, 20) g;",
     )
     .unwrap();
-    c.batch_execute(RLS_RECIPE).unwrap();
-    c.batch_execute(STATUS_RLS_RECIPE).unwrap();
+    {
+        // The recipes create the cluster-wide group role if it is missing; two tests
+        // doing that at the same moment collide on pg_authid's unique index (23505).
+        static RECIPES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = RECIPES.lock().unwrap_or_else(|e| e.into_inner());
+        c.batch_execute(RLS_RECIPE).unwrap();
+        c.batch_execute(STATUS_RLS_RECIPE).unwrap();
+    }
     c.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
          CREATE ROLE {other} LOGIN PASSWORD '{GATEWAY_PASSWORD}' IN ROLE meter_sync_gateway;
