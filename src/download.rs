@@ -99,7 +99,7 @@ use crate::lock::LockedLocal;
 use crate::report::PhaseResult;
 
 use table::{Digest, Rows, Table, METERS, TENANTS};
-use watermark::{Changed, Local, Probe};
+use watermark::{Advanced, Changed, Local, Probe};
 
 /// At most this many "new …" / "… updated" lines per table and cycle; the rest are
 /// summarised in one line, so that the first sync of a large fleet does not flood
@@ -268,7 +268,8 @@ async fn sync(
             Fetch::All { remember }
         }
         Plan::Changes(sv) => {
-            let sql = t.changed_since_sql(sv.watermark);
+            let from = Advanced::resume(&t.advanced, &sv);
+            let sql = t.changed_since_sql(from);
             let what = format!("look for changed {}", t.plural);
             match Changed::ask(central, &what, &sql).await {
                 Ok(p) if p.central_db != sv.central_db => {
@@ -292,12 +293,12 @@ async fn sync(
                     previous: sv.central_started,
                 },
                 Ok(p) if !p.any => {
-                    // Nothing to fetch, nothing to write: the watermark stays where
-                    // it is (still correct, only more conservative).
+                    // Nothing to fetch, nothing to write locally; the next probe
+                    // starts at this one's snapshot (see `Advanced`).
+                    Advanced::record(&t.advanced, &sv, &p);
                     log::debug!(
-                        "{}: no rows past watermark {} ({} ms)",
+                        "{}: no rows past watermark {from} ({} ms)",
                         t.table,
-                        sv.watermark,
                         start.elapsed().as_millis()
                     );
                     return Ok(PhaseResult {
@@ -306,7 +307,7 @@ async fn sync(
                     });
                 }
                 Ok(p) => Fetch::Changes {
-                    watermark: sv.watermark,
+                    watermark: from,
                     started: p.started,
                 },
                 Err(e) if is_untracked(&e) => {

@@ -38,7 +38,9 @@ impl Schedule {
     }
 
     /// Runs a pass if one is due. Failures are logged (a warning: the cycle
-    /// itself went fine) and retried at the next cycle; the error is returned so
+    /// itself went fine) and retried an hour later, like a pass that succeeded (a
+    /// lasting failure, say a revoked DELETE, warns hourly rather than every
+    /// cycle); the error is returned so
     /// that the caller drops a connection it lost (a timed-out round trip leaves
     /// the connection unusable, and the next cycle would wait on it again).
     pub async fn maybe_prune(

@@ -7,6 +7,7 @@ mod support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
+use std::time::Duration;
 
 use support::Sandbox;
 
@@ -188,5 +189,211 @@ fn an_infinite_timestamp_in_the_queue_does_not_break_status_or_the_queue_count()
         metrics.contains("meter_sync_queue_readings 4\n"),
         "{metrics}\n{}",
         once.stderr
+    );
+}
+
+fn proc_kib(pid: i32, field: &str) -> i64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("{field} of {pid}"))
+}
+
+fn sessions(c: &mut support::Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .unwrap()
+    .get(0)
+}
+
+/// What a daemon leaves behind after a while, measured in the pause after a cycle.
+struct Sample {
+    cycle: usize,
+    up: u64,
+    down: u64,
+    log: usize,
+    rss_kib: i64,
+    fds: usize,
+}
+
+/// Samples in the pause after cycle `n` (or a later one, if the pause was missed):
+/// once that cycle's heartbeat has reached central and before the next cycle has
+/// started, so that the bytes counted so far are exactly those of the cycles up to it.
+fn sample_after(
+    s: &Sandbox,
+    d: &support::Daemon,
+    proxy: &support::proxy::Proxy,
+    mut n: usize,
+) -> Sample {
+    let finished = |log: &str| log.matches("cycle finished").count();
+    let started = |log: &str| log.matches("cycle started").count();
+    let mut central = s.central();
+    loop {
+        assert!(
+            support::wait_until(Duration::from_secs(30), || finished(&d.log_text()) >= n),
+            "cycle {n} never finished:\n{}",
+            d.log_text()
+        );
+        // The n-th result line's time, in central's format: the heartbeat of cycle
+        // n is written after it, that of cycle n - 1 before it.
+        let log = d.log_text();
+        let line = log
+            .lines()
+            .filter(|l| l.contains("cycle finished"))
+            .nth(n - 1)
+            .unwrap()
+            .to_string();
+        let at = line.split(' ').next().unwrap().to_string();
+        let beat = || -> bool {
+            central
+                .query_one(
+                    "SELECT coalesce(max(updated_at) >= $1::text::timestamptz, false) FROM gateway_status",
+                    &[&at],
+                )
+                .unwrap()
+                .get(0)
+        };
+        let delivered = support::wait_until(Duration::from_secs(10), beat);
+        let (up, down) = proxy.bytes_forwarded();
+        let sample = Sample {
+            cycle: n,
+            up,
+            down,
+            log: 0,
+            rss_kib: proc_kib(d.pid(), "VmRSS:"),
+            fds: std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+                .unwrap()
+                .count(),
+        };
+        let log = d.log_text();
+        if delivered && started(&log) == n && finished(&log) == n {
+            return Sample {
+                log: log.len(),
+                ..sample
+            };
+        }
+        // The next cycle began meanwhile: take the pause after it instead.
+        n += 1;
+    }
+}
+
+/// Months without a restart, compressed: idle cycles at a 1 s interval (40 by
+/// default, `LONGRUN_CYCLES` for more). An idle cycle costs the same on the
+/// central link after many cycles as after a few, and at most P20's 4 KiB; its
+/// log is two lines; the daemon's memory, file descriptors and sessions on both
+/// databases do not grow; each cycle adds its three `sync_logs` rows and nothing
+/// else is written locally.
+#[test]
+fn an_idle_daemon_costs_the_same_after_many_cycles() {
+    let n: usize = std::env::var("LONGRUN_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
+        .max(20);
+    let mut s = Sandbox::new();
+    s.central()
+        .batch_execute(
+            "INSERT INTO meters (meter_id, name, location_id, meter_type, unit, updated_at)
+             VALUES ('m-1', 'Hall', 'loc-1', 'electricity', 'kWh', now());
+             INSERT INTO tenant (tenant_id, name, updated_at) VALUES ('t-1', 'Acme', now());",
+        )
+        .unwrap();
+    let target = format!("127.0.0.1:{}", s.central_cluster().port);
+    let proxy = support::proxy::Proxy::start(target.parse().unwrap());
+    s.set("POSTGRES_CLIENT_PORT", proxy.port());
+    let d = s.spawn(&["run"]);
+    // Cycle 1 downloads the meter and the tenant and inserts the heartbeat's row.
+    let first = sample_after(&s, &d, &proxy, 3);
+    let early = sample_after(&s, &d, &proxy, first.cycle + 10);
+    let late_start = sample_after(&s, &d, &proxy, n - 10);
+    let last = sample_after(&s, &d, &proxy, late_start.cycle + 10);
+    let per_cycle = |a: &Sample, b: &Sample| {
+        let c = (b.cycle - a.cycle) as u64;
+        (
+            (b.up + b.down - a.up - a.down) / c,
+            (b.log - a.log) as u64 / c,
+        )
+    };
+    let (early_bytes, early_log) = per_cycle(&first, &early);
+    let (late_bytes, late_log) = per_cycle(&late_start, &last);
+    eprintln!(
+        "idle cycle: {early_bytes} bytes on the central link and {early_log} bytes of log \
+         (cycles {}-{}), {late_bytes} and {late_log} (cycles {}-{}); RSS {} -> {} KiB, fds {} -> {}",
+        first.cycle,
+        early.cycle,
+        late_start.cycle,
+        last.cycle,
+        first.rss_kib,
+        last.rss_kib,
+        first.fds,
+        last.fds
+    );
+    assert!(
+        early_bytes <= 4096,
+        "P20: {early_bytes} bytes per idle cycle"
+    );
+    assert!(
+        late_bytes <= early_bytes + early_bytes / 50,
+        "the idle cycle's bytes crept up: {early_bytes} per cycle early, {late_bytes} late"
+    );
+    // Durations may take a digit more late than early; lines may not.
+    assert!(
+        late_log <= early_log + early_log / 20,
+        "the idle cycle's log grew from {early_log} to {late_log} bytes:\n{}",
+        d.log_text()
+    );
+    let log = d.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    assert!(
+        tail.iter().all(|l| l.contains(" INFO ")),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        last.fds, first.fds,
+        "file descriptors: {} -> {}",
+        first.fds, last.fds
+    );
+    assert!(
+        last.rss_kib <= first.rss_kib + 1024,
+        "RSS grew from {} to {} KiB",
+        first.rss_kib,
+        last.rss_kib
+    );
+    assert_eq!(sessions(&mut s.local()), 1, "local sessions");
+    assert_eq!(sessions(&mut s.central()), 1, "central sessions");
+    // Three rows per cycle, no more (a cycle cut short by the stop may leave fewer).
+    let mut d = d;
+    d.signal(15);
+    assert_eq!(d.wait_exit(Duration::from_secs(10)), Some(Some(0)));
+    let log = d.log_text();
+    let (finished, started) = (
+        log.matches("cycle finished").count() as i64,
+        log.matches("cycle started").count() as i64,
+    );
+    let rows = s.local_count("sync_logs");
+    assert!(
+        3 * finished <= rows && rows <= 3 * started,
+        "{rows} sync_logs rows after {finished} cycles"
+    );
+    // Nothing but sync_logs was written locally after the first cycle.
+    let written: Vec<(String, i64)> = s
+        .local()
+        .query(
+            "SELECT relname::text, n_tup_upd + n_tup_del FROM pg_stat_user_tables
+             WHERE n_tup_upd + n_tup_del > 0",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(
+        written.is_empty(),
+        "rows updated or deleted locally: {written:?}"
     );
 }

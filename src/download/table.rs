@@ -28,6 +28,9 @@ pub struct Table {
     /// The local table's digest minus central's, as this process's last full
     /// reconciliation left them (see [`Table::offset_digest_sql`]); None before it.
     pub offset: Mutex<Option<Digest>>,
+    /// Where this process's last idle probe moved the watermark (see
+    /// [`super::watermark::Advanced`]); kept in memory only.
+    pub advanced: Mutex<Option<super::watermark::Advanced>>,
 }
 
 /// A value of [`Table::digest_sql`] with its row count. Digests are sums, so the
@@ -77,6 +80,7 @@ pub static METERS: Table = Table {
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
     offset: Mutex::new(None),
+    advanced: Mutex::new(None),
 };
 
 pub static TENANTS: Table = Table {
@@ -94,6 +98,7 @@ pub static TENANTS: Table = Table {
     warned_untracked: AtomicBool::new(false),
     pre_13: AtomicBool::new(false),
     offset: Mutex::new(None),
+    advanced: Mutex::new(None),
 };
 
 /// Which central rows one download asks for.
@@ -267,10 +272,13 @@ impl Table {
     /// database name and the server's start time (the checks that the watermark
     /// is this central's: the same database, in the same server's history; the
     /// start time comes back as 8 binary bytes). An index probe on `change_xid`.
+    /// Also the statement's snapshot xmin: when no row is past the watermark, the
+    /// next probe may start there (see [`super::watermark::Advanced`]).
     pub fn changed_since_sql(&self, watermark: u64) -> String {
         format!(
             "SELECT current_database()::text, pg_postmaster_start_time(), \
-                    EXISTS (SELECT FROM {}{})",
+                    EXISTS (SELECT FROM {}{}), \
+                    pg_snapshot_xmin(pg_current_snapshot())::text AS xmin",
             self.table,
             Rows::ChangedSince(watermark).filter()
         )
