@@ -962,10 +962,15 @@ fn p21_full_reconciliation_at_start_and_then_periodically_repairs_what_stamps_ca
 
     // And then every DOWNLOAD_FULL_EVERY_SECONDS.
     tamper(&s);
+    assert_repaired_by_a_periodic_reconciliation(&s, &d, 0);
+}
+
+/// Within 20 s, a periodic full reconciliation (`DOWNLOAD_FULL_EVERY_SECONDS` 3)
+/// logged after byte `at` of the daemon's log has put m-1's name back.
+fn assert_repaired_by_a_periodic_reconciliation(s: &Sandbox, d: &support::Daemon, at: usize) {
     assert!(
         support::wait_until(Duration::from_secs(20), || {
-            d.log_text()
-                .contains("meters: full reconciliation (the last one is 3 s old)")
+            d.log_text()[at..].contains("meters: full reconciliation (the last one is 3 s old)")
                 && s.local()
                     .query_one("SELECT name::text FROM meters WHERE meter_id = 'm-1'", &[])
                     .unwrap()
@@ -973,7 +978,7 @@ fn p21_full_reconciliation_at_start_and_then_periodically_repairs_what_stamps_ca
                     == "Main hall"
         }),
         "no periodic reconciliation repaired the edit:\n{}",
-        d.log_text()
+        &d.log_text()[at..]
     );
 }
 
@@ -997,18 +1002,7 @@ fn p21_the_periodic_full_reconciliation_keeps_its_schedule_when_the_clock_is_set
         .batch_execute("UPDATE meters SET name = 'edited by hand' WHERE meter_id = 'm-1'")
         .unwrap();
     let at = d.log_text().len();
-    assert!(
-        support::wait_until(Duration::from_secs(20), || {
-            d.log_text()[at..].contains("meters: full reconciliation (the last one is 3 s old)")
-                && s.local()
-                    .query_one("SELECT name::text FROM meters WHERE meter_id = 'm-1'", &[])
-                    .unwrap()
-                    .get::<_, String>(0)
-                    == "Main hall"
-        }),
-        "no periodic reconciliation repaired the edit:\n{}",
-        &d.log_text()[at..]
-    );
+    assert_repaired_by_a_periodic_reconciliation(&s, &d, at);
 }
 
 #[test]

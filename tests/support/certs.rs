@@ -90,20 +90,14 @@ pub fn issue(
     if days < 0 {
         return issue_dated(dir, name, ca, cn, san, "20200101000000Z", "20210101000000Z");
     }
-    let (crt, key, csr, ext) = (
-        format!("{name}.crt"),
-        format!("{name}.key"),
-        format!("{name}.csr"),
-        format!("{name}.ext"),
-    );
-    new_key_and_request(dir, &key, &csr, cn, &[]);
-    let mut ext_text = String::from("basicConstraints=CA:FALSE\n");
-    if !san.is_empty() {
-        ext_text.push_str(&format!("subjectAltName={san}\n"));
-    }
-    std::fs::write(dir.join(&ext), ext_text).unwrap();
-    let ca_crt = ca.0.to_str().unwrap().to_string();
-    let ca_key = ca.1.to_str().unwrap().to_string();
+    let Request {
+        crt,
+        key,
+        csr,
+        ext,
+        ca_crt,
+        ca_key,
+    } = request(dir, name, ca, cn, san);
     openssl(
         dir,
         &[
@@ -127,17 +121,18 @@ pub fn issue(
     (dir.join(crt), dir.join(key))
 }
 
-/// As [`issue`], valid from `start` to `end` (`YYYYMMDDHHMMSSZ`): an expired
-/// certificate, or one not valid yet (as a gateway whose clock is behind sees any).
-pub fn issue_dated(
-    dir: &Path,
-    name: &str,
-    ca: &(PathBuf, PathBuf),
-    cn: &str,
-    san: &str,
-    start: &str,
-    end: &str,
-) -> (PathBuf, PathBuf) {
+/// File names of a server certificate being issued, its key and request written,
+/// its extensions file (not a CA; `san` as the subjectAltName when not empty).
+struct Request {
+    crt: String,
+    key: String,
+    csr: String,
+    ext: String,
+    ca_crt: String,
+    ca_key: String,
+}
+
+fn request(dir: &Path, name: &str, ca: &(PathBuf, PathBuf), cn: &str, san: &str) -> Request {
     let (crt, key, csr, ext) = (
         format!("{name}.crt"),
         format!("{name}.key"),
@@ -150,8 +145,35 @@ pub fn issue_dated(
         ext_text.push_str(&format!("subjectAltName={san}\n"));
     }
     std::fs::write(dir.join(&ext), ext_text).unwrap();
-    let ca_crt = ca.0.to_str().unwrap().to_string();
-    let ca_key = ca.1.to_str().unwrap().to_string();
+    Request {
+        crt,
+        key,
+        csr,
+        ext,
+        ca_crt: ca.0.to_str().unwrap().to_string(),
+        ca_key: ca.1.to_str().unwrap().to_string(),
+    }
+}
+
+/// As [`issue`], valid from `start` to `end` (`YYYYMMDDHHMMSSZ`): an expired
+/// certificate, or one not valid yet (as a gateway whose clock is behind sees any).
+pub fn issue_dated(
+    dir: &Path,
+    name: &str,
+    ca: &(PathBuf, PathBuf),
+    cn: &str,
+    san: &str,
+    start: &str,
+    end: &str,
+) -> (PathBuf, PathBuf) {
+    let Request {
+        crt,
+        key,
+        csr,
+        ext,
+        ca_crt,
+        ca_key,
+    } = request(dir, name, ca, cn, san);
     // openssl x509 cannot set the validity's start, `openssl ca` can.
     let db = dir.join(format!("{name}-ca"));
     std::fs::create_dir_all(&db).unwrap();
