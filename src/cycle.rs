@@ -2,7 +2,6 @@
 //! (a failure is logged and recorded, and the next phase still runs) and writes one
 //! `sync_logs` row.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use crate::config::{Config, Side};
@@ -58,36 +57,16 @@ impl Connections {
                 );
                 // Before any phase touches a reading: a release rolled back below
                 // what the schema allows must not upload or delete by old rules.
-                match crate::migrate::applied(&db, crate::migrate::LOCAL).await {
-                    Ok(a) => {
-                        if !a.newer.is_empty() {
-                            warn_once(
-                                &SAID_NEWER,
-                                &format!(
-                                    "local: the schema has migration(s) newer than this release ({}); \
-                                     they are compatible with it, so it runs",
-                                    a.newer.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
-                                ),
-                            );
-                        }
-                        if a.pending > 0 {
-                            apply_pending(&mut db, a.pending).await;
-                        }
-                    }
+                match crate::migrate::check_local(&mut db).await {
                     Err(e) if e.kind() == Kind::SchemaTooNew => {
                         db.release().await;
                         return Err(NoLocal::Refused(e));
                     }
-                    Err(e) if e.is_connection_lost() => {
+                    Err(e) => {
                         self.unreachable.push(Side::Local);
                         return Err(NoLocal::Down(e));
                     }
-                    // A role that may not read the bookkeeping (migrations applied
-                    // by another role) runs as before this check existed.
-                    Err(e) => warn_once(
-                        &SAID_UNCHECKED,
-                        &format!("{e}; not checked for a newer schema"),
-                    ),
+                    Ok(()) => {}
                 }
                 self.local = Some(db);
                 Ok(())
@@ -162,30 +141,6 @@ impl Connections {
             local.release().await;
         }
         self.central = None;
-    }
-}
-
-/// Applies this release's local migrations that a database migrated before lacks.
-/// The unit's `ExecStartPre=-… migrate local` is ignored when it fails, and it
-/// fails when the local database is not up yet (a reboot, or unattended-upgrades
-/// restarting PostgreSQL in the same run that upgrades this package): the daemon
-/// then ran on the previous release's schema and failed every upload until a
-/// restart. Not on a database never migrated: creating the tables is the first
-/// install's step.
-async fn apply_pending(db: &mut LockedLocal, pending: usize) {
-    log::info!("local: {pending} migration(s) of this release not applied yet; applying them");
-    if let Err(e) = crate::migrate::run(db, crate::migrate::LOCAL).await {
-        log::warn!("{e}; run `meter-sync migrate local`");
-    }
-}
-
-static SAID_NEWER: AtomicBool = AtomicBool::new(false);
-static SAID_UNCHECKED: AtomicBool = AtomicBool::new(false);
-
-/// Said once per process, not at every reconnect.
-fn warn_once(said: &AtomicBool, msg: &str) {
-    if !said.swap(true, Ordering::Relaxed) {
-        log::warn!("{msg}");
     }
 }
 

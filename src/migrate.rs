@@ -4,6 +4,7 @@
 //! brings its own macro crate, regex and TOML parsing onto every gateway for the
 //! same three behaviours (order, one transaction each, checksums).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_postgres::Transaction;
@@ -303,6 +304,58 @@ pub async fn applied(db: &Db, migrations: &[Migration]) -> Result<Applied> {
         .with_side(side));
     }
     Ok(Applied { newer, pending })
+}
+
+/// The daemon's check of the local schema at each connect, before any phase touches
+/// a reading: a schema too new for this release is a [`Kind::SchemaTooNew`] error
+/// and a lost connection is returned as such; this release's own migrations that a
+/// migrated database lacks are applied. The unit's `ExecStartPre=-… migrate local`
+/// is ignored when it fails, and it fails when the local database is not up yet (a
+/// reboot, or unattended-upgrades restarting PostgreSQL in the same run that
+/// upgrades this package): the daemon then ran on the previous release's schema and
+/// failed every upload until a restart. Not on a database never migrated: creating
+/// the tables is the first install's step.
+pub async fn check_local(db: &mut Db) -> Result<()> {
+    static SAID_NEWER: AtomicBool = AtomicBool::new(false);
+    static SAID_UNCHECKED: AtomicBool = AtomicBool::new(false);
+    let a = match applied(db, LOCAL).await {
+        Ok(a) => a,
+        Err(e) if e.kind() == Kind::SchemaTooNew || e.is_connection_lost() => return Err(e),
+        // A role that may not read the bookkeeping (migrations applied by another
+        // role) runs as before this check existed.
+        Err(e) => {
+            warn_once(&SAID_UNCHECKED, || {
+                format!("{e}; not checked for a newer schema")
+            });
+            return Ok(());
+        }
+    };
+    if !a.newer.is_empty() {
+        warn_once(&SAID_NEWER, || {
+            format!(
+                "local: the schema has migration(s) newer than this release ({}); they are \
+                 compatible with it, so it runs",
+                names(&a.newer)
+            )
+        });
+    }
+    if a.pending > 0 {
+        log::info!(
+            "local: {} migration(s) of this release not applied yet; applying them",
+            a.pending
+        );
+        if let Err(e) = run(db, LOCAL).await {
+            log::warn!("{e}; run `meter-sync migrate local`");
+        }
+    }
+    Ok(())
+}
+
+/// Said once per process, not at every reconnect.
+fn warn_once(said: &AtomicBool, msg: impl FnOnce() -> String) {
+    if !said.swap(true, Ordering::Relaxed) {
+        log::warn!("{}", msg());
+    }
 }
 
 /// [`applied`]'s newer migrations.
